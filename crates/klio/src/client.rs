@@ -1,0 +1,61 @@
+//! The flags every client subcommand shares, and the connection they describe.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use klio_proto::wal::v1::wal_client::WalClient;
+use tonic::transport::Channel;
+
+/// Where the Klio server is and how to prove who we are.
+#[derive(Args, Clone, Debug)]
+pub struct ClientArgs {
+    /// Host name or address of the Klio server
+    #[arg(long, env = "KLIO_SERVER_ADDRESS")]
+    pub server_address: String,
+    /// Port of the server's WAL service
+    #[arg(long, env = "KLIO_WAL_PORT", default_value_t = 52000)]
+    pub wal_port: u16,
+    /// Port of the server's base-backup service
+    #[arg(long, env = "KLIO_BASE_PORT", default_value_t = 51515)]
+    pub base_port: u16,
+    /// Name of the cluster whose WAL and backups are handled
+    #[arg(long, env = "KLIO_CLUSTER")]
+    pub cluster: String,
+    /// Client certificate (PEM), CN "<user>@<cluster>"
+    #[arg(long, env = "KLIO_CLIENT_CERT")]
+    pub client_cert: PathBuf,
+    /// Private key of the client certificate (PEM)
+    #[arg(long, env = "KLIO_CLIENT_KEY")]
+    pub client_key: PathBuf,
+    /// CA certificate that signed the server's certificate (PEM)
+    #[arg(long, env = "KLIO_SERVER_CA")]
+    pub server_ca: PathBuf,
+    /// Name to verify in the server certificate (default: the server address)
+    #[arg(long, env = "KLIO_SERVER_NAME")]
+    pub server_name: Option<String>,
+}
+
+impl ClientArgs {
+    /// Connects to the WAL service.
+    pub async fn wal_client(&self) -> anyhow::Result<WalClient<Channel>> {
+        let domain = self.server_name.clone().unwrap_or_else(|| self.server_address.clone());
+        let tls = klio_tls::client_tls(&self.server_ca, &self.client_cert, &self.client_key, &domain)
+            .context("load client TLS settings")?;
+        let channel = klio_tls::connect(&self.server_address, self.wal_port, tls).await?;
+        Ok(WalClient::new(channel)
+            .max_decoding_message_size(klio_server::MAX_MESSAGE)
+            .max_encoding_message_size(klio_server::MAX_MESSAGE))
+    }
+}
+
+/// Turns a gRPC status into an error a person can act on.
+pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
+    let hint = match s.code() {
+        tonic::Code::PermissionDenied => "\nHINT: the client certificate's CN must be \"<user>@<cluster>\" for this cluster",
+        tonic::Code::Unauthenticated => "\nHINT: the server did not accept the client certificate",
+        tonic::Code::Unavailable => "\nHINT: is the Klio server running and reachable?",
+        _ => "",
+    };
+    anyhow::anyhow!("could not {what}: {}{hint}", s.message())
+}

@@ -1,0 +1,208 @@
+//! `klio`: one binary whose subcommands are the roles.
+//!
+//! - `klio server`: the Klio server (WAL service; base backups come next);
+//! - `klio wal-stream`: the `klio-wal` sidecar, streaming WAL from PostgreSQL;
+//! - `klio wal-get`: PostgreSQL's `restore_command`;
+//! - `klio wal-list`: what the archive of a cluster holds;
+//! - `klio pki init`: development certificates.
+//!
+//! Exit status (see `docs/cli.md`): 0 success; 1 failure (for `wal-get`: the file is not
+//! in the archive); 2 invalid command line; 200 `wal-get` failure other than "not found".
+
+mod client;
+mod wal_get;
+mod wal_stream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "klio", version, about = "Backup and WAL archiving for PostgreSQL on Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the Klio server
+    Server(ServerArgs),
+    /// Stream WAL from the local PostgreSQL to the Klio server (the klio-wal sidecar)
+    WalStream(wal_stream::WalStreamArgs),
+    /// Fetch an archived WAL file (use as restore_command = 'klio wal-get ... %f %p')
+    WalGet(wal_get::WalGetArgs),
+    /// List what the archive of a cluster holds
+    WalList(WalListArgs),
+    /// Development certificates
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// Tier 1 data directory (WAL archive, key file)
+    #[arg(long, env = "KLIO_DATA_DIR")]
+    data_dir: PathBuf,
+    /// File holding the encryption key (passphrase); its trailing newline is ignored
+    #[arg(long, env = "KLIO_ENCRYPTION_KEY_FILE")]
+    encryption_key_file: PathBuf,
+    /// Server certificate (PEM)
+    #[arg(long, env = "KLIO_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// Server private key (PEM)
+    #[arg(long, env = "KLIO_TLS_KEY")]
+    tls_key: PathBuf,
+    /// CA that signs client certificates (PEM); clients must present one
+    #[arg(long, env = "KLIO_CLIENT_CA")]
+    client_ca: PathBuf,
+    /// Address of the WAL service
+    #[arg(long, env = "KLIO_WAL_LISTEN", default_value = "0.0.0.0:52000")]
+    wal_listen: SocketAddr,
+    /// Address of the base-backup service
+    #[arg(long, env = "KLIO_BASE_LISTEN", default_value = "0.0.0.0:51515")]
+    base_listen: SocketAddr,
+    /// zstd level of archived WAL segments (1-19)
+    #[arg(long, env = "KLIO_WAL_COMPRESSION_LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    wal_compression_level: i32,
+}
+
+#[derive(Args, Debug)]
+struct WalListArgs {
+    #[command(flatten)]
+    client: client::ClientArgs,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Write a CA, a server certificate and client certificates into DIR
+    Init {
+        dir: PathBuf,
+        /// Cluster to issue a client certificate (CN klio@NAME) for; repeatable
+        #[arg(long = "cluster")]
+        clusters: Vec<String>,
+        /// Extra DNS name for the server certificate; repeatable
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KLIO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Cancels the token on SIGINT or SIGTERM (Kubernetes stops containers with SIGTERM).
+fn cancel_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+async fn wal_list(args: WalListArgs) -> anyhow::Result<()> {
+    let mut c = args.client.wal_client().await?;
+    let r = c
+        .list(klio_proto::wal::v1::ListRequest { cluster: args.client.cluster.clone() })
+        .await
+        .map_err(|s| client::status_error("list the WAL archive", s))?
+        .into_inner();
+    let end = klio_pg::Lsn(r.end_lsn);
+    if args.json {
+        let v = serde_json::json!({
+            "cluster": args.client.cluster,
+            "system_id": r.system_id.to_string(),
+            "segment_size": r.segment_size,
+            "timeline": r.has_wal.then_some(r.timeline),
+            "end_lsn": r.has_wal.then(|| end.to_string()),
+            "files": r.files,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("cluster:       {}", args.client.cluster);
+        println!("system id:     {}", r.system_id);
+        if r.has_wal {
+            println!("archived to:   {end} on timeline {}", r.timeline);
+        } else {
+            println!("archived to:   (no WAL yet)");
+        }
+        println!("files:         {}", r.files.len());
+        for f in &r.files {
+            println!("  {f}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    klio_tls::install_crypto_provider();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let is_wal_get = matches!(cli.command, Command::WalGet(_));
+    let result: anyhow::Result<ExitCode> = rt.block_on(async move {
+        match cli.command {
+            Command::Server(a) => {
+                let cfg = klio_server::ServerConfig {
+                    data_dir: a.data_dir,
+                    encryption_key_file: a.encryption_key_file,
+                    tls_cert: a.tls_cert,
+                    tls_key: a.tls_key,
+                    client_ca: a.client_ca,
+                    wal_listen: a.wal_listen,
+                    base_listen: a.base_listen,
+                    wal_compression_level: a.wal_compression_level,
+                };
+                klio_server::run(cfg, cancel_on_signals()).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::WalStream(a) => wal_stream::run(a, cancel_on_signals()).await.map(|()| ExitCode::SUCCESS),
+            Command::WalGet(a) => match wal_get::run(&a).await? {
+                wal_get::Outcome::Restored => Ok(ExitCode::SUCCESS),
+                wal_get::Outcome::NotFound => {
+                    eprintln!("klio wal-get: \"{}\" is not in the archive", a.wal_name);
+                    Ok(ExitCode::from(wal_get::EXIT_NOT_FOUND as u8))
+                }
+            },
+            Command::WalList(a) => wal_list(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Pki(PkiCommand::Init { dir, clusters, dns }) => {
+                let layout = klio_tls::init_dev_pki(&dir, &clusters, &dns)
+                    .with_context(|| format!("initialize certificates in \"{}\"", dir.display()))?;
+                println!("certificates written to {}", dir.display());
+                let _ = layout;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if is_wal_get { ExitCode::from(wal_get::EXIT_ERROR as u8) } else { ExitCode::FAILURE }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! `klio wal-get`: PostgreSQL's `restore_command`.
+//!
+//! Fetches one archived file, verifies it end to end (every frame was authenticated by the
+//! server; here the client checks offsets, lengths and the BLAKE3 hash of the whole file)
+//! and writes DESTPATH atomically. On a miss it also fetches the next `--prefetch`
+//! segments of the same timeline in parallel into a spool directory, so that the following
+//! calls are served locally without a round trip.
+//!
+//! Exit status: 0 the file was restored; 1 the archive does not have it (PostgreSQL then
+//! ends archive recovery or tries streaming); 200 any other failure (corruption, no server,
+//! refused certificate...). A status above 125 makes PostgreSQL stop recovery instead of
+//! mistaking a failure for the end of the archive.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use futures::StreamExt;
+use klio_pg::{SegmentSize, WalFileName};
+use klio_proto::wal::v1 as pb;
+use klio_proto::wal::v1::wal_client::WalClient;
+use tonic::transport::Channel;
+
+use crate::client::{status_error, ClientArgs};
+
+/// Exit status when the archive does not have the file.
+pub const EXIT_NOT_FOUND: i32 = 1;
+/// Exit status for every other failure (above 125: PostgreSQL stops recovery).
+pub const EXIT_ERROR: i32 = 200;
+
+#[derive(Args, Debug)]
+pub struct WalGetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Segments to fetch ahead in parallel on a miss (0 disables prefetching)
+    #[arg(long, env = "KLIO_WAL_PREFETCH", default_value_t = 8)]
+    pub prefetch: u32,
+    /// Directory for prefetched segments (default: `.klio-spool` next to DESTPATH)
+    #[arg(long, env = "KLIO_WAL_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Name of the file PostgreSQL asks for (%f)
+    pub wal_name: String,
+    /// Where PostgreSQL wants it (%p)
+    pub dest_path: PathBuf,
+}
+
+/// What became of a request.
+pub enum Outcome {
+    Restored,
+    NotFound,
+}
+
+/// A verified, decompressed file.
+struct Fetched {
+    data: Vec<u8>,
+    partial: bool,
+    segment_size: u64,
+}
+
+async fn fetch(client: &mut WalClient<Channel>, cluster: &str, name: &str, allow_partial: bool) -> anyhow::Result<Option<Fetched>> {
+    let req = pb::GetRequest { cluster: cluster.to_string(), name: name.to_string(), allow_partial };
+    let mut stream = match client.get(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+        Err(s) => return Err(status_error(&format!("fetch WAL file \"{name}\""), s)),
+    };
+    let header = match stream.message().await.map_err(|s| status_error(&format!("fetch WAL file \"{name}\""), s))? {
+        Some(pb::GetResponse { msg: Some(pb::get_response::Msg::Header(h)) }) => h,
+        _ => anyhow::bail!("WAL file \"{name}\" is corrupt: the server's answer does not start with a header"),
+    };
+    let total = usize::try_from(header.total_len).context("file too large")?;
+    let mut data = Vec::with_capacity(total);
+    while let Some(msg) = stream.message().await.map_err(|s| status_error(&format!("fetch WAL file \"{name}\""), s))? {
+        let Some(pb::get_response::Msg::Chunk(c)) = msg.msg else {
+            anyhow::bail!("WAL file \"{name}\" is corrupt: unexpected message in the stream");
+        };
+        if c.offset != data.len() as u64 {
+            anyhow::bail!("WAL file \"{name}\" is corrupt: chunk at byte {} where byte {} was expected", c.offset, data.len());
+        }
+        let plain = klio_crypto::decompress_payload(&c.payload, c.zstd, c.plain_len, name)
+            .map_err(|e| anyhow::anyhow!("WAL file \"{name}\" is corrupt: {e}"))?;
+        data.extend_from_slice(&plain);
+    }
+    if data.len() != total {
+        anyhow::bail!("WAL file \"{name}\" is truncated: received {} of {total} bytes", data.len());
+    }
+    if blake3::hash(&data).as_bytes().as_slice() != header.blake3.as_slice() {
+        anyhow::bail!("WAL file \"{name}\" is corrupt: its content does not match its hash");
+    }
+    Ok(Some(Fetched { data, partial: header.partial, segment_size: header.segment_size }))
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, so PostgreSQL never sees
+/// a half-written file. (No fsync: these are recovery inputs, fetched again after a crash.)
+fn write_file(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = klio_durable::temp_path_for(path);
+    std::fs::write(&tmp, data).with_context(|| format!("write \"{}\"", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename \"{}\" to \"{}\"", tmp.display(), path.display()))
+}
+
+fn spool_dir(args: &WalGetArgs) -> PathBuf {
+    args.spool_dir.clone().unwrap_or_else(|| {
+        let parent = args.dest_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        parent.join(".klio-spool")
+    })
+}
+
+/// Removes spooled segments older than `segno` (PostgreSQL will not ask for them again).
+fn prune_spool(spool: &Path, current: &WalFileName, size: SegmentSize) {
+    let Some(cur) = current.segno() else { return };
+    let Ok(rd) = std::fs::read_dir(spool) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        match WalFileName::parse(&name, size) {
+            Ok(n @ WalFileName::Segment { .. }) if n.segno().is_some_and(|s| s < cur) => {
+                let _ = std::fs::remove_file(e.path());
+            }
+            Ok(_) => {}
+            Err(_) => {
+                if name.ends_with(klio_durable::TMP_SUFFIX) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
+    let spool = spool_dir(args);
+    // Spooled segments are named like the archive's and are only ever complete segments.
+    let spooled = spool.join(&args.wal_name);
+    if args.prefetch > 0 && spooled.is_file() {
+        std::fs::rename(&spooled, &args.dest_path)
+            .or_else(|_| std::fs::copy(&spooled, &args.dest_path).map(|_| ()))
+            .with_context(|| format!("move prefetched \"{}\" to \"{}\"", spooled.display(), args.dest_path.display()))?;
+        tracing::debug!(name = %args.wal_name, "served from the prefetch spool");
+        return Ok(Outcome::Restored);
+    }
+
+    let mut client = args.client.wal_client().await?;
+    let cluster = args.client.cluster.clone();
+    let Some(first) = fetch(&mut client, &cluster, &args.wal_name, true).await? else {
+        return Ok(Outcome::NotFound);
+    };
+    let size = SegmentSize::new(first.segment_size).context("the server reports an invalid segment size")?;
+    let parsed = WalFileName::parse(&args.wal_name, size)
+        .map_err(|e| anyhow::anyhow!("{e}\nHINT: wal-get takes a WAL file name such as 000000010000000000000001"))?;
+    let mut data = first.data;
+    if first.partial {
+        // An incomplete last segment is zero-padded, as PostgreSQL expects of a segment;
+        // replay stops at its last complete record.
+        tracing::info!(name = %args.wal_name, bytes = data.len(), "serving an incomplete segment, zero-padded");
+        data.resize(size.bytes() as usize, 0);
+    }
+
+    let mut prefetched = Vec::new();
+    if args.prefetch > 0 && !first.partial {
+        if let WalFileName::Segment { timeline, segno, size } = parsed {
+            std::fs::create_dir_all(&spool).with_context(|| format!("create spool directory \"{}\"", spool.display()))?;
+            prune_spool(&spool, &parsed, size);
+            let names: Vec<String> = (1..=u64::from(args.prefetch))
+                .map(|i| WalFileName::segment(timeline, klio_pg::SegmentNo(segno.0 + i), size).to_string())
+                .filter(|n| !spool.join(n).exists())
+                .collect();
+            let fetches = names.into_iter().map(|n| {
+                let mut c = client.clone();
+                let cluster = cluster.clone();
+                async move {
+                    let r = fetch(&mut c, &cluster, &n, false).await;
+                    (n, r)
+                }
+            });
+            prefetched = futures::stream::iter(fetches).buffered(args.prefetch as usize).collect::<Vec<_>>().await;
+        }
+    }
+    write_file(&args.dest_path, &data)?;
+    for (name, r) in prefetched {
+        match r {
+            Ok(Some(f)) if !f.partial => write_file(&spool.join(&name), &f.data)?,
+            Ok(_) => break,
+            // Speculative: a failure here is reported when PostgreSQL asks for the file.
+            Err(e) => {
+                tracing::debug!(name, error = %e, "prefetch failed");
+                break;
+            }
+        }
+    }
+    Ok(Outcome::Restored)
+}

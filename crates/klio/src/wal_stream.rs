@@ -1,0 +1,364 @@
+//! `klio wal-stream`: the `klio-wal` sidecar role.
+//!
+//! Streams WAL from the local PostgreSQL over the physical replication protocol to the Klio
+//! server, and reports a position to PostgreSQL as *flushed* only once the server has
+//! acknowledged it as durably stored. So the replication slot never advances past what is
+//! safe, and with `synchronous_standby_names` naming our application_name a commit returns
+//! only once its WAL is on the Klio server (RPO zero).
+//!
+//! One session: wait until PostgreSQL is not in recovery; IDENTIFY_SYSTEM; hello to the
+//! server (which records or checks the system identifier and says where the archive
+//! ends); upload history files; make sure the slot exists; then stream each timeline from
+//! where the archive ends, following timeline switches. Any failure ends the session and a
+//! new one starts after a backoff: the server's answer to hello always decides where to
+//! resume, so there are neither gaps nor duplicates.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use klio_pg::{Lsn, SegmentSize, TimeLineId, TimelineHistory};
+use klio_proto::wal::v1 as pb;
+use klio_replication::{ReplicationConfig, ReplicationConnection, StreamMessage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{status_error, ClientArgs};
+
+#[derive(Args, Debug, Clone)]
+pub struct WalStreamArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Connection string of the local PostgreSQL (libpq key=value or URL)
+    #[arg(long, env = "KLIO_PG_DSN")]
+    pub pg_dsn: String,
+    /// Physical replication slot (created if missing)
+    #[arg(long, env = "KLIO_SLOT", default_value = "klio")]
+    pub slot: String,
+    /// application_name shown in pg_stat_replication; name it in synchronous_standby_names
+    /// for synchronous (RPO zero) archiving
+    #[arg(long, env = "KLIO_APPLICATION_NAME", default_value = "klio")]
+    pub application_name: String,
+    /// Seconds between standby status updates when nothing else happens
+    #[arg(long, env = "KLIO_STATUS_INTERVAL", default_value_t = 10)]
+    pub status_interval: u64,
+    /// Largest batch of WAL sent to the server in one message, in KiB
+    #[arg(long, env = "KLIO_MAX_BATCH_KB", default_value_t = 4096)]
+    pub max_batch_kb: usize,
+}
+
+/// A failure that retrying cannot fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Fatal(String);
+
+fn fatal(msg: impl Into<String>) -> anyhow::Error {
+    Fatal(msg.into()).into()
+}
+
+pub async fn run(args: WalStreamArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            r = session(&args, &cancel) => r,
+            _ = cancel.cancelled() => return Ok(()),
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(200);
+                }
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?backoff, "WAL streaming interrupted");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
+/// Waits until PostgreSQL accepts connections and is not in recovery.
+async fn wait_for_primary(args: &WalStreamArgs, cancel: &CancellationToken) -> anyhow::Result<()> {
+    let mut logged = false;
+    loop {
+        let (client, conn) = tokio_postgres::connect(&args.pg_dsn, tokio_postgres::NoTls)
+            .await
+            .context("connect to PostgreSQL")?;
+        let task = tokio::spawn(conn);
+        let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+        drop(client);
+        let _ = task.await;
+        if !in_recovery {
+            return Ok(());
+        }
+        if !logged {
+            tracing::info!("PostgreSQL is in recovery; waiting for it to be promoted");
+            logged = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = cancel.cancelled() => bail!("cancelled"),
+        }
+    }
+}
+
+async fn session(args: &WalStreamArgs, cancel: &CancellationToken) -> anyhow::Result<()> {
+    wait_for_primary(args, cancel).await?;
+    let cfg = ReplicationConfig::from_dsn(&args.pg_dsn, &args.application_name).map_err(|e| fatal(format!("{e}")))?;
+    let mut repl = ReplicationConnection::connect(&cfg).await.map_err(classify_pg)?;
+    let ident = repl.identify_system().await.map_err(classify_pg)?;
+    let size = repl.wal_segment_size().await.map_err(classify_pg)?;
+    let cluster = args.client.cluster.clone();
+
+    let mut wal = args.client.wal_client().await?;
+    let hello = wal
+        .hello(pb::HelloRequest { cluster: cluster.clone(), system_id: ident.system_id, segment_size: size.bytes() })
+        .await
+        .map_err(|s| classify_status("register with the Klio server", s))?
+        .into_inner();
+
+    // Timeline history files: the archive needs them for recovery across promotions.
+    let mut history = TimelineHistory::default();
+    for tli in 2..=ident.timeline.0 {
+        let (name, content) = repl.timeline_history(TimeLineId(tli)).await.map_err(classify_pg)?;
+        wal.put_file(pb::PutFileRequest { cluster: cluster.clone(), name: name.clone(), content: content.clone() })
+            .await
+            .map_err(|s| classify_status(&format!("archive history file \"{name}\""), s))?;
+        if tli == ident.timeline.0 {
+            history = TimelineHistory::parse(&String::from_utf8_lossy(&content)).map_err(|e| fatal(e.to_string()))?;
+        }
+    }
+
+    let slot = repl.read_replication_slot(&args.slot).await.map_err(classify_pg)?;
+    let slot = match slot {
+        Some(s) => s,
+        None => {
+            if hello.has_wal {
+                tracing::warn!(slot = %args.slot, "replication slot is missing; creating it again (WAL that PostgreSQL already removed cannot be archived)");
+            }
+            match repl.create_physical_slot(&args.slot).await {
+                Ok(()) | Err(klio_replication::Error::SlotExists) => {}
+                Err(e) => return Err(classify_pg(e)),
+            }
+            repl.read_replication_slot(&args.slot)
+                .await
+                .map_err(classify_pg)?
+                .ok_or_else(|| anyhow::anyhow!("replication slot \"{}\" vanished right after creation", args.slot))?
+        }
+    };
+
+    // Where to start: the server's end of the archive decides.
+    let (mut timeline, mut start) = if hello.has_wal {
+        let archived = TimeLineId(hello.timeline);
+        if archived > ident.timeline {
+            return Err(fatal(format!(
+                "the archive of cluster \"{cluster}\" is on timeline {archived}, ahead of this PostgreSQL server's timeline {}\nHINT: this server may be an old primary that was not rebuilt after a failover",
+                ident.timeline
+            )));
+        }
+        if hello.timeline_closed {
+            // The archived timeline ended; continue on the one that followed it.
+            let next = history
+                .entries
+                .iter()
+                .position(|e| e.parent == archived)
+                .map(|i| history.entries.get(i + 1).map(|e| e.parent).unwrap_or(ident.timeline))
+                .ok_or_else(|| fatal(format!("timeline {archived} is closed in the archive but not in this server's history")))?;
+            let switch = history.switchpoint_of(archived).unwrap_or(Lsn(hello.end_lsn));
+            (next, switch.segment_start(size))
+        } else {
+            (archived, Lsn(hello.end_lsn))
+        }
+    } else {
+        let mut s = slot.restart_lsn.unwrap_or(ident.xlogpos).segment_start(size);
+        // On a promoted server, segments before the last fork exist only on the parent timeline.
+        if let Some(last) = history.entries.last() {
+            s = s.max(last.switchpoint.segment_start(size));
+        }
+        (ident.timeline, s)
+    };
+
+    loop {
+        tracing::info!(cluster = %cluster, %timeline, %start, "streaming WAL");
+        let stream = repl
+            .start_physical(Some(&args.slot), start, timeline)
+            .await
+            .map_err(classify_pg)?;
+        let (next, conn) = stream_timeline(args, &mut wal, ident.system_id, timeline, start, size, stream, cancel).await?;
+        match next {
+            Some((next_tli, next_start)) => {
+                timeline = next_tli;
+                start = next_start.segment_start(size);
+                repl = conn;
+            }
+            None => bail!("PostgreSQL ended the replication stream"),
+        }
+    }
+}
+
+/// Streams one timeline; returns the next timeline and where it starts when PostgreSQL
+/// switched timelines.
+#[allow(clippy::too_many_arguments)]
+async fn stream_timeline(
+    args: &WalStreamArgs,
+    wal: &mut klio_proto::wal::v1::wal_client::WalClient<tonic::transport::Channel>,
+    system_id: u64,
+    timeline: TimeLineId,
+    start: Lsn,
+    _size: SegmentSize,
+    mut repl: klio_replication::ReplicationStream,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(Option<(TimeLineId, Lsn)>, ReplicationConnection)> {
+    let cluster = args.client.cluster.clone();
+    let (req_tx, req_rx) = mpsc::channel::<pb::StreamRequest>(16);
+    let open = pb::StreamOpen { cluster: cluster.clone(), system_id, timeline: timeline.0, start_lsn: start.0 };
+    req_tx.send(pb::StreamRequest { msg: Some(pb::stream_request::Msg::Open(open)) }).await?;
+    let mut acks = wal
+        .stream(ReceiverStream::new(req_rx))
+        .await
+        .map_err(|s| classify_status("open a WAL stream", s))?
+        .into_inner();
+    let first = acks
+        .message()
+        .await
+        .map_err(|s| classify_status("open a WAL stream", s))?
+        .ok_or_else(|| anyhow::anyhow!("the server closed the WAL stream at once"))?;
+    let mut flushed = Lsn(first.flush_lsn);
+    let mut written = start;
+    if flushed != start {
+        bail!("the server's archive ends at {flushed}, not at {start} as it said a moment ago");
+    }
+    let max_batch = args.max_batch_kb * 1024;
+    let mut tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ended = false;
+
+    loop {
+        tokio::select! {
+            msg = repl.next_message(), if !ended => {
+                let msg = msg.map_err(classify_pg)?;
+                match msg {
+                    StreamMessage::XLogData { start: s, data, .. } => {
+                        let mut batch_start = s;
+                        let mut batch = data.to_vec();
+                        // Take whatever else is already received, up to the batch limit.
+                        while batch.len() < max_batch {
+                            match repl.try_next_buffered().map_err(classify_pg)? {
+                                Some(StreamMessage::XLogData { start: s2, data: d2, .. }) => {
+                                    if s2 != batch_start.add(batch.len() as u64) {
+                                        send_data(&req_tx, batch_start, std::mem::take(&mut batch)).await?;
+                                        batch_start = s2;
+                                    }
+                                    batch.extend_from_slice(&d2);
+                                }
+                                Some(StreamMessage::Keepalive { reply_requested: true, .. }) => {
+                                    repl.send_status(written.max(batch_start.add(batch.len() as u64)), flushed, flushed, false).await.map_err(classify_pg)?;
+                                }
+                                Some(StreamMessage::Keepalive { .. }) => {}
+                                Some(StreamMessage::EndOfStream) => { ended = true; break; }
+                                None => break,
+                            }
+                        }
+                        if !batch.is_empty() {
+                            written = batch_start.add(batch.len() as u64);
+                            send_data(&req_tx, batch_start, batch).await?;
+                        }
+                        if ended {
+                            return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
+                        }
+                    }
+                    StreamMessage::Keepalive { reply_requested, .. } => {
+                        if reply_requested {
+                            repl.send_status(written, flushed, flushed, false).await.map_err(classify_pg)?;
+                        }
+                    }
+                    StreamMessage::EndOfStream => {
+                        return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
+                    }
+                }
+            }
+            ack = acks.message() => {
+                let ack = ack.map_err(|s| classify_status("stream WAL", s))?
+                    .ok_or_else(|| anyhow::anyhow!("the server closed the WAL stream"))?;
+                let lsn = Lsn(ack.flush_lsn);
+                if lsn > flushed {
+                    flushed = lsn;
+                    // The only place the flush position moves: after the server's durable ack.
+                    repl.send_status(written, flushed, flushed, false).await.map_err(classify_pg)?;
+                }
+            }
+            _ = tick.tick() => {
+                repl.send_status(written, flushed, flushed, false).await.map_err(classify_pg)?;
+            }
+            _ = cancel.cancelled() => bail!("cancelled"),
+        }
+    }
+}
+
+async fn send_data(tx: &mpsc::Sender<pb::StreamRequest>, start: Lsn, data: Vec<u8>) -> anyhow::Result<()> {
+    let msg = pb::StreamRequest { msg: Some(pb::stream_request::Msg::Data(pb::WalData { start_lsn: start.0, data })) };
+    tx.send(msg).await.map_err(|_| anyhow::anyhow!("the WAL stream to the server closed"))
+}
+
+/// PostgreSQL ended the timeline: close it on the server (its last segment becomes a
+/// `.partial`), wait for the acknowledgement, and learn the next timeline.
+async fn finish(
+    repl: klio_replication::ReplicationStream,
+    req_tx: &mpsc::Sender<pb::StreamRequest>,
+    acks: &mut tonic::Streaming<pb::StreamResponse>,
+    timeline: TimeLineId,
+    written: Lsn,
+    mut flushed: Lsn,
+) -> anyhow::Result<(Option<(TimeLineId, Lsn)>, ReplicationConnection)> {
+    let (next, conn) = repl.finish_timeline().await.map_err(classify_pg)?;
+    let Some((next_tli, switch)) = next else {
+        bail!("PostgreSQL ended the replication stream on timeline {timeline} without naming a next timeline");
+    };
+    if switch != written {
+        bail!("timeline {timeline} switched to {next_tli} at {switch}, but WAL was received up to {written}");
+    }
+    let end = pb::StreamRequest { msg: Some(pb::stream_request::Msg::EndTimeline(pb::TimelineEnd { end_lsn: written.0 })) };
+    req_tx.send(end).await.map_err(|_| anyhow::anyhow!("the WAL stream to the server closed"))?;
+    loop {
+        let ack = acks
+            .message()
+            .await
+            .map_err(|s| classify_status("close the timeline", s))?
+            .ok_or_else(|| anyhow::anyhow!("the server closed the WAL stream before closing the timeline"))?;
+        flushed = flushed.max(Lsn(ack.flush_lsn));
+        if ack.timeline_closed {
+            break;
+        }
+    }
+    tracing::info!(%timeline, next = %next_tli, at = %switch, archived_to = %flushed, "timeline switch");
+    Ok((Some((next_tli, switch)), conn))
+}
+
+/// PostgreSQL errors: a removed WAL segment or failed authentication cannot be retried away.
+fn classify_pg(e: klio_replication::Error) -> anyhow::Error {
+    if e.is_wal_removed() {
+        return fatal(format!(
+            "{e}\nHINT: PostgreSQL no longer has WAL the archive needs (was the replication slot dropped?); the archive has a gap here: take a new base backup"
+        ));
+    }
+    if matches!(e, klio_replication::Error::Auth { .. }) {
+        return fatal(format!("{e}\nHINT: check the user and password in --pg-dsn and pg_hba.conf's replication entries"));
+    }
+    anyhow::Error::new(e)
+}
+
+/// Server refusals that retrying cannot fix end the streamer with a clear message.
+fn classify_status(what: &str, s: tonic::Status) -> anyhow::Error {
+    let permanent = matches!(
+        s.code(),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument
+    ) || (s.code() == tonic::Code::FailedPrecondition && s.message().contains("database system"));
+    let e = status_error(what, s);
+    if permanent { fatal(format!("{e:#}")) } else { e }
+}

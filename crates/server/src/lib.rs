@@ -1,0 +1,67 @@
+//! The Klio server: the WAL service on `--wal-listen` (and, later, the base-backup service
+//! on `--base-listen`), over gRPC with mutual TLS.
+//!
+//! Principal items: [`ServerConfig`] (validated settings), [`run`] (starts the services and
+//! serves until the cancellation token fires), [`WalService`].
+
+mod status;
+mod wal_service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use klio_crypto::{KeyEnvelope, Passphrase};
+use klio_proto::wal::v1::wal_server::WalServer;
+use klio_wal_store::WalStore;
+use tokio_util::sync::CancellationToken;
+
+pub use status::store_status;
+pub use wal_service::{WalService, MAX_MESSAGE};
+
+/// Validated server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub encryption_key_file: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub client_ca: PathBuf,
+    pub wal_listen: SocketAddr,
+    pub base_listen: SocketAddr,
+    /// zstd level for sealed WAL segments.
+    pub wal_compression_level: i32,
+}
+
+/// Opens the data directory (creating its key file on first start; a wrong key is an
+/// error and changes nothing), binds the listeners and serves until `shutdown` fires.
+pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    klio_tls::install_crypto_provider();
+    klio_durable::create_dir_all_durable(&cfg.data_dir)
+        .with_context(|| format!("create data directory \"{}\"", cfg.data_dir.display()))?;
+    let passphrase = Passphrase::from_file(&cfg.encryption_key_file)?;
+    let key_path = cfg.data_dir.join("keys.json");
+    let master = tokio::task::spawn_blocking(move || KeyEnvelope::load_or_create(&key_path, &passphrase)).await??;
+    let store = WalStore::open(&cfg.data_dir.join("wal"), master, cfg.wal_compression_level)?;
+    let tls = klio_tls::load_server_config(&cfg.tls_cert, &cfg.tls_key, &cfg.client_ca)?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.wal_listen)
+        .await
+        .with_context(|| format!("listen on {} for the WAL service", cfg.wal_listen))?;
+    tracing::info!(address = %listener.local_addr()?, data_dir = %cfg.data_dir.display(), "WAL service listening");
+
+    let wal = WalService::new(store, shutdown.clone());
+    let svc = WalServer::new(wal).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let incoming = klio_tls::tls_incoming(listener, tls);
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await
+        .context("serve the WAL service")?;
+    tracing::info!("server stopped");
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! The Tier 1 WAL store: per cluster, per timeline, every segment compressed and encrypted.
+//!
+//! Principal types:
+//! - [`WalStore`]: the store under `<data-dir>/wal`, holding the [`MasterKey`];
+//! - [`ClusterWal`]: one cluster's archive (its identity, status, files);
+//! - [`WalWriter`]: appends streamed WAL durably as sealed frames (`.open` files), seals
+//!   each completed segment in the background, and turns the last segment of a finished
+//!   timeline into a `.partial`;
+//! - [`WalFileData`]: a stored file's verified, decrypted frames, ready to send.
+//!
+//! The layout and the crash-safety argument are in `docs/formats/wal-store.md`.
+
+mod layout;
+mod writer;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use klio_crypto::{open_object, FrameCipher, MasterKey, ObjectHeader, ObjectKind, OpenedFrame};
+use klio_pg::{Lsn, SegmentNo, SegmentSize, TimeLineId, WalFileName};
+use serde::{Deserialize, Serialize};
+
+pub use layout::validate_cluster_name;
+pub use writer::{SealQueue, WalWriter};
+
+/// Errors of the WAL store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid cluster name \"{0}\"\nHINT: cluster names use lowercase letters, digits, '-' and '.', at most 63 characters")]
+    InvalidClusterName(String),
+    #[error("cluster \"{cluster}\" belongs to database system {stored}, but the client streams from database system {offered}\nHINT: another PostgreSQL database is using the same cluster name; give it its own cluster name")]
+    SystemIdMismatch { cluster: String, stored: u64, offered: u64 },
+    #[error("cluster \"{cluster}\" uses WAL segments of {stored} bytes, but the client reports {offered}")]
+    SegmentSizeMismatch { cluster: String, stored: u64, offered: u64 },
+    #[error("unknown cluster \"{0}\"\nHINT: the cluster has never streamed WAL to this server; check the cluster name")]
+    UnknownCluster(String),
+    #[error("WAL for cluster \"{cluster}\" would leave a gap: the archive of timeline {timeline} ends at {end}, but the stream starts at {start}")]
+    Gap { cluster: String, timeline: TimeLineId, end: Lsn, start: Lsn },
+    #[error("stream for cluster \"{cluster}\" on timeline {timeline} must start at a segment boundary, not at {start}")]
+    NotSegmentStart { cluster: String, timeline: TimeLineId, start: Lsn },
+    #[error("file \"{name}\" of cluster \"{cluster}\" already exists with different content")]
+    Conflict { cluster: String, name: String },
+    #[error("timeline {timeline} of cluster \"{cluster}\" cannot end at {at}: its archive ends at {end}")]
+    BadTimelineEnd { cluster: String, timeline: TimeLineId, at: Lsn, end: Lsn },
+    #[error("{0}")]
+    Crypto(#[from] klio_crypto::Error),
+    #[error("could not {action} \"{path}\": {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("timeline {timeline} of cluster \"{cluster}\" has ended (its last segment is archived as .partial) and takes no more WAL")]
+    TimelineEnded { cluster: String, timeline: TimeLineId },
+    #[error("sealing a completed segment failed earlier: {0}")]
+    SealFailed(String),
+}
+
+pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
+    let path = path.to_path_buf();
+    move |source| Error::Io { action, path, source }
+}
+
+/// The identity of a cluster, recorded on first contact.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMeta {
+    pub system_id: u64,
+    pub segment_size: u64,
+    /// Unix seconds of the first contact.
+    pub created_at: u64,
+}
+
+/// How far the archive of one cluster goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalStatus {
+    /// The highest timeline with WAL in the archive, and where its WAL ends.
+    pub latest: Option<(TimeLineId, Lsn)>,
+    /// The latest timeline has ended (a `.partial` closes it).
+    pub latest_closed: bool,
+}
+
+/// A stored file, decrypted and authenticated, with payloads still compressed.
+#[derive(Debug)]
+pub struct WalFileData {
+    pub frames: Vec<OpenedFrame>,
+    pub total_len: u64,
+    pub blake3: [u8; 32],
+    /// True when a segment was asked for and only an incomplete one exists.
+    pub partial: bool,
+}
+
+/// The WAL store of a server.
+#[derive(Clone)]
+pub struct WalStore {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    root: PathBuf,
+    master: MasterKey,
+    level: i32,
+    sealer: SealQueue,
+}
+
+impl WalStore {
+    /// Opens (creating) the store under `root` with the given zstd level for sealed segments.
+    pub fn open(root: &Path, master: MasterKey, level: i32) -> Result<WalStore, Error> {
+        klio_durable::create_dir_all_durable(root).map_err(io_err("create WAL store directory", root))?;
+        let sealer = SealQueue::start();
+        Ok(WalStore { inner: Arc::new(StoreInner { root: root.to_path_buf(), master, level, sealer }) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// One cluster's archive (which may not exist yet).
+    pub fn cluster(&self, name: &str) -> Result<ClusterWal, Error> {
+        validate_cluster_name(name)?;
+        Ok(ClusterWal { store: self.clone(), name: name.to_string(), dir: self.inner.root.join(name) })
+    }
+
+    /// Names of the clusters that have an archive.
+    pub fn clusters(&self) -> Result<Vec<String>, Error> {
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&self.inner.root).map_err(io_err("list WAL store", &self.inner.root))?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if validate_cluster_name(&name).is_ok() && e.path().join(layout::META_FILE).exists() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Waits until every queued segment seal has finished (used by tests and shutdown).
+    pub fn flush_seals(&self) -> Result<(), Error> {
+        self.inner.sealer.flush()
+    }
+}
+
+/// One cluster's WAL archive.
+#[derive(Clone)]
+pub struct ClusterWal {
+    store: WalStore,
+    name: String,
+    dir: PathBuf,
+}
+
+impl ClusterWal {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn master(&self) -> &MasterKey {
+        &self.store.inner.master
+    }
+
+    pub(crate) fn object_name(&self, file: &str) -> String {
+        format!("wal/{}/{}", self.name, file)
+    }
+
+    /// The recorded identity, or None if the cluster never made contact.
+    pub fn meta(&self) -> Result<Option<ClusterMeta>, Error> {
+        let path = self.dir.join(layout::META_FILE);
+        match fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| Error::Io {
+                action: "parse cluster metadata",
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io { action: "read cluster metadata", path, source: e }),
+        }
+    }
+
+    /// The recorded identity, or [`Error::UnknownCluster`].
+    pub fn require_meta(&self) -> Result<ClusterMeta, Error> {
+        self.meta()?.ok_or_else(|| Error::UnknownCluster(self.name.clone()))
+    }
+
+    /// Records the identity on first contact; afterwards checks that it matches.
+    pub fn register(&self, system_id: u64, segment_size: SegmentSize) -> Result<ClusterMeta, Error> {
+        if let Some(m) = self.meta()? {
+            if m.system_id != system_id {
+                return Err(Error::SystemIdMismatch { cluster: self.name.clone(), stored: m.system_id, offered: system_id });
+            }
+            if m.segment_size != segment_size.bytes() {
+                return Err(Error::SegmentSizeMismatch {
+                    cluster: self.name.clone(),
+                    stored: m.segment_size,
+                    offered: segment_size.bytes(),
+                });
+            }
+            return Ok(m);
+        }
+        klio_durable::create_dir_all_durable(&self.dir).map_err(io_err("create cluster directory", &self.dir))?;
+        let created_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let meta = ClusterMeta { system_id, segment_size: segment_size.bytes(), created_at };
+        let path = self.dir.join(layout::META_FILE);
+        let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
+        klio_durable::write_atomic(&path, &json, 0o600).map_err(io_err("write cluster metadata", &path))?;
+        Ok(meta)
+    }
+
+    fn segment_size(&self) -> Result<SegmentSize, Error> {
+        let m = self.require_meta()?;
+        SegmentSize::new(m.segment_size).map_err(|e| Error::Io {
+            action: "interpret cluster metadata",
+            path: self.dir.join(layout::META_FILE),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })
+    }
+
+    /// Where the archive ends: the highest timeline holding WAL and the end of its WAL.
+    pub fn status(&self) -> Result<WalStatus, Error> {
+        let size = self.segment_size()?;
+        for tli in layout::timelines(&self.dir)?.into_iter().rev() {
+            if let Some(end) = self.timeline_end(tli, size)? {
+                let closed = !layout::scan_timeline(&self.dir, tli, size)?.partials.is_empty();
+                return Ok(WalStatus { latest: Some((tli, end)), latest_closed: closed });
+            }
+        }
+        Ok(WalStatus::default())
+    }
+
+    /// The end of the archive on `timeline`, or None when it holds no WAL there.
+    pub fn timeline_end(&self, timeline: TimeLineId, size: SegmentSize) -> Result<Option<Lsn>, Error> {
+        let scan = layout::scan_timeline(&self.dir, timeline, size)?;
+        let mut end: Option<Lsn> = scan.complete.last().map(|s| s.next().start_lsn(size));
+        if let Some(p) = scan.partials.last() {
+            let data = self.read_sealed(&layout::partial_path(&self.dir, timeline, *p, size), &WalFileName::Partial {
+                timeline,
+                segno: *p,
+                size,
+            })?;
+            let e = p.start_lsn(size).add(data.total_len);
+            end = Some(end.map_or(e, |x| x.max(e)));
+        }
+        for segno in scan.open {
+            let (frames, _) = self.scan_open_file(timeline, segno, size)?;
+            let len: u64 = frames.iter().map(|f| u64::from(f.plain_len)).sum();
+            if len > 0 {
+                let e = segno.start_lsn(size).add(len);
+                end = Some(end.map_or(e, |x| x.max(e)));
+            }
+        }
+        Ok(end)
+    }
+
+    pub(crate) fn scan_open_file(
+        &self,
+        timeline: TimeLineId,
+        segno: SegmentNo,
+        size: SegmentSize,
+    ) -> Result<(Vec<OpenedFrame>, u64), Error> {
+        let path = layout::open_path(&self.dir, timeline, segno, size);
+        let bytes = fs::read(&path).map_err(io_err("read in-progress segment", &path))?;
+        let name = self.object_name(&layout::open_file_name(timeline, segno, size));
+        if bytes.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let (header, hlen) = ObjectHeader::decode(&bytes, &name)?;
+        if header.name != name {
+            return Err(klio_crypto::Error::Corrupt { name, reason: format!("it holds object \"{}\"", header.name) }.into());
+        }
+        let cipher = FrameCipher::new(self.master(), &header);
+        let (frames, valid) = cipher.scan_open(&bytes[hlen..])?;
+        Ok((frames, (hlen + valid) as u64))
+    }
+
+    fn read_sealed(&self, path: &Path, name: &WalFileName) -> Result<WalFileData, Error> {
+        let bytes = fs::read(path).map_err(io_err("read archived WAL file", path))?;
+        let shown = self.object_name(&name.to_string());
+        let (header, hlen) = ObjectHeader::decode(&bytes, &shown)?;
+        if header.name != shown {
+            return Err(klio_crypto::Error::Corrupt { name: shown, reason: format!("it holds object \"{}\"", header.name) }.into());
+        }
+        let cipher = FrameCipher::new(self.master(), &header);
+        let (frames, summary) = cipher.open_all(&bytes[hlen..])?;
+        Ok(WalFileData { frames, total_len: summary.total_len, blake3: summary.blake3, partial: false })
+    }
+
+    fn data_from_open(&self, timeline: TimeLineId, segno: SegmentNo, size: SegmentSize) -> Result<WalFileData, Error> {
+        let (frames, _) = self.scan_open_file(timeline, segno, size)?;
+        let mut hasher = blake3::Hasher::new();
+        let shown = self.object_name(&layout::open_file_name(timeline, segno, size));
+        let mut total = 0u64;
+        for f in &frames {
+            hasher.update(&f.plaintext(&shown)?);
+            total += u64::from(f.plain_len);
+        }
+        Ok(WalFileData { frames, total_len: total, blake3: *hasher.finalize().as_bytes(), partial: total < size.bytes() })
+    }
+
+    /// Reads an archived file by its PostgreSQL name. A segment that is not complete in the
+    /// archive is served from its `.partial` or in-progress data when `allow_partial` is
+    /// set (marked `partial`). None when the archive does not have it.
+    pub fn read(&self, name: &str, allow_partial: bool) -> Result<Option<WalFileData>, Error> {
+        let size = self.segment_size()?;
+        let parsed = WalFileName::parse(name, size).map_err(|e| Error::Io {
+            action: "parse WAL file name",
+            path: PathBuf::from(name),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+        })?;
+        match parsed {
+            WalFileName::Segment { timeline, segno, .. } => {
+                let p = layout::segment_path(&self.dir, timeline, segno, size);
+                if p.exists() {
+                    return self.read_sealed(&p, &parsed).map(Some);
+                }
+                let open = layout::open_path(&self.dir, timeline, segno, size);
+                if open.exists() {
+                    let d = self.data_from_open(timeline, segno, size)?;
+                    if !d.partial || allow_partial {
+                        return Ok(Some(d));
+                    }
+                    return Ok(None);
+                }
+                let part = layout::partial_path(&self.dir, timeline, segno, size);
+                if allow_partial && part.exists() {
+                    let name = WalFileName::Partial { timeline, segno, size };
+                    let mut d = self.read_sealed(&part, &name)?;
+                    d.partial = true;
+                    return Ok(Some(d));
+                }
+                Ok(None)
+            }
+            WalFileName::Partial { timeline, segno, .. } => {
+                let p = layout::partial_path(&self.dir, timeline, segno, size);
+                if p.exists() { self.read_sealed(&p, &parsed).map(Some) } else { Ok(None) }
+            }
+            WalFileName::History { .. } | WalFileName::Backup { .. } => {
+                let p = layout::other_path(&self.dir, &parsed);
+                if p.exists() { self.read_sealed(&p, &parsed).map(Some) } else { Ok(None) }
+            }
+        }
+    }
+
+    /// Stores a history or `.backup` file; idempotent for identical content.
+    pub fn put_file(&self, name: &str, content: &[u8]) -> Result<bool, Error> {
+        let size = self.segment_size()?;
+        let parsed = WalFileName::parse(name, size).map_err(|e| Error::Io {
+            action: "parse WAL file name",
+            path: PathBuf::from(name),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+        })?;
+        let kind = match parsed {
+            WalFileName::History { .. } => ObjectKind::History,
+            WalFileName::Backup { .. } => ObjectKind::WalOther,
+            _ => {
+                return Err(Error::Io {
+                    action: "store",
+                    path: PathBuf::from(name),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "segments are streamed, not put"),
+                });
+            }
+        };
+        let path = layout::other_path(&self.dir, &parsed);
+        let shown = self.object_name(name);
+        if path.exists() {
+            let bytes = fs::read(&path).map_err(io_err("read archived file", &path))?;
+            let (_, existing) = open_object(self.master(), &shown, &bytes)?;
+            if existing == content {
+                return Ok(false);
+            }
+            return Err(Error::Conflict { cluster: self.name.clone(), name: name.to_string() });
+        }
+        let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
+        klio_durable::create_dir_all_durable(&dir).map_err(io_err("create directory", &dir))?;
+        let sealed = klio_crypto::seal_object(self.master(), kind, &shown, content, Some(self.store.inner.level));
+        klio_durable::write_atomic(&path, &sealed, 0o600).map_err(io_err("write archived file", &path))?;
+        Ok(true)
+    }
+
+    /// Names of the archived files (complete segments, partials, history and backup files;
+    /// not segments still being received), sorted.
+    pub fn list_files(&self) -> Result<Vec<String>, Error> {
+        let size = self.segment_size()?;
+        let mut out = Vec::new();
+        for tli in layout::timelines(&self.dir)? {
+            let scan = layout::scan_timeline(&self.dir, tli, size)?;
+            out.extend(scan.complete.iter().map(|s| WalFileName::segment(tli, *s, size).to_string()));
+            out.extend(scan.partials.iter().map(|s| WalFileName::Partial { timeline: tli, segno: *s, size }.to_string()));
+        }
+        for sub in ["history", "other"] {
+            let d = self.dir.join(sub);
+            if let Ok(rd) = fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if WalFileName::parse(&n, size).is_ok() {
+                        out.push(n);
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Opens the single writer of this cluster, continuing `timeline` at `start`.
+    /// The caller guarantees that only one writer per cluster exists at a time.
+    pub fn writer(&self, timeline: TimeLineId, start: Lsn) -> Result<WalWriter, Error> {
+        let size = self.segment_size()?;
+        WalWriter::open(self.clone(), timeline, start, size, self.store.inner.sealer.clone())
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn level(&self) -> i32 {
+        self.store.inner.level
+    }
+}
+
+#[cfg(test)]
+mod tests;
