@@ -143,7 +143,7 @@ async fn session(args: &WalStreamArgs, cancel: &CancellationToken) -> anyhow::Re
                 tracing::warn!(slot = %args.slot, "replication slot is missing; creating it again (WAL that PostgreSQL already removed cannot be archived)");
             }
             match repl.create_physical_slot(&args.slot).await {
-                Ok(()) | Err(klio_replication::Error::SlotExists) => {}
+                Ok(()) | Err(klio_replication::Error::SlotExists { .. }) => {}
                 Err(e) => return Err(classify_pg(e)),
             }
             repl.read_replication_slot(&args.slot)

@@ -1,0 +1,236 @@
+//! Harness of the end-to-end tests: a real `klio server` process with development
+//! certificates, and helpers to run the `klio` client subcommands against it.
+//!
+//! The tests live in this package (not a separate crate) so that cargo builds the `klio`
+//! binary they run and hands its path over in `CARGO_BIN_EXE_klio`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use klio_pg::Lsn;
+use klio_test_support::{free_port, scratch_dir, wait_until, ChildGuard, PgCluster, ScratchDir};
+
+pub const KLIO: &str = env!("CARGO_BIN_EXE_klio");
+
+/// Seconds of pgbench load in the long tests (`KLIO_TEST_LOAD_SECS`, default 40).
+pub fn load_secs() -> u64 {
+    std::env::var("KLIO_TEST_LOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(40)
+}
+
+pub fn klio() -> Command {
+    let mut c = Command::new(KLIO);
+    c.env("KLIO_LOG", "info,klio=debug");
+    c
+}
+
+/// A Klio server with its own certificates, key and data directory.
+pub struct Klio {
+    pub dir: ScratchDir,
+    pub pki: PathBuf,
+    pub data: PathBuf,
+    pub key_file: PathBuf,
+    pub port: u16,
+    server: Option<ChildGuard>,
+    starts: u32,
+}
+
+impl Klio {
+    /// Issues certificates for `clusters` and starts the server.
+    pub fn start(clusters: &[&str]) -> anyhow::Result<Klio> {
+        let dir = scratch_dir();
+        let pki = dir.path().join("pki");
+        let mut cmd = klio();
+        cmd.args(["pki", "init"]).arg(&pki);
+        for c in clusters {
+            cmd.args(["--cluster", c]);
+        }
+        run_ok(&mut cmd)?;
+        // PostgreSQL runs `klio wal-get` as its own OS user: let it read the client keys.
+        if klio_test_support::running_as_root() {
+            run_ok(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&pki))?;
+        }
+        let key_file = dir.path().join("encryption.key");
+        std::fs::write(&key_file, "test-encryption-key-0123456789\n")?;
+        let data = dir.path().join("data");
+        let mut k = Klio { dir, pki, data, key_file, port: free_port(), server: None, starts: 0 };
+        k.start_server()?;
+        Ok(k)
+    }
+
+    pub fn server_command(&self) -> Command {
+        let mut cmd = klio();
+        cmd.arg("server")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--encryption-key-file")
+            .arg(&self.key_file)
+            .arg("--tls-cert")
+            .arg(self.pki.join("server.crt"))
+            .arg("--tls-key")
+            .arg(self.pki.join("server.key"))
+            .arg("--client-ca")
+            .arg(self.pki.join("ca.crt"))
+            .arg("--wal-listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--base-listen")
+            .arg("127.0.0.1:0");
+        cmd
+    }
+
+    pub fn start_server(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.path().join(format!("server-{}.log", self.starts)))?;
+        let mut cmd = self.server_command();
+        cmd.stdout(Stdio::null()).stderr(log);
+        let mut child = ChildGuard::spawn(&mut cmd)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if !child.is_running() {
+                bail!("klio server exited:\n{}", self.server_log());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("klio server does not listen on port {}:\n{}", self.port, self.server_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.server = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill_server(&mut self) -> anyhow::Result<()> {
+        if let Some(mut s) = self.server.take() {
+            s.kill()?;
+        }
+        Ok(())
+    }
+
+    pub fn server_log(&self) -> String {
+        let mut out = String::new();
+        for i in 1..=self.starts {
+            let p = self.dir.path().join(format!("server-{i}.log"));
+            out.push_str(&format!("--- server start {i} ---\n"));
+            out.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+        }
+        out
+    }
+
+    /// Client flags for `cluster` using its own certificate.
+    pub fn client_args(&self, cluster: &str) -> Vec<String> {
+        self.client_args_with_cert(cluster, &format!("client-{cluster}"))
+    }
+
+    /// Client flags naming `cluster` but presenting certificate `<stem>.crt` from the PKI dir.
+    pub fn client_args_with_cert(&self, cluster: &str, stem: &str) -> Vec<String> {
+        let p = |f: &str| self.pki.join(f).display().to_string();
+        vec![
+            "--server-address".into(),
+            "127.0.0.1".into(),
+            "--wal-port".into(),
+            self.port.to_string(),
+            "--cluster".into(),
+            cluster.into(),
+            "--client-cert".into(),
+            p(&format!("{stem}.crt")),
+            "--client-key".into(),
+            p(&format!("{stem}.key")),
+            "--server-ca".into(),
+            p("ca.crt"),
+        ]
+    }
+
+    /// Starts `klio wal-stream` for `cluster` against `pg`; its log goes to `<name>.log`.
+    pub fn spawn_streamer(&self, cluster: &str, pg: &PgCluster, name: &str, extra: &[&str]) -> anyhow::Result<ChildGuard> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log")))?;
+        let mut cmd = klio();
+        cmd.arg("wal-stream").args(self.client_args(cluster)).args(["--pg-dsn", &pg.dsn()]).args(extra);
+        cmd.stdout(Stdio::null()).stderr(log);
+        ChildGuard::spawn(&mut cmd)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Runs `klio wal-get` for `cluster`.
+    pub fn wal_get(&self, cluster: &str, name: &str, dest: &Path, extra: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = klio();
+        cmd.arg("wal-get").args(self.client_args(cluster)).args(extra).arg(name).arg(dest);
+        cmd.output().context("run klio wal-get")
+    }
+
+    /// `klio wal-list --json` for `cluster`.
+    pub fn wal_list(&self, cluster: &str) -> anyhow::Result<serde_json::Value> {
+        let mut cmd = klio();
+        cmd.arg("wal-list").args(self.client_args(cluster)).arg("--json");
+        let out = run_ok(&mut cmd)?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The archive's end on its latest timeline, if it has WAL.
+    pub fn archived_end(&self, cluster: &str) -> anyhow::Result<Option<(u32, Lsn)>> {
+        let v = self.wal_list(cluster)?;
+        match (v["timeline"].as_u64(), v["end_lsn"].as_str()) {
+            (Some(t), Some(l)) => Ok(Some((t as u32, l.parse()?))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Waits until the archive of `cluster` reaches `lsn` on timeline `tli` or later.
+    pub fn wait_archived(&self, cluster: &str, tli: u32, lsn: Lsn, timeout: Duration) -> anyhow::Result<()> {
+        let what = format!("the archive of \"{cluster}\" to reach {lsn} on timeline {tli}");
+        wait_until(timeout, Duration::from_millis(200), &what, || {
+            Ok(matches!(self.archived_end(cluster)?, Some((t, l)) if t > tli || (t == tli && l >= lsn)))
+        })
+    }
+
+    /// The `restore_command` PostgreSQL should use for `cluster`.
+    pub fn restore_command(&self, cluster: &str, extra: &str) -> String {
+        let args: Vec<String> = self.client_args(cluster).iter().map(|a| format!("'{a}'")).collect();
+        format!("{KLIO} wal-get {} {extra} %f %p", args.join(" ")).replace('\'', "\"")
+    }
+}
+
+pub fn run_ok(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}:\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// The current WAL insert position and timeline of `pg`.
+pub fn current_lsn(pg: &PgCluster) -> anyhow::Result<(u32, Lsn)> {
+    let out = pg.psql("SELECT pg_walfile_name(l), l FROM (SELECT pg_current_wal_lsn() AS l) s")?;
+    let (f, l) = out.split_once('|').context("parse position")?;
+    Ok((u32::from_str_radix(&f[..8], 16)?, l.parse()?))
+}
+
+/// Switches to a new segment and returns the position after the switch.
+pub fn switch_wal(pg: &PgCluster) -> anyhow::Result<Lsn> {
+    pg.psql("SELECT pg_switch_wal()")?;
+    Ok(pg.psql("SELECT pg_current_wal_lsn()")?.parse()?)
+}
+
+/// Prepares a restored data directory for archive recovery with `klio wal-get`.
+pub fn configure_recovery(data_dir: &Path, restore_command: &str, extra: &[&str]) -> anyhow::Result<()> {
+    let mut conf = format!("\nrestore_command = '{restore_command}'\n");
+    for l in extra {
+        conf.push_str(l);
+        conf.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new().append(true).open(data_dir.join("postgresql.auto.conf"))?;
+    std::io::Write::write_all(&mut f, conf.as_bytes())?;
+    std::fs::write(data_dir.join("recovery.signal"), "")?;
+    let _ = std::fs::remove_file(data_dir.join("standby.signal"));
+    Ok(())
+}

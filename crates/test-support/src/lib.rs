@@ -1,0 +1,60 @@
+//! Real services for Klio's component and end-to-end tests.
+//!
+//! Tests run in parallel in separate processes (cargo nextest), so everything here gets its
+//! own port (bound to 127.0.0.1:0, retried when PostgreSQL finds it taken) and its own
+//! directories, and cleans up on drop.
+//!
+//! PostgreSQL refuses to run as root: when the tests run as root, every PostgreSQL binary is
+//! run as the `postgres` OS user (uid/gid from `/etc/passwd`) and every directory handed to it
+//! is owned by that user.
+//!
+//! Principal items:
+//! - [`PgCluster`]: a PostgreSQL cluster. [`PgCluster::start`] runs `initdb -k` and starts it
+//!   with [`PgOptions`] (authentication [`Auth`], extra `postgresql.conf` lines);
+//!   [`PgCluster::standby_of`] makes a streaming hot standby; [`PgCluster::from_data_dir`]
+//!   starts a restored data directory. Control: `stop`, `start_again` (the constructor holds the
+//!   name `start`), `restart`, `kill9`, `promote`, `reload`, `append_conf`,
+//!   `wait_for_recovery_end`. Clients: `dsn`, `socket_dsn`, `psql`, `connect`
+//!   (`tokio_postgres`), `pgbench_init`, `pgbench`, `basebackup`, `table_checksums`,
+//!   `log_contents`.
+//! - [`PgReceiveWal`]: `pg_receivewal` as a reference receiver, with
+//!   [`PgReceiveWal::wait_for_segment`].
+//! - [`ScratchDir`] / [`scratch_dir`]: temporary directories the `postgres` user can use.
+//! - [`ChildGuard`]: a child process killed and reaped on drop (for `klio` processes).
+//! - [`pg_bin`], [`postgres_command`]: PostgreSQL binaries (directory overridable with
+//!   `KLIO_PG_BIN`, default [`DEFAULT_PG_BIN`]) run as the right user.
+//! - [`free_port`], [`wait_until`], [`wait_until_async`].
+//!
+//! Cluster defaults: data checksums, C locale, UTF8, `wal_level = replica`,
+//! `max_wal_senders = 10`, `max_replication_slots = 10`, `listen_addresses = '127.0.0.1'`,
+//! the socket in `<scratch>/sock`, `fsync = on`, `wal_keep_size = '2GB'`,
+//! `shared_buffers = '128MB'`, the log in `<scratch>/postgres.log` (printed when a test panics).
+//! Those settings live in `klio_test.conf` in the data directory, included from the end of
+//! `postgresql.conf`. `initdb` and `pg_basebackup` run with `--no-sync` to keep tests fast.
+//!
+//! ```no_run
+//! use klio_test_support::{Auth, PgCluster, PgOptions};
+//! # fn main() -> anyhow::Result<()> {
+//! let primary = PgCluster::start(PgOptions::default().with_auth(Auth::scram("secret")))?;
+//! primary.psql("CREATE TABLE t AS SELECT generate_series(1, 10) AS i")?;
+//! let standby = PgCluster::standby_of(&primary, PgOptions::default())?;
+//! standby.promote()?;
+//! assert!(!standby.is_in_recovery()?);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Environment: `KLIO_PG_BIN` (binaries), `KLIO_TEST_TMPDIR` (where scratch directories go),
+//! `KLIO_KEEP_SCRATCH=1` (keep scratch directories for inspection).
+
+mod cluster;
+mod process;
+mod receivewal;
+mod scratch;
+mod wait;
+
+pub use cluster::{Auth, PgCluster, PgOptions, free_port};
+pub use process::{ChildGuard, DEFAULT_PG_BIN, pg_bin, postgres_command, running_as_root};
+pub use receivewal::PgReceiveWal;
+pub use scratch::{ScratchDir, scratch_dir};
+pub use wait::{wait_until, wait_until_async};

@@ -1,0 +1,260 @@
+//! The server side: a TLS 1.3-only, client-certificate-required [`ServerConfig`], and
+//! [`tls_incoming`], a stream of handshaken connections for tonic's
+//! `serve_with_incoming_shutdown`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+
+use crate::pem::{parse_certs, parse_key, read_file};
+use crate::{Error, crypto_provider};
+
+/// The ALPN protocol of gRPC.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// How long a client may take to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many handshakes may be in progress at once; beyond that, accepting waits.
+const MAX_PENDING_HANDSHAKES: usize = 512;
+
+/// How many handshaken connections may wait for the server to pick them up.
+const READY_QUEUE: usize = 64;
+
+/// A server-side TLS connection as [`tls_incoming`] yields it.
+///
+/// tonic (with its `tls-connect-info` feature, which `tls-aws-lc` enables) implements
+/// `Connected` for this type: requests served over it carry a
+/// `tonic::transport::server::TlsConnectInfo<TcpConnectInfo>`, so
+/// `request.peer_certs()` and `request.remote_addr()` work in handlers.
+pub type ServerTlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Builds the server TLS configuration: TLS 1.3 only, ALPN `h2`, and a client
+/// certificate that chains to `client_ca_pem` is required.
+///
+/// `cert_pem` may hold a chain (leaf first); `key_pem` holds the leaf's private key;
+/// `client_ca_pem` may hold several CA certificates.
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: &[u8],
+) -> Result<Arc<ServerConfig>, Error> {
+    build_server_config(
+        parse_certs(cert_pem, "server certificate", None)?,
+        parse_key(key_pem, "server private key", None)?,
+        parse_certs(client_ca_pem, "client CA certificate", None)?,
+        None,
+    )
+}
+
+/// Like [`server_config`], reading PEM files; errors name the file at fault.
+pub fn load_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<Arc<ServerConfig>, Error> {
+    const CERT: &str = "server certificate";
+    const KEY: &str = "server private key";
+    const CA: &str = "client CA certificate";
+    build_server_config(
+        parse_certs(&read_file(cert, CERT)?, CERT, Some(cert))?,
+        parse_key(&read_file(key, KEY)?, KEY, Some(key))?,
+        parse_certs(&read_file(client_ca, CA)?, CA, Some(client_ca))?,
+        Some(client_ca),
+    )
+}
+
+fn build_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_cas: Vec<CertificateDer<'static>>,
+    client_ca_path: Option<&Path>,
+) -> Result<Arc<ServerConfig>, Error> {
+    let provider = crypto_provider();
+    let mut roots = RootCertStore::empty();
+    for ca in client_cas {
+        roots.add(ca).map_err(|e| {
+            Error::load(
+                "client CA certificate",
+                client_ca_path,
+                format!("not usable as a trust anchor: {e}"),
+            )
+        })?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|source| Error::ClientVerifier { source })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| Error::TlsConfig {
+            side: "server",
+            source,
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|source| Error::TlsConfig {
+            side: "server",
+            source,
+        })?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections on `listener` and performs TLS handshakes with `config`,
+/// yielding the connections whose handshake succeeded.
+///
+/// Use with tonic:
+///
+/// ```no_run
+/// # async fn f(router: tonic::transport::server::Router, config: std::sync::Arc<rustls::ServerConfig>) -> Result<(), Box<dyn std::error::Error>> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+/// let incoming = klio_tls::tls_incoming(listener, config);
+/// router
+///     .serve_with_incoming_shutdown(incoming, async { let _ = tokio::signal::ctrl_c().await; })
+///     .await?;
+/// # Ok(()) }
+/// ```
+///
+/// Each handshake runs in its own task with a [`HANDSHAKE_TIMEOUT`], so a slow or
+/// hostile client never holds up others. Failed handshakes (no or untrusted client
+/// certificate, TLS 1.2, plain text, timeout) are logged and skipped; the stream never
+/// ends on its own and never yields an error. Dropping it stops accepting, closes the
+/// listener and abandons handshakes in progress. Must be called inside a Tokio runtime.
+pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming {
+    TlsIncoming::spawn(listener, config, HANDSHAKE_TIMEOUT)
+}
+
+/// The stream [`tls_incoming`] returns.
+#[derive(Debug)]
+pub struct TlsIncoming {
+    ready: mpsc::Receiver<ServerTlsStream>,
+    local_addr: Option<SocketAddr>,
+    accept_task: JoinHandle<()>,
+}
+
+impl TlsIncoming {
+    fn spawn(listener: TcpListener, config: Arc<ServerConfig>, timeout: Duration) -> TlsIncoming {
+        let (tx, ready) = mpsc::channel(READY_QUEUE);
+        let local_addr = listener.local_addr().ok();
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            TlsAcceptor::from(config),
+            timeout,
+            tx,
+        ));
+        TlsIncoming {
+            ready,
+            local_addr,
+            accept_task,
+        }
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+}
+
+impl Stream for TlsIncoming {
+    type Item = Result<ServerTlsStream, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.ready.poll_recv(cx).map(|conn| conn.map(Ok))
+    }
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+    ready: mpsc::Sender<ServerTlsStream>,
+) {
+    // Owning the handshake tasks here means aborting this task abandons them too.
+    let mut handshakes = JoinSet::new();
+    loop {
+        while handshakes.try_join_next().is_some() {}
+        if handshakes.len() >= MAX_PENDING_HANDSHAKES {
+            tokio::select! {
+                _ = handshakes.join_next() => continue,
+                () = ready.closed() => return,
+            }
+        }
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Typically EMFILE/ENFILE or a connection reset before accept; back
+                    // off briefly so a persistent condition does not spin.
+                    tracing::warn!(error = %e, "could not accept TCP connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = ready.closed() => return,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        }
+        let acceptor = acceptor.clone();
+        let ready = ready.clone();
+        handshakes.spawn(async move {
+            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    tracing::debug!(%peer, "TLS handshake completed");
+                    // Only fails when the server has stopped; the connection is dropped.
+                    let _ = ready.send(tls).await;
+                }
+                Ok(Err(e)) => log_handshake_failure(peer, &e),
+                Err(_) => {
+                    tracing::debug!(%peer, timeout = ?timeout, "TLS handshake timed out")
+                }
+            }
+        });
+    }
+}
+
+fn log_handshake_failure(peer: SocketAddr, err: &io::Error) {
+    let rustls_error = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        // A client that reached certificate verification and failed it deserves the
+        // operator's attention: a misconfigured sidecar or someone knocking.
+        Some(
+            e @ (rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::PeerIncompatible(_)),
+        ) => {
+            tracing::warn!(%peer, error = %e, "rejected TLS client")
+        }
+        _ => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn tls_incoming_with_timeout(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    timeout: Duration,
+) -> TlsIncoming {
+    TlsIncoming::spawn(listener, config, timeout)
+}
