@@ -4,11 +4,11 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::path::Path;
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::pbkdf2;
 use serde::{Deserialize, Serialize};
 
-use crate::{random_bytes, Error};
+use crate::{Error, random_bytes};
 
 /// PBKDF2-HMAC-SHA256 iterations for new key files (OWASP's 2023 figure; ~80 ms here).
 pub const PBKDF2_ITERATIONS: u32 = 600_000;
@@ -21,7 +21,11 @@ pub struct Passphrase(Vec<u8>);
 
 impl Passphrase {
     pub fn new(bytes: Vec<u8>) -> Result<Passphrase, Error> {
-        let trimmed_len = bytes.iter().rev().skip_while(|b| b.is_ascii_whitespace()).count();
+        let trimmed_len = bytes
+            .iter()
+            .rev()
+            .skip_while(|b| b.is_ascii_whitespace())
+            .count();
         let mut bytes = bytes;
         bytes.truncate(trimmed_len);
         if bytes.is_empty() {
@@ -60,11 +64,13 @@ impl MasterKey {
     /// A short public identifier of this key (BLAKE3-free: HKDF output), to tell keys apart
     /// in logs and metadata without revealing anything.
     pub fn key_id(&self) -> String {
-        let prk = aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, b"klio key id").extract(&self.0);
+        let prk = aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, b"klio key id")
+            .extract(&self.0);
         let mut out = [0u8; 8];
         let okm = prk.expand(&[b"id"], KeyIdLen);
         // expand/fill can only fail for lengths above 255*32 bytes.
-        okm.and_then(|okm| okm.fill(&mut out)).expect("hkdf expand of 8 bytes");
+        okm.and_then(|okm| okm.fill(&mut out))
+            .expect("hkdf expand of 8 bytes");
         hex::encode(out)
     }
 }
@@ -99,10 +105,20 @@ pub struct KeyEnvelope {
     pub key_id: String,
 }
 
-fn wrapping_key(passphrase: &Passphrase, salt: &[u8], iterations: u32) -> Result<LessSafeKey, String> {
+fn wrapping_key(
+    passphrase: &Passphrase,
+    salt: &[u8],
+    iterations: u32,
+) -> Result<LessSafeKey, String> {
     let iterations = NonZeroU32::new(iterations).ok_or("iterations must be positive")?;
     let mut kek = [0u8; 32];
-    pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, iterations, salt, &passphrase.0, &mut kek);
+    pbkdf2::derive(
+        pbkdf2::PBKDF2_HMAC_SHA256,
+        iterations,
+        salt,
+        &passphrase.0,
+        &mut kek,
+    );
     let unbound = UnboundKey::new(&AES_256_GCM, &kek).map_err(|_| "bad key length")?;
     Ok(LessSafeKey::new(unbound))
 }
@@ -113,13 +129,21 @@ impl KeyEnvelope {
         KeyEnvelope::wrap_with_iterations(master, passphrase, PBKDF2_ITERATIONS)
     }
 
-    pub fn wrap_with_iterations(master: &MasterKey, passphrase: &Passphrase, iterations: u32) -> KeyEnvelope {
+    pub fn wrap_with_iterations(
+        master: &MasterKey,
+        passphrase: &Passphrase,
+        iterations: u32,
+    ) -> KeyEnvelope {
         let salt: [u8; 32] = random_bytes();
         let nonce: [u8; 12] = random_bytes();
         let key = wrapping_key(passphrase, &salt, iterations).expect("valid fixed parameters");
         let mut buf = master.0.to_vec();
-        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(WRAP_AAD), &mut buf)
-            .expect("sealing 32 bytes cannot fail");
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(WRAP_AAD),
+            &mut buf,
+        )
+        .expect("sealing 32 bytes cannot fail");
         KeyEnvelope {
             format: FORMAT.to_string(),
             kdf: "pbkdf2-hmac-sha256".to_string(),
@@ -133,7 +157,10 @@ impl KeyEnvelope {
 
     /// Unwraps the master key; `path` only names the file in errors.
     pub fn unwrap(&self, passphrase: &Passphrase, path: &str) -> Result<MasterKey, Error> {
-        let bad = |reason: &str| Error::BadKeyFile { path: path.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| Error::BadKeyFile {
+            path: path.to_string(),
+            reason: reason.to_string(),
+        };
         if self.format != FORMAT {
             return Err(bad(&format!("unknown format \"{}\"", self.format)));
         }
@@ -151,9 +178,19 @@ impl KeyEnvelope {
         }
         let key = wrapping_key(passphrase, &salt, self.iterations).map_err(|r| bad(&r))?;
         let plain = key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(WRAP_AAD), &mut buf)
-            .map_err(|_| Error::WrongKey { path: path.to_string() })?;
-        let master = MasterKey(plain.try_into().map_err(|_| bad("unwrapped key has the wrong length"))?);
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(WRAP_AAD),
+                &mut buf,
+            )
+            .map_err(|_| Error::WrongKey {
+                path: path.to_string(),
+            })?;
+        let master = MasterKey(
+            plain
+                .try_into()
+                .map_err(|_| bad("unwrapped key has the wrong length"))?,
+        );
         if master.key_id() != self.key_id {
             return Err(bad("key id does not match the unwrapped key"));
         }
@@ -166,8 +203,11 @@ impl KeyEnvelope {
         let shown = path.display().to_string();
         match std::fs::read(path) {
             Ok(bytes) => {
-                let env: KeyEnvelope = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::BadKeyFile { path: shown.clone(), reason: e.to_string() })?;
+                let env: KeyEnvelope =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::BadKeyFile {
+                        path: shown.clone(),
+                        reason: e.to_string(),
+                    })?;
                 env.unwrap(passphrase, &shown)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -181,7 +221,11 @@ impl KeyEnvelope {
                 })?;
                 Ok(master)
             }
-            Err(source) => Err(Error::Io { action: "read key file", path: shown, source }),
+            Err(source) => Err(Error::Io {
+                action: "read key file",
+                path: shown,
+                source,
+            }),
         }
     }
 }
@@ -222,8 +266,15 @@ mod tests {
         let b = KeyEnvelope::load_or_create(&p, &pass("secret")).unwrap();
         assert_eq!(a.0, b.0);
         let before = std::fs::read(&p).unwrap();
-        assert!(matches!(KeyEnvelope::load_or_create(&p, &pass("other")), Err(Error::WrongKey { .. })));
-        assert_eq!(std::fs::read(&p).unwrap(), before, "a wrong key must not touch the key file");
+        assert!(matches!(
+            KeyEnvelope::load_or_create(&p, &pass("other")),
+            Err(Error::WrongKey { .. })
+        ));
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            before,
+            "a wrong key must not touch the key file"
+        );
     }
 
     #[test]

@@ -13,30 +13,39 @@
 mod envelope;
 mod sealed;
 
-pub use envelope::{KeyEnvelope, MasterKey, Passphrase, PBKDF2_ITERATIONS};
+pub use envelope::{KeyEnvelope, MasterKey, PBKDF2_ITERATIONS, Passphrase};
 pub use sealed::{
-    decompress_payload, open_object, seal_object, FrameCipher, FrameIter, FrameRead, ObjectHeader, ObjectKind,
-    OpenedFrame, RawFrame, SealedSummary, FRAME_HEADER_LEN, MAX_FRAME_PLAINTEXT,
+    FRAME_HEADER_LEN, FrameCipher, FrameIter, FrameRead, MAX_FRAME_PLAINTEXT, ObjectHeader,
+    ObjectKind, OpenedFrame, RawFrame, SealedSummary, decompress_payload, open_object, seal_object,
 };
 
 /// Errors of sealing, opening and key handling.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the encryption key does not open the key file \"{path}\"\nHINT: the server was started with a different encryption key than the one this data directory was created with")]
+    #[error(
+        "the encryption key does not open the key file \"{path}\"\nHINT: the server was started with a different encryption key than the one this data directory was created with"
+    )]
     WrongKey { path: String },
     #[error("key file \"{path}\" is invalid: {reason}")]
     BadKeyFile { path: String, reason: String },
     #[error("object \"{name}\" is corrupt: {reason}")]
     Corrupt { name: String, reason: String },
     #[error("could not {action} \"{path}\": {source}")]
-    Io { action: &'static str, path: String, source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the encryption key is empty\nHINT: provide a key of at least 16 characters")]
     EmptyPassphrase,
 }
 
 impl Error {
     pub(crate) fn corrupt(name: &str, reason: impl Into<String>) -> Error {
-        Error::Corrupt { name: name.to_string(), reason: reason.into() }
+        Error::Corrupt {
+            name: name.to_string(),
+            reason: reason.into(),
+        }
     }
 }
 

@@ -11,10 +11,10 @@
 //! complete object ends with a final frame whose payload is the total plaintext length and
 //! its BLAKE3 hash: a missing final frame means the object was truncated.
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::hkdf;
 
-use crate::{random_bytes, Error, MasterKey};
+use crate::{Error, MasterKey, random_bytes};
 
 const MAGIC: &[u8; 8] = b"KLIOSEAL";
 const VERSION: u8 = 1;
@@ -68,7 +68,11 @@ pub struct ObjectHeader {
 
 impl ObjectHeader {
     pub fn new(kind: ObjectKind, name: &str) -> ObjectHeader {
-        ObjectHeader { kind, salt: random_bytes(), name: name.to_string() }
+        ObjectHeader {
+            kind,
+            salt: random_bytes(),
+            name: name.to_string(),
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -86,12 +90,19 @@ impl ObjectHeader {
     /// `shown` names the object in errors.
     pub fn decode(buf: &[u8], shown: &str) -> Result<(ObjectHeader, usize), Error> {
         if buf.len() < 44 || &buf[..8] != MAGIC {
-            return Err(Error::corrupt(shown, "not a sealed Klio object (bad magic or too short)"));
+            return Err(Error::corrupt(
+                shown,
+                "not a sealed Klio object (bad magic or too short)",
+            ));
         }
         if buf[8] != VERSION {
-            return Err(Error::corrupt(shown, format!("unsupported format version {}", buf[8])));
+            return Err(Error::corrupt(
+                shown,
+                format!("unsupported format version {}", buf[8]),
+            ));
         }
-        let kind = ObjectKind::from_u8(buf[9]).ok_or_else(|| Error::corrupt(shown, "unknown object kind"))?;
+        let kind = ObjectKind::from_u8(buf[9])
+            .ok_or_else(|| Error::corrupt(shown, "unknown object kind"))?;
         let mut salt = [0u8; 32];
         salt.copy_from_slice(&buf[10..42]);
         let name_len = usize::from(u16::from_be_bytes([buf[42], buf[43]]));
@@ -143,7 +154,12 @@ impl OpenedFrame {
 }
 
 /// Decompresses a frame payload (as also sent to clients) and checks its length.
-pub fn decompress_payload(payload: &[u8], compressed: bool, plain_len: u32, shown: &str) -> Result<Vec<u8>, Error> {
+pub fn decompress_payload(
+    payload: &[u8],
+    compressed: bool,
+    plain_len: u32,
+    shown: &str,
+) -> Result<Vec<u8>, Error> {
     if !compressed {
         if payload.len() != plain_len as usize {
             return Err(Error::corrupt(shown, "frame length mismatch"));
@@ -153,7 +169,10 @@ pub fn decompress_payload(payload: &[u8], compressed: bool, plain_len: u32, show
     let out = zstd::bulk::decompress(payload, plain_len as usize)
         .map_err(|e| Error::corrupt(shown, format!("zstd frame does not decompress: {e}")))?;
     if out.len() != plain_len as usize {
-        return Err(Error::corrupt(shown, "decompressed frame has the wrong length"));
+        return Err(Error::corrupt(
+            shown,
+            "decompressed frame has the wrong length",
+        ));
     }
     Ok(out)
 }
@@ -168,7 +187,9 @@ pub struct FrameIter<'a> {
 pub enum FrameRead<'a> {
     Frame(RawFrame<'a>),
     /// Fewer bytes remain than the next frame needs (a torn or truncated tail).
-    Incomplete { start: usize },
+    Incomplete {
+        start: usize,
+    },
     End,
 }
 
@@ -226,9 +247,15 @@ pub struct FrameCipher {
 impl FrameCipher {
     pub fn new(master: &MasterKey, header: &ObjectHeader) -> FrameCipher {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &header.salt).extract(&master.0);
-        let okm = prk.expand(&[b"klio sealed object v1"], &AES_256_GCM).expect("hkdf expand to a 32-byte key");
+        let okm = prk
+            .expand(&[b"klio sealed object v1"], &AES_256_GCM)
+            .expect("hkdf expand to a 32-byte key");
         let key = LessSafeKey::new(UnboundKey::from(okm));
-        FrameCipher { key, header: header.encode(), shown: header.name.clone() }
+        FrameCipher {
+            key,
+            header: header.encode(),
+            shown: header.name.clone(),
+        }
     }
 
     /// The encoded header this cipher binds frames to.
@@ -245,11 +272,22 @@ impl FrameCipher {
         aad
     }
 
-    fn seal_raw(&self, flags: u8, offset: u64, plain_len: u32, mut payload: Vec<u8>, out: &mut Vec<u8>) {
+    fn seal_raw(
+        &self,
+        flags: u8,
+        offset: u64,
+        plain_len: u32,
+        mut payload: Vec<u8>,
+        out: &mut Vec<u8>,
+    ) {
         let nonce: [u8; 12] = random_bytes();
         let aad = self.aad(flags, offset, plain_len);
         self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad.as_slice()), &mut payload)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad.as_slice()),
+                &mut payload,
+            )
             .expect("AES-GCM sealing of a bounded frame cannot fail");
         out.reserve(FRAME_HEADER_LEN + payload.len());
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -263,7 +301,10 @@ impl FrameCipher {
     /// Appends to `out` one frame carrying `plaintext` at `offset`, compressed with zstd at
     /// `level` when that makes it smaller (`None`: never compress).
     pub fn seal_frame(&self, offset: u64, plaintext: &[u8], level: Option<i32>, out: &mut Vec<u8>) {
-        assert!(plaintext.len() <= MAX_FRAME_PLAINTEXT, "frame larger than MAX_FRAME_PLAINTEXT");
+        assert!(
+            plaintext.len() <= MAX_FRAME_PLAINTEXT,
+            "frame larger than MAX_FRAME_PLAINTEXT"
+        );
         let compressed = level.and_then(|l| zstd::bulk::compress(plaintext, l).ok());
         let (flags, payload) = match compressed {
             Some(c) if c.len() + 64 < plaintext.len() => (FLAG_ZSTD, c),
@@ -289,9 +330,16 @@ impl FrameCipher {
         }
         let plain_len = self
             .key
-            .open_in_place(Nonce::assume_unique_for_key(raw.nonce), Aad::from(aad.as_slice()), &mut buf)
+            .open_in_place(
+                Nonce::assume_unique_for_key(raw.nonce),
+                Aad::from(aad.as_slice()),
+                &mut buf,
+            )
             .map_err(|_| {
-                Error::corrupt(&self.shown, format!("authentication of the frame at byte {} failed", raw.offset))
+                Error::corrupt(
+                    &self.shown,
+                    format!("authentication of the frame at byte {} failed", raw.offset),
+                )
             })?
             .len();
         buf.truncate(plain_len);
@@ -312,22 +360,36 @@ impl FrameCipher {
         let mut expect = 0u64;
         loop {
             match iter.next_frame() {
-                FrameRead::End => return Err(Error::corrupt(&self.shown, "truncated: the final frame is missing")),
+                FrameRead::End => {
+                    return Err(Error::corrupt(
+                        &self.shown,
+                        "truncated: the final frame is missing",
+                    ));
+                }
                 FrameRead::Incomplete { start } => {
-                    return Err(Error::corrupt(&self.shown, format!("truncated frame at position {start}")));
+                    return Err(Error::corrupt(
+                        &self.shown,
+                        format!("truncated frame at position {start}"),
+                    ));
                 }
                 FrameRead::Frame(raw) => {
                     let f = self.open_frame(&raw)?;
                     if f.offset != expect {
                         return Err(Error::corrupt(
                             &self.shown,
-                            format!("frame at byte {} found where byte {expect} was expected", f.offset),
+                            format!(
+                                "frame at byte {} found where byte {expect} was expected",
+                                f.offset
+                            ),
                         ));
                     }
                     if f.is_final {
                         let summary = parse_final(&f.payload, &self.shown)?;
                         if summary.total_len != expect {
-                            return Err(Error::corrupt(&self.shown, "final frame length does not match the frames"));
+                            return Err(Error::corrupt(
+                                &self.shown,
+                                "final frame length does not match the frames",
+                            ));
                         }
                         if !matches!(iter.next_frame(), FrameRead::End) {
                             return Err(Error::corrupt(&self.shown, "data after the final frame"));
@@ -361,7 +423,10 @@ impl FrameCipher {
                         Err(e) => return Err(e),
                     };
                     if f.is_final || f.offset != expect {
-                        return Err(Error::corrupt(&self.shown, format!("unexpected frame at byte {}", f.offset)));
+                        return Err(Error::corrupt(
+                            &self.shown,
+                            format!("unexpected frame at byte {}", f.offset),
+                        ));
                     }
                     expect += u64::from(f.plain_len);
                     valid = raw.end;
@@ -386,24 +451,40 @@ fn parse_final(payload: &[u8], shown: &str) -> Result<SealedSummary, Error> {
 const SEAL_FRAME: usize = 1 << 20;
 
 /// Seals a whole plaintext as one object named `name`.
-pub fn seal_object(master: &MasterKey, kind: ObjectKind, name: &str, plaintext: &[u8], level: Option<i32>) -> Vec<u8> {
+pub fn seal_object(
+    master: &MasterKey,
+    kind: ObjectKind,
+    name: &str,
+    plaintext: &[u8],
+    level: Option<i32>,
+) -> Vec<u8> {
     let header = ObjectHeader::new(kind, name);
     let cipher = FrameCipher::new(master, &header);
     let mut out = cipher.header_bytes().to_vec();
     for (i, chunk) in plaintext.chunks(SEAL_FRAME).enumerate() {
         cipher.seal_frame((i * SEAL_FRAME) as u64, chunk, level, &mut out);
     }
-    let summary = SealedSummary { total_len: plaintext.len() as u64, blake3: *blake3::hash(plaintext).as_bytes() };
+    let summary = SealedSummary {
+        total_len: plaintext.len() as u64,
+        blake3: *blake3::hash(plaintext).as_bytes(),
+    };
     cipher.seal_final(&summary, &mut out);
     out
 }
 
 /// Opens a complete object, checking that it is bound to `expected_name`, and returns its
 /// plaintext after verifying every frame, the final length and the BLAKE3 hash.
-pub fn open_object(master: &MasterKey, expected_name: &str, bytes: &[u8]) -> Result<(ObjectKind, Vec<u8>), Error> {
+pub fn open_object(
+    master: &MasterKey,
+    expected_name: &str,
+    bytes: &[u8],
+) -> Result<(ObjectKind, Vec<u8>), Error> {
     let (header, hlen) = ObjectHeader::decode(bytes, expected_name)?;
     if header.name != expected_name {
-        return Err(Error::corrupt(expected_name, format!("it holds object \"{}\"", header.name)));
+        return Err(Error::corrupt(
+            expected_name,
+            format!("it holds object \"{}\"", header.name),
+        ));
     }
     let cipher = FrameCipher::new(master, &header);
     let (frames, summary) = cipher.open_all(&bytes[hlen..])?;
@@ -451,7 +532,10 @@ mod tests {
         for i in (0..sealed.len()).step_by(7) {
             let mut bad = sealed.clone();
             bad[i] ^= 0x40;
-            assert!(open_object(&m, "n", &bad).is_err(), "flip at {i} not detected");
+            assert!(
+                open_object(&m, "n", &bad).is_err(),
+                "flip at {i} not detected"
+            );
         }
     }
 
@@ -461,7 +545,10 @@ mod tests {
         let data = sample(2 * SEAL_FRAME);
         let sealed = seal_object(&m, ObjectKind::WalSegment, "n", &data, None);
         for cut in [sealed.len() - 1, sealed.len() - 60, 100, 44] {
-            assert!(open_object(&m, "n", &sealed[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                open_object(&m, "n", &sealed[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         let err = open_object(&m, "other", &sealed).unwrap_err();
         assert!(err.to_string().contains("holds object \"n\""), "{err}");

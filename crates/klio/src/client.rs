@@ -39,9 +39,17 @@ pub struct ClientArgs {
 impl ClientArgs {
     /// Connects to the WAL service.
     pub async fn wal_client(&self) -> anyhow::Result<WalClient<Channel>> {
-        let domain = self.server_name.clone().unwrap_or_else(|| self.server_address.clone());
-        let tls = klio_tls::client_tls(&self.server_ca, &self.client_cert, &self.client_key, &domain)
-            .context("load client TLS settings")?;
+        let domain = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| self.server_address.clone());
+        let tls = klio_tls::client_tls(
+            &self.server_ca,
+            &self.client_cert,
+            &self.client_key,
+            &domain,
+        )
+        .context("load client TLS settings")?;
         let channel = klio_tls::connect(&self.server_address, self.wal_port, tls).await?;
         Ok(WalClient::new(channel)
             .max_decoding_message_size(klio_server::MAX_MESSAGE)
@@ -52,7 +60,9 @@ impl ClientArgs {
 /// Turns a gRPC status into an error a person can act on.
 pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
     let hint = match s.code() {
-        tonic::Code::PermissionDenied => "\nHINT: the client certificate's CN must be \"<user>@<cluster>\" for this cluster",
+        tonic::Code::PermissionDenied => {
+            "\nHINT: the client certificate's CN must be \"<user>@<cluster>\" for this cluster"
+        }
         tonic::Code::Unauthenticated => "\nHINT: the server did not accept the client certificate",
         tonic::Code::Unavailable => "\nHINT: is the Klio server running and reachable?",
         _ => "",

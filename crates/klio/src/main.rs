@@ -22,7 +22,11 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "klio", version, about = "Backup and WAL archiving for PostgreSQL on Kubernetes")]
+#[command(
+    name = "klio",
+    version,
+    about = "Backup and WAL archiving for PostgreSQL on Kubernetes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,7 +101,10 @@ enum PkiCommand {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KLIO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Cancels the token on SIGINT or SIGTERM (Kubernetes stops containers with SIGTERM).
@@ -105,10 +112,11 @@ fn cancel_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -122,7 +130,9 @@ fn cancel_on_signals() -> CancellationToken {
 async fn wal_list(args: WalListArgs) -> anyhow::Result<()> {
     let mut c = args.client.wal_client().await?;
     let r = c
-        .list(klio_proto::wal::v1::ListRequest { cluster: args.client.cluster.clone() })
+        .list(klio_proto::wal::v1::ListRequest {
+            cluster: args.client.cluster.clone(),
+        })
         .await
         .map_err(|s| client::status_error("list the WAL archive", s))?
         .into_inner();
@@ -157,7 +167,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     klio_tls::install_crypto_provider();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the runtime: {e}");
@@ -178,9 +191,13 @@ fn main() -> ExitCode {
                     base_listen: a.base_listen,
                     wal_compression_level: a.wal_compression_level,
                 };
-                klio_server::run(cfg, cancel_on_signals()).await.map(|()| ExitCode::SUCCESS)
+                klio_server::run(cfg, cancel_on_signals())
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
             }
-            Command::WalStream(a) => wal_stream::run(a, cancel_on_signals()).await.map(|()| ExitCode::SUCCESS),
+            Command::WalStream(a) => wal_stream::run(a, cancel_on_signals())
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Command::WalGet(a) => match wal_get::run(&a).await? {
                 wal_get::Outcome::Restored => Ok(ExitCode::SUCCESS),
                 wal_get::Outcome::NotFound => {
@@ -202,7 +219,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if is_wal_get { ExitCode::from(wal_get::EXIT_ERROR as u8) } else { ExitCode::FAILURE }
+            if is_wal_get {
+                ExitCode::from(wal_get::EXIT_ERROR as u8)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

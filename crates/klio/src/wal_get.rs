@@ -21,7 +21,7 @@ use klio_proto::wal::v1 as pb;
 use klio_proto::wal::v1::wal_client::WalClient;
 use tonic::transport::Channel;
 
-use crate::client::{status_error, ClientArgs};
+use crate::client::{ClientArgs, status_error};
 
 /// Exit status when the archive does not have the file.
 pub const EXIT_NOT_FOUND: i32 = 1;
@@ -57,37 +57,69 @@ struct Fetched {
     segment_size: u64,
 }
 
-async fn fetch(client: &mut WalClient<Channel>, cluster: &str, name: &str, allow_partial: bool) -> anyhow::Result<Option<Fetched>> {
-    let req = pb::GetRequest { cluster: cluster.to_string(), name: name.to_string(), allow_partial };
+async fn fetch(
+    client: &mut WalClient<Channel>,
+    cluster: &str,
+    name: &str,
+    allow_partial: bool,
+) -> anyhow::Result<Option<Fetched>> {
+    let req = pb::GetRequest {
+        cluster: cluster.to_string(),
+        name: name.to_string(),
+        allow_partial,
+    };
     let mut stream = match client.get(req).await {
         Ok(r) => r.into_inner(),
         Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
         Err(s) => return Err(status_error(&format!("fetch WAL file \"{name}\""), s)),
     };
-    let header = match stream.message().await.map_err(|s| status_error(&format!("fetch WAL file \"{name}\""), s))? {
-        Some(pb::GetResponse { msg: Some(pb::get_response::Msg::Header(h)) }) => h,
-        _ => anyhow::bail!("WAL file \"{name}\" is corrupt: the server's answer does not start with a header"),
+    let header = match stream
+        .message()
+        .await
+        .map_err(|s| status_error(&format!("fetch WAL file \"{name}\""), s))?
+    {
+        Some(pb::GetResponse {
+            msg: Some(pb::get_response::Msg::Header(h)),
+        }) => h,
+        _ => anyhow::bail!(
+            "WAL file \"{name}\" is corrupt: the server's answer does not start with a header"
+        ),
     };
     let total = usize::try_from(header.total_len).context("file too large")?;
     let mut data = Vec::with_capacity(total);
-    while let Some(msg) = stream.message().await.map_err(|s| status_error(&format!("fetch WAL file \"{name}\""), s))? {
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| status_error(&format!("fetch WAL file \"{name}\""), s))?
+    {
         let Some(pb::get_response::Msg::Chunk(c)) = msg.msg else {
             anyhow::bail!("WAL file \"{name}\" is corrupt: unexpected message in the stream");
         };
         if c.offset != data.len() as u64 {
-            anyhow::bail!("WAL file \"{name}\" is corrupt: chunk at byte {} where byte {} was expected", c.offset, data.len());
+            anyhow::bail!(
+                "WAL file \"{name}\" is corrupt: chunk at byte {} where byte {} was expected",
+                c.offset,
+                data.len()
+            );
         }
         let plain = klio_crypto::decompress_payload(&c.payload, c.zstd, c.plain_len, name)
             .map_err(|e| anyhow::anyhow!("WAL file \"{name}\" is corrupt: {e}"))?;
         data.extend_from_slice(&plain);
     }
     if data.len() != total {
-        anyhow::bail!("WAL file \"{name}\" is truncated: received {} of {total} bytes", data.len());
+        anyhow::bail!(
+            "WAL file \"{name}\" is truncated: received {} of {total} bytes",
+            data.len()
+        );
     }
     if blake3::hash(&data).as_bytes().as_slice() != header.blake3.as_slice() {
         anyhow::bail!("WAL file \"{name}\" is corrupt: its content does not match its hash");
     }
-    Ok(Some(Fetched { data, partial: header.partial, segment_size: header.segment_size }))
+    Ok(Some(Fetched {
+        data,
+        partial: header.partial,
+        segment_size: header.segment_size,
+    }))
 }
 
 /// Writes `data` to `path` through a temporary file and a rename, so PostgreSQL never sees
@@ -95,12 +127,17 @@ async fn fetch(client: &mut WalClient<Channel>, cluster: &str, name: &str, allow
 fn write_file(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     let tmp = klio_durable::temp_path_for(path);
     std::fs::write(&tmp, data).with_context(|| format!("write \"{}\"", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename \"{}\" to \"{}\"", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("rename \"{}\" to \"{}\"", tmp.display(), path.display()))
 }
 
 fn spool_dir(args: &WalGetArgs) -> PathBuf {
     args.spool_dir.clone().unwrap_or_else(|| {
-        let parent = args.dest_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = args
+            .dest_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         parent.join(".klio-spool")
     })
 }
@@ -108,7 +145,9 @@ fn spool_dir(args: &WalGetArgs) -> PathBuf {
 /// Removes spooled segments older than `segno` (PostgreSQL will not ask for them again).
 fn prune_spool(spool: &Path, current: &WalFileName, size: SegmentSize) {
     let Some(cur) = current.segno() else { return };
-    let Ok(rd) = std::fs::read_dir(spool) else { return };
+    let Ok(rd) = std::fs::read_dir(spool) else {
+        return;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         match WalFileName::parse(&name, size) {
@@ -132,7 +171,13 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
     if args.prefetch > 0 && spooled.is_file() {
         std::fs::rename(&spooled, &args.dest_path)
             .or_else(|_| std::fs::copy(&spooled, &args.dest_path).map(|_| ()))
-            .with_context(|| format!("move prefetched \"{}\" to \"{}\"", spooled.display(), args.dest_path.display()))?;
+            .with_context(|| {
+                format!(
+                    "move prefetched \"{}\" to \"{}\"",
+                    spooled.display(),
+                    args.dest_path.display()
+                )
+            })?;
         tracing::debug!(name = %args.wal_name, "served from the prefetch spool");
         return Ok(Outcome::Restored);
     }
@@ -142,9 +187,11 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
     let Some(first) = fetch(&mut client, &cluster, &args.wal_name, true).await? else {
         return Ok(Outcome::NotFound);
     };
-    let size = SegmentSize::new(first.segment_size).context("the server reports an invalid segment size")?;
-    let parsed = WalFileName::parse(&args.wal_name, size)
-        .map_err(|e| anyhow::anyhow!("{e}\nHINT: wal-get takes a WAL file name such as 000000010000000000000001"))?;
+    let size = SegmentSize::new(first.segment_size)
+        .context("the server reports an invalid segment size")?;
+    let parsed = WalFileName::parse(&args.wal_name, size).map_err(|e| {
+        anyhow::anyhow!("{e}\nHINT: wal-get takes a WAL file name such as 000000010000000000000001")
+    })?;
     let mut data = first.data;
     if first.partial {
         // An incomplete last segment is zero-padded, as PostgreSQL expects of a segment;
@@ -154,24 +201,35 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
     }
 
     let mut prefetched = Vec::new();
-    if args.prefetch > 0 && !first.partial {
-        if let WalFileName::Segment { timeline, segno, size } = parsed {
-            std::fs::create_dir_all(&spool).with_context(|| format!("create spool directory \"{}\"", spool.display()))?;
-            prune_spool(&spool, &parsed, size);
-            let names: Vec<String> = (1..=u64::from(args.prefetch))
-                .map(|i| WalFileName::segment(timeline, klio_pg::SegmentNo(segno.0 + i), size).to_string())
-                .filter(|n| !spool.join(n).exists())
-                .collect();
-            let fetches = names.into_iter().map(|n| {
-                let mut c = client.clone();
-                let cluster = cluster.clone();
-                async move {
-                    let r = fetch(&mut c, &cluster, &n, false).await;
-                    (n, r)
-                }
-            });
-            prefetched = futures::stream::iter(fetches).buffered(args.prefetch as usize).collect::<Vec<_>>().await;
-        }
+    if args.prefetch > 0
+        && !first.partial
+        && let WalFileName::Segment {
+            timeline,
+            segno,
+            size,
+        } = parsed
+    {
+        std::fs::create_dir_all(&spool)
+            .with_context(|| format!("create spool directory \"{}\"", spool.display()))?;
+        prune_spool(&spool, &parsed, size);
+        let names: Vec<String> = (1..=u64::from(args.prefetch))
+            .map(|i| {
+                WalFileName::segment(timeline, klio_pg::SegmentNo(segno.0 + i), size).to_string()
+            })
+            .filter(|n| !spool.join(n).exists())
+            .collect();
+        let fetches = names.into_iter().map(|n| {
+            let mut c = client.clone();
+            let cluster = cluster.clone();
+            async move {
+                let r = fetch(&mut c, &cluster, &n, false).await;
+                (n, r)
+            }
+        });
+        prefetched = futures::stream::iter(fetches)
+            .buffered(args.prefetch as usize)
+            .collect::<Vec<_>>()
+            .await;
     }
     write_file(&args.dest_path, &data)?;
     for (name, r) in prefetched {

@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Args;
 use klio_pg::{Lsn, SegmentSize, TimeLineId, TimelineHistory};
 use klio_proto::wal::v1 as pb;
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{status_error, ClientArgs};
+use crate::client::{ClientArgs, status_error};
 
 #[derive(Args, Debug, Clone)]
 pub struct WalStreamArgs {
@@ -60,16 +60,17 @@ fn fatal(msg: impl Into<String>) -> anyhow::Error {
 pub async fn run(args: WalStreamArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let started = std::time::Instant::now();
+        let mut streamed = false;
         let result = tokio::select! {
-            r = session(&args, &cancel) => r,
+            r = session(&args, &cancel, &mut streamed) => r,
             _ = cancel.cancelled() => return Ok(()),
         };
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             Err(e) => {
-                if started.elapsed() > Duration::from_secs(30) {
+                // A session that got as far as streaming retries quickly again.
+                if streamed {
                     backoff = Duration::from_millis(200);
                 }
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?backoff, "WAL streaming interrupted");
@@ -91,7 +92,10 @@ async fn wait_for_primary(args: &WalStreamArgs, cancel: &CancellationToken) -> a
             .await
             .context("connect to PostgreSQL")?;
         let task = tokio::spawn(conn);
-        let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await?
+            .get(0);
         drop(client);
         let _ = task.await;
         if !in_recovery {
@@ -108,17 +112,28 @@ async fn wait_for_primary(args: &WalStreamArgs, cancel: &CancellationToken) -> a
     }
 }
 
-async fn session(args: &WalStreamArgs, cancel: &CancellationToken) -> anyhow::Result<()> {
+async fn session(
+    args: &WalStreamArgs,
+    cancel: &CancellationToken,
+    streamed: &mut bool,
+) -> anyhow::Result<()> {
     wait_for_primary(args, cancel).await?;
-    let cfg = ReplicationConfig::from_dsn(&args.pg_dsn, &args.application_name).map_err(|e| fatal(format!("{e}")))?;
-    let mut repl = ReplicationConnection::connect(&cfg).await.map_err(classify_pg)?;
+    let cfg = ReplicationConfig::from_dsn(&args.pg_dsn, &args.application_name)
+        .map_err(|e| fatal(format!("{e}")))?;
+    let mut repl = ReplicationConnection::connect(&cfg)
+        .await
+        .map_err(classify_pg)?;
     let ident = repl.identify_system().await.map_err(classify_pg)?;
     let size = repl.wal_segment_size().await.map_err(classify_pg)?;
     let cluster = args.client.cluster.clone();
 
     let mut wal = args.client.wal_client().await?;
     let hello = wal
-        .hello(pb::HelloRequest { cluster: cluster.clone(), system_id: ident.system_id, segment_size: size.bytes() })
+        .hello(pb::HelloRequest {
+            cluster: cluster.clone(),
+            system_id: ident.system_id,
+            segment_size: size.bytes(),
+        })
         .await
         .map_err(|s| classify_status("register with the Klio server", s))?
         .into_inner();
@@ -126,16 +141,27 @@ async fn session(args: &WalStreamArgs, cancel: &CancellationToken) -> anyhow::Re
     // Timeline history files: the archive needs them for recovery across promotions.
     let mut history = TimelineHistory::default();
     for tli in 2..=ident.timeline.0 {
-        let (name, content) = repl.timeline_history(TimeLineId(tli)).await.map_err(classify_pg)?;
-        wal.put_file(pb::PutFileRequest { cluster: cluster.clone(), name: name.clone(), content: content.clone() })
+        let (name, content) = repl
+            .timeline_history(TimeLineId(tli))
             .await
-            .map_err(|s| classify_status(&format!("archive history file \"{name}\""), s))?;
+            .map_err(classify_pg)?;
+        wal.put_file(pb::PutFileRequest {
+            cluster: cluster.clone(),
+            name: name.clone(),
+            content: content.clone(),
+        })
+        .await
+        .map_err(|s| classify_status(&format!("archive history file \"{name}\""), s))?;
         if tli == ident.timeline.0 {
-            history = TimelineHistory::parse(&String::from_utf8_lossy(&content)).map_err(|e| fatal(e.to_string()))?;
+            history = TimelineHistory::parse(&String::from_utf8_lossy(&content))
+                .map_err(|e| fatal(e.to_string()))?;
         }
     }
 
-    let slot = repl.read_replication_slot(&args.slot).await.map_err(classify_pg)?;
+    let slot = repl
+        .read_replication_slot(&args.slot)
+        .await
+        .map_err(classify_pg)?;
     let slot = match slot {
         Some(s) => s,
         None => {
@@ -149,7 +175,12 @@ async fn session(args: &WalStreamArgs, cancel: &CancellationToken) -> anyhow::Re
             repl.read_replication_slot(&args.slot)
                 .await
                 .map_err(classify_pg)?
-                .ok_or_else(|| anyhow::anyhow!("replication slot \"{}\" vanished right after creation", args.slot))?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "replication slot \"{}\" vanished right after creation",
+                        args.slot
+                    )
+                })?
         }
     };
 
@@ -170,13 +201,18 @@ async fn session(args: &WalStreamArgs, cancel: &CancellationToken) -> anyhow::Re
                 .position(|e| e.parent == archived)
                 .map(|i| history.entries.get(i + 1).map(|e| e.parent).unwrap_or(ident.timeline))
                 .ok_or_else(|| fatal(format!("timeline {archived} is closed in the archive but not in this server's history")))?;
-            let switch = history.switchpoint_of(archived).unwrap_or(Lsn(hello.end_lsn));
+            let switch = history
+                .switchpoint_of(archived)
+                .unwrap_or(Lsn(hello.end_lsn));
             (next, switch.segment_start(size))
         } else {
             (archived, Lsn(hello.end_lsn))
         }
     } else {
-        let mut s = slot.restart_lsn.unwrap_or(ident.xlogpos).segment_start(size);
+        let mut s = slot
+            .restart_lsn
+            .unwrap_or(ident.xlogpos)
+            .segment_start(size);
         // On a promoted server, segments before the last fork exist only on the parent timeline.
         if let Some(last) = history.entries.last() {
             s = s.max(last.switchpoint.segment_start(size));
@@ -190,7 +226,18 @@ async fn session(args: &WalStreamArgs, cancel: &CancellationToken) -> anyhow::Re
             .start_physical(Some(&args.slot), start, timeline)
             .await
             .map_err(classify_pg)?;
-        let (next, conn) = stream_timeline(args, &mut wal, ident.system_id, timeline, start, size, stream, cancel).await?;
+        *streamed = true;
+        let (next, conn) = stream_timeline(
+            args,
+            &mut wal,
+            ident.system_id,
+            timeline,
+            start,
+            size,
+            stream,
+            cancel,
+        )
+        .await?;
         match next {
             Some((next_tli, next_start)) => {
                 timeline = next_tli;
@@ -217,8 +264,17 @@ async fn stream_timeline(
 ) -> anyhow::Result<(Option<(TimeLineId, Lsn)>, ReplicationConnection)> {
     let cluster = args.client.cluster.clone();
     let (req_tx, req_rx) = mpsc::channel::<pb::StreamRequest>(16);
-    let open = pb::StreamOpen { cluster: cluster.clone(), system_id, timeline: timeline.0, start_lsn: start.0 };
-    req_tx.send(pb::StreamRequest { msg: Some(pb::stream_request::Msg::Open(open)) }).await?;
+    let open = pb::StreamOpen {
+        cluster: cluster.clone(),
+        system_id,
+        timeline: timeline.0,
+        start_lsn: start.0,
+    };
+    req_tx
+        .send(pb::StreamRequest {
+            msg: Some(pb::stream_request::Msg::Open(open)),
+        })
+        .await?;
     let mut acks = wal
         .stream(ReceiverStream::new(req_rx))
         .await
@@ -251,14 +307,14 @@ async fn stream_timeline(
                         while batch.len() < max_batch {
                             match repl.try_next_buffered().map_err(classify_pg)? {
                                 Some(StreamMessage::XLogData { start: s2, data: d2, .. }) => {
-                                    if s2 != batch_start.add(batch.len() as u64) {
+                                    if s2 != batch_start.plus(batch.len() as u64) {
                                         send_data(&req_tx, batch_start, std::mem::take(&mut batch)).await?;
                                         batch_start = s2;
                                     }
                                     batch.extend_from_slice(&d2);
                                 }
                                 Some(StreamMessage::Keepalive { reply_requested: true, .. }) => {
-                                    repl.send_status(written.max(batch_start.add(batch.len() as u64)), flushed, flushed, false).await.map_err(classify_pg)?;
+                                    repl.send_status(written.max(batch_start.plus(batch.len() as u64)), flushed, flushed, false).await.map_err(classify_pg)?;
                                 }
                                 Some(StreamMessage::Keepalive { .. }) => {}
                                 Some(StreamMessage::EndOfStream) => { ended = true; break; }
@@ -266,7 +322,7 @@ async fn stream_timeline(
                             }
                         }
                         if !batch.is_empty() {
-                            written = batch_start.add(batch.len() as u64);
+                            written = batch_start.plus(batch.len() as u64);
                             send_data(&req_tx, batch_start, batch).await?;
                         }
                         if ended {
@@ -301,9 +357,20 @@ async fn stream_timeline(
     }
 }
 
-async fn send_data(tx: &mpsc::Sender<pb::StreamRequest>, start: Lsn, data: Vec<u8>) -> anyhow::Result<()> {
-    let msg = pb::StreamRequest { msg: Some(pb::stream_request::Msg::Data(pb::WalData { start_lsn: start.0, data })) };
-    tx.send(msg).await.map_err(|_| anyhow::anyhow!("the WAL stream to the server closed"))
+async fn send_data(
+    tx: &mpsc::Sender<pb::StreamRequest>,
+    start: Lsn,
+    data: Vec<u8>,
+) -> anyhow::Result<()> {
+    let msg = pb::StreamRequest {
+        msg: Some(pb::stream_request::Msg::Data(pb::WalData {
+            start_lsn: start.0,
+            data,
+        })),
+    };
+    tx.send(msg)
+        .await
+        .map_err(|_| anyhow::anyhow!("the WAL stream to the server closed"))
 }
 
 /// PostgreSQL ended the timeline: close it on the server (its last segment becomes a
@@ -318,19 +385,32 @@ async fn finish(
 ) -> anyhow::Result<(Option<(TimeLineId, Lsn)>, ReplicationConnection)> {
     let (next, conn) = repl.finish_timeline().await.map_err(classify_pg)?;
     let Some((next_tli, switch)) = next else {
-        bail!("PostgreSQL ended the replication stream on timeline {timeline} without naming a next timeline");
+        bail!(
+            "PostgreSQL ended the replication stream on timeline {timeline} without naming a next timeline"
+        );
     };
     if switch != written {
-        bail!("timeline {timeline} switched to {next_tli} at {switch}, but WAL was received up to {written}");
+        bail!(
+            "timeline {timeline} switched to {next_tli} at {switch}, but WAL was received up to {written}"
+        );
     }
-    let end = pb::StreamRequest { msg: Some(pb::stream_request::Msg::EndTimeline(pb::TimelineEnd { end_lsn: written.0 })) };
-    req_tx.send(end).await.map_err(|_| anyhow::anyhow!("the WAL stream to the server closed"))?;
+    let end = pb::StreamRequest {
+        msg: Some(pb::stream_request::Msg::EndTimeline(pb::TimelineEnd {
+            end_lsn: written.0,
+        })),
+    };
+    req_tx
+        .send(end)
+        .await
+        .map_err(|_| anyhow::anyhow!("the WAL stream to the server closed"))?;
     loop {
         let ack = acks
             .message()
             .await
             .map_err(|s| classify_status("close the timeline", s))?
-            .ok_or_else(|| anyhow::anyhow!("the server closed the WAL stream before closing the timeline"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("the server closed the WAL stream before closing the timeline")
+            })?;
         flushed = flushed.max(Lsn(ack.flush_lsn));
         if ack.timeline_closed {
             break;
@@ -348,7 +428,9 @@ fn classify_pg(e: klio_replication::Error) -> anyhow::Error {
         ));
     }
     if matches!(e, klio_replication::Error::Auth { .. }) {
-        return fatal(format!("{e}\nHINT: check the user and password in --pg-dsn and pg_hba.conf's replication entries"));
+        return fatal(format!(
+            "{e}\nHINT: check the user and password in --pg-dsn and pg_hba.conf's replication entries"
+        ));
     }
     anyhow::Error::new(e)
 }
@@ -358,7 +440,12 @@ fn classify_status(what: &str, s: tonic::Status) -> anyhow::Error {
     let permanent = matches!(
         s.code(),
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument
-    ) || (s.code() == tonic::Code::FailedPrecondition && s.message().contains("database system"));
+    ) || (s.code() == tonic::Code::FailedPrecondition
+        && s.message().contains("database system"));
     let e = status_error(what, s);
-    if permanent { fatal(format!("{e:#}")) } else { e }
+    if permanent {
+        fatal(format!("{e:#}"))
+    } else {
+        e
+    }
 }

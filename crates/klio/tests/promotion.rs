@@ -1,12 +1,14 @@
 //! End-to-end: a standby is promoted while WAL is being streamed; the archive follows the
 //! new timeline with its history file, and recovery across the switch works.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use klio_test_support::{scratch_dir, wait_until, PgCluster, PgOptions};
+use klio_test_support::{PgCluster, PgOptions, scratch_dir, wait_until};
 
 #[test]
 fn promotion_continues_archive_on_new_timeline_and_recovery_crosses_it() -> anyhow::Result<()> {
@@ -28,10 +30,16 @@ fn promotion_continues_archive_on_new_timeline_and_recovery_crosses_it() -> anyh
     primary.psql("CREATE TABLE before_switch AS SELECT generate_series(1, 1000) AS i")?;
     let (_, lsn) = current_lsn(&primary)?;
     k.wait_archived("prom", 1, lsn, Duration::from_secs(60))?;
-    wait_until(Duration::from_secs(60), Duration::from_millis(100), "the standby to replay the primary's WAL", || {
-        let replayed: klio_pg::Lsn = standby.psql("SELECT pg_last_wal_replay_lsn()")?.parse()?;
-        Ok(replayed >= lsn)
-    })?;
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        "the standby to replay the primary's WAL",
+        || {
+            let replayed: klio_pg::Lsn =
+                standby.psql("SELECT pg_last_wal_replay_lsn()")?.parse()?;
+            Ok(replayed >= lsn)
+        },
+    )?;
 
     // Old primary goes away (its streamer too), the standby is promoted.
     s1.kill()?;
@@ -43,12 +51,22 @@ fn promotion_continues_archive_on_new_timeline_and_recovery_crosses_it() -> anyh
     let (tli, _) = current_lsn(&standby)?;
     assert_eq!(tli, 2);
     k.wait_archived("prom", 2, end, Duration::from_secs(90))
-        .map_err(|e| anyhow::anyhow!("{e:#}\ns2 log:\n{}\nserver log:\n{}", k.log("s2"), k.server_log()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\ns2 log:\n{}\nserver log:\n{}",
+                k.log("s2"),
+                k.server_log()
+            )
+        })?;
 
-    let files: Vec<String> =
-        k.wal_list("prom")?["files"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let files: Vec<String> = k.archived_files("prom")?.into_iter().collect();
     assert!(files.contains(&"00000002.history".to_string()), "{files:?}");
-    assert!(files.iter().any(|f| f.starts_with("00000002") && f.len() == 24), "{files:?}");
+    assert!(
+        files
+            .iter()
+            .any(|f| f.starts_with("00000002") && f.len() == 24),
+        "{files:?}"
+    );
     // The history file served back is PostgreSQL's own.
     let out = scratch_dir();
     let h = out.path().join("h");
@@ -58,11 +76,20 @@ fn promotion_continues_archive_on_new_timeline_and_recovery_crosses_it() -> anyh
 
     // Recovery of the old base backup across the switch, to the end of the archive.
     let expected = standby.table_checksums("postgres")?;
-    configure_recovery(&base_dir, &k.restore_command("prom", ""), &["recovery_target_timeline = 'latest'"])?;
+    configure_recovery(
+        &base_dir,
+        &k.restore_command("prom", ""),
+        &["recovery_target_timeline = 'latest'"],
+    )?;
     let restored = PgCluster::from_data_path(&base_dir, PgOptions::default())?;
     restored.wait_for_recovery_end(Duration::from_secs(300))?;
     assert_eq!(restored.table_checksums("postgres")?, expected);
-    let tli: u32 = restored.psql("SELECT timeline_id FROM pg_control_checkpoint()")?.parse()?;
-    assert!(tli >= 2, "recovery should end on timeline 2 or later, got {tli}");
+    let tli: u32 = restored
+        .psql("SELECT timeline_id FROM pg_control_checkpoint()")?
+        .parse()?;
+    assert!(
+        tli >= 2,
+        "recovery should end on timeline 2 or later, got {tli}"
+    );
     Ok(())
 }

@@ -1,23 +1,43 @@
 //! End-to-end: WAL streamed from a real PostgreSQL 15 under load, stored, served back and
 //! replayed, through crashes of every component.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use klio_test_support::{scratch_dir, wait_until, ChildGuard, PgCluster, PgOptions, PgReceiveWal};
+use klio_test_support::{ChildGuard, PgCluster, PgOptions, PgReceiveWal, scratch_dir, wait_until};
 
 fn pgbench_load(pg: &PgCluster, secs: u64) -> anyhow::Result<ChildGuard> {
     let mut cmd = pg.client_command("pgbench");
     cmd.arg("-h").arg(pg.socket_dir());
-    cmd.args(["-p", &pg.port().to_string(), "-U", "postgres", "-c", "4", "-j", "2", "-T", &secs.to_string(), "postgres"]);
-    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    cmd.args([
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+        "-c",
+        "4",
+        "-j",
+        "2",
+        "-T",
+        &secs.to_string(),
+        "postgres",
+    ]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     ChildGuard::spawn(&mut cmd)
 }
 
 fn wait_child(c: &mut ChildGuard, timeout: Duration) -> anyhow::Result<()> {
-    wait_until(timeout, Duration::from_millis(200), "pgbench to finish", || Ok(!c.is_running()))
+    wait_until(
+        timeout,
+        Duration::from_millis(200),
+        "pgbench to finish",
+        || Ok(!c.is_running()),
+    )
 }
 
 /// Under pgbench load, with a kill -9 of the server and of the streamer and a PostgreSQL
@@ -56,19 +76,33 @@ fn wal_stream_matches_pg_receivewal_through_crashes_and_replays() -> anyhow::Res
     let end = switch_wal(&pg)?;
     let (tli, _) = current_lsn(&pg)?;
     k.wait_archived("c1", tli, end, Duration::from_secs(120))
-        .map_err(|e| anyhow::anyhow!("{e:#}\nstreamer log:\n{}\nserver log:\n{}", k.log("streamer"), k.server_log()))?;
-    assert!(streamer.is_running(), "the streamer must still be running:\n{}", k.log("streamer"));
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\nstreamer log:\n{}\nserver log:\n{}",
+                k.log("streamer"),
+                k.server_log()
+            )
+        })?;
+    assert!(
+        streamer.is_running(),
+        "the streamer must still be running:\n{}",
+        k.log("streamer")
+    );
 
     // No hole: archived segments of timeline 1 are consecutive.
-    let files: Vec<String> = k.wal_list("c1")?["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
+    let files: Vec<String> = k
+        .archived_files("c1")?
+        .into_iter()
         .filter(|f| f.len() == 24)
         .collect();
-    assert!(files.len() >= 6, "expected the load to cross many segments, got {files:?}");
-    let segnos: Vec<u64> = files.iter().map(|f| u64::from_str_radix(&f[16..], 16).unwrap()).collect();
+    assert!(
+        files.len() >= 6,
+        "expected the load to cross many segments, got {files:?}"
+    );
+    let segnos: Vec<u64> = files
+        .iter()
+        .map(|f| u64::from_str_radix(&f[16..], 16).unwrap())
+        .collect();
     for w in segnos.windows(2) {
         assert_eq!(w[1], w[0] + 1, "hole in the archive between {:?}", w);
     }
@@ -85,8 +119,15 @@ fn wal_stream_matches_pg_receivewal_through_crashes_and_replays() -> anyhow::Res
         }
         let dest = out.path().join(f);
         let o = k.wal_get("c1", f, &dest, &["--prefetch", "0"])?;
-        assert!(o.status.success(), "wal-get {f}: {}", String::from_utf8_lossy(&o.stderr));
-        assert!(std::fs::read(&dest)? == std::fs::read(&theirs)?, "segment {f} differs from pg_receivewal's");
+        assert!(
+            o.status.success(),
+            "wal-get {f}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            std::fs::read(&dest)? == std::fs::read(&theirs)?,
+            "segment {f} differs from pg_receivewal's"
+        );
         compared += 1;
     }
     assert!(compared >= 5, "only {compared} segments compared");
@@ -107,12 +148,17 @@ fn wal_stream_matches_pg_receivewal_through_crashes_and_replays() -> anyhow::Res
 #[test]
 fn synchronous_commit_survives_server_kill9() -> anyhow::Result<()> {
     let pg = PgCluster::start(
-        PgOptions::default().with_conf("synchronous_standby_names = 'klio'").with_conf("synchronous_commit = on"),
+        PgOptions::default()
+            .with_conf("synchronous_standby_names = 'klio'")
+            .with_conf("synchronous_commit = on"),
     )?;
     let mut k = Klio::start(&["sync1"])?;
     let _streamer = k.spawn_streamer("sync1", &pg, "streamer", &[])?;
     pg.psql("CREATE TABLE t (i int)")?;
-    let iterations: u32 = std::env::var("KLIO_SYNC_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let iterations: u32 = std::env::var("KLIO_SYNC_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     for i in 0..iterations {
         let out = pg.psql(&format!(
             "INSERT INTO t VALUES ({i}); SELECT flush_lsn FROM pg_stat_replication WHERE application_name = 'klio'"
@@ -121,7 +167,10 @@ fn synchronous_commit_survives_server_kill9() -> anyhow::Result<()> {
         k.kill_server()?;
         k.start_server()?;
         let (_, end) = k.archived_end("sync1")?.expect("archive has WAL");
-        assert!(end >= reported, "iteration {i}: Klio reported {reported} flushed but the archive ends at {end}");
+        assert!(
+            end >= reported,
+            "iteration {i}: Klio reported {reported} flushed but the archive ends at {end}"
+        );
     }
     let rows = pg.psql("SELECT count(*) FROM t")?;
     assert_eq!(rows, iterations.to_string());

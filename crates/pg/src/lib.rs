@@ -34,7 +34,7 @@ impl Lsn {
     pub const INVALID: Lsn = Lsn(0);
 
     /// The LSN advanced by `bytes`.
-    pub fn add(self, bytes: u64) -> Lsn {
+    pub fn plus(self, bytes: u64) -> Lsn {
         Lsn(self.0 + bytes)
     }
 
@@ -128,17 +128,33 @@ impl SegmentNo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WalFileName {
     /// `TTTTTTTTXXXXXXXXYYYYYYYY`
-    Segment { timeline: TimeLineId, segno: SegmentNo, size: SegmentSize },
+    Segment {
+        timeline: TimeLineId,
+        segno: SegmentNo,
+        size: SegmentSize,
+    },
     /// `TTTTTTTTXXXXXXXXYYYYYYYY.partial`: the last, incomplete segment of a timeline.
-    Partial { timeline: TimeLineId, segno: SegmentNo, size: SegmentSize },
+    Partial {
+        timeline: TimeLineId,
+        segno: SegmentNo,
+        size: SegmentSize,
+    },
     /// `TTTTTTTT.history`
     History { timeline: TimeLineId },
     /// `TTTTTTTTXXXXXXXXYYYYYYYY.OOOOOOOO.backup`
-    Backup { timeline: TimeLineId, segno: SegmentNo, offset: u32, size: SegmentSize },
+    Backup {
+        timeline: TimeLineId,
+        segno: SegmentNo,
+        offset: u32,
+        size: SegmentSize,
+    },
 }
 
 fn hex8(s: &str) -> Option<u32> {
-    if s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()) {
+    if s.len() == 8
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+    {
         u32::from_str_radix(s, 16).ok()
     } else {
         None
@@ -147,7 +163,11 @@ fn hex8(s: &str) -> Option<u32> {
 
 impl WalFileName {
     pub fn segment(timeline: TimeLineId, segno: SegmentNo, size: SegmentSize) -> WalFileName {
-        WalFileName::Segment { timeline, segno, size }
+        WalFileName::Segment {
+            timeline,
+            segno,
+            size,
+        }
     }
 
     /// Parses an archive file name; segment names need the segment size to be interpreted.
@@ -172,11 +192,27 @@ impl WalFileName {
         }
         let segno = SegmentNo(log * size.segments_per_xlogid() + seg);
         match suffix {
-            None => Ok(WalFileName::Segment { timeline, segno, size }),
-            Some("partial") => Ok(WalFileName::Partial { timeline, segno, size }),
+            None => Ok(WalFileName::Segment {
+                timeline,
+                segno,
+                size,
+            }),
+            Some("partial") => Ok(WalFileName::Partial {
+                timeline,
+                segno,
+                size,
+            }),
             Some(rest) => {
-                let off = rest.strip_suffix(".backup").and_then(hex8).ok_or_else(bad)?;
-                Ok(WalFileName::Backup { timeline, segno, offset: off, size })
+                let off = rest
+                    .strip_suffix(".backup")
+                    .and_then(hex8)
+                    .ok_or_else(bad)?;
+                Ok(WalFileName::Backup {
+                    timeline,
+                    segno,
+                    offset: off,
+                    size,
+                })
             }
         }
     }
@@ -201,7 +237,12 @@ impl WalFileName {
     }
 }
 
-fn fmt_segment(f: &mut fmt::Formatter<'_>, tli: TimeLineId, segno: SegmentNo, size: SegmentSize) -> fmt::Result {
+fn fmt_segment(
+    f: &mut fmt::Formatter<'_>,
+    tli: TimeLineId,
+    segno: SegmentNo,
+    size: SegmentSize,
+) -> fmt::Result {
     let per = size.segments_per_xlogid();
     write!(f, "{:08X}{:08X}{:08X}", tli.0, segno.0 / per, segno.0 % per)
 }
@@ -209,13 +250,26 @@ fn fmt_segment(f: &mut fmt::Formatter<'_>, tli: TimeLineId, segno: SegmentNo, si
 impl fmt::Display for WalFileName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            WalFileName::Segment { timeline, segno, size } => fmt_segment(f, timeline, segno, size),
-            WalFileName::Partial { timeline, segno, size } => {
+            WalFileName::Segment {
+                timeline,
+                segno,
+                size,
+            } => fmt_segment(f, timeline, segno, size),
+            WalFileName::Partial {
+                timeline,
+                segno,
+                size,
+            } => {
                 fmt_segment(f, timeline, segno, size)?;
                 f.write_str(".partial")
             }
             WalFileName::History { timeline } => write!(f, "{:08X}.history", timeline.0),
-            WalFileName::Backup { timeline, segno, offset, size } => {
+            WalFileName::Backup {
+                timeline,
+                segno,
+                offset,
+                size,
+            } => {
                 fmt_segment(f, timeline, segno, size)?;
                 write!(f, ".{offset:08X}.backup")
             }
@@ -245,19 +299,29 @@ impl TimelineHistory {
             if trimmed.is_empty() || trimmed.starts_with('#') {
                 continue;
             }
-            let bad = || Error::InvalidHistory { line: i + 1, text: line.to_string() };
+            let bad = || Error::InvalidHistory {
+                line: i + 1,
+                text: line.to_string(),
+            };
             let mut parts = trimmed.splitn(3, char::is_whitespace);
             let tli: u32 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
             let lsn: Lsn = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
             let reason = parts.next().unwrap_or("").trim().to_string();
-            entries.push(HistoryEntry { parent: TimeLineId(tli), switchpoint: lsn, reason });
+            entries.push(HistoryEntry {
+                parent: TimeLineId(tli),
+                switchpoint: lsn,
+                reason,
+            });
         }
         Ok(TimelineHistory { entries })
     }
 
     /// Where `timeline` ended according to this history (None if it is not an ancestor here).
     pub fn switchpoint_of(&self, timeline: TimeLineId) -> Option<Lsn> {
-        self.entries.iter().find(|e| e.parent == timeline).map(|e| e.switchpoint)
+        self.entries
+            .iter()
+            .find(|e| e.parent == timeline)
+            .map(|e| e.switchpoint)
     }
 }
 
@@ -281,8 +345,14 @@ mod tests {
         let lsn: Lsn = "1/2A000028".parse().unwrap();
         let name = WalFileName::segment(TimeLineId(3), lsn.segment_no(size), size);
         assert_eq!(name.to_string(), "00000003000000010000002A");
-        assert_eq!(WalFileName::parse("00000003000000010000002A", size).unwrap(), name);
-        assert_eq!(name.segno().unwrap().start_lsn(size), "1/2A000000".parse().unwrap());
+        assert_eq!(
+            WalFileName::parse("00000003000000010000002A", size).unwrap(),
+            name
+        );
+        assert_eq!(
+            name.segno().unwrap().start_lsn(size),
+            "1/2A000000".parse().unwrap()
+        );
     }
 
     #[test]
@@ -301,21 +371,37 @@ mod tests {
             WalFileName::Partial { .. }
         ));
         let h = WalFileName::parse("0000000A.history", size).unwrap();
-        assert_eq!(h, WalFileName::History { timeline: TimeLineId(10) });
+        assert_eq!(
+            h,
+            WalFileName::History {
+                timeline: TimeLineId(10)
+            }
+        );
         assert_eq!(h.to_string(), "0000000A.history");
         let b = WalFileName::parse("000000010000000000000002.00000028.backup", size).unwrap();
         assert_eq!(b.to_string(), "000000010000000000000002.00000028.backup");
-        for bad in ["", "0000000100000000000000", "00000001000000000000000g", "../etc/passwd", "0000000a.history"] {
+        for bad in [
+            "",
+            "0000000100000000000000",
+            "00000001000000000000000g",
+            "../etc/passwd",
+            "0000000a.history",
+        ] {
             assert!(WalFileName::parse(bad, size).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn history_parse_finds_switchpoints() {
-        let h = TimelineHistory::parse("1\t0/3000158\tno recovery target specified\n\n2\t0/5000000\tbefore 2000-01-01\n")
-            .unwrap();
+        let h = TimelineHistory::parse(
+            "1\t0/3000158\tno recovery target specified\n\n2\t0/5000000\tbefore 2000-01-01\n",
+        )
+        .unwrap();
         assert_eq!(h.entries.len(), 2);
-        assert_eq!(h.switchpoint_of(TimeLineId(1)), Some("0/3000158".parse().unwrap()));
+        assert_eq!(
+            h.switchpoint_of(TimeLineId(1)),
+            Some("0/3000158".parse().unwrap())
+        );
         assert_eq!(h.switchpoint_of(TimeLineId(3)), None);
         assert!(TimelineHistory::parse("x 0/0 bad").is_err());
     }

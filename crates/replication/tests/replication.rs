@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -10,7 +11,7 @@ use klio_pg::{Lsn, SegmentSize, TimeLineId, TimelineHistory, WalFileName};
 use klio_replication::{
     Error, Host, ReplicationConfig, ReplicationConnection, ReplicationStream, StreamMessage,
 };
-use klio_test_support::{Auth, PgCluster, PgOptions, free_port, wait_until_async};
+use klio_test_support::{Auth, ChildGuard, PgCluster, PgOptions, free_port, wait_until_async};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -103,7 +104,7 @@ fn assert_matches_pg_wal(
     for (start, data) in chunks {
         let mut offset = 0usize;
         while offset < data.len() {
-            let lsn = start.add(offset as u64);
+            let lsn = start.plus(offset as u64);
             let segno = lsn.segment_no(size);
             let name = WalFileName::segment(TimeLineId(1), segno, size).to_string();
             let file = match files.entry(segno.0) {
@@ -136,22 +137,40 @@ async fn stream_segment_and_confirm(auth: Auth) -> anyhow::Result<()> {
         .context("restart_lsn")?;
     let size = conn.wal_segment_size().await?;
     let start = restart.segment_start(size);
-    let segment_end = start.add(size.bytes());
+    let segment_end = start.plus(size.bytes());
     let mut stream = conn
         .start_physical(Some("stream_slot"), start, TimeLineId(1))
         .await?;
 
-    pg.psql(
-        "CREATE TABLE t AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 20000) g; \
-         SELECT pg_switch_wal();",
-    )?;
+    // Generate WAL while receiving, so that reads wait for the network.
+    let mut generate = pg.client_command("psql");
+    generate.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &pg.socket_dsn()]);
+    for i in 0..10 {
+        generate.args(["-c", &format!("CREATE TABLE t{i} AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 5000) g")]);
+    }
+    generate.args(["-c", "SELECT pg_switch_wal()"]);
+    let mut generate = ChildGuard::spawn(generate.stdout(Stdio::null()))?;
     let active = pg.psql("SELECT application_name FROM pg_stat_replication")?;
     assert_eq!(active, "klio-test");
 
     let mut chunks = Vec::new();
     let mut next_lsn = start;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut cancelled = 0u32;
     while next_lsn < segment_end {
-        let mut batch = vec![next(&mut stream).await?];
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "segment not received in time"
+        );
+        // Race a short timer so that reads are often cancelled midway: no byte may be lost.
+        let first = tokio::select! {
+            message = stream.next_message() => message?,
+            () = tokio::time::sleep(Duration::from_micros(200)) => {
+                cancelled += 1;
+                continue;
+            }
+        };
+        let mut batch = vec![first];
         while let Some(message) = stream.try_next_buffered()? {
             batch.push(message);
         }
@@ -167,7 +186,7 @@ async fn stream_segment_and_confirm(auth: Auth) -> anyhow::Result<()> {
                         "XLogData at {start}, expected {next_lsn}"
                     );
                     ensure!(wal_end >= start, "wal_end {wal_end} before {start}");
-                    next_lsn = start.add(data.len() as u64);
+                    next_lsn = start.plus(data.len() as u64);
                     chunks.push((start, data));
                 }
                 StreamMessage::Keepalive { .. } => {}
@@ -175,7 +194,12 @@ async fn stream_segment_and_confirm(auth: Auth) -> anyhow::Result<()> {
             }
         }
     }
+    ensure!(generate.wait()?.success(), "psql generating WAL failed");
     assert_matches_pg_wal(&pg, size, &chunks)?;
+    eprintln!(
+        "received {} chunks, {cancelled} reads cancelled",
+        chunks.len()
+    );
 
     // Confirming the segment moves the slot.
     stream
@@ -303,7 +327,7 @@ async fn start_physical_from_removed_wal_is_wal_removed() -> anyhow::Result<()> 
 async fn read_to_end(stream: &mut ReplicationStream, mut end: Lsn) -> anyhow::Result<Lsn> {
     loop {
         match next(stream).await? {
-            StreamMessage::XLogData { start, data, .. } => end = start.add(data.len() as u64),
+            StreamMessage::XLogData { start, data, .. } => end = start.plus(data.len() as u64),
             StreamMessage::Keepalive {
                 wal_end,
                 reply_requested,
@@ -348,7 +372,7 @@ async fn promoted_standby_ends_timeline_1_and_names_timeline_2() -> anyhow::Resu
     let received = match next(&mut during).await? {
         StreamMessage::XLogData { start, data, .. } => {
             assert_eq!(start, from);
-            start.add(data.len() as u64)
+            start.plus(data.len() as u64)
         }
         other => bail!("expected XLogData, got {other:?}"),
     };

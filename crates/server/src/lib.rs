@@ -17,7 +17,7 @@ use klio_wal_store::WalStore;
 use tokio_util::sync::CancellationToken;
 
 pub use status::store_status;
-pub use wal_service::{WalService, MAX_MESSAGE};
+pub use wal_service::{MAX_MESSAGE, WalService};
 
 /// Validated server settings.
 #[derive(Clone, Debug)]
@@ -41,7 +41,9 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("create data directory \"{}\"", cfg.data_dir.display()))?;
     let passphrase = Passphrase::from_file(&cfg.encryption_key_file)?;
     let key_path = cfg.data_dir.join("keys.json");
-    let master = tokio::task::spawn_blocking(move || KeyEnvelope::load_or_create(&key_path, &passphrase)).await??;
+    let master =
+        tokio::task::spawn_blocking(move || KeyEnvelope::load_or_create(&key_path, &passphrase))
+            .await??;
     let store = WalStore::open(&cfg.data_dir.join("wal"), master, cfg.wal_compression_level)?;
     let tls = klio_tls::load_server_config(&cfg.tls_cert, &cfg.tls_key, &cfg.client_ca)?;
 
@@ -51,7 +53,9 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
     tracing::info!(address = %listener.local_addr()?, data_dir = %cfg.data_dir.display(), "WAL service listening");
 
     let wal = WalService::new(store, shutdown.clone());
-    let svc = WalServer::new(wal).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let svc = WalServer::new(wal)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
     let incoming = klio_tls::tls_incoming(listener, tls);
     tonic::transport::Server::builder()
         .initial_stream_window_size(8 << 20)

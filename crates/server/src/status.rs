@@ -17,7 +17,9 @@ pub fn store_status(e: Error) -> Status {
         | Error::TimelineEnded { .. } => Status::failed_precondition(msg),
         Error::Conflict { .. } => Status::already_exists(msg),
         Error::Crypto(klio_crypto::Error::Corrupt { .. }) => Status::data_loss(msg),
-        Error::Io { source, .. } if source.raw_os_error() == Some(libc_enospc()) => Status::resource_exhausted(msg),
+        Error::Io { source, .. } if source.raw_os_error() == Some(libc_enospc()) => {
+            Status::resource_exhausted(msg)
+        }
         Error::Crypto(_) | Error::Io { .. } | Error::SealFailed(_) => Status::internal(msg),
     }
 }

@@ -40,7 +40,11 @@ pub struct WalService {
 
 impl WalService {
     pub fn new(store: WalStore, shutdown: CancellationToken) -> WalService {
-        WalService { store, slots: Arc::default(), shutdown }
+        WalService {
+            store,
+            slots: Arc::default(),
+            shutdown,
+        }
     }
 
     /// Authorizes the caller for `cluster` and returns its archive.
@@ -57,7 +61,10 @@ impl WalService {
         let token = self.shutdown.child_token();
         let slot = slots
             .entry(cluster.to_string())
-            .or_insert_with(|| ClusterSlot { lock: Arc::default(), current: CancellationToken::new() });
+            .or_insert_with(|| ClusterSlot {
+                lock: Arc::default(),
+                current: CancellationToken::new(),
+            });
         slot.current.cancel();
         slot.current = token.clone();
         (slot.lock.clone(), token)
@@ -73,10 +80,14 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl Wal for WalService {
-    async fn hello(&self, req: Request<pb::HelloRequest>) -> Result<Response<pb::HelloResponse>, Status> {
+    async fn hello(
+        &self,
+        req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloResponse>, Status> {
         let cluster = self.cluster_for(&req, &req.get_ref().cluster)?;
         let r = req.into_inner();
-        let size = SegmentSize::new(r.segment_size).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let size = SegmentSize::new(r.segment_size)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let status = tokio::task::spawn_blocking(move || {
             cluster.register(r.system_id, size)?;
             cluster.status()
@@ -85,21 +96,33 @@ impl Wal for WalService {
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(store_status)?;
         Ok(Response::new(match status.latest {
-            Some((tli, end)) => {
-                pb::HelloResponse { has_wal: true, timeline: tli.0, end_lsn: end.0, timeline_closed: status.latest_closed }
-            }
+            Some((tli, end)) => pb::HelloResponse {
+                has_wal: true,
+                timeline: tli.0,
+                end_lsn: end.0,
+                timeline_closed: status.latest_closed,
+            },
             None => pb::HelloResponse::default(),
         }))
     }
 
     type StreamStream = BoxStream<pb::StreamResponse>;
 
-    async fn stream(&self, req: Request<Streaming<pb::StreamRequest>>) -> Result<Response<Self::StreamStream>, Status> {
+    async fn stream(
+        &self,
+        req: Request<Streaming<pb::StreamRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
         let principal = klio_tls::principal_of(&req)?;
         let mut incoming = req.into_inner();
         let open = match incoming.message().await? {
-            Some(pb::StreamRequest { msg: Some(pb::stream_request::Msg::Open(o)) }) => o,
-            _ => return Err(Status::invalid_argument("the first message of a WAL stream must be StreamOpen")),
+            Some(pb::StreamRequest {
+                msg: Some(pb::stream_request::Msg::Open(o)),
+            }) => o,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a WAL stream must be StreamOpen",
+                ));
+            }
         };
         klio_tls::authorize_cluster(&principal, &open.cluster)?;
         let cluster = self.store.cluster(&open.cluster).map_err(store_status)?;
@@ -126,7 +149,9 @@ impl Wal for WalService {
         tracing::info!(cluster = %name, %timeline, %start, "WAL stream opened");
 
         let writer_token = token.clone();
-        tokio::task::spawn_blocking(move || run_writer(cluster, timeline, start, lock, writer_token, cmd_rx, ack_tx));
+        tokio::task::spawn_blocking(move || {
+            run_writer(cluster, timeline, start, lock, writer_token, cmd_rx, ack_tx)
+        });
 
         tokio::spawn(async move {
             loop {
@@ -135,12 +160,12 @@ impl Wal for WalService {
                     m = incoming.message() => m,
                 };
                 let cmd = match msg {
-                    Ok(Some(pb::StreamRequest { msg: Some(pb::stream_request::Msg::Data(d)) })) => {
-                        Cmd::Data(Lsn(d.start_lsn), d.data)
-                    }
-                    Ok(Some(pb::StreamRequest { msg: Some(pb::stream_request::Msg::EndTimeline(e)) })) => {
-                        Cmd::EndTimeline(Lsn(e.end_lsn))
-                    }
+                    Ok(Some(pb::StreamRequest {
+                        msg: Some(pb::stream_request::Msg::Data(d)),
+                    })) => Cmd::Data(Lsn(d.start_lsn), d.data),
+                    Ok(Some(pb::StreamRequest {
+                        msg: Some(pb::stream_request::Msg::EndTimeline(e)),
+                    })) => Cmd::EndTimeline(Lsn(e.end_lsn)),
                     Ok(Some(_)) => {
                         tracing::warn!(cluster = %name, "unexpected message in WAL stream");
                         break;
@@ -159,7 +184,10 @@ impl Wal for WalService {
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
     }
 
-    async fn put_file(&self, req: Request<pb::PutFileRequest>) -> Result<Response<pb::PutFileResponse>, Status> {
+    async fn put_file(
+        &self,
+        req: Request<pb::PutFileRequest>,
+    ) -> Result<Response<pb::PutFileResponse>, Status> {
         let cluster = self.cluster_for(&req, &req.get_ref().cluster)?;
         let r = req.into_inner();
         let created = tokio::task::spawn_blocking(move || cluster.put_file(&r.name, &r.content))
@@ -177,14 +205,20 @@ impl Wal for WalService {
         let name = r.name.clone();
         let found = tokio::task::spawn_blocking(move || {
             let meta = cluster.require_meta()?;
-            cluster.read(&r.name, r.allow_partial).map(|d| (d, meta.segment_size))
+            cluster
+                .read(&r.name, r.allow_partial)
+                .map(|d| (d, meta.segment_size))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(store_status)?;
         let (data, segment_size) = match found {
             (Some(d), s) => (d, s),
-            (None, _) => return Err(Status::not_found(format!("WAL file \"{name}\" is not in the archive"))),
+            (None, _) => {
+                return Err(Status::not_found(format!(
+                    "WAL file \"{name}\" is not in the archive"
+                )));
+            }
         };
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -194,12 +228,29 @@ impl Wal for WalService {
                 partial: data.partial,
                 segment_size,
             };
-            if tx.send(Ok(pb::GetResponse { msg: Some(pb::get_response::Msg::Header(header)) })).await.is_err() {
+            if tx
+                .send(Ok(pb::GetResponse {
+                    msg: Some(pb::get_response::Msg::Header(header)),
+                }))
+                .await
+                .is_err()
+            {
                 return;
             }
             for f in data.frames {
-                let chunk = pb::GetChunk { offset: f.offset, plain_len: f.plain_len, zstd: f.compressed, payload: f.payload };
-                if tx.send(Ok(pb::GetResponse { msg: Some(pb::get_response::Msg::Chunk(chunk)) })).await.is_err() {
+                let chunk = pb::GetChunk {
+                    offset: f.offset,
+                    plain_len: f.plain_len,
+                    zstd: f.compressed,
+                    payload: f.payload,
+                };
+                if tx
+                    .send(Ok(pb::GetResponse {
+                        msg: Some(pb::get_response::Msg::Chunk(chunk)),
+                    }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -207,22 +258,27 @@ impl Wal for WalService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
         let cluster = self.cluster_for(&req, &req.get_ref().cluster)?;
-        let resp = tokio::task::spawn_blocking(move || -> Result<pb::ListResponse, klio_wal_store::Error> {
-            let meta = cluster.require_meta()?;
-            let status = cluster.status()?;
-            let files = cluster.list_files()?;
-            let (tli, end) = status.latest.map(|(t, e)| (t.0, e.0)).unwrap_or((0, 0));
-            Ok(pb::ListResponse {
-                system_id: meta.system_id,
-                segment_size: meta.segment_size,
-                has_wal: status.latest.is_some(),
-                timeline: tli,
-                end_lsn: end,
-                files,
-            })
-        })
+        let resp = tokio::task::spawn_blocking(
+            move || -> Result<pb::ListResponse, klio_wal_store::Error> {
+                let meta = cluster.require_meta()?;
+                let status = cluster.status()?;
+                let files = cluster.list_files()?;
+                let (tli, end) = status.latest.map(|(t, e)| (t.0, e.0)).unwrap_or((0, 0));
+                Ok(pb::ListResponse {
+                    system_id: meta.system_id,
+                    segment_size: meta.segment_size,
+                    has_wal: status.latest.is_some(),
+                    timeline: tli,
+                    end_lsn: end,
+                    files,
+                })
+            },
+        )
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(store_status)?;
@@ -253,15 +309,25 @@ fn run_writer(
         Err(e) => return fail(e),
     };
     // The first acknowledgement tells the client where the archive really ends.
-    let ack = |flush: Lsn, closed: bool| pb::StreamResponse { flush_lsn: flush.0, timeline: timeline.0, timeline_closed: closed };
-    if ack_tx.blocking_send(Ok(ack(writer.durable(), false))).is_err() {
+    let ack = |flush: Lsn, closed: bool| pb::StreamResponse {
+        flush_lsn: flush.0,
+        timeline: timeline.0,
+        timeline_closed: closed,
+    };
+    if ack_tx
+        .blocking_send(Ok(ack(writer.durable(), false)))
+        .is_err()
+    {
         return;
     }
     while let Some(first) = cmd_rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             if token.is_cancelled() {
-                tracing::info!(cluster = cluster.name(), "WAL stream preempted by a newer stream");
+                tracing::info!(
+                    cluster = cluster.name(),
+                    "WAL stream preempted by a newer stream"
+                );
                 return;
             }
             match cmd {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use klio_pg::{SegmentNo, SegmentSize, TimeLineId, WalFileName};
 
-use crate::{io_err, Error};
+use crate::{Error, io_err};
 
 pub const META_FILE: &str = "cluster.json";
 const OPEN_SUFFIX: &str = ".open";
@@ -30,7 +30,11 @@ pub fn validate_cluster_name(name: &str) -> Result<(), Error> {
         && b.iter().all(ok_char)
         && b.first().is_some_and(alnum)
         && b.last().is_some_and(alnum);
-    if valid { Ok(()) } else { Err(Error::InvalidClusterName(name.to_string())) }
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidClusterName(name.to_string()))
+    }
 }
 
 pub fn timeline_dir(dir: &Path, tli: TimeLineId) -> PathBuf {
@@ -42,7 +46,14 @@ pub fn segment_path(dir: &Path, tli: TimeLineId, segno: SegmentNo, size: Segment
 }
 
 pub fn partial_path(dir: &Path, tli: TimeLineId, segno: SegmentNo, size: SegmentSize) -> PathBuf {
-    timeline_dir(dir, tli).join(WalFileName::Partial { timeline: tli, segno, size }.to_string())
+    timeline_dir(dir, tli).join(
+        WalFileName::Partial {
+            timeline: tli,
+            segno,
+            size,
+        }
+        .to_string(),
+    )
 }
 
 pub fn open_file_name(tli: TimeLineId, segno: SegmentNo, size: SegmentSize) -> String {
@@ -72,10 +83,13 @@ pub fn timelines(dir: &Path) -> Result<Vec<TimeLineId>, Error> {
     for e in rd.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.len() == 8 && name.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()) {
-            if let Ok(v) = u32::from_str_radix(&name, 16) {
-                out.push(TimeLineId(v));
-            }
+        if name.len() == 8
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+            && let Ok(v) = u32::from_str_radix(&name, 16)
+        {
+            out.push(TimeLineId(v));
         }
     }
     out.sort();
@@ -90,7 +104,11 @@ pub struct TimelineScan {
     pub open: Vec<SegmentNo>,
 }
 
-pub fn scan_timeline(dir: &Path, tli: TimeLineId, size: SegmentSize) -> Result<TimelineScan, Error> {
+pub fn scan_timeline(
+    dir: &Path,
+    tli: TimeLineId,
+    size: SegmentSize,
+) -> Result<TimelineScan, Error> {
     let tdir = timeline_dir(dir, tli);
     let mut scan = TimelineScan::default();
     let rd = match fs::read_dir(&tdir) {
@@ -104,16 +122,22 @@ pub fn scan_timeline(dir: &Path, tli: TimeLineId, size: SegmentSize) -> Result<T
             continue;
         }
         if let Some(base) = name.strip_suffix(OPEN_SUFFIX) {
-            if let Ok(WalFileName::Segment { timeline, segno, .. }) = WalFileName::parse(base, size) {
-                if timeline == tli {
-                    scan.open.push(segno);
-                }
+            if let Ok(WalFileName::Segment {
+                timeline, segno, ..
+            }) = WalFileName::parse(base, size)
+                && timeline == tli
+            {
+                scan.open.push(segno);
             }
             continue;
         }
         match WalFileName::parse(&name, size) {
-            Ok(WalFileName::Segment { timeline, segno, .. }) if timeline == tli => scan.complete.push(segno),
-            Ok(WalFileName::Partial { timeline, segno, .. }) if timeline == tli => scan.partials.push(segno),
+            Ok(WalFileName::Segment {
+                timeline, segno, ..
+            }) if timeline == tli => scan.complete.push(segno),
+            Ok(WalFileName::Partial {
+                timeline, segno, ..
+            }) if timeline == tli => scan.partials.push(segno),
             _ => {}
         }
     }

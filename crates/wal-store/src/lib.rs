@@ -17,7 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use klio_crypto::{open_object, FrameCipher, MasterKey, ObjectHeader, ObjectKind, OpenedFrame};
+use klio_crypto::{FrameCipher, MasterKey, ObjectHeader, ObjectKind, OpenedFrame, open_object};
 use klio_pg::{Lsn, SegmentNo, SegmentSize, TimeLineId, WalFileName};
 use serde::{Deserialize, Serialize};
 
@@ -27,35 +27,87 @@ pub use writer::{SealQueue, WalWriter};
 /// Errors of the WAL store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid cluster name \"{0}\"\nHINT: cluster names use lowercase letters, digits, '-' and '.', at most 63 characters")]
+    #[error(
+        "invalid cluster name \"{0}\"\nHINT: cluster names use lowercase letters, digits, '-' and '.', at most 63 characters"
+    )]
     InvalidClusterName(String),
-    #[error("cluster \"{cluster}\" belongs to database system {stored}, but the client streams from database system {offered}\nHINT: another PostgreSQL database is using the same cluster name; give it its own cluster name")]
-    SystemIdMismatch { cluster: String, stored: u64, offered: u64 },
-    #[error("cluster \"{cluster}\" uses WAL segments of {stored} bytes, but the client reports {offered}")]
-    SegmentSizeMismatch { cluster: String, stored: u64, offered: u64 },
-    #[error("unknown cluster \"{0}\"\nHINT: the cluster has never streamed WAL to this server; check the cluster name")]
+    #[error(
+        "cluster \"{cluster}\" belongs to database system {stored}, but the client streams from database system {offered}\nHINT: another PostgreSQL database is using the same cluster name; give it its own cluster name"
+    )]
+    SystemIdMismatch {
+        cluster: String,
+        stored: u64,
+        offered: u64,
+    },
+    #[error(
+        "cluster \"{cluster}\" uses WAL segments of {stored} bytes, but the client reports {offered}"
+    )]
+    SegmentSizeMismatch {
+        cluster: String,
+        stored: u64,
+        offered: u64,
+    },
+    #[error(
+        "unknown cluster \"{0}\"\nHINT: the cluster has never streamed WAL to this server; check the cluster name"
+    )]
     UnknownCluster(String),
-    #[error("WAL for cluster \"{cluster}\" would leave a gap: the archive of timeline {timeline} ends at {end}, but the stream starts at {start}")]
-    Gap { cluster: String, timeline: TimeLineId, end: Lsn, start: Lsn },
-    #[error("stream for cluster \"{cluster}\" on timeline {timeline} must start at a segment boundary, not at {start}")]
-    NotSegmentStart { cluster: String, timeline: TimeLineId, start: Lsn },
+    #[error(
+        "WAL for cluster \"{cluster}\" would leave a gap: the archive of timeline {timeline} ends at {end}, but the stream starts at {start}"
+    )]
+    Gap {
+        cluster: String,
+        timeline: TimeLineId,
+        end: Lsn,
+        start: Lsn,
+    },
+    #[error(
+        "stream for cluster \"{cluster}\" on timeline {timeline} must start at a segment boundary, not at {start}"
+    )]
+    NotSegmentStart {
+        cluster: String,
+        timeline: TimeLineId,
+        start: Lsn,
+    },
     #[error("file \"{name}\" of cluster \"{cluster}\" already exists with different content")]
     Conflict { cluster: String, name: String },
-    #[error("timeline {timeline} of cluster \"{cluster}\" cannot end at {at}: its archive ends at {end}")]
-    BadTimelineEnd { cluster: String, timeline: TimeLineId, at: Lsn, end: Lsn },
+    #[error(
+        "timeline {timeline} of cluster \"{cluster}\" cannot end at {at}: its archive ends at {end}"
+    )]
+    BadTimelineEnd {
+        cluster: String,
+        timeline: TimeLineId,
+        at: Lsn,
+        end: Lsn,
+    },
     #[error("{0}")]
     Crypto(#[from] klio_crypto::Error),
     #[error("could not {action} \"{path}\": {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("timeline {timeline} of cluster \"{cluster}\" has ended (its last segment is archived as .partial) and takes no more WAL")]
-    TimelineEnded { cluster: String, timeline: TimeLineId },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "timeline {timeline} of cluster \"{cluster}\" has ended (its last segment is archived as .partial) and takes no more WAL"
+    )]
+    TimelineEnded {
+        cluster: String,
+        timeline: TimeLineId,
+    },
     #[error("sealing a completed segment failed earlier: {0}")]
     SealFailed(String),
 }
 
-pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
+pub(crate) fn io_err(
+    action: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> Error + use<> {
     let path = path.to_path_buf();
-    move |source| Error::Io { action, path, source }
+    move |source| Error::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// The identity of a cluster, recorded on first contact.
@@ -103,9 +155,17 @@ struct StoreInner {
 impl WalStore {
     /// Opens (creating) the store under `root` with the given zstd level for sealed segments.
     pub fn open(root: &Path, master: MasterKey, level: i32) -> Result<WalStore, Error> {
-        klio_durable::create_dir_all_durable(root).map_err(io_err("create WAL store directory", root))?;
+        klio_durable::create_dir_all_durable(root)
+            .map_err(io_err("create WAL store directory", root))?;
         let sealer = SealQueue::start();
-        Ok(WalStore { inner: Arc::new(StoreInner { root: root.to_path_buf(), master, level, sealer }) })
+        Ok(WalStore {
+            inner: Arc::new(StoreInner {
+                root: root.to_path_buf(),
+                master,
+                level,
+                sealer,
+            }),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -115,13 +175,18 @@ impl WalStore {
     /// One cluster's archive (which may not exist yet).
     pub fn cluster(&self, name: &str) -> Result<ClusterWal, Error> {
         validate_cluster_name(name)?;
-        Ok(ClusterWal { store: self.clone(), name: name.to_string(), dir: self.inner.root.join(name) })
+        Ok(ClusterWal {
+            store: self.clone(),
+            name: name.to_string(),
+            dir: self.inner.root.join(name),
+        })
     }
 
     /// Names of the clusters that have an archive.
     pub fn clusters(&self) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();
-        let rd = fs::read_dir(&self.inner.root).map_err(io_err("list WAL store", &self.inner.root))?;
+        let rd =
+            fs::read_dir(&self.inner.root).map_err(io_err("list WAL store", &self.inner.root))?;
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if validate_cluster_name(&name).is_ok() && e.path().join(layout::META_FILE).exists() {
@@ -169,20 +234,33 @@ impl ClusterWal {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Io { action: "read cluster metadata", path, source: e }),
+            Err(e) => Err(Error::Io {
+                action: "read cluster metadata",
+                path,
+                source: e,
+            }),
         }
     }
 
     /// The recorded identity, or [`Error::UnknownCluster`].
     pub fn require_meta(&self) -> Result<ClusterMeta, Error> {
-        self.meta()?.ok_or_else(|| Error::UnknownCluster(self.name.clone()))
+        self.meta()?
+            .ok_or_else(|| Error::UnknownCluster(self.name.clone()))
     }
 
     /// Records the identity on first contact; afterwards checks that it matches.
-    pub fn register(&self, system_id: u64, segment_size: SegmentSize) -> Result<ClusterMeta, Error> {
+    pub fn register(
+        &self,
+        system_id: u64,
+        segment_size: SegmentSize,
+    ) -> Result<ClusterMeta, Error> {
         if let Some(m) = self.meta()? {
             if m.system_id != system_id {
-                return Err(Error::SystemIdMismatch { cluster: self.name.clone(), stored: m.system_id, offered: system_id });
+                return Err(Error::SystemIdMismatch {
+                    cluster: self.name.clone(),
+                    stored: m.system_id,
+                    offered: system_id,
+                });
             }
             if m.segment_size != segment_size.bytes() {
                 return Err(Error::SegmentSizeMismatch {
@@ -193,15 +271,21 @@ impl ClusterWal {
             }
             return Ok(m);
         }
-        klio_durable::create_dir_all_durable(&self.dir).map_err(io_err("create cluster directory", &self.dir))?;
+        klio_durable::create_dir_all_durable(&self.dir)
+            .map_err(io_err("create cluster directory", &self.dir))?;
         let created_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let meta = ClusterMeta { system_id, segment_size: segment_size.bytes(), created_at };
+        let meta = ClusterMeta {
+            system_id,
+            segment_size: segment_size.bytes(),
+            created_at,
+        };
         let path = self.dir.join(layout::META_FILE);
         let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
-        klio_durable::write_atomic(&path, &json, 0o600).map_err(io_err("write cluster metadata", &path))?;
+        klio_durable::write_atomic(&path, &json, 0o600)
+            .map_err(io_err("write cluster metadata", &path))?;
         Ok(meta)
     }
 
@@ -219,31 +303,43 @@ impl ClusterWal {
         let size = self.segment_size()?;
         for tli in layout::timelines(&self.dir)?.into_iter().rev() {
             if let Some(end) = self.timeline_end(tli, size)? {
-                let closed = !layout::scan_timeline(&self.dir, tli, size)?.partials.is_empty();
-                return Ok(WalStatus { latest: Some((tli, end)), latest_closed: closed });
+                let closed = !layout::scan_timeline(&self.dir, tli, size)?
+                    .partials
+                    .is_empty();
+                return Ok(WalStatus {
+                    latest: Some((tli, end)),
+                    latest_closed: closed,
+                });
             }
         }
         Ok(WalStatus::default())
     }
 
     /// The end of the archive on `timeline`, or None when it holds no WAL there.
-    pub fn timeline_end(&self, timeline: TimeLineId, size: SegmentSize) -> Result<Option<Lsn>, Error> {
+    pub fn timeline_end(
+        &self,
+        timeline: TimeLineId,
+        size: SegmentSize,
+    ) -> Result<Option<Lsn>, Error> {
         let scan = layout::scan_timeline(&self.dir, timeline, size)?;
         let mut end: Option<Lsn> = scan.complete.last().map(|s| s.next().start_lsn(size));
         if let Some(p) = scan.partials.last() {
-            let data = self.read_sealed(&layout::partial_path(&self.dir, timeline, *p, size), &WalFileName::Partial {
-                timeline,
-                segno: *p,
-                size,
-            })?;
-            let e = p.start_lsn(size).add(data.total_len);
+            let data = self.read_sealed(
+                &layout::partial_path(&self.dir, timeline, *p, size),
+                &WalFileName::Partial {
+                    timeline,
+                    segno: *p,
+                    size,
+                },
+            )?;
+            let e = p.start_lsn(size).plus(data.total_len);
             end = Some(end.map_or(e, |x| x.max(e)));
         }
         for segno in scan.open {
             let (frames, _) = self.scan_open_file(timeline, segno, size)?;
             let len: u64 = frames.iter().map(|f| u64::from(f.plain_len)).sum();
             if len > 0 {
-                let e = segno.start_lsn(size).add(len);
+                let e = segno.start_lsn(size).plus(len);
                 end = Some(end.map_or(e, |x| x.max(e)));
             }
         }
@@ -264,7 +360,11 @@ impl ClusterWal {
         }
         let (header, hlen) = ObjectHeader::decode(&bytes, &name)?;
         if header.name != name {
-            return Err(klio_crypto::Error::Corrupt { name, reason: format!("it holds object \"{}\"", header.name) }.into());
+            return Err(klio_crypto::Error::Corrupt {
+                name,
+                reason: format!("it holds object \"{}\"", header.name),
+            }
+            .into());
         }
         let cipher = FrameCipher::new(self.master(), &header);
         let (frames, valid) = cipher.scan_open(&bytes[hlen..])?;
@@ -276,14 +376,28 @@ impl ClusterWal {
         let shown = self.object_name(&name.to_string());
         let (header, hlen) = ObjectHeader::decode(&bytes, &shown)?;
         if header.name != shown {
-            return Err(klio_crypto::Error::Corrupt { name: shown, reason: format!("it holds object \"{}\"", header.name) }.into());
+            return Err(klio_crypto::Error::Corrupt {
+                name: shown,
+                reason: format!("it holds object \"{}\"", header.name),
+            }
+            .into());
         }
         let cipher = FrameCipher::new(self.master(), &header);
         let (frames, summary) = cipher.open_all(&bytes[hlen..])?;
-        Ok(WalFileData { frames, total_len: summary.total_len, blake3: summary.blake3, partial: false })
+        Ok(WalFileData {
+            frames,
+            total_len: summary.total_len,
+            blake3: summary.blake3,
+            partial: false,
+        })
     }
 
-    fn data_from_open(&self, timeline: TimeLineId, segno: SegmentNo, size: SegmentSize) -> Result<WalFileData, Error> {
+    fn data_from_open(
+        &self,
+        timeline: TimeLineId,
+        segno: SegmentNo,
+        size: SegmentSize,
+    ) -> Result<WalFileData, Error> {
         let (frames, _) = self.scan_open_file(timeline, segno, size)?;
         let mut hasher = blake3::Hasher::new();
         let shown = self.object_name(&layout::open_file_name(timeline, segno, size));
@@ -292,7 +406,12 @@ impl ClusterWal {
             hasher.update(&f.plaintext(&shown)?);
             total += u64::from(f.plain_len);
         }
-        Ok(WalFileData { frames, total_len: total, blake3: *hasher.finalize().as_bytes(), partial: total < size.bytes() })
+        Ok(WalFileData {
+            frames,
+            total_len: total,
+            blake3: *hasher.finalize().as_bytes(),
+            partial: total < size.bytes(),
+        })
     }
 
     /// Reads an archived file by its PostgreSQL name. A segment that is not complete in the
@@ -306,7 +425,9 @@ impl ClusterWal {
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
         })?;
         match parsed {
-            WalFileName::Segment { timeline, segno, .. } => {
+            WalFileName::Segment {
+                timeline, segno, ..
+            } => {
                 let p = layout::segment_path(&self.dir, timeline, segno, size);
                 if p.exists() {
                     return self.read_sealed(&p, &parsed).map(Some);
@@ -321,20 +442,34 @@ impl ClusterWal {
                 }
                 let part = layout::partial_path(&self.dir, timeline, segno, size);
                 if allow_partial && part.exists() {
-                    let name = WalFileName::Partial { timeline, segno, size };
+                    let name = WalFileName::Partial {
+                        timeline,
+                        segno,
+                        size,
+                    };
                     let mut d = self.read_sealed(&part, &name)?;
                     d.partial = true;
                     return Ok(Some(d));
                 }
                 Ok(None)
             }
-            WalFileName::Partial { timeline, segno, .. } => {
+            WalFileName::Partial {
+                timeline, segno, ..
+            } => {
                 let p = layout::partial_path(&self.dir, timeline, segno, size);
-                if p.exists() { self.read_sealed(&p, &parsed).map(Some) } else { Ok(None) }
+                if p.exists() {
+                    self.read_sealed(&p, &parsed).map(Some)
+                } else {
+                    Ok(None)
+                }
             }
             WalFileName::History { .. } | WalFileName::Backup { .. } => {
                 let p = layout::other_path(&self.dir, &parsed);
-                if p.exists() { self.read_sealed(&p, &parsed).map(Some) } else { Ok(None) }
+                if p.exists() {
+                    self.read_sealed(&p, &parsed).map(Some)
+                } else {
+                    Ok(None)
+                }
             }
         }
     }
@@ -354,7 +489,10 @@ impl ClusterWal {
                 return Err(Error::Io {
                     action: "store",
                     path: PathBuf::from(name),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "segments are streamed, not put"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "segments are streamed, not put",
+                    ),
                 });
             }
         };
@@ -366,12 +504,22 @@ impl ClusterWal {
             if existing == content {
                 return Ok(false);
             }
-            return Err(Error::Conflict { cluster: self.name.clone(), name: name.to_string() });
+            return Err(Error::Conflict {
+                cluster: self.name.clone(),
+                name: name.to_string(),
+            });
         }
         let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
         klio_durable::create_dir_all_durable(&dir).map_err(io_err("create directory", &dir))?;
-        let sealed = klio_crypto::seal_object(self.master(), kind, &shown, content, Some(self.store.inner.level));
-        klio_durable::write_atomic(&path, &sealed, 0o600).map_err(io_err("write archived file", &path))?;
+        let sealed = klio_crypto::seal_object(
+            self.master(),
+            kind,
+            &shown,
+            content,
+            Some(self.store.inner.level),
+        );
+        klio_durable::write_atomic(&path, &sealed, 0o600)
+            .map_err(io_err("write archived file", &path))?;
         Ok(true)
     }
 
@@ -382,8 +530,19 @@ impl ClusterWal {
         let mut out = Vec::new();
         for tli in layout::timelines(&self.dir)? {
             let scan = layout::scan_timeline(&self.dir, tli, size)?;
-            out.extend(scan.complete.iter().map(|s| WalFileName::segment(tli, *s, size).to_string()));
-            out.extend(scan.partials.iter().map(|s| WalFileName::Partial { timeline: tli, segno: *s, size }.to_string()));
+            out.extend(
+                scan.complete
+                    .iter()
+                    .map(|s| WalFileName::segment(tli, *s, size).to_string()),
+            );
+            out.extend(scan.partials.iter().map(|s| {
+                WalFileName::Partial {
+                    timeline: tli,
+                    segno: *s,
+                    size,
+                }
+                .to_string()
+            }));
         }
         for sub in ["history", "other"] {
             let d = self.dir.join(sub);
@@ -404,7 +563,13 @@ impl ClusterWal {
     /// The caller guarantees that only one writer per cluster exists at a time.
     pub fn writer(&self, timeline: TimeLineId, start: Lsn) -> Result<WalWriter, Error> {
         let size = self.segment_size()?;
-        WalWriter::open(self.clone(), timeline, start, size, self.store.inner.sealer.clone())
+        WalWriter::open(
+            self.clone(),
+            timeline,
+            start,
+            size,
+            self.store.inner.sealer.clone(),
+        )
     }
 
     pub(crate) fn dir(&self) -> &Path {

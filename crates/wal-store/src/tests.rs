@@ -9,11 +9,16 @@ fn store() -> (tempfile::TempDir, WalStore, SegmentSize) {
 }
 
 fn wal_bytes(start: u64, n: usize) -> Vec<u8> {
-    (0..n as u64).map(|i| ((start + i) % 253) as u8 ^ (((start + i) / 8192) % 7) as u8).collect()
+    (0..n as u64)
+        .map(|i| ((start + i) % 253) as u8 ^ (((start + i) / 8192) % 7) as u8)
+        .collect()
 }
 
 fn plaintext(d: &WalFileData) -> Vec<u8> {
-    d.frames.iter().flat_map(|f| f.plaintext("t").unwrap()).collect()
+    d.frames
+        .iter()
+        .flat_map(|f| f.plaintext("t").unwrap())
+        .collect()
 }
 
 #[test]
@@ -27,11 +32,14 @@ fn writer_streams_across_segments_and_reads_back_identical() {
     let total = 2 * MIB as usize + 1000;
     let data = wal_bytes(start.0, total);
     for (i, chunk) in data.chunks(70_000).enumerate() {
-        w.write(start.add((i * 70_000) as u64), chunk).unwrap();
+        w.write(start.plus((i * 70_000) as u64), chunk).unwrap();
     }
-    assert_eq!(w.sync().unwrap(), start.add(total as u64));
+    assert_eq!(w.sync().unwrap(), start.plus(total as u64));
     s.flush_seals().unwrap();
-    assert_eq!(c.status().unwrap().latest, Some((tli, start.add(total as u64))));
+    assert_eq!(
+        c.status().unwrap().latest,
+        Some((tli, start.plus(total as u64)))
+    );
     let seg3 = c.read("000000010000000000000003", false).unwrap().unwrap();
     assert_eq!(plaintext(&seg3), &data[..MIB as usize]);
     assert_eq!(seg3.blake3, *blake3::hash(&data[..MIB as usize]).as_bytes());
@@ -81,8 +89,14 @@ fn torn_tail_of_open_segment_is_dropped_on_reopen() {
     w.write(Lsn(0), &wal_bytes(0, 5000)).unwrap();
     w.sync().unwrap();
     drop(w);
-    let open = c.dir().join("00000001").join("000000010000000000000000.open");
-    let mut f = std::fs::OpenOptions::new().append(true).open(&open).unwrap();
+    let open = c
+        .dir()
+        .join("00000001")
+        .join("000000010000000000000000.open");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&open)
+        .unwrap();
     std::io::Write::write_all(&mut f, &[0, 0, 1, 0, 0, 9, 9]).unwrap();
     drop(f);
     let mut w = c.writer(tli, Lsn(5000)).unwrap();
@@ -98,12 +112,18 @@ fn first_write_must_start_at_segment_boundary_and_gaps_are_refused() {
     let (_d, s, size) = store();
     let c = s.cluster("c1").unwrap();
     c.register(1, size).unwrap();
-    assert!(matches!(c.writer(TimeLineId(1), Lsn(100)), Err(Error::NotSegmentStart { .. })));
+    assert!(matches!(
+        c.writer(TimeLineId(1), Lsn(100)),
+        Err(Error::NotSegmentStart { .. })
+    ));
     let mut w = c.writer(TimeLineId(1), Lsn(MIB)).unwrap();
     w.write(Lsn(MIB), b"abc").unwrap();
     w.sync().unwrap();
     drop(w);
-    assert!(matches!(c.writer(TimeLineId(1), Lsn(MIB + 10)), Err(Error::Gap { .. })));
+    assert!(matches!(
+        c.writer(TimeLineId(1), Lsn(MIB + 10)),
+        Err(Error::Gap { .. })
+    ));
 }
 
 #[test]
@@ -115,16 +135,30 @@ fn end_timeline_archives_partial_and_refuses_more() {
     let data = wal_bytes(0, 12345);
     w.write(Lsn(0), &data).unwrap();
     w.end_timeline(Lsn(12345)).unwrap();
-    let p = c.read("000000010000000000000000.partial", false).unwrap().unwrap();
+    let p = c
+        .read("000000010000000000000000.partial", false)
+        .unwrap()
+        .unwrap();
     assert_eq!(plaintext(&p), data);
     assert!(c.read("000000010000000000000000", false).unwrap().is_none());
-    assert!(c.read("000000010000000000000000", true).unwrap().unwrap().partial);
-    assert!(matches!(c.writer(TimeLineId(1), Lsn(12345)), Err(Error::TimelineEnded { .. })));
+    assert!(
+        c.read("000000010000000000000000", true)
+            .unwrap()
+            .unwrap()
+            .partial
+    );
+    assert!(matches!(
+        c.writer(TimeLineId(1), Lsn(12345)),
+        Err(Error::TimelineEnded { .. })
+    ));
     // the next timeline starts fresh at the segment start
     let mut w2 = c.writer(TimeLineId(2), Lsn(0)).unwrap();
     w2.write(Lsn(0), &data).unwrap();
     w2.sync().unwrap();
-    assert_eq!(c.status().unwrap().latest, Some((TimeLineId(2), Lsn(12345))));
+    assert_eq!(
+        c.status().unwrap().latest,
+        Some((TimeLineId(2), Lsn(12345)))
+    );
 }
 
 #[test]
@@ -135,7 +169,10 @@ fn register_refuses_another_database_system() {
     c.register(7, size).unwrap();
     let err = c.register(8, size).unwrap_err();
     assert!(err.to_string().contains("database system 7"), "{err}");
-    assert!(matches!(s.cluster("nope").unwrap().status(), Err(Error::UnknownCluster(_))));
+    assert!(matches!(
+        s.cluster("nope").unwrap().status(),
+        Err(Error::UnknownCluster(_))
+    ));
     assert_eq!(s.clusters().unwrap(), vec!["c1".to_string()]);
 }
 
@@ -144,11 +181,29 @@ fn put_file_is_idempotent_and_detects_conflicts() {
     let (_d, s, size) = store();
     let c = s.cluster("c1").unwrap();
     c.register(1, size).unwrap();
-    assert!(c.put_file("00000002.history", b"1\t0/5000000\tno recovery target specified\n").unwrap());
-    assert!(!c.put_file("00000002.history", b"1\t0/5000000\tno recovery target specified\n").unwrap());
-    assert!(matches!(c.put_file("00000002.history", b"other"), Err(Error::Conflict { .. })));
+    assert!(
+        c.put_file(
+            "00000002.history",
+            b"1\t0/5000000\tno recovery target specified\n"
+        )
+        .unwrap()
+    );
+    assert!(
+        !c.put_file(
+            "00000002.history",
+            b"1\t0/5000000\tno recovery target specified\n"
+        )
+        .unwrap()
+    );
+    assert!(matches!(
+        c.put_file("00000002.history", b"other"),
+        Err(Error::Conflict { .. })
+    ));
     let h = c.read("00000002.history", false).unwrap().unwrap();
-    assert_eq!(plaintext(&h), b"1\t0/5000000\tno recovery target specified\n");
+    assert_eq!(
+        plaintext(&h),
+        b"1\t0/5000000\tno recovery target specified\n"
+    );
 }
 
 #[test]
@@ -167,5 +222,8 @@ fn corrupted_segment_is_reported_not_served() {
     std::fs::write(&path, raw).unwrap();
     let err = c.read("000000010000000000000000", false).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("000000010000000000000000") && msg.contains("corrupt"), "{msg}");
+    assert!(
+        msg.contains("000000010000000000000000") && msg.contains("corrupt"),
+        "{msg}"
+    );
 }

@@ -17,7 +17,7 @@ use klio_durable::AppendFile;
 use klio_pg::{Lsn, SegmentNo, SegmentSize, TimeLineId, WalFileName};
 
 use crate::layout;
-use crate::{io_err, ClusterWal, Error};
+use crate::{ClusterWal, Error, io_err};
 
 /// Frames written while streaming are compressed fast; sealing recompresses.
 const STREAM_LEVEL: i32 = 1;
@@ -58,7 +58,8 @@ impl WalWriter {
         for segno in &scan.open {
             if layout::segment_path(cluster.dir(), timeline, *segno, size).exists() {
                 let p = layout::open_path(cluster.dir(), timeline, *segno, size);
-                klio_durable::remove_durable(&p).map_err(io_err("remove sealed in-progress file", &p))?;
+                klio_durable::remove_durable(&p)
+                    .map_err(io_err("remove sealed in-progress file", &p))?;
                 continue;
             }
             let (frames, _) = cluster.scan_open_file(timeline, *segno, size)?;
@@ -71,32 +72,55 @@ impl WalWriter {
         }
         let end = cluster.timeline_end(timeline, size)?;
         if !scan.partials.is_empty() {
-            return Err(Error::TimelineEnded { cluster: cluster.name().to_string(), timeline });
+            return Err(Error::TimelineEnded {
+                cluster: cluster.name().to_string(),
+                timeline,
+            });
         }
         let end = match end {
             None => {
                 if start.segment_offset(size) != 0 {
-                    return Err(Error::NotSegmentStart { cluster: cluster.name().to_string(), timeline, start });
+                    return Err(Error::NotSegmentStart {
+                        cluster: cluster.name().to_string(),
+                        timeline,
+                        start,
+                    });
                 }
                 start
             }
             Some(e) if start > e => {
-                return Err(Error::Gap { cluster: cluster.name().to_string(), timeline, end: e, start });
+                return Err(Error::Gap {
+                    cluster: cluster.name().to_string(),
+                    timeline,
+                    end: e,
+                    start,
+                });
             }
             Some(e) => e,
         };
         let mut open = None;
         if let Some((segno, len)) = current {
-            if segno.start_lsn(size).add(len) != end {
+            if segno.start_lsn(size).plus(len) != end {
                 return Err(Error::Io {
                     action: "resume in-progress segment",
                     path: layout::open_path(cluster.dir(), timeline, segno, size),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, "in-progress segment is not the last"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "in-progress segment is not the last",
+                    ),
                 });
             }
             open = Some(reopen_segment(&cluster, timeline, segno, size, len)?);
         }
-        Ok(WalWriter { cluster, timeline, size, end, durable: end, open, sealer })
+        Ok(WalWriter {
+            cluster,
+            timeline,
+            size,
+            end,
+            durable: end,
+            open,
+            sealer,
+        })
     }
 
     pub fn timeline(&self) -> TimeLineId {
@@ -117,12 +141,17 @@ impl WalWriter {
     /// start beyond the archive's end is a gap and refused.
     pub fn write(&mut self, lsn: Lsn, data: &[u8]) -> Result<(), Error> {
         self.sealer.check()?;
-        let stream_end = lsn.add(data.len() as u64);
+        let stream_end = lsn.plus(data.len() as u64);
         if stream_end <= self.end {
             return Ok(());
         }
         if lsn > self.end {
-            return Err(Error::Gap { cluster: self.cluster.name().to_string(), timeline: self.timeline, end: self.end, start: lsn });
+            return Err(Error::Gap {
+                cluster: self.cluster.name().to_string(),
+                timeline: self.timeline,
+                end: self.end,
+                start: lsn,
+            });
         }
         let mut data = &data[(self.end.0 - lsn.0) as usize..];
         while !data.is_empty() {
@@ -130,21 +159,39 @@ impl WalWriter {
             let offset = self.end.segment_offset(self.size);
             if self.open.as_ref().is_none_or(|o| o.segno != segno) {
                 debug_assert_eq!(offset, 0, "a new segment starts at its beginning");
-                self.open = Some(create_segment(&self.cluster, self.timeline, segno, self.size)?);
+                self.open = Some(create_segment(
+                    &self.cluster,
+                    self.timeline,
+                    segno,
+                    self.size,
+                )?);
             }
             let seg = self.open.as_mut().expect("segment opened above");
-            let n = data.len().min((self.size.bytes() - offset) as usize).min(MAX_STREAM_FRAME);
+            let n = data
+                .len()
+                .min((self.size.bytes() - offset) as usize)
+                .min(MAX_STREAM_FRAME);
             let mut frame = Vec::with_capacity(n / 2 + 64);
-            seg.cipher.seal_frame(offset, &data[..n], Some(STREAM_LEVEL), &mut frame);
+            seg.cipher
+                .seal_frame(offset, &data[..n], Some(STREAM_LEVEL), &mut frame);
             let path = layout::open_path(self.cluster.dir(), self.timeline, segno, self.size);
-            seg.file.append(&frame).map_err(io_err("append to in-progress segment", &path))?;
+            seg.file
+                .append(&frame)
+                .map_err(io_err("append to in-progress segment", &path))?;
             seg.len += n as u64;
-            self.end = self.end.add(n as u64);
+            self.end = self.end.plus(n as u64);
             data = &data[n..];
             if seg.len == self.size.bytes() {
-                seg.file.sync().map_err(io_err("sync in-progress segment", &path))?;
+                seg.file
+                    .sync()
+                    .map_err(io_err("sync in-progress segment", &path))?;
                 self.open = None;
-                self.sealer.submit(SealJob { cluster: self.cluster.clone(), timeline: self.timeline, segno, size: self.size });
+                self.sealer.submit(SealJob {
+                    cluster: self.cluster.clone(),
+                    timeline: self.timeline,
+                    segno,
+                    size: self.size,
+                });
             }
         }
         Ok(())
@@ -154,7 +201,9 @@ impl WalWriter {
     pub fn sync(&mut self) -> Result<Lsn, Error> {
         if let Some(seg) = self.open.as_mut() {
             let path = layout::open_path(self.cluster.dir(), self.timeline, seg.segno, self.size);
-            seg.file.sync().map_err(io_err("sync in-progress segment", &path))?;
+            seg.file
+                .sync()
+                .map_err(io_err("sync in-progress segment", &path))?;
         }
         self.durable = self.end;
         Ok(self.durable)
@@ -164,28 +213,55 @@ impl WalWriter {
     /// incomplete segment becomes `<segment>.partial`.
     pub fn end_timeline(mut self, at: Lsn) -> Result<(), Error> {
         if at != self.end {
-            return Err(Error::BadTimelineEnd { cluster: self.cluster.name().to_string(), timeline: self.timeline, at, end: self.end });
+            return Err(Error::BadTimelineEnd {
+                cluster: self.cluster.name().to_string(),
+                timeline: self.timeline,
+                at,
+                end: self.end,
+            });
         }
         self.sync()?;
         if let Some(seg) = self.open.take() {
             drop(seg.file);
-            seal_segment(&self.cluster, self.timeline, seg.segno, self.size, ObjectKind::WalPartial)?;
+            seal_segment(
+                &self.cluster,
+                self.timeline,
+                seg.segno,
+                self.size,
+                ObjectKind::WalPartial,
+            )?;
         }
         self.sealer.flush()
     }
 }
 
-fn create_segment(cluster: &ClusterWal, tli: TimeLineId, segno: SegmentNo, size: SegmentSize) -> Result<OpenSegment, Error> {
+fn create_segment(
+    cluster: &ClusterWal,
+    tli: TimeLineId,
+    segno: SegmentNo,
+    size: SegmentSize,
+) -> Result<OpenSegment, Error> {
     let dir = layout::timeline_dir(cluster.dir(), tli);
-    klio_durable::create_dir_all_durable(&dir).map_err(io_err("create timeline directory", &dir))?;
+    klio_durable::create_dir_all_durable(&dir)
+        .map_err(io_err("create timeline directory", &dir))?;
     let path = layout::open_path(cluster.dir(), tli, segno, size);
     // A leftover empty or header-less file from a crash is simply replaced.
     let _ = std::fs::remove_file(&path);
-    let header = ObjectHeader::new(ObjectKind::WalOpen, &cluster.object_name(&layout::open_file_name(tli, segno, size)));
+    let header = ObjectHeader::new(
+        ObjectKind::WalOpen,
+        &cluster.object_name(&layout::open_file_name(tli, segno, size)),
+    );
     let cipher = FrameCipher::new(cluster.master(), &header);
-    let mut file = AppendFile::open(&path, 0o600).map_err(io_err("create in-progress segment", &path))?;
-    file.append(cipher.header_bytes()).map_err(io_err("write in-progress segment", &path))?;
-    Ok(OpenSegment { segno, file, cipher, len: 0 })
+    let mut file =
+        AppendFile::open(&path, 0o600).map_err(io_err("create in-progress segment", &path))?;
+    file.append(cipher.header_bytes())
+        .map_err(io_err("write in-progress segment", &path))?;
+    Ok(OpenSegment {
+        segno,
+        file,
+        cipher,
+        len: 0,
+    })
 }
 
 fn reopen_segment(
@@ -204,16 +280,29 @@ fn reopen_segment(
     let (header, _) = ObjectHeader::decode(&bytes, &name)?;
     let cipher = FrameCipher::new(cluster.master(), &header);
     let (_, valid) = cluster.scan_open_file(tli, segno, size)?;
-    let mut file = AppendFile::open(&path, 0o600).map_err(io_err("open in-progress segment", &path))?;
+    let mut file =
+        AppendFile::open(&path, 0o600).map_err(io_err("open in-progress segment", &path))?;
     if file.len() != valid {
         tracing::warn!(path = %path.display(), valid, found = file.len(), "dropping a torn, unacknowledged tail");
-        file.truncate(valid).map_err(io_err("truncate in-progress segment", &path))?;
+        file.truncate(valid)
+            .map_err(io_err("truncate in-progress segment", &path))?;
     }
-    Ok(OpenSegment { segno, file, cipher, len })
+    Ok(OpenSegment {
+        segno,
+        file,
+        cipher,
+        len,
+    })
 }
 
 /// Rewrites `<segment>.open` as a sealed segment (or `.partial`) and removes the `.open`.
-fn seal_segment(cluster: &ClusterWal, tli: TimeLineId, segno: SegmentNo, size: SegmentSize, kind: ObjectKind) -> Result<(), Error> {
+fn seal_segment(
+    cluster: &ClusterWal,
+    tli: TimeLineId,
+    segno: SegmentNo,
+    size: SegmentSize,
+    kind: ObjectKind,
+) -> Result<(), Error> {
     let (frames, _) = cluster.scan_open_file(tli, segno, size)?;
     let open_name = cluster.object_name(&layout::open_file_name(tli, segno, size));
     let mut plain = Vec::with_capacity(size.bytes() as usize);
@@ -222,13 +311,28 @@ fn seal_segment(cluster: &ClusterWal, tli: TimeLineId, segno: SegmentNo, size: S
     }
     let (file_name, path) = match kind {
         ObjectKind::WalPartial => (
-            WalFileName::Partial { timeline: tli, segno, size }.to_string(),
+            WalFileName::Partial {
+                timeline: tli,
+                segno,
+                size,
+            }
+            .to_string(),
             layout::partial_path(cluster.dir(), tli, segno, size),
         ),
-        _ => (WalFileName::segment(tli, segno, size).to_string(), layout::segment_path(cluster.dir(), tli, segno, size)),
+        _ => (
+            WalFileName::segment(tli, segno, size).to_string(),
+            layout::segment_path(cluster.dir(), tli, segno, size),
+        ),
     };
-    let sealed = klio_crypto::seal_object(cluster.master(), kind, &cluster.object_name(&file_name), &plain, Some(cluster.level()));
-    klio_durable::write_atomic(&path, &sealed, 0o600).map_err(io_err("write sealed segment", &path))?;
+    let sealed = klio_crypto::seal_object(
+        cluster.master(),
+        kind,
+        &cluster.object_name(&file_name),
+        &plain,
+        Some(cluster.level()),
+    );
+    klio_durable::write_atomic(&path, &sealed, 0o600)
+        .map_err(io_err("write sealed segment", &path))?;
     let open = layout::open_path(cluster.dir(), tli, segno, size);
     klio_durable::remove_durable(&open).map_err(io_err("remove in-progress segment", &open))
 }
@@ -295,7 +399,13 @@ fn run_sealer(rx: Receiver<Job>, failure: Arc<Mutex<Option<String>>>) {
                 let _ = done.send(());
             }
             Job::Seal(j) => {
-                if let Err(e) = seal_segment(&j.cluster, j.timeline, j.segno, j.size, ObjectKind::WalSegment) {
+                if let Err(e) = seal_segment(
+                    &j.cluster,
+                    j.timeline,
+                    j.segno,
+                    j.size,
+                    ObjectKind::WalSegment,
+                ) {
                     tracing::error!(cluster = j.cluster.name(), error = %e, "sealing a completed segment failed; it stays as an in-progress file and is sealed on the next start");
                     if let Ok(mut f) = failure.lock() {
                         *f = Some(e.to_string());

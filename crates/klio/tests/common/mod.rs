@@ -10,15 +10,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use klio_pg::Lsn;
-use klio_test_support::{free_port, scratch_dir, wait_until, ChildGuard, PgCluster, ScratchDir};
+use klio_test_support::{ChildGuard, PgCluster, ScratchDir, free_port, scratch_dir, wait_until};
 
 pub const KLIO: &str = env!("CARGO_BIN_EXE_klio");
 
 /// Seconds of pgbench load in the long tests (`KLIO_TEST_LOAD_SECS`, default 40).
 pub fn load_secs() -> u64 {
-    std::env::var("KLIO_TEST_LOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(40)
+    std::env::var("KLIO_TEST_LOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40)
 }
 
 pub fn klio() -> Command {
@@ -51,12 +54,24 @@ impl Klio {
         run_ok(&mut cmd)?;
         // PostgreSQL runs `klio wal-get` as its own OS user: let it read the client keys.
         if klio_test_support::running_as_root() {
-            run_ok(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&pki))?;
+            run_ok(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&pki),
+            )?;
         }
         let key_file = dir.path().join("encryption.key");
         std::fs::write(&key_file, "test-encryption-key-0123456789\n")?;
         let data = dir.path().join("data");
-        let mut k = Klio { dir, pki, data, key_file, port: free_port(), server: None, starts: 0 };
+        let mut k = Klio {
+            dir,
+            pki,
+            data,
+            key_file,
+            port: free_port(),
+            server: None,
+            starts: 0,
+        };
         k.start_server()?;
         Ok(k)
     }
@@ -83,7 +98,8 @@ impl Klio {
 
     pub fn start_server(&mut self) -> anyhow::Result<()> {
         self.starts += 1;
-        let log = std::fs::File::create(self.dir.path().join(format!("server-{}.log", self.starts)))?;
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("server-{}.log", self.starts)))?;
         let mut cmd = self.server_command();
         cmd.stdout(Stdio::null()).stderr(log);
         let mut child = ChildGuard::spawn(&mut cmd)?;
@@ -93,7 +109,11 @@ impl Klio {
                 bail!("klio server exited:\n{}", self.server_log());
             }
             if std::time::Instant::now() > deadline {
-                bail!("klio server does not listen on port {}:\n{}", self.port, self.server_log());
+                bail!(
+                    "klio server does not listen on port {}:\n{}",
+                    self.port,
+                    self.server_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -144,10 +164,22 @@ impl Klio {
     }
 
     /// Starts `klio wal-stream` for `cluster` against `pg`; its log goes to `<name>.log`.
-    pub fn spawn_streamer(&self, cluster: &str, pg: &PgCluster, name: &str, extra: &[&str]) -> anyhow::Result<ChildGuard> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log")))?;
+    pub fn spawn_streamer(
+        &self,
+        cluster: &str,
+        pg: &PgCluster,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<ChildGuard> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))?;
         let mut cmd = klio();
-        cmd.arg("wal-stream").args(self.client_args(cluster)).args(["--pg-dsn", &pg.dsn()]).args(extra);
+        cmd.arg("wal-stream")
+            .args(self.client_args(cluster))
+            .args(["--pg-dsn", &pg.dsn()])
+            .args(extra);
         cmd.stdout(Stdio::null()).stderr(log);
         ChildGuard::spawn(&mut cmd)
     }
@@ -157,18 +189,42 @@ impl Klio {
     }
 
     /// Runs `klio wal-get` for `cluster`.
-    pub fn wal_get(&self, cluster: &str, name: &str, dest: &Path, extra: &[&str]) -> anyhow::Result<Output> {
+    pub fn wal_get(
+        &self,
+        cluster: &str,
+        name: &str,
+        dest: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Output> {
         let mut cmd = klio();
-        cmd.arg("wal-get").args(self.client_args(cluster)).args(extra).arg(name).arg(dest);
+        cmd.arg("wal-get")
+            .args(self.client_args(cluster))
+            .args(extra)
+            .arg(name)
+            .arg(dest);
         cmd.output().context("run klio wal-get")
     }
 
     /// `klio wal-list --json` for `cluster`.
     pub fn wal_list(&self, cluster: &str) -> anyhow::Result<serde_json::Value> {
         let mut cmd = klio();
-        cmd.arg("wal-list").args(self.client_args(cluster)).arg("--json");
+        cmd.arg("wal-list")
+            .args(self.client_args(cluster))
+            .arg("--json");
         let out = run_ok(&mut cmd)?;
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The names of the files archived for `cluster`.
+    pub fn archived_files(&self, cluster: &str) -> anyhow::Result<Vec<String>> {
+        let v = self.wal_list(cluster)?;
+        let files = v["files"]
+            .as_array()
+            .context("wal-list has no files array")?;
+        Ok(files
+            .iter()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect())
     }
 
     /// The archive's end on its latest timeline, if it has WAL.
@@ -181,16 +237,28 @@ impl Klio {
     }
 
     /// Waits until the archive of `cluster` reaches `lsn` on timeline `tli` or later.
-    pub fn wait_archived(&self, cluster: &str, tli: u32, lsn: Lsn, timeout: Duration) -> anyhow::Result<()> {
+    pub fn wait_archived(
+        &self,
+        cluster: &str,
+        tli: u32,
+        lsn: Lsn,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let what = format!("the archive of \"{cluster}\" to reach {lsn} on timeline {tli}");
         wait_until(timeout, Duration::from_millis(200), &what, || {
-            Ok(matches!(self.archived_end(cluster)?, Some((t, l)) if t > tli || (t == tli && l >= lsn)))
+            Ok(
+                matches!(self.archived_end(cluster)?, Some((t, l)) if t > tli || (t == tli && l >= lsn)),
+            )
         })
     }
 
     /// The `restore_command` PostgreSQL should use for `cluster`.
     pub fn restore_command(&self, cluster: &str, extra: &str) -> String {
-        let args: Vec<String> = self.client_args(cluster).iter().map(|a| format!("'{a}'")).collect();
+        let args: Vec<String> = self
+            .client_args(cluster)
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect();
         format!("{KLIO} wal-get {} {extra} %f %p", args.join(" ")).replace('\'', "\"")
     }
 }
@@ -222,13 +290,19 @@ pub fn switch_wal(pg: &PgCluster) -> anyhow::Result<Lsn> {
 }
 
 /// Prepares a restored data directory for archive recovery with `klio wal-get`.
-pub fn configure_recovery(data_dir: &Path, restore_command: &str, extra: &[&str]) -> anyhow::Result<()> {
+pub fn configure_recovery(
+    data_dir: &Path,
+    restore_command: &str,
+    extra: &[&str],
+) -> anyhow::Result<()> {
     let mut conf = format!("\nrestore_command = '{restore_command}'\n");
     for l in extra {
         conf.push_str(l);
         conf.push('\n');
     }
-    let mut f = std::fs::OpenOptions::new().append(true).open(data_dir.join("postgresql.auto.conf"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data_dir.join("postgresql.auto.conf"))?;
     std::io::Write::write_all(&mut f, conf.as_bytes())?;
     std::fs::write(data_dir.join("recovery.signal"), "")?;
     let _ = std::fs::remove_file(data_dir.join("standby.signal"));

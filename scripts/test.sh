@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up what the tests need and runs the whole test suite (the README's second command;
+# CI runs exactly this through .ci/run). Real PostgreSQL 15 is used; nothing is mocked.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/klio-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Seconds of pgbench load in the long end-to-end test ("several minutes" in CI).
+export KLIO_TEST_LOAD_SECS="${KLIO_TEST_LOAD_SECS:-150}"
+export KLIO_SYNC_ITERATIONS="${KLIO_SYNC_ITERATIONS:-25}"
+
+PG_BIN="${KLIO_PG_BIN:-/usr/lib/postgresql/15/bin}"
+if [ ! -x "$PG_BIN/postgres" ]; then
+  echo "PostgreSQL 15 binaries not found in $PG_BIN; installing postgresql-15" >&2
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15
+fi
+if ! id postgres >/dev/null 2>&1; then
+  echo "error: the tests run PostgreSQL as the OS user \"postgres\", which does not exist" >&2
+  exit 1
+fi
+
+echo "== format, lints, docs"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast --failure-output final
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
