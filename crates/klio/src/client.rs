@@ -22,7 +22,7 @@ pub struct ClientArgs {
     /// Name of the cluster whose WAL and backups are handled
     #[arg(long, env = "KLIO_CLUSTER")]
     pub cluster: String,
-    /// Client certificate (PEM), CN "<user>@<cluster>"
+    /// Client certificate (PEM), CN `<user>@<cluster>`
     #[arg(long, env = "KLIO_CLIENT_CERT")]
     pub client_cert: PathBuf,
     /// Private key of the client certificate (PEM)

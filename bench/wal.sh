@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# WAL benchmark: klio wal-stream against pg_receivewal on the same PostgreSQL and the same
+# pgbench script, in one run, then prints ratios.
+#
+#   bash bench/wal.sh            # defaults: scale 20, 60 s per pgbench run
+#   SCALE=50 SECS=120 bash bench/wal.sh
+#
+# Measures: TPS with each receiver, async and as the only synchronous standby; WAL bytes
+# stored by Klio vs raw; replay time of the same WAL with and without wal-get prefetch;
+# peak RSS of the Klio server and streamer. Targets (issue 2): TPS >= 0.9x pg_receivewal
+# in both modes, prefetch >= 3x faster replay.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/klio-target}"
+PG_BIN="${KLIO_PG_BIN:-/usr/lib/postgresql/15/bin}"
+SCALE="${SCALE:-20}"
+SECS="${SECS:-60}"
+WORK="$(mktemp -d /tmp/klio-bench-XXXXXX)"
+chown postgres:postgres "$WORK"
+
+cargo build --release --locked --bin klio >&2
+KLIO="$CARGO_TARGET_DIR/release/klio"
+
+as_pg() { runuser -u postgres -- "$@"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+lsn_to_int() { python3 -c 'import sys; h,l=sys.argv[1].split("/"); print((int(h,16)<<32)|int(l,16))' "$1"; }
+peak_rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+
+PIDS=()
+cleanup() {
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for d in "$WORK"/pg "$WORK"/replay*; do [ -f "$d/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1; done
+  wait 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$KLIO" pki init "$WORK/pki" --cluster bench >/dev/null
+chown -R postgres:postgres "$WORK/pki"
+head -c 32 /dev/urandom | base64 > "$WORK/key"
+WAL_PORT=$(free_port)
+"$KLIO" server --data-dir "$WORK/klio" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
+  --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$WAL_PORT" \
+  --base-listen 127.0.0.1:0 2> "$WORK/server.log" &
+SERVER=$!; PIDS+=($SERVER)
+CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --cluster bench --client-cert "$WORK/pki/client-bench.crt"
+  --client-key "$WORK/pki/client-bench.key" --server-ca "$WORK/pki/ca.crt")
+
+PG_PORT=$(free_port)
+as_pg "$PG_BIN/initdb" -D "$WORK/pg" -k -U postgres -A trust >/dev/null
+cat >> "$WORK/pg/postgresql.conf" <<CONF
+port = $PG_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+wal_level = replica
+max_wal_senders = 10
+shared_buffers = 512MB
+max_wal_size = 4GB
+wal_keep_size = 8GB
+checkpoint_timeout = 15min
+CONF
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w start >/dev/null
+PSQL=("$PG_BIN/psql" -X -At -h "$WORK" -p "$PG_PORT" -U postgres -d postgres)
+as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
+
+run_pgbench() { # prints TPS
+  "${PSQL[@]}" -c "CHECKPOINT" >/dev/null
+  as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -c 4 -j 2 -T "$SECS" postgres 2>/dev/null \
+    | awk '/^tps/ {print $3; exit}'
+}
+set_sync() { # $1 = application_name or empty
+  "${PSQL[@]}" -c "ALTER SYSTEM SET synchronous_standby_names = '$1'" -c "SELECT pg_reload_conf()" >/dev/null
+}
+wait_streaming() { # $1 = application_name
+  for _ in $(seq 200); do
+    [ "$("${PSQL[@]}" -c "SELECT count(*) FROM pg_stat_replication WHERE application_name = '$1' AND state = 'streaming'")" = 1 ] && return
+    sleep 0.1
+  done
+  echo "receiver $1 did not start streaming" >&2; exit 1
+}
+
+echo "== pgbench -c4 -j2 -T $SECS, scale $SCALE" >&2
+# pg_receivewal, async then synchronous
+mkdir -p "$WORK/recv"; chown postgres:postgres "$WORK/recv"
+as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv --create-slot >/dev/null 2>&1
+as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv -d "application_name=recv" 2>"$WORK/recv.log" &
+RECV=$!; PIDS+=($RECV); wait_streaming recv
+TPS_RECV_ASYNC=$(run_pgbench)
+kill $RECV; wait $RECV 2>/dev/null || true
+as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv --synchronous -d "application_name=recv" 2>>"$WORK/recv.log" &
+RECV=$!; PIDS+=($RECV); wait_streaming recv
+set_sync recv
+TPS_RECV_SYNC=$(run_pgbench)
+set_sync ""
+kill $RECV; wait $RECV 2>/dev/null || true
+"${PSQL[@]}" -c "SELECT pg_drop_replication_slot('recv')" >/dev/null
+
+# klio wal-stream, async then synchronous
+START_LSN=$("${PSQL[@]}" -c "SELECT pg_current_wal_lsn()")
+"$KLIO" wal-stream "${CLIENT[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2>"$WORK/stream.log" &
+STREAMER=$!; PIDS+=($STREAMER); wait_streaming klio
+TPS_KLIO_ASYNC=$(run_pgbench)
+set_sync klio
+TPS_KLIO_SYNC=$(run_pgbench)
+set_sync ""
+END_LSN=$("${PSQL[@]}" -c "SELECT pg_switch_wal()")
+for _ in $(seq 600); do
+  A=$("$KLIO" wal-list "${CLIENT[@]}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["end_lsn"])')
+  [ "$(lsn_to_int "$A")" -ge "$(lsn_to_int "$END_LSN")" ] && break; sleep 0.2
+done
+RSS_SERVER=$(peak_rss_mb $SERVER); RSS_STREAMER=$(peak_rss_mb $STREAMER)
+RAW=$(( $(lsn_to_int "$END_LSN") - $(lsn_to_int "$START_LSN") ))
+STORED=$(du -sb "$WORK/klio/wal" | cut -f1)
+SEGS=$(ls "$WORK/klio/wal/bench/00000001" | grep -c '^[0-9A-F]\{24\}$')
+
+# Replay: a base backup, then one more pgbench run archived by klio; the same WAL is
+# replayed from the archive twice, with and without prefetch.
+BASE="$WORK/replaybase"
+as_pg "$PG_BIN/pg_basebackup" -h "$WORK" -p "$PG_PORT" -U postgres -D "$BASE" -Fp -X none -c fast >/dev/null
+set_sync ""
+as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -c 4 -j 2 -T "$SECS" postgres >/dev/null 2>&1
+REPLAY_END=$("${PSQL[@]}" -c "SELECT pg_switch_wal()")
+for _ in $(seq 600); do
+  A=$("$KLIO" wal-list "${CLIENT[@]}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["end_lsn"])')
+  [ "$(lsn_to_int "$A")" -ge "$(lsn_to_int "$REPLAY_END")" ] && break; sleep 0.2
+done
+time_replay() { # $1 = prefetch count
+  local dir="$WORK/replay-$1" port; port=$(free_port)
+  cp -a "$BASE" "$dir"
+  cat >> "$dir/postgresql.auto.conf" <<CONF
+port = $port
+restore_command = '$KLIO wal-get ${CLIENT[*]} --prefetch $1 %f %p'
+recovery_target_action = 'promote'
+CONF
+  touch "$dir/recovery.signal"; chown -R postgres:postgres "$dir"
+  local t0; t0=$(date +%s.%N)
+  as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir.log" -w -t 3600 start >/dev/null
+  for _ in $(seq 36000); do
+    [ "$("$PG_BIN/psql" -X -At -h "$WORK" -p "$port" -U postgres -d postgres -c 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ] && break
+    sleep 0.05
+  done
+  local t1; t1=$(date +%s.%N)
+  as_pg "$PG_BIN/pg_ctl" -D "$dir" stop -m immediate >/dev/null
+  python3 -c "print(round($t1 - $t0, 2))"
+}
+REPLAY_NOPREFETCH=$(time_replay 0)
+REPLAY_PREFETCH=$(time_replay 8)
+REPLAY_SEGS=$(grep -c 'restored log file "0000' "$WORK/replay-8.log" || true)
+
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+cat <<OUT
+
+WAL benchmark (pgbench -c4 -j2 -T $SECS, scale $SCALE; one run, same PostgreSQL)
+                          TPS        vs pg_receivewal
+pg_receivewal async     $TPS_RECV_ASYNC
+klio wal-stream async   $TPS_KLIO_ASYNC   $(ratio "$TPS_KLIO_ASYNC" "$TPS_RECV_ASYNC")x   (target >= 0.9)
+pg_receivewal sync      $TPS_RECV_SYNC
+klio wal-stream sync    $TPS_KLIO_SYNC   $(ratio "$TPS_KLIO_SYNC" "$TPS_RECV_SYNC")x   (target >= 0.9)
+
+WAL streamed by klio:   $RAW bytes raw in $SEGS sealed segments; stored $STORED bytes ($(ratio "$RAW" "$STORED")x smaller)
+replay of $REPLAY_SEGS segments: no prefetch ${REPLAY_NOPREFETCH}s, prefetch 8 ${REPLAY_PREFETCH}s ($(ratio "$REPLAY_NOPREFETCH" "$REPLAY_PREFETCH")x faster; target >= 3)
+peak RSS: server ${RSS_SERVER} MB, streamer ${RSS_STREAMER} MB
+OUT
