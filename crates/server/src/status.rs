@@ -7,7 +7,7 @@ use tonic::Status;
 pub fn store_status(e: Error) -> Status {
     let msg = e.to_string();
     match &e {
-        Error::InvalidClusterName(_) => Status::invalid_argument(msg),
+        Error::InvalidClusterName(_) | Error::InvalidFileName(_) => Status::invalid_argument(msg),
         Error::SystemIdMismatch { .. }
         | Error::SegmentSizeMismatch { .. }
         | Error::UnknownCluster(_)

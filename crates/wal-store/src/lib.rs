@@ -88,6 +88,10 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
+        "invalid WAL file name \"{0}\"\nHINT: names look like 000000010000000000000001, 00000002.history or 000000010000000000000001.partial"
+    )]
+    InvalidFileName(String),
+    #[error(
         "timeline {timeline} of cluster \"{cluster}\" has ended (its last segment is archived as .partial) and takes no more WAL"
     )]
     TimelineEnded {
@@ -419,11 +423,8 @@ impl ClusterWal {
     /// set (marked `partial`). None when the archive does not have it.
     pub fn read(&self, name: &str, allow_partial: bool) -> Result<Option<WalFileData>, Error> {
         let size = self.segment_size()?;
-        let parsed = WalFileName::parse(name, size).map_err(|e| Error::Io {
-            action: "parse WAL file name",
-            path: PathBuf::from(name),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
-        })?;
+        let parsed =
+            WalFileName::parse(name, size).map_err(|_| Error::InvalidFileName(name.to_string()))?;
         match parsed {
             WalFileName::Segment {
                 timeline, segno, ..
@@ -434,7 +435,15 @@ impl ClusterWal {
                 }
                 let open = layout::open_path(&self.dir, timeline, segno, size);
                 if open.exists() {
-                    let d = self.data_from_open(timeline, segno, size)?;
+                    let d = match self.data_from_open(timeline, segno, size) {
+                        // Sealed between the two checks: serve the sealed segment.
+                        Err(Error::Io { source, .. })
+                            if source.kind() == std::io::ErrorKind::NotFound && p.exists() =>
+                        {
+                            return self.read_sealed(&p, &parsed).map(Some);
+                        }
+                        other => other?,
+                    };
                     if !d.partial || allow_partial {
                         return Ok(Some(d));
                     }
@@ -477,24 +486,13 @@ impl ClusterWal {
     /// Stores a history or `.backup` file; idempotent for identical content.
     pub fn put_file(&self, name: &str, content: &[u8]) -> Result<bool, Error> {
         let size = self.segment_size()?;
-        let parsed = WalFileName::parse(name, size).map_err(|e| Error::Io {
-            action: "parse WAL file name",
-            path: PathBuf::from(name),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
-        })?;
+        let parsed =
+            WalFileName::parse(name, size).map_err(|_| Error::InvalidFileName(name.to_string()))?;
         let kind = match parsed {
             WalFileName::History { .. } => ObjectKind::History,
             WalFileName::Backup { .. } => ObjectKind::WalOther,
-            _ => {
-                return Err(Error::Io {
-                    action: "store",
-                    path: PathBuf::from(name),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "segments are streamed, not put",
-                    ),
-                });
-            }
+            // Segments and partials only arrive through the stream.
+            _ => return Err(Error::InvalidFileName(name.to_string())),
         };
         let path = layout::other_path(&self.dir, &parsed);
         let shown = self.object_name(name);
