@@ -45,6 +45,19 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
         tokio::task::spawn_blocking(move || KeyEnvelope::load_or_create(&key_path, &passphrase))
             .await??;
     let store = WalStore::open(&cfg.data_dir.join("wal"), master, cfg.wal_compression_level)?;
+    {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            for name in store.clusters()? {
+                store
+                    .cluster(&name)?
+                    .recover()
+                    .with_context(|| format!("recover the WAL archive of cluster \"{name}\""))?;
+            }
+            Ok(())
+        })
+        .await??;
+    }
     let tls = klio_tls::load_server_config(&cfg.tls_cert, &cfg.tls_key, &cfg.client_ca)?;
 
     let listener = tokio::net::TcpListener::bind(cfg.wal_listen)

@@ -521,6 +521,19 @@ impl ClusterWal {
         Ok(true)
     }
 
+    /// Seals complete segments that a crash left as in-progress files, on every timeline
+    /// (the server calls this at start; writers do it for their own timeline).
+    pub fn recover(&self) -> Result<(), Error> {
+        if self.meta()?.is_none() {
+            return Ok(());
+        }
+        let size = self.segment_size()?;
+        for tli in layout::timelines(&self.dir)? {
+            writer::finish_interrupted_seals(self, tli, size)?;
+        }
+        Ok(())
+    }
+
     /// Names of the archived files (complete segments, partials, history and backup files;
     /// not segments still being received), sorted.
     pub fn list_files(&self) -> Result<Vec<String>, Error> {

@@ -227,3 +227,36 @@ fn corrupted_segment_is_reported_not_served() {
         "{msg}"
     );
 }
+
+#[test]
+fn recover_seals_a_complete_in_progress_segment_left_by_a_crash() {
+    let (_d, s, size) = store();
+    let c = s.cluster("c1").unwrap();
+    c.register(1, size).unwrap();
+    let tli = TimeLineId(1);
+    let segno = SegmentNo(0);
+    // The state a crash leaves between "complete and synced" and "sealed": a full .open file.
+    let data = wal_bytes(0, MIB as usize);
+    let header = ObjectHeader::new(
+        ObjectKind::WalOpen,
+        &c.object_name(&layout::open_file_name(tli, segno, size)),
+    );
+    let cipher = FrameCipher::new(c.master(), &header);
+    let mut file = header.encode();
+    for (i, chunk) in data.chunks(100_000).enumerate() {
+        cipher.seal_frame((i * 100_000) as u64, chunk, Some(1), &mut file);
+    }
+    std::fs::create_dir_all(c.dir().join("00000001")).unwrap();
+    let open = layout::open_path(c.dir(), tli, segno, size);
+    std::fs::write(&open, &file).unwrap();
+    // Readable before recovery, from the in-progress file...
+    let d = c.read("000000010000000000000000", false).unwrap().unwrap();
+    assert_eq!(plaintext(&d), data);
+    // ...and sealed by recovery.
+    c.recover().unwrap();
+    assert!(!open.exists());
+    assert!(layout::segment_path(c.dir(), tli, segno, size).exists());
+    let d = c.read("000000010000000000000000", false).unwrap().unwrap();
+    assert_eq!(plaintext(&d), data);
+    assert_eq!(c.status().unwrap().latest, Some((tli, Lsn(MIB))));
+}

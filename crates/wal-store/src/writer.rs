@@ -53,23 +53,7 @@ impl WalWriter {
     ) -> Result<WalWriter, Error> {
         sealer.flush()?;
         let scan = layout::scan_timeline(cluster.dir(), timeline, size)?;
-        // Finish seals that a crash interrupted; find the in-progress segment.
-        let mut current: Option<(SegmentNo, u64)> = None;
-        for segno in &scan.open {
-            if layout::segment_path(cluster.dir(), timeline, *segno, size).exists() {
-                let p = layout::open_path(cluster.dir(), timeline, *segno, size);
-                klio_durable::remove_durable(&p)
-                    .map_err(io_err("remove sealed in-progress file", &p))?;
-                continue;
-            }
-            let (frames, _) = cluster.scan_open_file(timeline, *segno, size)?;
-            let len: u64 = frames.iter().map(|f| u64::from(f.plain_len)).sum();
-            if len == size.bytes() {
-                seal_segment(&cluster, timeline, *segno, size, ObjectKind::WalSegment)?;
-            } else {
-                current = Some((*segno, len));
-            }
-        }
+        let current = finish_interrupted_seals(&cluster, timeline, size)?;
         let end = cluster.timeline_end(timeline, size)?;
         if !scan.partials.is_empty() {
             return Err(Error::TimelineEnded {
@@ -233,6 +217,34 @@ impl WalWriter {
         }
         self.sealer.flush()
     }
+}
+
+/// Completes what a crash interrupted on `timeline`: seals complete `.open` files and
+/// removes `.open` files whose sealed segment exists. Returns the in-progress segment and
+/// the plaintext length it holds, if any.
+pub(crate) fn finish_interrupted_seals(
+    cluster: &ClusterWal,
+    timeline: TimeLineId,
+    size: SegmentSize,
+) -> Result<Option<(SegmentNo, u64)>, Error> {
+    let scan = layout::scan_timeline(cluster.dir(), timeline, size)?;
+    let mut current = None;
+    for segno in scan.open {
+        if layout::segment_path(cluster.dir(), timeline, segno, size).exists() {
+            let p = layout::open_path(cluster.dir(), timeline, segno, size);
+            klio_durable::remove_durable(&p)
+                .map_err(io_err("remove sealed in-progress file", &p))?;
+            continue;
+        }
+        let (frames, _) = cluster.scan_open_file(timeline, segno, size)?;
+        let len: u64 = frames.iter().map(|f| u64::from(f.plain_len)).sum();
+        if len == size.bytes() {
+            seal_segment(cluster, timeline, segno, size, ObjectKind::WalSegment)?;
+        } else {
+            current = Some((segno, len));
+        }
+    }
+    Ok(current)
 }
 
 fn create_segment(
