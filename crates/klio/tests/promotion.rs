@@ -16,12 +16,7 @@ fn promotion_continues_archive_on_new_timeline_and_recovery_crosses_it() -> anyh
     primary.pgbench_init(2)?;
     let k = Klio::start(&["prom"])?;
     let mut s1 = k.spawn_streamer("prom", &primary, "s1", &[])?;
-    // A base backup taken once archiving runs (the archive starts where streaming starts).
-    k.wait_archived("prom", 1, klio_pg::Lsn(1), Duration::from_secs(60))?;
-    let base = scratch_dir();
-    let base_dir = base.subdir("pgdata")?;
-    std::fs::remove_dir(&base_dir)?;
-    primary.basebackup(&base_dir, &["-X", "none"])?;
+    let (_base, base_dir) = base_backup_once_archiving(&k, "prom", &primary)?;
     let standby = PgCluster::standby_of(&primary, PgOptions::default())?;
     // The standby's streamer waits while it is in recovery.
     let _s2 = k.spawn_streamer("prom", &standby, "s2", &[])?;

@@ -51,12 +51,8 @@ fn wal_stream_matches_pg_receivewal_through_crashes_and_replays() -> anyhow::Res
     let mut k = Klio::start(&["c1"])?;
     let mut recv = PgReceiveWal::start(&pg, Some("recv"))?;
     let mut streamer = k.spawn_streamer("c1", &pg, "streamer", &[])?;
-    // A base backup taken before the load, once archiving runs.
-    k.wait_archived("c1", 1, klio_pg::Lsn(1), Duration::from_secs(60))?;
-    let base = scratch_dir();
-    let base_dir = base.subdir("pgdata")?;
-    std::fs::remove_dir(&base_dir)?;
-    pg.basebackup(&base_dir, &["-X", "none"])?;
+    // A base backup taken before the load.
+    let (_base, base_dir) = base_backup_once_archiving(&k, "c1", &pg)?;
 
     let secs = load_secs();
     let mut load = pgbench_load(&pg, secs)?;

@@ -279,6 +279,21 @@ impl ReplicationConnection {
 
     /// Runs a replication command with the simple query protocol and collects its rows.
     pub(crate) async fn simple_query(&mut self, command: &str) -> Result<QueryResult, Error> {
+        match self.run_command(command, false).await? {
+            CommandOutcome::Rows(result) => Ok(result),
+            CommandOutcome::CopyBoth => Err(Error::protocol(format!(
+                "unexpected CopyBothResponse in response to \"{command}\""
+            ))),
+        }
+    }
+
+    /// Sends `command` and reads until ReadyForQuery, collecting rows; when `copy_both` is
+    /// set, a CopyBothResponse (streaming starts) ends the exchange early.
+    async fn run_command(
+        &mut self,
+        command: &str,
+        copy_both: bool,
+    ) -> Result<CommandOutcome, Error> {
         tracing::trace!(command, "replication command");
         frontend::query(command, &mut self.wire.write_buf)
             .map_err(|e| Error::protocol(format!("cannot encode command: {e}")))?;
@@ -290,6 +305,9 @@ impl ReplicationConnection {
         let mut error = None;
         loop {
             match self.wire.read().await? {
+                Backend::CopyBothResponse if copy_both && error.is_none() => {
+                    return Ok(CommandOutcome::CopyBoth);
+                }
                 Backend::Message(Message::RowDescription(body)) => {
                     result.columns = row_description(&body)?
                 }
@@ -304,7 +322,7 @@ impl ReplicationConnection {
         }
         match error {
             Some(e) => Err(e),
-            None => Ok(result),
+            None => Ok(CommandOutcome::Rows(result)),
         }
     }
 
@@ -418,37 +436,20 @@ impl ReplicationConnection {
             timeline.0
         );
         tracing::debug!(command, "start streaming");
-        frontend::query(&command, &mut self.wire.write_buf)
-            .map_err(|e| Error::protocol(format!("cannot encode command: {e}")))?;
-        self.wire.flush().await?;
-        let mut result = QueryResult {
-            columns: Vec::new(),
-            rows: Vec::new(),
-        };
-        let mut error = None;
-        loop {
-            match self.wire.read().await? {
-                Backend::CopyBothResponse if error.is_none() => {
-                    return Ok(ReplicationStream::streaming(self));
-                }
-                Backend::Message(Message::RowDescription(body)) => {
-                    result.columns = row_description(&body)?
-                }
-                Backend::Message(Message::DataRow(body)) => result.rows.push(data_row(&body)?),
-                Backend::Message(Message::CommandComplete(_)) => {}
-                Backend::Message(Message::ErrorResponse(body)) => {
-                    error = Some(self.wire.error(&body))
-                }
-                Backend::Message(Message::ReadyForQuery(_)) => break,
-                other => return Err(unexpected(&other, &format!("in response to \"{command}\""))),
+        match self.run_command(&command, true).await? {
+            CommandOutcome::CopyBoth => Ok(ReplicationStream::streaming(self)),
+            CommandOutcome::Rows(result) => {
+                let next = next_timeline(&result)?;
+                Ok(ReplicationStream::skipped(self, next))
             }
         }
-        if let Some(e) = error {
-            return Err(e);
-        }
-        let next = next_timeline(&result)?;
-        Ok(ReplicationStream::skipped(self, next))
     }
+}
+
+/// How a command ended: with rows (and ReadyForQuery), or by starting to stream.
+enum CommandOutcome {
+    Rows(QueryResult),
+    CopyBoth,
 }
 
 /// The `(next_tli, next_tli_startpos)` result set sent at the end of a historic timeline.

@@ -289,6 +289,22 @@ pub fn switch_wal(pg: &PgCluster) -> anyhow::Result<Lsn> {
     Ok(pg.psql("SELECT pg_current_wal_lsn()")?.parse()?)
 }
 
+/// Waits until `cluster`'s archive has WAL (the archive starts where streaming starts),
+/// then takes a plain base backup of `pg` without WAL into a new scratch directory.
+/// Returns the scratch directory (keep it alive) and the backup's data directory.
+pub fn base_backup_once_archiving(
+    k: &Klio,
+    cluster: &str,
+    pg: &PgCluster,
+) -> anyhow::Result<(ScratchDir, PathBuf)> {
+    k.wait_archived(cluster, 1, Lsn(1), Duration::from_secs(60))?;
+    let base = scratch_dir();
+    let dir = base.subdir("pgdata")?;
+    std::fs::remove_dir(&dir)?;
+    pg.basebackup(&dir, &["-X", "none"])?;
+    Ok((base, dir))
+}
+
 /// Prepares a restored data directory for archive recovery with `klio wal-get`.
 pub fn configure_recovery(
     data_dir: &Path,
