@@ -30,6 +30,7 @@ PIDS=()
 cleanup() {
   set +e
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  pkill -f "pg_receivewal -h $WORK" 2>/dev/null
   for d in "$WORK"/pg "$WORK"/replay*; do [ -f "$d/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1; done
   wait 2>/dev/null
   rm -rf "$WORK"
@@ -80,6 +81,12 @@ wait_streaming() { # $1 = application_name
   echo "receiver $1 did not start streaming" >&2; exit 1
 }
 
+# runuser does not pass signals on to pg_receivewal: stop it by name.
+stop_recv() {
+  pkill -TERM -f "pg_receivewal -h $WORK" || true
+  for _ in $(seq 100); do pgrep -f "pg_receivewal -h $WORK" >/dev/null || break; sleep 0.1; done
+  wait "$RECV" 2>/dev/null || true
+}
 echo "== pgbench -c4 -j2 -T $SECS, scale $SCALE" >&2
 # pg_receivewal, async then synchronous
 mkdir -p "$WORK/recv"; chown postgres:postgres "$WORK/recv"
@@ -87,13 +94,13 @@ as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/rec
 as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv -d "application_name=recv" 2>"$WORK/recv.log" &
 RECV=$!; PIDS+=($RECV); wait_streaming recv
 TPS_RECV_ASYNC=$(run_pgbench)
-kill $RECV; wait $RECV 2>/dev/null || true
+stop_recv
 as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv --synchronous -d "application_name=recv" 2>>"$WORK/recv.log" &
 RECV=$!; PIDS+=($RECV); wait_streaming recv
 set_sync recv
 TPS_RECV_SYNC=$(run_pgbench)
 set_sync ""
-kill $RECV; wait $RECV 2>/dev/null || true
+stop_recv
 "${PSQL[@]}" -c "SELECT pg_drop_replication_slot('recv')" >/dev/null
 
 # klio wal-stream, async then synchronous

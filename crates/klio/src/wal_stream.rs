@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use klio_pg::{Lsn, SegmentSize, TimeLineId, TimelineHistory};
+use klio_pg::{Lsn, TimeLineId, TimelineHistory};
 use klio_proto::wal::v1 as pb;
 use klio_replication::{ReplicationConfig, ReplicationConnection, StreamMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -220,6 +220,11 @@ async fn session(
         (ident.timeline, s)
     };
 
+    let sync = watch_sync_mode(
+        args.pg_dsn.clone(),
+        args.application_name.clone(),
+        cancel.child_token(),
+    );
     loop {
         tracing::info!(cluster = %cluster, %timeline, %start, "streaming WAL");
         let stream = repl
@@ -233,7 +238,7 @@ async fn session(
             ident.system_id,
             timeline,
             start,
-            size,
+            &sync,
             stream,
             cancel,
         )
@@ -258,7 +263,7 @@ async fn stream_timeline(
     system_id: u64,
     timeline: TimeLineId,
     start: Lsn,
-    _size: SegmentSize,
+    sync: &watch::Receiver<bool>,
     mut repl: klio_replication::ReplicationStream,
     cancel: &CancellationToken,
 ) -> anyhow::Result<(Option<(TimeLineId, Lsn)>, ReplicationConnection)> {
@@ -308,7 +313,7 @@ async fn stream_timeline(
                             match repl.try_next_buffered().map_err(classify_pg)? {
                                 Some(StreamMessage::XLogData { start: s2, data: d2, .. }) => {
                                     if s2 != batch_start.plus(batch.len() as u64) {
-                                        send_data(&req_tx, batch_start, std::mem::take(&mut batch)).await?;
+                                        send_data(&req_tx, batch_start, std::mem::take(&mut batch), *sync.borrow()).await?;
                                         batch_start = s2;
                                     }
                                     batch.extend_from_slice(&d2);
@@ -323,7 +328,7 @@ async fn stream_timeline(
                         }
                         if !batch.is_empty() {
                             written = batch_start.plus(batch.len() as u64);
-                            send_data(&req_tx, batch_start, batch).await?;
+                            send_data(&req_tx, batch_start, batch, *sync.borrow()).await?;
                         }
                         if ended {
                             return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
@@ -361,11 +366,13 @@ async fn send_data(
     tx: &mpsc::Sender<pb::StreamRequest>,
     start: Lsn,
     data: Vec<u8>,
+    flush_now: bool,
 ) -> anyhow::Result<()> {
     let msg = pb::StreamRequest {
         msg: Some(pb::stream_request::Msg::Data(pb::WalData {
             start_lsn: start.0,
             data,
+            flush_now,
         })),
     };
     tx.send(msg)
@@ -420,6 +427,73 @@ async fn finish(
     Ok((Some((next_tli, switch)), conn))
 }
 
+/// Whether PostgreSQL currently names `application_name` in `synchronous_standby_names`,
+/// checked every second on an ordinary connection (the setting can change with a reload).
+/// While it does, every batch asks the server to fsync and acknowledge at once; otherwise
+/// the server batches fsyncs. When the setting cannot be read, synchronous is assumed.
+fn watch_sync_mode(
+    dsn: String,
+    application_name: String,
+    cancel: CancellationToken,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(true);
+    tokio::spawn(async move {
+        let _stop = cancel.clone().drop_guard();
+        loop {
+            let value = async {
+                let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
+                let task = tokio::spawn(conn);
+                loop {
+                    let row = client
+                        .query_one("SHOW synchronous_standby_names", &[])
+                        .await?;
+                    let sync = names_standby(row.get(0), &application_name);
+                    if tx.send(sync).is_err() {
+                        task.abort();
+                        return Ok::<(), tokio_postgres::Error>(());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = cancel.cancelled() => { task.abort(); return Ok(()); }
+                    }
+                }
+            }
+            .await;
+            if value.is_ok() || tx.is_closed() || cancel.is_cancelled() {
+                return;
+            }
+            let _ = tx.send(true);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    });
+    rx
+}
+
+/// Whether a `synchronous_standby_names` value names `name` (or `*`). Handles the
+/// `FIRST n (...)` and `ANY n (...)` forms and double-quoted names.
+fn names_standby(setting: &str, name: &str) -> bool {
+    let inner = match (setting.find('('), setting.rfind(')')) {
+        (Some(a), Some(b)) if a < b => &setting[a + 1..b],
+        _ => setting,
+    };
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .any(|item| {
+            if item == "*" {
+                return true;
+            }
+            match item.strip_prefix('"').and_then(|i| i.strip_suffix('"')) {
+                Some(quoted) => quoted == name,
+                None => item.eq_ignore_ascii_case(name),
+            }
+        })
+}
+
 /// PostgreSQL errors: a removed WAL segment or failed authentication cannot be retried away.
 fn classify_pg(e: klio_replication::Error) -> anyhow::Error {
     if e.is_wal_removed() {
@@ -447,5 +521,24 @@ fn classify_status(what: &str, s: tonic::Status) -> anyhow::Error {
         fatal(format!("{e:#}"))
     } else {
         e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_standby;
+
+    #[test]
+    fn names_standby_reads_every_form() {
+        assert!(names_standby("klio", "klio"));
+        assert!(names_standby("KLIO", "klio"));
+        assert!(names_standby("*", "klio"));
+        assert!(names_standby("FIRST 1 (s1, klio)", "klio"));
+        assert!(names_standby("ANY 2 (s1, \"klio\", s2)", "klio"));
+        assert!(names_standby("2 (s1, klio)", "klio"));
+        assert!(!names_standby("", "klio"));
+        assert!(!names_standby("s1, s2", "klio"));
+        assert!(!names_standby("\"KLIO\"", "klio"));
+        assert!(!names_standby("klio2", "klio"));
     }
 }

@@ -17,7 +17,7 @@ use klio_wal_store::WalStore;
 use tokio_util::sync::CancellationToken;
 
 pub use status::store_status;
-pub use wal_service::{MAX_MESSAGE, WalService};
+pub use wal_service::{ASYNC_FLUSH_INTERVAL, MAX_MESSAGE, WalService};
 
 /// Validated server settings.
 #[derive(Clone, Debug)]

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use klio_pg::{Lsn, SegmentSize, TimeLineId};
@@ -72,9 +73,18 @@ impl WalService {
 }
 
 enum Cmd {
-    Data(Lsn, Vec<u8>),
+    Data {
+        lsn: Lsn,
+        data: Vec<u8>,
+        flush_now: bool,
+    },
     EndTimeline(Lsn),
 }
+
+/// How long received WAL may stay un-fsynced when no synchronous standby waits for it.
+/// Batching fsyncs keeps the archive from competing with PostgreSQL's own WAL flushes;
+/// nothing is acknowledged (so no slot advances) before the fsync.
+pub const ASYNC_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -149,8 +159,18 @@ impl Wal for WalService {
         tracing::info!(cluster = %name, %timeline, %start, "WAL stream opened");
 
         let writer_token = token.clone();
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            run_writer(cluster, timeline, start, lock, writer_token, cmd_rx, ack_tx)
+            run_writer(
+                cluster,
+                timeline,
+                start,
+                lock,
+                writer_token,
+                cmd_rx,
+                ack_tx,
+                rt,
+            )
         });
 
         tokio::spawn(async move {
@@ -162,7 +182,11 @@ impl Wal for WalService {
                 let cmd = match msg {
                     Ok(Some(pb::StreamRequest {
                         msg: Some(pb::stream_request::Msg::Data(d)),
-                    })) => Cmd::Data(Lsn(d.start_lsn), d.data),
+                    })) => Cmd::Data {
+                        lsn: Lsn(d.start_lsn),
+                        data: d.data,
+                        flush_now: d.flush_now,
+                    },
                     Ok(Some(pb::StreamRequest {
                         msg: Some(pb::stream_request::Msg::EndTimeline(e)),
                     })) => Cmd::EndTimeline(Lsn(e.end_lsn)),
@@ -287,6 +311,7 @@ impl Wal for WalService {
 }
 
 /// The blocking side of a stream: applies queued writes, fsyncs, acknowledges.
+#[allow(clippy::too_many_arguments)]
 fn run_writer(
     cluster: ClusterWal,
     timeline: TimeLineId,
@@ -295,6 +320,7 @@ fn run_writer(
     token: CancellationToken,
     mut cmd_rx: mpsc::Receiver<Cmd>,
     ack_tx: mpsc::Sender<Result<pb::StreamResponse, Status>>,
+    rt: tokio::runtime::Handle,
 ) {
     let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     if token.is_cancelled() {
@@ -308,19 +334,44 @@ fn run_writer(
         Ok(w) => w,
         Err(e) => return fail(e),
     };
-    // The first acknowledgement tells the client where the archive really ends.
     let ack = |flush: Lsn, closed: bool| pb::StreamResponse {
         flush_lsn: flush.0,
         timeline: timeline.0,
         timeline_closed: closed,
     };
+    // The first acknowledgement tells the client where the archive really ends.
     if ack_tx
         .blocking_send(Ok(ack(writer.durable(), false)))
         .is_err()
     {
         return;
     }
-    while let Some(first) = cmd_rx.blocking_recv() {
+    let mut last_sync = Instant::now();
+    loop {
+        // With unsynced WAL and nobody waiting, wait for more only until the flush is due.
+        let pending = writer.end() > writer.durable();
+        let first = if pending {
+            let due = ASYNC_FLUSH_INTERVAL.saturating_sub(last_sync.elapsed());
+            match rt.block_on(tokio::time::timeout(due, cmd_rx.recv())) {
+                Ok(c) => c,
+                Err(_elapsed) => {
+                    match writer.sync() {
+                        Ok(durable) => {
+                            last_sync = Instant::now();
+                            if ack_tx.blocking_send(Ok(ack(durable, false))).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => return fail(e),
+                    }
+                    continue;
+                }
+            }
+        } else {
+            cmd_rx.blocking_recv()
+        };
+        let Some(first) = first else { break };
+        let mut flush_now = false;
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             if token.is_cancelled() {
@@ -331,14 +382,18 @@ fn run_writer(
                 return;
             }
             match cmd {
-                Cmd::Data(lsn, data) => {
+                Cmd::Data {
+                    lsn,
+                    data,
+                    flush_now: f,
+                } => {
+                    flush_now |= f;
                     if let Err(e) = writer.write(lsn, &data) {
                         return fail(e);
                     }
                 }
                 Cmd::EndTimeline(at) => {
-                    let result = writer.end_timeline(at);
-                    match result {
+                    match writer.end_timeline(at) {
                         Ok(()) => {
                             tracing::info!(cluster = cluster.name(), %timeline, end = %at, "timeline closed");
                             let _ = ack_tx.blocking_send(Ok(ack(at, true)));
@@ -350,14 +405,21 @@ fn run_writer(
             }
             next = cmd_rx.try_recv().ok();
         }
-        match writer.sync() {
-            Ok(durable) => {
-                if ack_tx.blocking_send(Ok(ack(durable, false))).is_err() {
-                    return;
+        if flush_now || last_sync.elapsed() >= ASYNC_FLUSH_INTERVAL {
+            match writer.sync() {
+                Ok(durable) => {
+                    last_sync = Instant::now();
+                    if ack_tx.blocking_send(Ok(ack(durable, false))).is_err() {
+                        return;
+                    }
                 }
+                Err(e) => return fail(e),
             }
-            Err(e) => return fail(e),
         }
     }
-    // The client went away: everything received has been synced and acknowledged above.
+    // The client went away: make what was received durable (it was not acknowledged, but
+    // there is no reason to lose it).
+    if let Err(e) = writer.sync() {
+        tracing::warn!(cluster = cluster.name(), error = %e, "final sync failed");
+    }
 }
