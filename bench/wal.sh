@@ -24,6 +24,8 @@ KLIO="$CARGO_TARGET_DIR/release/klio"
 as_pg() { runuser -u postgres -- "$@"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 lsn_to_int() { python3 -c 'import sys; h,l=sys.argv[1].split("/"); print((int(h,16)<<32)|int(l,16))' "$1"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+cpu_secs() { python3 -c "print(round(($2 - $1) / $(getconf CLK_TCK), 1))"; }
 peak_rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 
 PIDS=()
@@ -93,7 +95,9 @@ mkdir -p "$WORK/recv"; chown postgres:postgres "$WORK/recv"
 as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv --create-slot >/dev/null 2>&1
 as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv -d "application_name=recv" 2>"$WORK/recv.log" &
 RECV=$!; PIDS+=($RECV); wait_streaming recv
+RECV_PID=$(pgrep -f "pg_receivewal -h $WORK" | tail -1); C0=$(cpu_ticks "$RECV_PID")
 TPS_RECV_ASYNC=$(run_pgbench)
+CPU_RECV_ASYNC=$(cpu_secs "$C0" "$(cpu_ticks "$RECV_PID")")
 stop_recv
 as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv --synchronous -d "application_name=recv" 2>>"$WORK/recv.log" &
 RECV=$!; PIDS+=($RECV); wait_streaming recv
@@ -107,7 +111,9 @@ stop_recv
 START_LSN=$("${PSQL[@]}" -c "SELECT pg_current_wal_lsn()")
 "$KLIO" wal-stream "${CLIENT[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2>"$WORK/stream.log" &
 STREAMER=$!; PIDS+=($STREAMER); wait_streaming klio
+S0=$(cpu_ticks $STREAMER); V0=$(cpu_ticks $SERVER)
 TPS_KLIO_ASYNC=$(run_pgbench)
+CPU_STREAMER_ASYNC=$(cpu_secs "$S0" "$(cpu_ticks $STREAMER)"); CPU_SERVER_ASYNC=$(cpu_secs "$V0" "$(cpu_ticks $SERVER)")
 set_sync klio
 TPS_KLIO_SYNC=$(run_pgbench)
 set_sync ""
@@ -168,4 +174,5 @@ klio wal-stream sync    $TPS_KLIO_SYNC   $(ratio "$TPS_KLIO_SYNC" "$TPS_RECV_SYN
 WAL streamed by klio:   $RAW bytes raw in $SEGS sealed segments; stored $STORED bytes ($(ratio "$RAW" "$STORED")x smaller)
 replay of $REPLAY_SEGS segments: no prefetch ${REPLAY_NOPREFETCH}s, prefetch 8 ${REPLAY_PREFETCH}s ($(ratio "$REPLAY_NOPREFETCH" "$REPLAY_PREFETCH")x faster; target >= 3)
 peak RSS: server ${RSS_SERVER} MB, streamer ${RSS_STREAMER} MB
+CPU during the async run: pg_receivewal ${CPU_RECV_ASYNC}s; klio streamer ${CPU_STREAMER_ASYNC}s + server ${CPU_SERVER_ASYNC}s (of ${SECS}s)
 OUT

@@ -112,7 +112,7 @@ async fn fetch(
             data.len()
         );
     }
-    if blake3::hash(&data).as_bytes().as_slice() != header.blake3.as_slice() {
+    if blake3::hash(&data).as_bytes()[..] != header.blake3[..] {
         anyhow::bail!("WAL file \"{name}\" is corrupt: its content does not match its hash");
     }
     Ok(Some(Fetched {

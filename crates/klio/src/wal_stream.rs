@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use clap::Args;
 use klio_pg::{Lsn, TimeLineId, TimelineHistory};
 use klio_proto::wal::v1 as pb;
@@ -148,7 +149,7 @@ async fn session(
         wal.put_file(pb::PutFileRequest {
             cluster: cluster.clone(),
             name: name.clone(),
-            content: content.clone(),
+            content: content.clone().into(),
         })
         .await
         .map_err(|s| classify_status(&format!("archive history file \"{name}\""), s))?;
@@ -306,29 +307,29 @@ async fn stream_timeline(
                 let msg = msg.map_err(classify_pg)?;
                 match msg {
                     StreamMessage::XLogData { start: s, data, .. } => {
-                        let mut batch_start = s;
-                        let mut batch = data.to_vec();
+                        let mut batch = Batch::new(s, data);
                         // Take whatever else is already received, up to the batch limit.
-                        while batch.len() < max_batch {
+                        while batch.len < max_batch as u64 {
                             match repl.try_next_buffered().map_err(classify_pg)? {
                                 Some(StreamMessage::XLogData { start: s2, data: d2, .. }) => {
-                                    if s2 != batch_start.plus(batch.len() as u64) {
-                                        send_data(&req_tx, batch_start, std::mem::take(&mut batch), *sync.borrow()).await?;
-                                        batch_start = s2;
+                                    if s2 != batch.end() {
+                                        let full = std::mem::replace(&mut batch, Batch::new(s2, d2));
+                                        send_data(&req_tx, full.start, full.into_bytes(), *sync.borrow()).await?;
+                                    } else {
+                                        batch.push(d2);
                                     }
-                                    batch.extend_from_slice(&d2);
                                 }
                                 Some(StreamMessage::Keepalive { reply_requested: true, .. }) => {
-                                    repl.send_status(written.max(batch_start.plus(batch.len() as u64)), flushed, flushed, false).await.map_err(classify_pg)?;
+                                    repl.send_status(written.max(batch.end()), flushed, flushed, false).await.map_err(classify_pg)?;
                                 }
                                 Some(StreamMessage::Keepalive { .. }) => {}
                                 Some(StreamMessage::EndOfStream) => { ended = true; break; }
                                 None => break,
                             }
                         }
-                        if !batch.is_empty() {
-                            written = batch_start.plus(batch.len() as u64);
-                            send_data(&req_tx, batch_start, batch, *sync.borrow()).await?;
+                        if batch.len > 0 {
+                            written = batch.end();
+                            send_data(&req_tx, batch.start, batch.into_bytes(), *sync.borrow()).await?;
                         }
                         if ended {
                             return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
@@ -362,10 +363,48 @@ async fn stream_timeline(
     }
 }
 
+/// Contiguous WAL received from PostgreSQL, kept as the received buffers (no copy unless
+/// several are joined).
+struct Batch {
+    start: Lsn,
+    len: u64,
+    parts: Vec<Bytes>,
+}
+
+impl Batch {
+    fn new(start: Lsn, data: Bytes) -> Batch {
+        Batch {
+            start,
+            len: data.len() as u64,
+            parts: vec![data],
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len() as u64;
+        self.parts.push(data);
+    }
+
+    fn end(&self) -> Lsn {
+        self.start.plus(self.len)
+    }
+
+    fn into_bytes(mut self) -> Bytes {
+        if self.parts.len() == 1 {
+            return self.parts.pop().unwrap_or_default();
+        }
+        let mut out = bytes::BytesMut::with_capacity(self.len as usize);
+        for p in &self.parts {
+            out.extend_from_slice(p);
+        }
+        out.freeze()
+    }
+}
+
 async fn send_data(
     tx: &mpsc::Sender<pb::StreamRequest>,
     start: Lsn,
-    data: Vec<u8>,
+    data: Bytes,
     flush_now: bool,
 ) -> anyhow::Result<()> {
     let msg = pb::StreamRequest {

@@ -75,7 +75,7 @@ impl WalService {
 enum Cmd {
     Data {
         lsn: Lsn,
-        data: Vec<u8>,
+        data: bytes::Bytes,
         flush_now: bool,
     },
     EndTimeline(Lsn),
@@ -248,7 +248,7 @@ impl Wal for WalService {
         tokio::spawn(async move {
             let header = pb::GetHeader {
                 total_len: data.total_len,
-                blake3: data.blake3.to_vec(),
+                blake3: bytes::Bytes::copy_from_slice(&data.blake3),
                 partial: data.partial,
                 segment_size,
             };
@@ -266,7 +266,7 @@ impl Wal for WalService {
                     offset: f.offset,
                     plain_len: f.plain_len,
                     zstd: f.compressed,
-                    payload: f.payload,
+                    payload: f.payload.into(),
                 };
                 if tx
                     .send(Ok(pb::GetResponse {

@@ -325,6 +325,26 @@ impl ClusterWal {
         timeline: TimeLineId,
         size: SegmentSize,
     ) -> Result<Option<Lsn>, Error> {
+        // The background sealer may remove an in-progress file between the directory scan
+        // and its reading; scanning again then sees the sealed segment.
+        let mut attempts = 0;
+        loop {
+            match self.timeline_end_once(timeline, size) {
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn timeline_end_once(
+        &self,
+        timeline: TimeLineId,
+        size: SegmentSize,
+    ) -> Result<Option<Lsn>, Error> {
         let scan = layout::scan_timeline(&self.dir, timeline, size)?;
         let mut end: Option<Lsn> = scan.complete.last().map(|s| s.next().start_lsn(size));
         if let Some(p) = scan.partials.last() {
@@ -535,7 +555,7 @@ impl ClusterWal {
     }
 
     /// Names of the archived files (complete segments, partials, history and backup files;
-    /// not segments still being received), sorted.
+    /// not the segment still being received), sorted.
     pub fn list_files(&self) -> Result<Vec<String>, Error> {
         let size = self.segment_size()?;
         let mut out = Vec::new();
@@ -546,6 +566,27 @@ impl ClusterWal {
                     .iter()
                     .map(|s| WalFileName::segment(tli, *s, size).to_string()),
             );
+            // Complete segments still waiting for the background seal are archived too.
+            for segno in &scan.open {
+                if scan.complete.contains(segno) {
+                    continue;
+                }
+                let complete = match self.scan_open_file(tli, *segno, size) {
+                    Ok((frames, _)) => {
+                        frames.iter().map(|f| u64::from(f.plain_len)).sum::<u64>() == size.bytes()
+                    }
+                    // Sealed (and removed) in the meantime.
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        layout::segment_path(&self.dir, tli, *segno, size).exists()
+                    }
+                    Err(e) => return Err(e),
+                };
+                if complete {
+                    out.push(WalFileName::segment(tli, *segno, size).to_string());
+                }
+            }
             out.extend(scan.partials.iter().map(|s| {
                 WalFileName::Partial {
                     timeline: tli,

@@ -19,8 +19,9 @@ use klio_pg::{Lsn, SegmentNo, SegmentSize, TimeLineId, WalFileName};
 use crate::layout;
 use crate::{ClusterWal, Error, io_err};
 
-/// Frames written while streaming are compressed fast; sealing recompresses.
-const STREAM_LEVEL: i32 = 1;
+/// Frames written while streaming are not compressed (they are short-lived and on the
+/// acknowledgement path); sealing compresses the whole segment.
+const STREAM_LEVEL: Option<i32> = None;
 /// Largest plaintext per streamed frame.
 const MAX_STREAM_FRAME: usize = 4 << 20;
 
@@ -157,7 +158,7 @@ impl WalWriter {
                 .min(MAX_STREAM_FRAME);
             let mut frame = Vec::with_capacity(n / 2 + 64);
             seg.cipher
-                .seal_frame(offset, &data[..n], Some(STREAM_LEVEL), &mut frame);
+                .seal_frame(offset, &data[..n], STREAM_LEVEL, &mut frame);
             let path = layout::open_path(self.cluster.dir(), self.timeline, segno, self.size);
             seg.file
                 .append(&frame)
