@@ -314,7 +314,8 @@ async fn stream_timeline(
                                 Some(StreamMessage::XLogData { start: s2, data: d2, .. }) => {
                                     if s2 != batch.end() {
                                         let full = std::mem::replace(&mut batch, Batch::new(s2, d2));
-                                        send_data(&req_tx, full.start, full.into_bytes(), *sync.borrow()).await?;
+                                        let flush_now = sync_now(sync);
+                                        send_data(&req_tx, full.start, full.into_bytes(), flush_now).await?;
                                     } else {
                                         batch.push(d2);
                                     }
@@ -329,7 +330,8 @@ async fn stream_timeline(
                         }
                         if batch.len > 0 {
                             written = batch.end();
-                            send_data(&req_tx, batch.start, batch.into_bytes(), *sync.borrow()).await?;
+                            let flush_now = sync_now(sync);
+                            send_data(&req_tx, batch.start, batch.into_bytes(), flush_now).await?;
                         }
                         if ended {
                             return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
@@ -464,6 +466,12 @@ async fn finish(
     }
     tracing::info!(%timeline, next = %next_tli, at = %switch, archived_to = %flushed, "timeline switch");
     Ok((Some((next_tli, switch)), conn))
+}
+
+/// The current value of the watch, without holding its lock across an await (a held
+/// borrow would block the watcher's next update).
+fn sync_now(sync: &watch::Receiver<bool>) -> bool {
+    *sync.borrow()
 }
 
 /// Whether PostgreSQL currently names `application_name` in `synchronous_standby_names`,
