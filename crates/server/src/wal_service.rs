@@ -346,6 +346,18 @@ fn run_writer(
     {
         return;
     }
+    // fsync, then acknowledge; false when the stream is over (client gone or error sent).
+    let sync_and_ack =
+        |writer: &mut klio_wal_store::WalWriter, last_sync: &mut Instant| match writer.sync() {
+            Ok(durable) => {
+                *last_sync = Instant::now();
+                ack_tx.blocking_send(Ok(ack(durable, false))).is_ok()
+            }
+            Err(e) => {
+                fail(e);
+                false
+            }
+        };
     let mut last_sync = Instant::now();
     loop {
         // With unsynced WAL and nobody waiting, wait for more only until the flush is due.
@@ -355,14 +367,8 @@ fn run_writer(
             match rt.block_on(tokio::time::timeout(due, cmd_rx.recv())) {
                 Ok(c) => c,
                 Err(_elapsed) => {
-                    match writer.sync() {
-                        Ok(durable) => {
-                            last_sync = Instant::now();
-                            if ack_tx.blocking_send(Ok(ack(durable, false))).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => return fail(e),
+                    if !sync_and_ack(&mut writer, &mut last_sync) {
+                        return;
                     }
                     continue;
                 }
@@ -405,16 +411,10 @@ fn run_writer(
             }
             next = cmd_rx.try_recv().ok();
         }
-        if flush_now || last_sync.elapsed() >= ASYNC_FLUSH_INTERVAL {
-            match writer.sync() {
-                Ok(durable) => {
-                    last_sync = Instant::now();
-                    if ack_tx.blocking_send(Ok(ack(durable, false))).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => return fail(e),
-            }
+        if (flush_now || last_sync.elapsed() >= ASYNC_FLUSH_INTERVAL)
+            && !sync_and_ack(&mut writer, &mut last_sync)
+        {
+            return;
         }
     }
     // The client went away: make what was received durable (it was not acknowledged, but
