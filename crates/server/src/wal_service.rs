@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use klio_pg::{Lsn, SegmentSize, TimeLineId};
 use klio_proto::wal::v1 as pb;
 use klio_proto::wal::v1::wal_server::Wal;
@@ -27,7 +27,7 @@ use crate::status::store_status;
 pub const MAX_MESSAGE: usize = 32 << 20;
 
 struct ClusterSlot {
-    lock: Arc<Mutex<()>>,
+    lock: Arc<tokio::sync::Mutex<()>>,
     current: CancellationToken,
 }
 
@@ -57,7 +57,7 @@ impl WalService {
 
     /// Preempts the current writer of `cluster` and returns the lock and the token of the
     /// new writer.
-    fn take_over(&self, cluster: &str) -> (Arc<Mutex<()>>, CancellationToken) {
+    fn take_over(&self, cluster: &str) -> (Arc<tokio::sync::Mutex<()>>, CancellationToken) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let token = self.shutdown.child_token();
         let slot = slots
@@ -70,15 +70,6 @@ impl WalService {
         slot.current = token.clone();
         (slot.lock.clone(), token)
     }
-}
-
-enum Cmd {
-    Data {
-        lsn: Lsn,
-        data: bytes::Bytes,
-        flush_now: bool,
-    },
-    EndTimeline(Lsn),
 }
 
 /// How long received WAL may stay un-fsynced when no synchronous standby waits for it.
@@ -153,56 +144,20 @@ impl Wal for WalService {
         let timeline = TimeLineId(open.timeline);
         let start = Lsn(open.start_lsn);
         let (lock, token) = self.take_over(&open.cluster);
-        let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>(64);
         let (ack_tx, ack_rx) = mpsc::channel::<Result<pb::StreamResponse, Status>>(64);
-        let name = open.cluster.clone();
-        tracing::info!(cluster = %name, %timeline, %start, "WAL stream opened");
-
-        let writer_token = token.clone();
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            run_writer(
-                cluster,
-                timeline,
-                start,
-                lock,
-                writer_token,
-                cmd_rx,
-                ack_tx,
-                rt,
-            )
-        });
-
+        tracing::info!(cluster = %open.cluster, %timeline, %start, "WAL stream opened");
         tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    _ = token.cancelled() => break,
-                    m = incoming.message() => m,
-                };
-                let cmd = match msg {
-                    Ok(Some(pb::StreamRequest {
-                        msg: Some(pb::stream_request::Msg::Data(d)),
-                    })) => Cmd::Data {
-                        lsn: Lsn(d.start_lsn),
-                        data: d.data,
-                        flush_now: d.flush_now,
-                    },
-                    Ok(Some(pb::StreamRequest {
-                        msg: Some(pb::stream_request::Msg::EndTimeline(e)),
-                    })) => Cmd::EndTimeline(Lsn(e.end_lsn)),
-                    Ok(Some(_)) => {
-                        tracing::warn!(cluster = %name, "unexpected message in WAL stream");
-                        break;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(cluster = %name, error = %e, "WAL stream ended by the client");
-                        break;
-                    }
-                };
-                if cmd_tx.send(cmd).await.is_err() {
-                    break;
-                }
+            // Wait for the previous writer of this cluster (preempted above) to stop.
+            let _guard = tokio::select! {
+                g = lock.lock_owned() => g,
+                _ = token.cancelled() => return,
+            };
+            let name = cluster.name().to_string();
+            if let Err(status) =
+                serve_stream(cluster, timeline, start, incoming, &token, &ack_tx).await
+            {
+                tracing::warn!(cluster = %name, error = %status.message(), "WAL stream failed");
+                let _ = ack_tx.send(Err(status)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
@@ -310,116 +265,106 @@ impl Wal for WalService {
     }
 }
 
-/// The blocking side of a stream: applies queued writes, fsyncs, acknowledges.
-#[allow(clippy::too_many_arguments)]
-fn run_writer(
+/// Applies a stream's requests in batches: everything already received is written, then
+/// (when someone waits, or the flush is due) fsynced, then acknowledged. The blocking file
+/// work runs in `block_in_place`, on the task's own thread, so a synchronous commit costs
+/// no extra thread hand-offs.
+async fn serve_stream(
     cluster: ClusterWal,
     timeline: TimeLineId,
     start: Lsn,
-    lock: Arc<Mutex<()>>,
-    token: CancellationToken,
-    mut cmd_rx: mpsc::Receiver<Cmd>,
-    ack_tx: mpsc::Sender<Result<pb::StreamResponse, Status>>,
-    rt: tokio::runtime::Handle,
-) {
-    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-    if token.is_cancelled() {
-        return;
-    }
-    let fail = |e: klio_wal_store::Error| {
-        tracing::warn!(cluster = cluster.name(), error = %e, "WAL stream failed");
-        let _ = ack_tx.blocking_send(Err(store_status(e)));
-    };
-    let mut writer = match cluster.writer(timeline, start) {
-        Ok(w) => w,
-        Err(e) => return fail(e),
-    };
+    mut incoming: Streaming<pb::StreamRequest>,
+    token: &CancellationToken,
+    ack_tx: &mpsc::Sender<Result<pb::StreamResponse, Status>>,
+) -> Result<(), Status> {
     let ack = |flush: Lsn, closed: bool| pb::StreamResponse {
         flush_lsn: flush.0,
         timeline: timeline.0,
         timeline_closed: closed,
     };
+    let mut writer =
+        tokio::task::block_in_place(|| cluster.writer(timeline, start)).map_err(store_status)?;
     // The first acknowledgement tells the client where the archive really ends.
-    if ack_tx
-        .blocking_send(Ok(ack(writer.durable(), false)))
-        .is_err()
-    {
-        return;
+    if ack_tx.send(Ok(ack(writer.durable(), false))).await.is_err() {
+        return Ok(());
     }
-    // fsync, then acknowledge; false when the stream is over (client gone or error sent).
-    let sync_and_ack =
-        |writer: &mut klio_wal_store::WalWriter, last_sync: &mut Instant| match writer.sync() {
-            Ok(durable) => {
-                *last_sync = Instant::now();
-                ack_tx.blocking_send(Ok(ack(durable, false))).is_ok()
-            }
-            Err(e) => {
-                fail(e);
-                false
-            }
-        };
     let mut last_sync = Instant::now();
     loop {
-        // With unsynced WAL and nobody waiting, wait for more only until the flush is due.
         let pending = writer.end() > writer.durable();
-        let first = if pending {
-            let due = ASYNC_FLUSH_INTERVAL.saturating_sub(last_sync.elapsed());
-            match rt.block_on(tokio::time::timeout(due, cmd_rx.recv())) {
-                Ok(c) => c,
-                Err(_elapsed) => {
-                    if !sync_and_ack(&mut writer, &mut last_sync) {
-                        return;
-                    }
-                    continue;
-                }
+        let due = tokio::time::Instant::from_std(last_sync + ASYNC_FLUSH_INTERVAL);
+        let msg = tokio::select! {
+            _ = token.cancelled() => {
+                tracing::info!(cluster = cluster.name(), "WAL stream preempted by a newer stream");
+                break;
             }
-        } else {
-            cmd_rx.blocking_recv()
+            _ = tokio::time::sleep_until(due), if pending => {
+                let durable = tokio::task::block_in_place(|| writer.sync()).map_err(store_status)?;
+                last_sync = Instant::now();
+                if ack_tx.send(Ok(ack(durable, false))).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            m = incoming.message() => m,
         };
-        let Some(first) = first else { break };
-        let mut flush_now = false;
-        let mut next = Some(first);
-        while let Some(cmd) = next.take() {
-            if token.is_cancelled() {
-                tracing::info!(
-                    cluster = cluster.name(),
-                    "WAL stream preempted by a newer stream"
-                );
-                return;
+        let first = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::info!(cluster = cluster.name(), error = %e, "WAL stream ended by the client");
+                break;
             }
-            match cmd {
-                Cmd::Data {
-                    lsn,
-                    data,
-                    flush_now: f,
-                } => {
-                    flush_now |= f;
-                    if let Err(e) = writer.write(lsn, &data) {
-                        return fail(e);
-                    }
-                }
-                Cmd::EndTimeline(at) => {
-                    match writer.end_timeline(at) {
-                        Ok(()) => {
-                            tracing::info!(cluster = cluster.name(), %timeline, end = %at, "timeline closed");
-                            let _ = ack_tx.blocking_send(Ok(ack(at, true)));
-                        }
-                        Err(e) => fail(e),
-                    }
-                    return;
-                }
-            }
-            next = cmd_rx.try_recv().ok();
+        };
+        // Everything already received joins this batch.
+        let mut batch = vec![first];
+        while let Some(Ok(Some(m))) = incoming.message().now_or_never() {
+            batch.push(m);
         }
-        if (flush_now || last_sync.elapsed() >= ASYNC_FLUSH_INTERVAL)
-            && !sync_and_ack(&mut writer, &mut last_sync)
-        {
-            return;
+        let mut flush_now = false;
+        let mut end_at = None;
+        for req in &batch {
+            match &req.msg {
+                Some(pb::stream_request::Msg::Data(d)) => flush_now |= d.flush_now,
+                Some(pb::stream_request::Msg::EndTimeline(e)) => end_at = Some(Lsn(e.end_lsn)),
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "unexpected message in a WAL stream",
+                    ));
+                }
+            }
+        }
+        let sync = flush_now || end_at.is_some() || last_sync.elapsed() >= ASYNC_FLUSH_INTERVAL;
+        let durable =
+            tokio::task::block_in_place(|| -> Result<Option<Lsn>, klio_wal_store::Error> {
+                for req in batch {
+                    if let Some(pb::stream_request::Msg::Data(d)) = req.msg {
+                        writer.write(Lsn(d.start_lsn), &d.data)?;
+                    }
+                }
+                if sync {
+                    writer.sync().map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .map_err(store_status)?;
+        if let Some(at) = end_at {
+            tokio::task::block_in_place(|| writer.end_timeline(at)).map_err(store_status)?;
+            tracing::info!(cluster = cluster.name(), %timeline, end = %at, "timeline closed");
+            let _ = ack_tx.send(Ok(ack(at, true))).await;
+            return Ok(());
+        }
+        if let Some(durable) = durable {
+            last_sync = Instant::now();
+            if ack_tx.send(Ok(ack(durable, false))).await.is_err() {
+                break;
+            }
         }
     }
-    // The client went away: make what was received durable (it was not acknowledged, but
-    // there is no reason to lose it).
-    if let Err(e) = writer.sync() {
+    // The client went away or was preempted: make what was received durable (it was not
+    // acknowledged, but there is no reason to lose it).
+    if let Err(e) = tokio::task::block_in_place(|| writer.sync()) {
         tracing::warn!(cluster = cluster.name(), error = %e, "final sync failed");
     }
+    Ok(())
 }
