@@ -2,7 +2,7 @@
 # WAL benchmark: klio wal-stream against pg_receivewal on the same PostgreSQL and the same
 # pgbench script, in one run, then prints ratios.
 #
-#   bash bench/wal.sh            # defaults: scale 20, 60 s per pgbench run
+#   bash bench/wal.sh            # defaults: scale 20, 30 s per pgbench run, 8 runs in ABBA order
 #   SCALE=50 SECS=120 bash bench/wal.sh
 #
 # Measures: TPS with each receiver, async and as the only synchronous standby; WAL bytes
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/klio-target}"
 PG_BIN="${KLIO_PG_BIN:-/usr/lib/postgresql/15/bin}"
 SCALE="${SCALE:-20}"
-SECS="${SECS:-60}"
+SECS="${SECS:-30}"
 WORK="$(mktemp -d /tmp/klio-bench-XXXXXX)"
 chown postgres:postgres "$WORK"
 
@@ -76,8 +76,8 @@ set_sync() { # $1 = application_name or empty
   "${PSQL[@]}" -c "ALTER SYSTEM SET synchronous_standby_names = '$1'" -c "SELECT pg_reload_conf()" >/dev/null
 }
 wait_streaming() { # $1 = application_name
-  for _ in $(seq 200); do
-    [ "$("${PSQL[@]}" -c "SELECT count(*) FROM pg_stat_replication WHERE application_name = '$1' AND state = 'streaming'")" = 1 ] && return
+  for _ in $(seq 600); do
+    [ "$("${PSQL[@]}" -c "SELECT count(*) FROM pg_stat_replication WHERE application_name = '$1' AND state IN ('streaming', 'catchup')")" = 1 ] && return
     sleep 0.1
   done
   echo "receiver $1 did not start streaming" >&2; exit 1
@@ -93,39 +93,62 @@ echo "== pgbench -c4 -j2 -T $SECS, scale $SCALE" >&2
 # pg_receivewal, async then synchronous
 mkdir -p "$WORK/recv"; chown postgres:postgres "$WORK/recv"
 as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv --create-slot >/dev/null 2>&1
-as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv -d "application_name=recv" 2>"$WORK/recv.log" &
-RECV=$!; PIDS+=($RECV); wait_streaming recv
-RECV_PID=$(pgrep -f "pg_receivewal -h $WORK" | tail -1); C0=$(cpu_ticks "$RECV_PID")
-TPS_RECV_ASYNC=$(run_pgbench)
-CPU_RECV_ASYNC=$(cpu_secs "$C0" "$(cpu_ticks "$RECV_PID")")
-stop_recv
-as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv --synchronous -d "application_name=recv" 2>>"$WORK/recv.log" &
-RECV=$!; PIDS+=($RECV); wait_streaming recv
-set_sync recv
-TPS_RECV_SYNC=$(run_pgbench)
-set_sync ""
-stop_recv
+
+wait_caught_up() { # $1 = application_name: its reported flush reaches the current WAL end
+  for _ in $(seq 3000); do
+    [ "$("${PSQL[@]}" -c "SELECT coalesce(bool_and(flush_lsn >= pg_current_wal_lsn()), false) FROM pg_stat_replication WHERE application_name = '$1'")" = t ] && return
+    sleep 0.1
+  done
+  echo "receiver $1 did not catch up" >&2; exit 1
+}
+CPU_RECV=0; CPU_STREAMER=0; CPU_SERVER=0
+recv_run() { # $1 = async|sync; sets TPS
+  local extra=(); [ "$1" = sync ] && extra=(--synchronous)
+  as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv "${extra[@]}" \
+    -d "application_name=recv" 2>>"$WORK/recv.log" &
+  RECV=$!; PIDS+=($RECV); wait_streaming recv; wait_caught_up recv
+  [ "$1" = sync ] && set_sync recv
+  local pid c0 tps; pid=$(pgrep -f "pg_receivewal -h $WORK" | tail -1); c0=$(cpu_ticks "$pid")
+  tps=$(run_pgbench)
+  [ "$1" = async ] && CPU_RECV=$(python3 -c "print($CPU_RECV + $(cpu_secs "$c0" "$(cpu_ticks "$pid")"))")
+  set_sync ""; stop_recv; TPS=$tps
+}
+klio_run() { # $1 = async|sync; sets TPS
+  "$KLIO" wal-stream "${CLIENT[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2>>"$WORK/stream.log" &
+  STREAMER=$!; PIDS+=($STREAMER); wait_streaming klio; wait_caught_up klio
+  [ "$1" = sync ] && set_sync klio
+  local s0 v0 tps; s0=$(cpu_ticks $STREAMER); v0=$(cpu_ticks $SERVER)
+  tps=$(run_pgbench)
+  if [ "$1" = async ]; then
+    CPU_STREAMER=$(python3 -c "print($CPU_STREAMER + $(cpu_secs "$s0" "$(cpu_ticks $STREAMER)"))")
+    CPU_SERVER=$(python3 -c "print($CPU_SERVER + $(cpu_secs "$v0" "$(cpu_ticks $SERVER)"))")
+  fi
+  RSS_STREAMER=$(peak_rss_mb $STREAMER)
+  set_sync ""; kill $STREAMER; wait $STREAMER 2>/dev/null || true; TPS=$tps
+}
+mean() { python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print(round(sum(v)/len(v), 1))" "$@"; }
+
+# ABBA order, each receiver caught up before its run, so that neither gets the fresher
+# database or the other's backlog.
+recv_run async; A1=$TPS; klio_run async; A2=$TPS; klio_run async; A3=$TPS; recv_run async; A4=$TPS
+klio_run sync; S1=$TPS; recv_run sync; S2=$TPS; recv_run sync; S3=$TPS; klio_run sync; S4=$TPS
+TPS_RECV_ASYNC=$(mean "$A1" "$A4"); TPS_KLIO_ASYNC=$(mean "$A2" "$A3")
+TPS_RECV_SYNC=$(mean "$S2" "$S3"); TPS_KLIO_SYNC=$(mean "$S1" "$S4")
+CPU_RECV_ASYNC=$CPU_RECV; CPU_STREAMER_ASYNC=$CPU_STREAMER; CPU_SERVER_ASYNC=$CPU_SERVER
 "${PSQL[@]}" -c "SELECT pg_drop_replication_slot('recv')" >/dev/null
 
-# klio wal-stream, async then synchronous
-START_LSN=$("${PSQL[@]}" -c "SELECT pg_current_wal_lsn()")
-"$KLIO" wal-stream "${CLIENT[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2>"$WORK/stream.log" &
+# The streamer stays up for the archive-size and replay measurements.
+"$KLIO" wal-stream "${CLIENT[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2>>"$WORK/stream.log" &
 STREAMER=$!; PIDS+=($STREAMER); wait_streaming klio
-S0=$(cpu_ticks $STREAMER); V0=$(cpu_ticks $SERVER)
-TPS_KLIO_ASYNC=$(run_pgbench)
-CPU_STREAMER_ASYNC=$(cpu_secs "$S0" "$(cpu_ticks $STREAMER)"); CPU_SERVER_ASYNC=$(cpu_secs "$V0" "$(cpu_ticks $SERVER)")
-set_sync klio
-TPS_KLIO_SYNC=$(run_pgbench)
-set_sync ""
 END_LSN=$("${PSQL[@]}" -c "SELECT pg_switch_wal()")
 for _ in $(seq 600); do
   A=$("$KLIO" wal-list "${CLIENT[@]}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["end_lsn"])')
   [ "$(lsn_to_int "$A")" -ge "$(lsn_to_int "$END_LSN")" ] && break; sleep 0.2
 done
-RSS_SERVER=$(peak_rss_mb $SERVER); RSS_STREAMER=$(peak_rss_mb $STREAMER)
-RAW=$(( $(lsn_to_int "$END_LSN") - $(lsn_to_int "$START_LSN") ))
-STORED=$(du -sb "$WORK/klio/wal" | cut -f1)
+RSS_SERVER=$(peak_rss_mb $SERVER)
 SEGS=$(ls "$WORK/klio/wal/bench/00000001" | grep -c '^[0-9A-F]\{24\}$')
+RAW=$((SEGS * 16777216))
+STORED=$(find "$WORK/klio/wal/bench/00000001" -regex '.*/[0-9A-F]\{24\}$' -printf '%s\n' | awk '{s += $1} END {print s}')
 
 # Replay: a base backup, then one more pgbench run archived by klio; the same WAL is
 # replayed from the archive twice, with and without prefetch.
@@ -176,16 +199,16 @@ fi
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 cat <<OUT
 
-WAL benchmark (pgbench -c4 -j2 -T $SECS, scale $SCALE; one run, same PostgreSQL)
+WAL benchmark (pgbench -c4 -j2 -T $SECS, scale $SCALE; one run of 8, ABBA order, same PostgreSQL; TPS = mean of 2)
                           TPS        vs pg_receivewal
-pg_receivewal async     $TPS_RECV_ASYNC
-klio wal-stream async   $TPS_KLIO_ASYNC   $(ratio "$TPS_KLIO_ASYNC" "$TPS_RECV_ASYNC")x   (target >= 0.9)
-pg_receivewal sync      $TPS_RECV_SYNC
-klio wal-stream sync    $TPS_KLIO_SYNC   $(ratio "$TPS_KLIO_SYNC" "$TPS_RECV_SYNC")x   (target >= 0.9)
+pg_receivewal async     $TPS_RECV_ASYNC   (runs: $A1 $A4)
+klio wal-stream async   $TPS_KLIO_ASYNC   (runs: $A2 $A3)   $(ratio "$TPS_KLIO_ASYNC" "$TPS_RECV_ASYNC")x   (target >= 0.9)
+pg_receivewal sync      $TPS_RECV_SYNC   (runs: $S2 $S3)
+klio wal-stream sync    $TPS_KLIO_SYNC   (runs: $S1 $S4)   $(ratio "$TPS_KLIO_SYNC" "$TPS_RECV_SYNC")x   (target >= 0.9)
 
-WAL streamed by klio:   $RAW bytes raw in $SEGS sealed segments; stored $STORED bytes ($(ratio "$RAW" "$STORED")x smaller)
+WAL archived by klio:   $SEGS complete segments, $RAW bytes raw, stored in $STORED bytes ($(ratio "$RAW" "$STORED")x smaller)
 replay of $REPLAY_SEGS segments: no prefetch ${REPLAY_NOPREFETCH}s, prefetch 8 ${REPLAY_PREFETCH}s ($(ratio "$REPLAY_NOPREFETCH" "$REPLAY_PREFETCH")x faster; target >= 3)
 ${REPLAY_NET}
 peak RSS: server ${RSS_SERVER} MB, streamer ${RSS_STREAMER} MB
-CPU during the async run: pg_receivewal ${CPU_RECV_ASYNC}s; klio streamer ${CPU_STREAMER_ASYNC}s + server ${CPU_SERVER_ASYNC}s (of ${SECS}s)
+CPU during the async runs: pg_receivewal ${CPU_RECV_ASYNC}s; klio streamer ${CPU_STREAMER_ASYNC}s + server ${CPU_SERVER_ASYNC}s (of 2 x ${SECS}s)
 OUT
