@@ -94,9 +94,9 @@ echo "== pgbench -c4 -j2 -T $SECS, scale $SCALE" >&2
 mkdir -p "$WORK/recv"; chown postgres:postgres "$WORK/recv"
 as_pg "$PG_BIN/pg_receivewal" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/recv" --slot recv --create-slot >/dev/null 2>&1
 
-wait_caught_up() { # $1 = application_name: its reported flush reaches the current WAL end
+wait_caught_up() { # $1 = application_name: the walsender has sent it everything
   for _ in $(seq 3000); do
-    [ "$("${PSQL[@]}" -c "SELECT coalesce(bool_and(flush_lsn >= pg_current_wal_lsn()), false) FROM pg_stat_replication WHERE application_name = '$1'")" = t ] && return
+    [ "$("${PSQL[@]}" -c "SELECT coalesce(bool_and(sent_lsn >= pg_current_wal_lsn()), false) FROM pg_stat_replication WHERE application_name = '$1'")" = t ] && return
     sleep 0.1
   done
   echo "receiver $1 did not catch up" >&2; exit 1
