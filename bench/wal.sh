@@ -148,7 +148,7 @@ done
 RSS_SERVER=$(peak_rss_mb $SERVER)
 SEGS=$(ls "$WORK/klio/wal/bench/00000001" | grep -c '^[0-9A-F]\{24\}$')
 RAW=$((SEGS * 16777216))
-STORED=$(find "$WORK/klio/wal/bench/00000001" -regex '.*/[0-9A-F]\{24\}$' -printf '%s\n' | awk '{s += $1} END {print s}')
+STORED=$(find "$WORK/klio/wal/bench/00000001" -regextype posix-extended -regex '.*/[0-9A-F]{24}' -printf '%s\n' | awk '{s += $1} END {print s}')
 
 # Replay: a base backup, then one more pgbench run archived by klio; the same WAL is
 # replayed from the archive twice, with and without prefetch.

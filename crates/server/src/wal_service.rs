@@ -72,6 +72,16 @@ impl WalService {
     }
 }
 
+/// The most WAL one write batch takes before it is written out.
+const MAX_BATCH: usize = 16 << 20;
+
+fn request_len(r: &pb::StreamRequest) -> usize {
+    match &r.msg {
+        Some(pb::stream_request::Msg::Data(d)) => d.data.len(),
+        _ => 0,
+    }
+}
+
 /// How long received WAL may stay un-fsynced when no synchronous standby waits for it.
 /// Batching fsyncs keeps the archive from competing with PostgreSQL's own WAL flushes;
 /// nothing is acknowledged (so no slot advances) before the fsync.
@@ -315,9 +325,14 @@ async fn serve_stream(
                 break;
             }
         };
-        // Everything already received joins this batch.
+        // What is already received joins this batch, up to MAX_BATCH bytes (taking more
+        // would let a catching-up client stream into memory unchecked).
+        let mut batch_bytes = request_len(&first);
         let mut batch = vec![first];
-        while let Some(Ok(Some(m))) = incoming.message().now_or_never() {
+        while batch_bytes < MAX_BATCH
+            && let Some(Ok(Some(m))) = incoming.message().now_or_never()
+        {
+            batch_bytes += request_len(&m);
             batch.push(m);
         }
         let mut flush_now = false;

@@ -1,0 +1,204 @@
+//! Names of stored things: 32-byte ids shown as 64 hex digits, backup ids, cluster names.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+macro_rules! hex_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(pub [u8; 32]);
+
+        impl $name {
+            pub fn as_bytes(&self) -> &[u8; 32] {
+                &self.0
+            }
+
+            /// Lowercase hex, as in object keys.
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.to_hex())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($what, "({})"), self.to_hex())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                let lower = s.len() == 64
+                    && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                let bytes = hex::decode(s).ok().filter(|_| lower);
+                match bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+                    Some(b) => Ok($name(b)),
+                    None => Err(format!(
+                        concat!("invalid ", $what, " \"{}\": expected 64 lowercase hex digits"),
+                        s
+                    )),
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.to_hex()
+            }
+        }
+    };
+}
+
+hex_id!(
+    /// The keyed BLAKE3 hash of a block's plaintext (see [`Repository::block_id`](crate::Repository::block_id)).
+    BlockId,
+    "block id"
+);
+hex_id!(
+    /// The keyed BLAKE3 hash of a blocklist's encoded plaintext.
+    BlocklistId,
+    "blocklist id"
+);
+hex_id!(
+    /// 32 random bytes naming a pack object.
+    PackId,
+    "pack id"
+);
+
+impl PackId {
+    pub(crate) fn random() -> PackId {
+        PackId(klio_crypto::random_bytes())
+    }
+
+    /// The first two hex digits: the fan-out directory of the object.
+    pub(crate) fn fanout(&self) -> String {
+        hex::encode(&self.0[..1])
+    }
+}
+
+impl BlocklistId {
+    /// The first two hex digits: the fan-out directory of the object.
+    pub(crate) fn fanout(&self) -> String {
+        hex::encode(&self.0[..1])
+    }
+}
+
+/// A backup's id: `backup-YYYYMMDDhhmmss`, the backup's start time (UTC) to the second.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackupId(String);
+
+impl BackupId {
+    /// Validates `s`: the prefix `backup-`, then 14 digits forming a plausible date and time
+    /// (month 01–12, day 01–31, hour 00–23, minute and second 00–59).
+    pub fn new(s: &str) -> Result<BackupId, Error> {
+        let bad = || Error::InvalidBackupId(s.to_string());
+        let digits = s.strip_prefix("backup-").ok_or_else(bad)?;
+        if digits.len() != 14 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let field = |r: std::ops::Range<usize>| digits[r].parse::<u32>().unwrap_or(u32::MAX);
+        let (month, day) = (field(4..6), field(6..8));
+        let (hour, minute, second) = (field(8..10), field(10..12), field(12..14));
+        let plausible = (1..=12).contains(&month)
+            && (1..=31).contains(&day)
+            && hour < 24
+            && minute < 60
+            && second < 60;
+        if !plausible {
+            return Err(bad());
+        }
+        Ok(BackupId(s.to_string()))
+    }
+
+    /// The id of a backup started at `year`-`month`-`day` `hour`:`minute`:`second` UTC.
+    pub fn from_parts(
+        year: u32,
+        month: u32,
+        day: u32,
+        hour: u32,
+        minute: u32,
+        second: u32,
+    ) -> Result<BackupId, Error> {
+        BackupId::new(&format!(
+            "backup-{year:04}{month:02}{day:02}{hour:02}{minute:02}{second:02}"
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BackupId({})", self.0)
+    }
+}
+
+impl FromStr for BackupId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<BackupId, Error> {
+        BackupId::new(s)
+    }
+}
+
+impl TryFrom<String> for BackupId {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<BackupId, Error> {
+        BackupId::new(&s)
+    }
+}
+
+impl From<BackupId> for String {
+    fn from(id: BackupId) -> String {
+        id.0
+    }
+}
+
+/// Checks a cluster name: lowercase letters, digits, `-` and `.`, 1 to 63 characters,
+/// starting and ending with a letter or digit (the WAL store's rule, so names are safe path
+/// components and object key components).
+pub fn validate_cluster_name(name: &str) -> Result<(), Error> {
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.';
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = name.as_bytes();
+    let ok = (1..=63).contains(&bytes.len())
+        && bytes.iter().all(|&b| allowed(b))
+        && bytes.first().is_some_and(|&b| alnum(b))
+        && bytes.last().is_some_and(|&b| alnum(b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidClusterName(name.to_string()))
+    }
+}

@@ -1,0 +1,593 @@
+//! [`Repository`]: the repository's config and keys, the block index, and the reading and
+//! writing of blocks, blocklists and manifests.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+
+use klio_crypto::{MasterKey, ObjectKind, open_object, seal_object};
+use serde::{Deserialize, Serialize};
+
+use crate::index::{self, BlockIndex, PackSection};
+use crate::pack::{open_block_frame, pack_cipher};
+use crate::{
+    BackupId, BlockId, BlocklistId, Error, Manifest, ObjectStore, PackId, PackWriter, blocklist,
+    sealed_error, validate_cluster_name,
+};
+
+/// The largest block: what one frame of a complete sealed object may carry.
+pub const MAX_BLOCK_SIZE: usize = 1 << 20;
+/// The most block ids in one blocklist.
+pub const MAX_BLOCKLIST_LEN: usize = 1 << 20;
+/// Default size at which a pack is closed.
+pub const DEFAULT_PACK_TARGET_SIZE: usize = 32 << 20;
+/// Default zstd level for blocks and metadata.
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+
+const CONFIG_KEY: &str = "config";
+const KEY_ENVELOPE_KEY: &str = "keys.json";
+const CONFIG_FORMAT: &str = "klio-repository/1";
+const BLOCK_ID_CONTEXT: &str = "klio repository block id v1";
+const BLOCKLIST_ID_CONTEXT: &str = "klio repository blocklist id v1";
+
+pub(crate) fn pack_name(id: &PackId) -> String {
+    format!("pack/{id}")
+}
+
+pub(crate) fn pack_key(id: &PackId) -> String {
+    format!("packs/{}/{id}", id.fanout())
+}
+
+/// Index objects are bound to their key as their name.
+pub(crate) fn index_key(index_id_hex: &str) -> String {
+    format!("index/{index_id_hex}")
+}
+
+pub(crate) fn blocklist_key(id: &BlocklistId) -> String {
+    format!("blocklists/{}/{id}", id.fanout())
+}
+
+fn blocklist_name(id: &BlocklistId) -> String {
+    format!("blocklist/{id}")
+}
+
+pub(crate) fn manifest_key(cluster: &str, backup_id: &BackupId) -> String {
+    format!("manifests/{cluster}/{backup_id}")
+}
+
+fn manifest_name(cluster: &str, backup_id: &BackupId) -> String {
+    format!("manifest/{cluster}/{backup_id}")
+}
+
+/// Tunables of a [`Repository`] handle (not part of the format: readers need none of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RepositoryOptions {
+    /// zstd level for blocks and metadata; `None` stores everything uncompressed. Data is
+    /// only stored compressed when that saves at least 64 bytes.
+    pub compression_level: Option<i32>,
+    /// A pack is written once its stored size reaches this many bytes.
+    pub pack_target_size: usize,
+}
+
+impl Default for RepositoryOptions {
+    fn default() -> RepositoryOptions {
+        RepositoryOptions {
+            compression_level: Some(DEFAULT_COMPRESSION_LEVEL),
+            pack_target_size: DEFAULT_PACK_TARGET_SIZE,
+        }
+    }
+}
+
+impl RepositoryOptions {
+    fn validate(&self) -> Result<(), Error> {
+        if let Some(level) = self.compression_level
+            && !(-7..=22).contains(&level)
+        {
+            return Err(Error::InvalidOption {
+                option: "compression_level",
+                reason: format!("{level} is not a zstd level from -7 to 22"),
+            });
+        }
+        if !(1..=1 << 30).contains(&self.pack_target_size) {
+            return Err(Error::InvalidOption {
+                option: "pack_target_size",
+                reason: format!("{} is not from 1 byte to 1 GiB", self.pack_target_size),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The `config` object.
+#[derive(Serialize, Deserialize)]
+struct ConfigFile {
+    format: String,
+    repository_id: String,
+    key_id: String,
+    /// hex of a sealed object named `config/<repository_id>` holding [`Secrets`]
+    secrets: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Secrets {
+    /// hex, 32 bytes
+    id_key: String,
+}
+
+/// The repository's keys, from `config`.
+struct Keys {
+    repository_id: String,
+    block: [u8; 32],
+    blocklist: [u8; 32],
+}
+
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    master: MasterKey,
+    options: RepositoryOptions,
+    keys: Keys,
+    index: RwLock<BlockIndex>,
+    /// Index objects that could not be read at open: (key, reason).
+    damaged_indexes: Vec<(String, String)>,
+    /// Blocklists known to exist (written or read by this handle).
+    known_blocklists: Mutex<HashSet<BlocklistId>>,
+}
+
+/// An open repository. Cheap to clone; clones share the block index. `Send + Sync`.
+#[derive(Clone)]
+pub struct Repository {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("location", &self.inner.store.location())
+            .field("repository_id", &self.inner.keys.repository_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Repository {
+    /// Opens the repository in `store`: reads `config` (checking that `master` is the key it
+    /// was created with) and loads every index object.
+    pub fn open(
+        store: Arc<dyn ObjectStore>,
+        master: MasterKey,
+        options: RepositoryOptions,
+    ) -> Result<Repository, Error> {
+        options.validate()?;
+        let raw = store
+            .get(CONFIG_KEY)?
+            .ok_or_else(|| Error::NotARepository {
+                location: store.location(),
+            })?;
+        let keys = read_config(store.as_ref(), &master, &raw)?;
+        let (index, damaged_indexes) = load_index(store.as_ref(), &master)?;
+        tracing::info!(
+            location = %store.location(),
+            repository_id = %keys.repository_id,
+            blocks = index.len(),
+            packs = index.pack_count(),
+            damaged_indexes = damaged_indexes.len(),
+            "opened repository"
+        );
+        Ok(Repository {
+            inner: Arc::new(Inner {
+                store,
+                master,
+                options,
+                keys,
+                index: RwLock::new(index),
+                damaged_indexes,
+                known_blocklists: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// Opens the repository in `store`, first creating it (its `config`, with a new random
+    /// id key) if the store is empty. A store holding other objects (except `keys.json`) but
+    /// no `config` is refused. Two processes creating the same repository at once is safe:
+    /// the first `config` written wins and both use it.
+    pub fn open_or_init(
+        store: Arc<dyn ObjectStore>,
+        master: MasterKey,
+        options: RepositoryOptions,
+    ) -> Result<Repository, Error> {
+        options.validate()?;
+        if !store.exists(CONFIG_KEY)? {
+            let foreign = store.list("")?.into_iter().any(|k| k != KEY_ENVELOPE_KEY);
+            if foreign {
+                return Err(Error::NotEmpty {
+                    location: store.location(),
+                });
+            }
+            store.put(CONFIG_KEY, &new_config(&master))?;
+            tracing::info!(location = %store.location(), "created repository");
+        }
+        Repository::open(store, master, options)
+    }
+
+    pub(crate) fn store(&self) -> &dyn ObjectStore {
+        self.inner.store.as_ref()
+    }
+
+    pub(crate) fn master(&self) -> &MasterKey {
+        &self.inner.master
+    }
+
+    pub fn options(&self) -> &RepositoryOptions {
+        &self.inner.options
+    }
+
+    /// The repository's random id (from `config`).
+    pub fn repository_id(&self) -> &str {
+        &self.inner.keys.repository_id
+    }
+
+    /// Where the repository is (for messages).
+    pub fn location(&self) -> String {
+        self.inner.store.location()
+    }
+
+    fn index(&self) -> RwLockReadGuard<'_, BlockIndex> {
+        // The index is only modified by complete, non-panicking operations.
+        self.inner
+            .index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn index_add(&self, section: &PackSection) {
+        self.inner
+            .index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(section);
+    }
+
+    pub(crate) fn locate(&self, id: &BlockId) -> Option<index::Located> {
+        self.index().locate(id)
+    }
+
+    /// Index objects that could not be read when the repository was opened, with the
+    /// reason; their blocks count as missing.
+    pub fn damaged_indexes(&self) -> &[(String, String)] {
+        &self.inner.damaged_indexes
+    }
+
+    /// The id of a block: keyed BLAKE3 of its plaintext under the repository's block key.
+    pub fn block_id(&self, plaintext: &[u8]) -> BlockId {
+        BlockId(*blake3::keyed_hash(&self.inner.keys.block, plaintext).as_bytes())
+    }
+
+    /// Whether the block is stored (listed by a readable index object, or written by a
+    /// finished pack of this handle).
+    pub fn has_block(&self, id: &BlockId) -> bool {
+        self.index().contains(id)
+    }
+
+    /// How many distinct blocks are stored.
+    pub fn block_count(&self) -> usize {
+        self.index().len()
+    }
+
+    /// A writer that adds blocks in new packs.
+    pub fn pack_writer(&self) -> PackWriter {
+        PackWriter::new(self.clone())
+    }
+
+    /// Reads one block with one ranged read of its pack, and checks it: authentication,
+    /// length and keyed hash. Errors name the block and the pack.
+    pub fn read_block(&self, id: &BlockId) -> Result<Vec<u8>, Error> {
+        let located = self.locate(id).ok_or_else(|| Error::BlockNotFound {
+            block: *id,
+            damaged_indexes: self
+                .inner
+                .damaged_indexes
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect(),
+        })?;
+        let key = pack_key(&located.pack.id);
+        let frame = match self.store().get_range(
+            &key,
+            u64::from(located.loc.offset),
+            located.loc.len as usize,
+        ) {
+            Ok(frame) => frame,
+            Err(Error::ObjectNotFound { .. }) => {
+                return Err(Error::PackMissing {
+                    block: *id,
+                    pack: key,
+                });
+            }
+            Err(Error::ShortObject { size, .. }) => {
+                return Err(Error::BlockCorrupt {
+                    block: *id,
+                    pack: key,
+                    reason: format!("the pack is truncated to {size} bytes"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let cipher = pack_cipher(self.master(), &located.pack);
+        open_block_frame(self, &cipher, &frame, id, &located.loc).map_err(|reason| {
+            Error::BlockCorrupt {
+                block: *id,
+                pack: key,
+                reason,
+            }
+        })
+    }
+
+    fn blocklist_id(&self, plaintext: &[u8]) -> BlocklistId {
+        BlocklistId(*blake3::keyed_hash(&self.inner.keys.blocklist, plaintext).as_bytes())
+    }
+
+    fn known_blocklists(&self) -> std::sync::MutexGuard<'_, HashSet<BlocklistId>> {
+        self.inner
+            .known_blocklists
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores a list of block ids (content addressed: an identical list is stored once) and
+    /// returns its id. Every block must already be stored.
+    pub fn put_blocklist(&self, ids: &[BlockId]) -> Result<BlocklistId, Error> {
+        if ids.len() > MAX_BLOCKLIST_LEN {
+            return Err(Error::BlocklistTooLong {
+                len: ids.len(),
+                max: MAX_BLOCKLIST_LEN,
+            });
+        }
+        {
+            let index = self.index();
+            if let Some(missing) = ids.iter().find(|id| !index.contains(id)) {
+                return Err(Error::UnstoredBlock { block: *missing });
+            }
+        }
+        let plaintext = blocklist::encode(ids);
+        let id = self.blocklist_id(&plaintext);
+        if self.known_blocklists().contains(&id) {
+            return Ok(id);
+        }
+        let key = blocklist_key(&id);
+        if !self.store().exists(&key)? {
+            let sealed = seal_object(
+                self.master(),
+                ObjectKind::Blob,
+                &blocklist_name(&id),
+                &plaintext,
+                self.options().compression_level,
+            );
+            self.store().put(&key, &sealed)?;
+        }
+        self.known_blocklists().insert(id);
+        Ok(id)
+    }
+
+    /// Reads a blocklist, checking its authentication and that its content matches its id.
+    pub fn get_blocklist(&self, id: &BlocklistId) -> Result<Vec<BlockId>, Error> {
+        let key = blocklist_key(id);
+        let sealed = self
+            .store()
+            .get(&key)?
+            .ok_or(Error::BlocklistNotFound(*id))?;
+        let (_, plaintext) = open_object(self.master(), &blocklist_name(id), &sealed)
+            .map_err(|e| sealed_error(&key, e))?;
+        if self.blocklist_id(&plaintext) != *id {
+            return Err(Error::corrupt(key, "its content does not match its id"));
+        }
+        let ids = blocklist::decode(&plaintext, &key)?;
+        self.known_blocklists().insert(*id);
+        Ok(ids)
+    }
+
+    fn blocklist_exists(&self, id: &BlocklistId) -> Result<bool, Error> {
+        if self.known_blocklists().contains(id) {
+            return Ok(true);
+        }
+        let exists = self.store().exists(&blocklist_key(id))?;
+        if exists {
+            self.known_blocklists().insert(*id);
+        }
+        Ok(exists)
+    }
+
+    /// Stores a backup's manifest: the last object of a backup, after all it refers to.
+    /// Refused if the manifest is invalid, refers to a block or blocklist that is not
+    /// stored, or if a backup with the same id exists.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<(), Error> {
+        manifest.validate()?;
+        let mut blocklists = HashSet::new();
+        for f in &manifest.files {
+            match &f.kind {
+                crate::FileKind::Whole { block } if !self.has_block(block) => {
+                    return Err(Error::UnstoredBlock { block: *block });
+                }
+                crate::FileKind::Blocks { blocklists: b, .. } => blocklists.extend(b.iter()),
+                _ => {}
+            }
+        }
+        for id in blocklists {
+            if !self.blocklist_exists(id)? {
+                return Err(Error::BlocklistNotFound(*id));
+            }
+        }
+        let cluster = &manifest.cluster;
+        let key = manifest_key(cluster, &manifest.backup_id);
+        if self.store().exists(&key)? {
+            return Err(Error::BackupExists {
+                cluster: cluster.clone(),
+                backup_id: manifest.backup_id.clone(),
+            });
+        }
+        let sealed = seal_object(
+            self.master(),
+            ObjectKind::Blob,
+            &manifest_name(cluster, &manifest.backup_id),
+            &manifest.encode()?,
+            self.options().compression_level,
+        );
+        self.store().put(&key, &sealed)
+    }
+
+    /// Reads and validates a backup's manifest.
+    pub fn get_manifest(&self, cluster: &str, backup_id: &BackupId) -> Result<Manifest, Error> {
+        validate_cluster_name(cluster)?;
+        let key = manifest_key(cluster, backup_id);
+        let sealed = self
+            .store()
+            .get(&key)?
+            .ok_or_else(|| Error::BackupNotFound {
+                cluster: cluster.to_string(),
+                backup_id: backup_id.clone(),
+            })?;
+        let (_, plaintext) =
+            open_object(self.master(), &manifest_name(cluster, backup_id), &sealed)
+                .map_err(|e| sealed_error(&key, e))?;
+        let manifest = Manifest::decode(&plaintext, &key)?;
+        if manifest.cluster != cluster || manifest.backup_id != *backup_id {
+            return Err(Error::corrupt(
+                key,
+                format!(
+                    "it describes backup \"{}\" of cluster \"{}\"",
+                    manifest.backup_id, manifest.cluster
+                ),
+            ));
+        }
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// The backups of a cluster, oldest first.
+    pub fn list_manifests(&self, cluster: &str) -> Result<Vec<BackupId>, Error> {
+        validate_cluster_name(cluster)?;
+        let prefix = format!("manifests/{cluster}/");
+        let mut ids: Vec<BackupId> = self
+            .store()
+            .list(&prefix)?
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .filter_map(|rest| BackupId::new(rest).ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// The clusters that have at least one backup.
+    pub fn list_clusters(&self) -> Result<Vec<String>, Error> {
+        let mut clusters: Vec<String> = self
+            .store()
+            .list("manifests/")?
+            .iter()
+            .filter_map(|k| k.strip_prefix("manifests/")?.split_once('/'))
+            .map(|(cluster, _)| cluster.to_string())
+            .filter(|c| validate_cluster_name(c).is_ok())
+            .collect();
+        clusters.sort();
+        clusters.dedup();
+        Ok(clusters)
+    }
+}
+
+fn new_config(master: &MasterKey) -> Vec<u8> {
+    let repository_id = hex::encode(klio_crypto::random_bytes::<16>());
+    let secrets = Secrets {
+        id_key: hex::encode(klio_crypto::random_bytes::<32>()),
+    };
+    let secrets_json = serde_json::to_vec(&secrets).expect("secrets serialize");
+    let sealed = seal_object(
+        master,
+        ObjectKind::Blob,
+        &format!("config/{repository_id}"),
+        &secrets_json,
+        None,
+    );
+    let config = ConfigFile {
+        format: CONFIG_FORMAT.to_string(),
+        repository_id,
+        key_id: master.key_id(),
+        secrets: hex::encode(sealed),
+    };
+    let mut out = serde_json::to_vec_pretty(&config).expect("config serializes");
+    out.push(b'\n');
+    out
+}
+
+fn read_config(store: &dyn ObjectStore, master: &MasterKey, raw: &[u8]) -> Result<Keys, Error> {
+    let config: ConfigFile = serde_json::from_slice(raw)
+        .map_err(|e| Error::corrupt(CONFIG_KEY, format!("invalid JSON: {e}")))?;
+    if config.format != CONFIG_FORMAT {
+        return Err(Error::corrupt(
+            CONFIG_KEY,
+            format!(
+                "unsupported repository format \"{}\" (this version reads \"{CONFIG_FORMAT}\")",
+                config.format
+            ),
+        ));
+    }
+    let given = master.key_id();
+    if config.key_id != given {
+        return Err(Error::WrongKey {
+            location: store.location(),
+            repository_key_id: config.key_id,
+            given_key_id: given,
+        });
+    }
+    let sealed = hex::decode(&config.secrets)
+        .map_err(|_| Error::corrupt(CONFIG_KEY, "secrets are not hex"))?;
+    let (_, plaintext) = open_object(master, &format!("config/{}", config.repository_id), &sealed)
+        .map_err(|e| sealed_error(CONFIG_KEY, e))?;
+    let secrets: Secrets = serde_json::from_slice(&plaintext)
+        .map_err(|e| Error::corrupt(CONFIG_KEY, format!("invalid secrets: {e}")))?;
+    let id_key: [u8; 32] = hex::decode(&secrets.id_key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| Error::corrupt(CONFIG_KEY, "the id key is not 32 hex bytes"))?;
+    Ok(Keys {
+        repository_id: config.repository_id,
+        block: blake3::derive_key(BLOCK_ID_CONTEXT, &id_key),
+        blocklist: blake3::derive_key(BLOCKLIST_ID_CONTEXT, &id_key),
+    })
+}
+
+/// Reads every index object. Unreadable ones are returned with the reason (their blocks
+/// count as missing); storage errors fail the open.
+fn load_index(
+    store: &dyn ObjectStore,
+    master: &MasterKey,
+) -> Result<(BlockIndex, Vec<(String, String)>), Error> {
+    let mut index = BlockIndex::default();
+    let mut damaged = Vec::new();
+    for key in store.list("index/")? {
+        let named_by_id = key
+            .strip_prefix("index/")
+            .is_some_and(|id| id.parse::<PackId>().is_ok());
+        if !named_by_id {
+            damaged.push((key, "not an index object name".to_string()));
+            continue;
+        }
+        // Deleted since the listing (a concurrent index merge): its blocks are elsewhere.
+        let Some(sealed) = store.get(&key)? else {
+            continue;
+        };
+        let sections = open_object(master, &key, &sealed)
+            .map_err(|e| sealed_error(&key, e))
+            .and_then(|(_, plain)| index::decode(&plain, &key));
+        match sections {
+            Ok(sections) => index.load(sections),
+            Err(e) => {
+                tracing::warn!(object = %key, error = %e, "ignoring unreadable index object");
+                let reason = match e {
+                    Error::Corrupt { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                damaged.push((key, reason));
+            }
+        }
+    }
+    index.seal();
+    Ok((index, damaged))
+}

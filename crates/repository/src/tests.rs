@@ -1,0 +1,1215 @@
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use klio_crypto::MasterKey;
+use serde_json::json;
+
+use super::*;
+
+/// splitmix64: a small deterministic PRNG for reproducible "random" tests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Page-like content: compressible, different for each `seed`.
+fn page(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64 / 16) ^ seed.wrapping_mul(31)) as u8)
+        .collect()
+}
+
+fn small_packs() -> RepositoryOptions {
+    RepositoryOptions {
+        compression_level: Some(3),
+        pack_target_size: 64 << 10,
+    }
+}
+
+fn mem_repo(options: RepositoryOptions) -> (Arc<MemStore>, MasterKey, Repository) {
+    let store = Arc::new(MemStore::new());
+    let master = MasterKey::generate();
+    let repo = Repository::open_or_init(store.clone(), master.clone(), options).unwrap();
+    (store, master, repo)
+}
+
+fn reopen(store: &Arc<MemStore>, master: &MasterKey) -> Repository {
+    Repository::open(store.clone(), master.clone(), small_packs()).unwrap()
+}
+
+fn keys(store: &dyn ObjectStore, prefix: &str) -> Vec<String> {
+    store.list(prefix).unwrap()
+}
+
+fn flip(store: &MemStore, key: &str, at: usize) {
+    let mut data = store.get(key).unwrap().unwrap();
+    let at = at % data.len();
+    data[at] ^= 0x20;
+    store.replace(key, data).unwrap();
+}
+
+fn add_all(repo: &Repository, blocks: &[Vec<u8>]) -> (Vec<BlockId>, PackStats) {
+    let mut w = repo.pack_writer();
+    let ids: Vec<BlockId> = blocks
+        .iter()
+        .map(|b| {
+            let id = repo.block_id(b);
+            w.add_block(&id, b).unwrap();
+            id
+        })
+        .collect();
+    (ids, w.finish().unwrap())
+}
+
+fn backup_id(n: u32) -> BackupId {
+    BackupId::from_parts(2025, 3, 14, 9, 30, n).unwrap()
+}
+
+/// Backs up `files` the way the backup engine will: blocks of `block_size`, blocklists of
+/// at most 3 blocks, files of at most `block_size` bytes stored whole.
+fn backup(
+    repo: &Repository,
+    cluster: &str,
+    id: &BackupId,
+    files: &[(&str, Vec<u8>)],
+    block_size: usize,
+) -> Manifest {
+    let mut w = repo.pack_writer();
+    let mut pending = Vec::new();
+    for (path, data) in files {
+        if data.len() <= block_size {
+            let id = repo.block_id(data);
+            w.add_block(&id, data).unwrap();
+            pending.push((path.to_string(), data.len(), vec![id], true));
+        } else {
+            let ids: Vec<BlockId> = data
+                .chunks(block_size)
+                .map(|c| {
+                    let id = repo.block_id(c);
+                    w.add_block(&id, c).unwrap();
+                    id
+                })
+                .collect();
+            pending.push((path.to_string(), data.len(), ids, false));
+        }
+    }
+    w.finish().unwrap();
+    let mut entries = vec![FileEntry {
+        path: "base".into(),
+        size: 0,
+        mode: 0o700,
+        mtime: 1_741_944_600,
+        kind: FileKind::Directory,
+    }];
+    for (path, size, ids, whole) in pending {
+        let kind = if whole {
+            FileKind::Whole { block: ids[0] }
+        } else {
+            FileKind::Blocks {
+                block_size: block_size as u32,
+                blocklists: ids
+                    .chunks(3)
+                    .map(|c| repo.put_blocklist(c).unwrap())
+                    .collect(),
+            }
+        };
+        entries.push(FileEntry {
+            path,
+            size: size as u64,
+            mode: 0o600,
+            mtime: 1_741_944_590,
+            kind,
+        });
+    }
+    entries.push(FileEntry {
+        path: "pg_tblspc/16385".into(),
+        size: 0,
+        mode: 0o777,
+        mtime: 1_741_900_000,
+        kind: FileKind::Symlink {
+            target: "/mnt/ts1".into(),
+        },
+    });
+    let manifest = Manifest {
+        cluster: cluster.to_string(),
+        backup_id: id.clone(),
+        metadata: json!({"start_lsn": "0/3000028", "timeline": 1}),
+        files: entries,
+    };
+    repo.put_manifest(&manifest).unwrap();
+    manifest
+}
+
+fn sample_files(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
+    let mut rel = Vec::new();
+    for i in 0..7 {
+        rel.extend(page(seed + i, 8192));
+    }
+    rel.extend(page(seed + 100, 1000));
+    vec![
+        ("base/5/16384", rel),
+        ("PG_VERSION", b"15\n".to_vec()),
+        ("base/5/16384_vm", Vec::new()),
+        ("global/pg_control", page(seed + 7, 8192)),
+    ]
+}
+
+/// Reassembles a file from a manifest entry.
+fn restore_file(repo: &Repository, f: &FileEntry) -> Vec<u8> {
+    match &f.kind {
+        FileKind::Whole { block } => repo.read_block(block).unwrap(),
+        FileKind::Blocks { blocklists, .. } => blocklists
+            .iter()
+            .flat_map(|l| repo.get_blocklist(l).unwrap())
+            .flat_map(|b| repo.read_block(&b).unwrap())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// blocks and packs
+
+#[test]
+fn blocks_roundtrip_through_packs() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let blocks: Vec<Vec<u8>> = (0..20).map(|i| page(i, 8192)).collect();
+    let (ids, stats) = add_all(&repo, &blocks);
+    assert_eq!(stats.blocks_added, 20);
+    assert_eq!(stats.plain_bytes_added, 20 * 8192);
+    assert!(
+        stats.pack_bytes < 20 * 8192 / 4,
+        "pages compress: {stats:?}"
+    );
+    for (id, b) in ids.iter().zip(&blocks) {
+        assert!(repo.has_block(id));
+        assert_eq!(&repo.read_block(id).unwrap(), b);
+    }
+    let again = reopen(&store, &master);
+    assert_eq!(again.block_count(), 20);
+    for (id, b) in ids.iter().zip(&blocks) {
+        assert_eq!(&again.read_block(id).unwrap(), b);
+    }
+}
+
+#[test]
+fn pack_is_a_complete_sealed_object() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let blocks = vec![page(1, 100), Vec::new(), page(2, 5000)];
+    add_all(&repo, &blocks);
+    let packs = keys(store.as_ref(), "packs/");
+    assert_eq!(packs.len(), 1);
+    let id = packs[0].rsplit('/').next().unwrap();
+    assert_eq!(&packs[0][6..8], &id[..2], "fan-out directory");
+    let sealed = store.get(&packs[0]).unwrap().unwrap();
+    let (_, plain) = klio_crypto::open_object(&master, &format!("pack/{id}"), &sealed).unwrap();
+    assert_eq!(plain, blocks.concat());
+}
+
+#[test]
+fn same_block_twice_is_stored_once() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let b = page(7, 8192);
+    let id = repo.block_id(&b);
+    let mut w = repo.pack_writer();
+    assert!(w.add_block(&id, &b).unwrap());
+    assert!(!w.add_block(&id, &b).unwrap(), "same writer");
+    let first = w.finish().unwrap();
+    assert_eq!((first.blocks_added, first.blocks_deduplicated), (1, 1));
+
+    let mut w = repo.pack_writer();
+    assert!(!w.add_block(&id, &b).unwrap(), "second writer");
+    let second = w.finish().unwrap();
+    assert_eq!((second.blocks_added, second.packs_written), (0, 0));
+
+    let again = reopen(&store, &master);
+    let mut w = again.pack_writer();
+    assert!(!w.add_block(&id, &b).unwrap(), "after reopening");
+    w.finish().unwrap();
+    assert_eq!(keys(store.as_ref(), "packs/").len(), 1);
+    assert_eq!(keys(store.as_ref(), "index/").len(), 1);
+}
+
+#[test]
+fn incompressible_blocks_are_stored_raw() {
+    let (_store, _master, repo) = mem_repo(small_packs());
+    let mut rng = Rng(42);
+    let noise = rng.bytes(8192);
+    let (ids, stats) = add_all(&repo, std::slice::from_ref(&noise));
+    // 45 bytes of frame, the pack header and final frame; no expansion by compression
+    assert!(
+        stats.pack_bytes < 8192 + 300,
+        "raw block costs {} bytes",
+        stats.pack_bytes
+    );
+    assert_eq!(repo.read_block(&ids[0]).unwrap(), noise);
+    let (_, stats) = add_all(&repo, &[vec![0u8; 8192]]);
+    assert!(stats.pack_bytes < 400, "a zero page compresses: {stats:?}");
+}
+
+#[test]
+fn packs_roll_over_at_the_target_size() {
+    let options = RepositoryOptions {
+        compression_level: None,
+        pack_target_size: 20_000,
+    };
+    let (store, master, repo) = mem_repo(options);
+    let mut rng = Rng(1);
+    let blocks: Vec<Vec<u8>> = (0..10).map(|_| rng.bytes(8192)).collect();
+    let (ids, stats) = add_all(&repo, &blocks);
+    // three 8 KiB blocks reach 20,000 bytes: packs of 3, 3, 3 and 1 blocks
+    assert_eq!(stats.packs_written, 4);
+    assert_eq!(keys(store.as_ref(), "packs/").len(), 4);
+    assert_eq!(keys(store.as_ref(), "index/").len(), 4);
+    for p in keys(store.as_ref(), "packs/") {
+        let len = store.get(&p).unwrap().unwrap().len();
+        assert!(len < 20_000 + 8192 + 300, "pack of {len} bytes");
+    }
+    let again = reopen(&store, &master);
+    for (id, b) in ids.iter().zip(&blocks) {
+        assert_eq!(&again.read_block(id).unwrap(), b);
+    }
+}
+
+#[test]
+fn blocks_are_found_as_soon_as_their_pack_is_written() {
+    let options = RepositoryOptions {
+        compression_level: None,
+        pack_target_size: 10_000,
+    };
+    let (_store, _master, repo) = mem_repo(options);
+    let mut rng = Rng(5);
+    let a = rng.bytes(6000);
+    let b = rng.bytes(6000);
+    let (ia, ib) = (repo.block_id(&a), repo.block_id(&b));
+    let mut w = repo.pack_writer();
+    w.add_block(&ia, &a).unwrap();
+    assert_eq!(w.pending_blocks(), 1);
+    assert!(
+        !repo.has_block(&ia),
+        "not stored before its pack is written"
+    );
+    w.add_block(&ib, &b).unwrap();
+    assert_eq!(w.pending_blocks(), 0, "the pack rolled over");
+    assert!(repo.has_block(&ia) && repo.has_block(&ib));
+    assert_eq!(repo.read_block(&ib).unwrap(), b);
+    w.finish().unwrap();
+}
+
+#[test]
+fn add_block_checks_the_claimed_id_and_the_size() {
+    let (_store, _master, repo) = mem_repo(small_packs());
+    let mut w = repo.pack_writer();
+    let wrong = repo.block_id(b"other");
+    let err = w.add_block(&wrong, b"data").unwrap_err();
+    assert!(matches!(err, Error::BlockIdMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&wrong.to_hex()), "{err}");
+    let big = vec![1u8; MAX_BLOCK_SIZE + 1];
+    let err = w.add_block(&repo.block_id(&big), &big).unwrap_err();
+    assert!(matches!(err, Error::BlockTooLarge { .. }), "{err}");
+    let max = vec![2u8; MAX_BLOCK_SIZE];
+    assert!(w.add_block(&repo.block_id(&max), &max).unwrap());
+    w.finish().unwrap();
+}
+
+#[test]
+fn block_ids_are_keyed_per_repository() {
+    let (_s1, _m1, r1) = mem_repo(small_packs());
+    let (_s2, _m2, r2) = mem_repo(small_packs());
+    assert_eq!(r1.block_id(b"x"), r1.block_id(b"x"));
+    assert_ne!(r1.block_id(b"x"), r2.block_id(b"x"));
+    assert_ne!(r1.block_id(b"x").0, *blake3::hash(b"x").as_bytes());
+}
+
+#[test]
+fn random_block_sizes_roundtrip() {
+    let options = RepositoryOptions {
+        compression_level: Some(1),
+        pack_target_size: 256 << 10,
+    };
+    let (store, master, repo) = mem_repo(options);
+    let mut rng = Rng(0x5eed);
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    for round in 0..4 {
+        let mut w = repo.pack_writer();
+        for _ in 0..60 {
+            let len = match rng.below(10) {
+                0 => 0,
+                1 => 1 + rng.below(100) as usize,
+                2 => MAX_BLOCK_SIZE - rng.below(4) as usize,
+                _ => rng.below(64 << 10) as usize,
+            };
+            let b = if rng.below(2) == 0 {
+                rng.bytes(len)
+            } else {
+                page(rng.next(), len)
+            };
+            // sometimes offer an earlier block again
+            let b = if !blocks.is_empty() && rng.below(5) == 0 {
+                blocks[rng.below(blocks.len() as u64) as usize].clone()
+            } else {
+                b
+            };
+            let id = repo.block_id(&b);
+            let known = repo.has_block(&id) || blocks.contains(&b);
+            assert_eq!(w.add_block(&id, &b).unwrap(), !known, "round {round}");
+            if !known {
+                blocks.push(b);
+            }
+        }
+        w.finish().unwrap();
+    }
+    let again = reopen(&store, &master);
+    assert_eq!(again.block_count(), blocks.len());
+    for b in &blocks {
+        assert_eq!(&again.read_block(&again.block_id(b)).unwrap(), b);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// blocklists and manifests
+
+#[test]
+fn manifest_and_blocklists_roundtrip() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let files = sample_files(1);
+    let m = backup(&repo, "orders-db", &backup_id(0), &files, 8192);
+    let again = reopen(&store, &master);
+    let back = again.get_manifest("orders-db", &backup_id(0)).unwrap();
+    assert_eq!(back, m);
+    for (path, data) in &files {
+        let f = back.files.iter().find(|f| f.path == *path).unwrap();
+        assert_eq!(&restore_file(&again, f), data, "{path}");
+    }
+    assert_eq!(
+        again.list_manifests("orders-db").unwrap(),
+        vec![backup_id(0)]
+    );
+    assert_eq!(
+        again.list_clusters().unwrap(),
+        vec!["orders-db".to_string()]
+    );
+    assert!(again.list_manifests("other").unwrap().is_empty());
+    let report = again.verify("orders-db", &backup_id(0)).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.files, 6);
+    assert_eq!(report.blocklists, 3);
+    assert_eq!(report.blocks, 8 + 3);
+}
+
+#[test]
+fn identical_blocklists_are_stored_once() {
+    let (store, _master, repo) = mem_repo(small_packs());
+    let blocks: Vec<Vec<u8>> = (0..4).map(|i| page(i, 8192)).collect();
+    let (ids, _) = add_all(&repo, &blocks);
+    let a = repo.put_blocklist(&ids).unwrap();
+    let b = repo.put_blocklist(&ids).unwrap();
+    assert_eq!(a, b);
+    let c = repo.put_blocklist(&ids[..3]).unwrap();
+    assert_ne!(a, c);
+    assert_eq!(keys(store.as_ref(), "blocklists/").len(), 2);
+    assert_eq!(repo.get_blocklist(&a).unwrap(), ids);
+
+    // a second backup of unchanged files adds no blocks and no blocklists, only a manifest
+    let files = sample_files(9);
+    backup(&repo, "c1", &backup_id(1), &files, 8192);
+    let (packs, lists) = (
+        keys(store.as_ref(), "packs/").len(),
+        keys(store.as_ref(), "blocklists/").len(),
+    );
+    backup(&repo, "c1", &backup_id(2), &files, 8192);
+    assert_eq!(keys(store.as_ref(), "packs/").len(), packs);
+    assert_eq!(keys(store.as_ref(), "blocklists/").len(), lists);
+    assert_eq!(
+        repo.list_manifests("c1").unwrap(),
+        vec![backup_id(1), backup_id(2)]
+    );
+}
+
+#[test]
+fn blocklists_and_manifests_refuse_unstored_references() {
+    let (_store, _master, repo) = mem_repo(small_packs());
+    let b = page(3, 8192);
+    let id = repo.block_id(&b);
+    let mut w = repo.pack_writer();
+    w.add_block(&id, &b).unwrap();
+    let err = repo.put_blocklist(&[id]).unwrap_err();
+    assert!(matches!(err, Error::UnstoredBlock { .. }), "{err}");
+    assert!(
+        err.to_string().contains("HINT: finish the pack writer"),
+        "{err}"
+    );
+    w.finish().unwrap();
+    let list = repo.put_blocklist(&[id]).unwrap();
+
+    let mut m = Manifest {
+        cluster: "c1".into(),
+        backup_id: backup_id(3),
+        metadata: json!(null),
+        files: vec![FileEntry {
+            path: "base/1/1".into(),
+            size: 8192,
+            mode: 0o600,
+            mtime: 0,
+            kind: FileKind::Blocks {
+                block_size: 8192,
+                blocklists: vec![BlocklistId([9; 32])],
+            },
+        }],
+    };
+    let err = repo.put_manifest(&m).unwrap_err();
+    assert!(matches!(err, Error::BlocklistNotFound(_)), "{err}");
+    m.files[0].kind = FileKind::Whole {
+        block: BlockId([8; 32]),
+    };
+    assert!(matches!(
+        repo.put_manifest(&m).unwrap_err(),
+        Error::UnstoredBlock { .. }
+    ));
+    m.files[0].kind = FileKind::Blocks {
+        block_size: 8192,
+        blocklists: vec![list],
+    };
+    repo.put_manifest(&m).unwrap();
+    let err = repo.put_manifest(&m).unwrap_err();
+    assert!(matches!(err, Error::BackupExists { .. }), "{err}");
+    assert!(
+        err.to_string().contains("\"backup-20250314093003\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_manifests_are_refused() {
+    let (_store, _master, repo) = mem_repo(small_packs());
+    let entry = |path: &str, kind: FileKind| FileEntry {
+        path: path.into(),
+        size: 0,
+        mode: 0o600,
+        mtime: 0,
+        kind,
+    };
+    let cases = vec![
+        ("c1", vec![entry("../etc/passwd", FileKind::Directory)]),
+        ("c1", vec![entry("/abs", FileKind::Directory)]),
+        ("c1", vec![entry("a//b", FileKind::Directory)]),
+        ("c1", vec![entry("a/./b", FileKind::Directory)]),
+        ("c1", vec![entry("", FileKind::Directory)]),
+        (
+            "c1",
+            vec![
+                entry("a", FileKind::Directory),
+                entry("a", FileKind::Directory),
+            ],
+        ),
+        (
+            "c1",
+            vec![entry(
+                "a",
+                FileKind::Blocks {
+                    block_size: 0,
+                    blocklists: vec![],
+                },
+            )],
+        ),
+        (
+            "c1",
+            vec![entry(
+                "l",
+                FileKind::Symlink {
+                    target: String::new(),
+                },
+            )],
+        ),
+        ("Bad_Cluster", vec![entry("a", FileKind::Directory)]),
+    ];
+    for (cluster, files) in cases {
+        let m = Manifest {
+            cluster: cluster.into(),
+            backup_id: backup_id(4),
+            metadata: json!({}),
+            files: files.clone(),
+        };
+        assert!(repo.put_manifest(&m).is_err(), "{cluster} {files:?}");
+    }
+}
+
+#[test]
+fn backup_ids_and_cluster_names_are_validated() {
+    assert!(BackupId::new("backup-20250314093000").is_ok());
+    for bad in [
+        "backup-2025031409300",
+        "backup-202503140930000",
+        "backup-20251314093000",
+        "backup-20250300093000",
+        "backup-20250314243000",
+        "backup-20250314096000",
+        "Backup-20250314093000",
+        "backup-2025031409300x",
+        "../backup-20250314093000",
+        "",
+    ] {
+        let err = BackupId::new(bad).unwrap_err();
+        assert!(err.to_string().contains("HINT"), "{bad}: {err}");
+    }
+    assert_eq!(
+        serde_json::from_str::<BackupId>("\"backup-20250314093000\"").unwrap(),
+        backup_id(0)
+    );
+    assert!(serde_json::from_str::<BackupId>("\"backup-x\"").is_err());
+    for ok in ["a", "orders-db", "db.prod-1", &"a".repeat(63)] {
+        assert!(validate_cluster_name(ok).is_ok(), "{ok}");
+    }
+    for bad in ["", "-a", "a-", "A", "a_b", "a/b", "..", &"a".repeat(64)] {
+        assert!(validate_cluster_name(bad).is_err(), "{bad}");
+    }
+    assert!("ab".repeat(32).parse::<BlockId>().is_ok());
+    assert!("AB".repeat(32).parse::<BlockId>().is_err());
+    assert!("ab".repeat(31).parse::<BlockId>().is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// damage
+
+#[test]
+fn flipped_byte_in_a_pack_fails_read_and_verify_naming_it() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let files = sample_files(2);
+    let m = backup(&repo, "c1", &backup_id(5), &files, 8192);
+    let FileKind::Whole { block } = &m
+        .files
+        .iter()
+        .find(|f| f.path == "PG_VERSION")
+        .unwrap()
+        .kind
+    else {
+        panic!("PG_VERSION is stored whole");
+    };
+    let pack = keys(store.as_ref(), "packs/").remove(0);
+    // find the frame of PG_VERSION's block and damage its ciphertext
+    let located = repo.locate(block).unwrap();
+    flip(
+        &store,
+        &pack,
+        (located.loc.offset + located.loc.len - 5) as usize,
+    );
+    let err = repo.read_block(block).unwrap_err();
+    assert!(matches!(err, Error::BlockCorrupt { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&block.to_hex()) && msg.contains(&pack),
+        "{msg}"
+    );
+
+    let report = reopen(&store, &master).verify("c1", &backup_id(5)).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let p = &report.problems[0];
+    assert_eq!(
+        (p.kind, p.object.as_str()),
+        (ProblemKind::Corrupt, pack.as_str())
+    );
+    assert!(p.detail.contains(&block.to_hex()), "{p}");
+    assert_eq!(report.blocks, 11);
+}
+
+#[test]
+fn every_flipped_byte_of_a_block_frame_is_detected() {
+    let (store, _master, repo) = mem_repo(small_packs());
+    let b = page(11, 3000);
+    let (ids, _) = add_all(&repo, &[b]);
+    let pack = keys(store.as_ref(), "packs/").remove(0);
+    let loc = repo.locate(&ids[0]).unwrap().loc;
+    let original = store.get(&pack).unwrap().unwrap();
+    for i in loc.offset..loc.offset + loc.len {
+        flip(&store, &pack, i as usize);
+        assert!(repo.read_block(&ids[0]).is_err(), "flip at {i}");
+        store.replace(&pack, original.clone()).unwrap();
+    }
+    assert!(repo.read_block(&ids[0]).is_ok());
+}
+
+#[test]
+fn swapped_index_entries_are_detected_by_the_block_id() {
+    // An index that points a block at another block's frame (a buggy or malicious index
+    // writer with the key) still cannot make a read return the wrong data.
+    let (store, master, repo) = mem_repo(small_packs());
+    let (ids, _) = add_all(&repo, &[page(1, 8192), page(2, 8192)]);
+    let mut a = repo.locate(&ids[0]).unwrap();
+    let b = repo.locate(&ids[1]).unwrap();
+    a.loc = b.loc;
+    let section = index::PackSection {
+        pack: a.pack.id,
+        salt: a.pack.salt,
+        blocks: vec![(ids[0], a.loc)],
+    };
+    for k in keys(store.as_ref(), "index/") {
+        store.delete(&k).unwrap();
+    }
+    let key = format!("index/{}", "cd".repeat(32));
+    let sealed = klio_crypto::seal_object(
+        &master,
+        klio_crypto::ObjectKind::Blob,
+        &key,
+        &index::encode(&[section]),
+        None,
+    );
+    store.put(&key, &sealed).unwrap();
+    let err = reopen(&store, &master).read_block(&ids[0]).unwrap_err();
+    assert!(
+        err.to_string().contains("does not match the block id"),
+        "{err}"
+    );
+}
+
+#[test]
+fn flipped_byte_in_an_index_makes_its_blocks_missing_naming_it() {
+    let (store, master, repo) = mem_repo(small_packs());
+    backup(&repo, "c1", &backup_id(6), &sample_files(3), 8192);
+    let index = keys(store.as_ref(), "index/").remove(0);
+    flip(&store, &index, 200);
+    let again = reopen(&store, &master);
+    assert_eq!(again.block_count(), 0);
+    assert_eq!(again.damaged_indexes().len(), 1);
+    let m = again.get_manifest("c1", &backup_id(6)).unwrap();
+    let FileKind::Whole { block } = &m
+        .files
+        .iter()
+        .find(|f| f.path == "PG_VERSION")
+        .unwrap()
+        .kind
+    else {
+        panic!("whole file");
+    };
+    let err = again.read_block(block).unwrap_err();
+    assert!(matches!(err, Error::BlockNotFound { .. }), "{err}");
+    assert!(err.to_string().contains(&index), "{err}");
+
+    let report = again.verify("c1", &backup_id(6)).unwrap();
+    assert!(!report.is_ok());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::Corrupt && p.object == index),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::Missing && p.object == format!("block {block}")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[test]
+fn flipped_byte_in_a_manifest_or_blocklist_is_detected_naming_it() {
+    let (store, master, repo) = mem_repo(small_packs());
+    backup(&repo, "c1", &backup_id(7), &sample_files(4), 8192);
+    let list = keys(store.as_ref(), "blocklists/").remove(0);
+    flip(&store, &list, 150);
+    let report = reopen(&store, &master).verify("c1", &backup_id(7)).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::Corrupt && p.object == list),
+        "{:?}",
+        report.problems
+    );
+
+    let manifest = "manifests/c1/backup-20250314093007";
+    flip(&store, manifest, 150);
+    let again = reopen(&store, &master);
+    for err in [
+        again.get_manifest("c1", &backup_id(7)).unwrap_err(),
+        again.verify("c1", &backup_id(7)).unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(manifest), "{err}");
+    }
+}
+
+#[test]
+fn objects_renamed_to_another_key_are_detected() {
+    let (store, master, repo) = mem_repo(small_packs());
+    backup(&repo, "c1", &backup_id(8), &sample_files(5), 8192);
+    let data = store
+        .get("manifests/c1/backup-20250314093008")
+        .unwrap()
+        .unwrap();
+    store
+        .put("manifests/c1/backup-20250314093009", &data)
+        .unwrap();
+    let err = reopen(&store, &master)
+        .get_manifest("c1", &backup_id(9))
+        .unwrap_err();
+    assert!(err.to_string().contains("holds object"), "{err}");
+}
+
+#[test]
+fn missing_pack_is_reported_naming_it() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let m = backup(&repo, "c1", &backup_id(10), &sample_files(6), 8192);
+    let pack = keys(store.as_ref(), "packs/").remove(0);
+    store.delete(&pack).unwrap();
+    let again = reopen(&store, &master);
+    let FileKind::Whole { block } = &m
+        .files
+        .iter()
+        .find(|f| f.path == "PG_VERSION")
+        .unwrap()
+        .kind
+    else {
+        panic!("whole file");
+    };
+    let err = again.read_block(block).unwrap_err();
+    assert!(matches!(err, Error::PackMissing { .. }), "{err}");
+    assert!(err.to_string().contains(&pack), "{err}");
+    let report = again.verify("c1", &backup_id(10)).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(report.problems[0].kind, ProblemKind::Missing);
+    assert_eq!(report.problems[0].object, pack);
+}
+
+#[test]
+fn pack_without_index_is_ignored_and_its_blocks_are_missing() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let blocks = vec![page(1, 8192), page(2, 8192)];
+    let (ids, _) = add_all(&repo, &blocks);
+    // a crash between writing the pack and writing its index
+    for k in keys(store.as_ref(), "index/") {
+        store.delete(&k).unwrap();
+    }
+    let again = reopen(&store, &master);
+    assert_eq!(again.block_count(), 0);
+    assert!(!again.has_block(&ids[0]));
+    assert!(matches!(
+        again.read_block(&ids[0]).unwrap_err(),
+        Error::BlockNotFound { .. }
+    ));
+    // the next writer stores the blocks again, in a new pack
+    let (_, stats) = add_all(&again, &blocks);
+    assert_eq!(stats.blocks_added, 2);
+    assert_eq!(keys(store.as_ref(), "packs/").len(), 2);
+    assert_eq!(again.read_block(&ids[1]).unwrap(), blocks[1]);
+}
+
+#[test]
+fn verify_reports_a_file_whose_blocks_do_not_cover_its_size() {
+    let (_store, _master, repo) = mem_repo(small_packs());
+    let blocks = vec![page(1, 8192), page(2, 100)];
+    let (ids, _) = add_all(&repo, &blocks);
+    let list = repo.put_blocklist(&ids).unwrap();
+    let m = Manifest {
+        cluster: "c1".into(),
+        backup_id: backup_id(11),
+        metadata: json!({}),
+        files: vec![FileEntry {
+            path: "base/1/2".into(),
+            size: 8192 * 2 + 100,
+            mode: 0o600,
+            mtime: 0,
+            kind: FileKind::Blocks {
+                block_size: 8192,
+                blocklists: vec![list],
+            },
+        }],
+    };
+    repo.put_manifest(&m).unwrap();
+    let report = repo.verify("c1", &backup_id(11)).unwrap();
+    let details: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        details.iter().any(|d| d.contains("needs block")),
+        "{details:?}"
+    );
+    assert!(
+        details.iter().any(|d| d.contains("needs 3 blocks")),
+        "{details:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// opening, keys, stores
+
+#[test]
+fn wrong_master_key_is_a_clear_error() {
+    let (store, master, _repo) = mem_repo(small_packs());
+    let other = MasterKey::generate();
+    let err = Repository::open(store.clone(), other.clone(), small_packs()).unwrap_err();
+    assert!(matches!(err, Error::WrongKey { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&master.key_id()) && msg.contains(&other.key_id()),
+        "{msg}"
+    );
+    assert!(msg.contains("\nHINT: "), "{msg}");
+    // open_or_init must not "repair" it either
+    assert!(Repository::open_or_init(store, other, small_packs()).is_err());
+}
+
+#[test]
+fn open_requires_a_repository_and_init_requires_an_empty_store() {
+    let store = Arc::new(MemStore::new());
+    let master = MasterKey::generate();
+    let err = Repository::open(store.clone(), master.clone(), small_packs()).unwrap_err();
+    assert!(matches!(err, Error::NotARepository { .. }), "{err}");
+
+    store.put("keys.json", b"{}").unwrap();
+    let a = Repository::open_or_init(store.clone(), master.clone(), small_packs()).unwrap();
+    let b = Repository::open_or_init(store.clone(), master.clone(), small_packs()).unwrap();
+    assert_eq!(a.repository_id(), b.repository_id());
+    assert_eq!(a.block_id(b"x"), b.block_id(b"x"));
+
+    let other = Arc::new(MemStore::new());
+    other.put("base/1/1", b"not a repository").unwrap();
+    let err = Repository::open_or_init(other, master, small_packs()).unwrap_err();
+    assert!(matches!(err, Error::NotEmpty { .. }), "{err}");
+}
+
+#[test]
+fn invalid_options_are_refused() {
+    let store = Arc::new(MemStore::new());
+    for options in [
+        RepositoryOptions {
+            compression_level: Some(23),
+            pack_target_size: 1 << 20,
+        },
+        RepositoryOptions {
+            compression_level: None,
+            pack_target_size: 0,
+        },
+    ] {
+        let err =
+            Repository::open_or_init(store.clone(), MasterKey::generate(), options).unwrap_err();
+        assert!(matches!(err, Error::InvalidOption { .. }), "{err}");
+    }
+}
+
+#[test]
+fn config_is_plain_json_without_secrets_in_clear() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let raw = store.get("config").unwrap().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(v["format"], "klio-repository/1");
+    assert_eq!(v["key_id"], master.key_id());
+    assert_eq!(v["repository_id"], repo.repository_id());
+    assert!(
+        v["secrets"]
+            .as_str()
+            .unwrap()
+            .starts_with(&hex::encode("KLIOSEAL"))
+    );
+}
+
+#[test]
+fn local_store_refuses_invalid_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = LocalStore::open(&dir.path().join("repo")).unwrap();
+    for bad in [
+        "",
+        "/etc/passwd",
+        "../x",
+        "a/../../x",
+        "a//b",
+        "a/./b",
+        "a/",
+        ".hidden",
+        "a/.x.klio-tmp",
+        "a b",
+        "a\\b",
+        "ä",
+    ] {
+        let err = s.put(bad, b"x").unwrap_err();
+        assert!(matches!(err, Error::InvalidKey { .. }), "{bad}: {err}");
+        assert!(s.get(bad).is_err() && s.exists(bad).is_err(), "{bad}");
+        assert!(
+            s.delete(bad).is_err() && s.get_range(bad, 0, 1).is_err(),
+            "{bad}"
+        );
+    }
+    assert!(s.list("../").is_err());
+    assert!(s.list("/").is_err());
+    assert!(!dir.path().join("x").exists());
+}
+
+fn exercise_store(s: &dyn ObjectStore) {
+    s.put("packs/ab/abc", b"one").unwrap();
+    s.put("packs/ab/abc", b"two").unwrap();
+    assert_eq!(
+        s.get("packs/ab/abc").unwrap().unwrap(),
+        b"one",
+        "create-only"
+    );
+    s.put("packs/ac/acd", b"three").unwrap();
+    s.put("packs/b0/b01", b"four").unwrap();
+    s.put("index/i1", b"").unwrap();
+    assert_eq!(s.get("index/i1").unwrap().unwrap(), b"");
+    assert_eq!(s.get("index/none").unwrap(), None);
+    assert_eq!(
+        s.list("packs/a").unwrap(),
+        vec!["packs/ab/abc".to_string(), "packs/ac/acd".to_string()]
+    );
+    assert_eq!(s.list("packs/").unwrap().len(), 3);
+    assert_eq!(s.list("").unwrap().len(), 4);
+    assert!(s.list("nothing/").unwrap().is_empty());
+    assert_eq!(s.get_range("packs/ac/acd", 1, 3).unwrap(), b"hre");
+    assert_eq!(s.get_range("packs/ac/acd", 5, 0).unwrap(), b"");
+    assert!(matches!(
+        s.get_range("packs/ac/acd", 3, 3).unwrap_err(),
+        Error::ShortObject { .. }
+    ));
+    assert!(matches!(
+        s.get_range("packs/zz/none", 0, 1).unwrap_err(),
+        Error::ObjectNotFound { .. }
+    ));
+    assert!(s.exists("packs/b0/b01").unwrap());
+    s.delete("packs/b0/b01").unwrap();
+    s.delete("packs/b0/b01").unwrap();
+    assert!(!s.exists("packs/b0/b01").unwrap());
+    assert_eq!(s.list("packs/b").unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn local_and_memory_stores_behave_alike() {
+    exercise_store(&MemStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    exercise_store(&LocalStore::open(dir.path()).unwrap());
+}
+
+#[test]
+fn local_store_listing_ignores_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = LocalStore::open(dir.path()).unwrap();
+    s.put("index/a", b"x").unwrap();
+    std::fs::write(dir.path().join("index/.b.1.2.klio-tmp"), b"torn").unwrap();
+    assert_eq!(s.list("index/").unwrap(), vec!["index/a".to_string()]);
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "put leaves no temporary file: {names:?}");
+}
+
+#[test]
+fn local_repository_reopens_with_everything_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let master = MasterKey::generate();
+    let files = sample_files(8);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(&root).unwrap());
+    let repo = Repository::open_or_init(store, master.clone(), small_packs()).unwrap();
+    backup(&repo, "c1", &backup_id(12), &files, 8192);
+    backup(&repo, "c2", &backup_id(13), &sample_files(20), 4096);
+    let count = repo.block_count();
+    drop(repo);
+
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(&root).unwrap());
+    let repo = Repository::open(store, master.clone(), small_packs()).unwrap();
+    assert_eq!(repo.block_count(), count);
+    assert_eq!(
+        repo.list_clusters().unwrap(),
+        vec!["c1".to_string(), "c2".to_string()]
+    );
+    let m = repo.get_manifest("c1", &backup_id(12)).unwrap();
+    for (path, data) in &files {
+        let f = m.files.iter().find(|f| f.path == *path).unwrap();
+        assert_eq!(&restore_file(&repo, f), data, "{path}");
+    }
+    for (c, id) in [("c1", backup_id(12)), ("c2", backup_id(13))] {
+        let report = repo.verify(c, &id).unwrap();
+        assert!(report.is_ok(), "{:?}", report.problems);
+    }
+
+    // damage on disk: flip a byte of a pack file
+    let packs = repo.store().list("packs/").unwrap();
+    let path = root.join(&packs[0]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let bad: Vec<_> = [("c1", backup_id(12)), ("c2", backup_id(13))]
+        .iter()
+        .flat_map(|(c, id)| repo.verify(c, id).unwrap().problems)
+        .collect();
+    assert!(!bad.is_empty());
+    assert!(bad.iter().all(|p| p.object == packs[0]), "{bad:?}");
+}
+
+#[test]
+#[ignore = "prints storage costs for the format documentation"]
+fn measure_storage_costs() {
+    let (store, _master, repo) = mem_repo(RepositoryOptions::default());
+    let mut rng = Rng(7);
+    let n = 4096;
+    let blocks: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            // half-filled heap pages: a header, random tuples, zeroed free space
+            let mut p = vec![0u8; 8192];
+            let fill = rng.bytes(4096);
+            p[8192 - 4096..].copy_from_slice(&fill);
+            p[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            p
+        })
+        .collect();
+    let (ids, stats) = add_all(&repo, &blocks);
+    let lists: Vec<BlocklistId> = ids
+        .chunks(4096)
+        .map(|c| repo.put_blocklist(c).unwrap())
+        .collect();
+    let list_bytes: usize = keys(store.as_ref(), "blocklists/")
+        .iter()
+        .map(|k| store.get(k).unwrap().unwrap().len())
+        .sum();
+    let payload: u64 = ids
+        .iter()
+        .map(|id| u64::from(repo.locate(id).unwrap().loc.len))
+        .sum();
+    println!(
+        "{n} blocks: pack bytes {} (frames {payload}, {:.1} bytes/block beyond frames), \
+         index bytes {} ({:.1}/block), blocklists {} bytes ({:.1}/block, {} lists), \
+         in-memory entry {} bytes",
+        stats.pack_bytes,
+        (stats.pack_bytes - payload) as f64 / n as f64,
+        stats.index_bytes,
+        stats.index_bytes as f64 / n as f64,
+        list_bytes,
+        list_bytes as f64 / n as f64,
+        lists.len(),
+        std::mem::size_of::<index::Entry>(),
+    );
+}
+
+#[test]
+fn handles_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Repository>();
+    send::<PackWriter>();
+    send_sync::<LocalStore>();
+    send_sync::<MemStore>();
+}
+
+#[test]
+fn pack_writers_on_several_threads_share_the_index() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let blocks: Vec<Vec<u8>> = (0..40).map(|i| page(i % 20, 8192)).collect();
+    std::thread::scope(|s| {
+        for part in blocks.chunks(10) {
+            let repo = repo.clone();
+            s.spawn(move || add_all(&repo, part));
+        }
+    });
+    let again = reopen(&store, &master);
+    assert_eq!(again.block_count(), 20);
+    for b in &blocks {
+        assert_eq!(&again.read_block(&again.block_id(b)).unwrap(), b);
+    }
+}
+
+#[test]
+fn manifest_json_has_the_documented_shape() {
+    let m = Manifest {
+        cluster: "orders-db".into(),
+        backup_id: backup_id(0),
+        metadata: json!({"timeline": 1}),
+        files: vec![
+            FileEntry {
+                path: "base".into(),
+                size: 0,
+                mode: 0o700,
+                mtime: 5,
+                kind: FileKind::Directory,
+            },
+            FileEntry {
+                path: "base/5/16384".into(),
+                size: 24576,
+                mode: 0o600,
+                mtime: 6,
+                kind: FileKind::Blocks {
+                    block_size: 8192,
+                    blocklists: vec![BlocklistId([0xab; 32])],
+                },
+            },
+            FileEntry {
+                path: "PG_VERSION".into(),
+                size: 3,
+                mode: 0o600,
+                mtime: 7,
+                kind: FileKind::Whole {
+                    block: BlockId([0xcd; 32]),
+                },
+            },
+            FileEntry {
+                path: "pg_tblspc/16385".into(),
+                size: 0,
+                mode: 0o777,
+                mtime: 8,
+                kind: FileKind::Symlink {
+                    target: "/mnt/ts1".into(),
+                },
+            },
+        ],
+    };
+    let v: serde_json::Value = serde_json::from_slice(&m.encode().unwrap()).unwrap();
+    assert_eq!(
+        v,
+        json!({
+            "format": "klio-manifest/1",
+            "cluster": "orders-db",
+            "backup_id": "backup-20250314093000",
+            "metadata": {"timeline": 1},
+            "files": [
+                {"path": "base", "type": "directory", "size": 0, "mode": 448, "mtime": 5},
+                {"path": "base/5/16384", "type": "blocks", "size": 24576, "mode": 384,
+                 "mtime": 6, "block_size": 8192, "blocklists": ["ab".repeat(32)]},
+                {"path": "PG_VERSION", "type": "whole", "size": 3, "mode": 384, "mtime": 7,
+                 "block": "cd".repeat(32)},
+                {"path": "pg_tblspc/16385", "type": "symlink", "size": 0, "mode": 511,
+                 "mtime": 8, "target": "/mnt/ts1"}
+            ]
+        })
+    );
+    let back = Manifest::decode(&serde_json::to_vec(&v).unwrap(), "m").unwrap();
+    assert_eq!(back, m);
+    let mut unknown = v.clone();
+    unknown["extra"] = json!(1);
+    assert!(Manifest::decode(&serde_json::to_vec(&unknown).unwrap(), "m").is_err());
+}
+
+#[test]
+fn clusters_are_listed_sorted_once_each() {
+    let (_store, _master, repo) = mem_repo(small_packs());
+    for (cluster, n) in [("c1", 20), ("c1.x", 21), ("c1", 22), ("a", 23)] {
+        let m = Manifest {
+            cluster: cluster.into(),
+            backup_id: backup_id(n),
+            metadata: json!({}),
+            files: vec![],
+        };
+        repo.put_manifest(&m).unwrap();
+    }
+    assert_eq!(repo.list_clusters().unwrap(), vec!["a", "c1", "c1.x"]);
+    assert_eq!(
+        repo.list_manifests("c1").unwrap(),
+        vec![backup_id(20), backup_id(22)]
+    );
+}
