@@ -1054,9 +1054,9 @@ fn local_repository_reopens_with_everything_written() {
     assert!(bad.iter().all(|p| p.object == packs[0]), "{bad:?}");
 }
 
+/// The per-block costs docs/formats/repository.md quotes (printed with --nocapture).
 #[test]
-#[ignore = "prints storage costs for the format documentation"]
-fn measure_storage_costs() {
+fn storage_costs_per_block_stay_as_documented() {
     let (store, _master, repo) = mem_repo(RepositoryOptions::default());
     let mut rng = Rng(7);
     let n = 4096;
@@ -1095,6 +1095,23 @@ fn measure_storage_costs() {
         list_bytes as f64 / n as f64,
         lists.len(),
         std::mem::size_of::<index::Entry>(),
+    );
+    assert!(
+        (stats.pack_bytes - payload) as f64 / n as f64 <= 46.0,
+        "frame overhead per block"
+    );
+    assert!(
+        stats.index_bytes as f64 / n as f64 <= 44.0,
+        "index bytes per block"
+    );
+    assert!(
+        list_bytes as f64 / n as f64 <= 33.0,
+        "blocklist bytes per block"
+    );
+    assert_eq!(
+        std::mem::size_of::<index::Entry>(),
+        48,
+        "in-memory index entry"
     );
 }
 
