@@ -376,37 +376,47 @@ impl ClusterWal {
         segno: SegmentNo,
         size: SegmentSize,
     ) -> Result<(Vec<OpenedFrame>, u64), Error> {
+        self.scan_open_with_cipher(timeline, segno, size)
+            .map(|(frames, valid, _)| (frames, valid))
+    }
+
+    /// Reads an in-progress file once: its frames, the length of its valid prefix, and the
+    /// cipher to append more frames with (None for an empty file).
+    pub(crate) fn scan_open_with_cipher(
+        &self,
+        timeline: TimeLineId,
+        segno: SegmentNo,
+        size: SegmentSize,
+    ) -> Result<(Vec<OpenedFrame>, u64, Option<FrameCipher>), Error> {
         let path = layout::open_path(&self.dir, timeline, segno, size);
         let bytes = fs::read(&path).map_err(io_err("read in-progress segment", &path))?;
-        let name = self.object_name(&layout::open_file_name(timeline, segno, size));
         if bytes.is_empty() {
-            return Ok((Vec::new(), 0));
+            return Ok((Vec::new(), 0, None));
         }
-        let (header, hlen) = ObjectHeader::decode(&bytes, &name)?;
+        let name = self.object_name(&layout::open_file_name(timeline, segno, size));
+        let (cipher, hlen) = self.cipher_for(&bytes, &name)?;
+        let (frames, valid) = cipher.scan_open(&bytes[hlen..])?;
+        Ok((frames, (hlen + valid) as u64, Some(cipher)))
+    }
+
+    /// Decodes the header of a stored object, checks that it is bound to `name`, and
+    /// returns the object's cipher and the header length.
+    fn cipher_for(&self, bytes: &[u8], name: &str) -> Result<(FrameCipher, usize), Error> {
+        let (header, hlen) = ObjectHeader::decode(bytes, name)?;
         if header.name != name {
             return Err(klio_crypto::Error::Corrupt {
-                name,
+                name: name.to_string(),
                 reason: format!("it holds object \"{}\"", header.name),
             }
             .into());
         }
-        let cipher = FrameCipher::new(self.master(), &header);
-        let (frames, valid) = cipher.scan_open(&bytes[hlen..])?;
-        Ok((frames, (hlen + valid) as u64))
+        Ok((FrameCipher::new(self.master(), &header), hlen))
     }
 
     fn read_sealed(&self, path: &Path, name: &WalFileName) -> Result<WalFileData, Error> {
         let bytes = fs::read(path).map_err(io_err("read archived WAL file", path))?;
         let shown = self.object_name(&name.to_string());
-        let (header, hlen) = ObjectHeader::decode(&bytes, &shown)?;
-        if header.name != shown {
-            return Err(klio_crypto::Error::Corrupt {
-                name: shown,
-                reason: format!("it holds object \"{}\"", header.name),
-            }
-            .into());
-        }
-        let cipher = FrameCipher::new(self.master(), &header);
+        let (cipher, hlen) = self.cipher_for(&bytes, &shown)?;
         let (frames, summary) = cipher.open_all(&bytes[hlen..])?;
         Ok(WalFileData {
             frames,

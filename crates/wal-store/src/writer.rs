@@ -288,11 +288,10 @@ fn reopen_segment(
         return create_segment(cluster, tli, segno, size);
     }
     let path = layout::open_path(cluster.dir(), tli, segno, size);
-    let bytes = std::fs::read(&path).map_err(io_err("read in-progress segment", &path))?;
-    let name = cluster.object_name(&layout::open_file_name(tli, segno, size));
-    let (header, _) = ObjectHeader::decode(&bytes, &name)?;
-    let cipher = FrameCipher::new(cluster.master(), &header);
-    let (_, valid) = cluster.scan_open_file(tli, segno, size)?;
+    let (_, valid, cipher) = cluster.scan_open_with_cipher(tli, segno, size)?;
+    let Some(cipher) = cipher else {
+        return create_segment(cluster, tli, segno, size);
+    };
     let mut file =
         AppendFile::open(&path, 0o600).map_err(io_err("open in-progress segment", &path))?;
     if file.len() != valid {
