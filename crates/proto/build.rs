@@ -2,7 +2,10 @@
 //! `protoc` is needed on any machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/klio/wal/v1/wal.proto"];
+    let files = [
+        "proto/klio/wal/v1/wal.proto",
+        "proto/klio/backup/v1/backup.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

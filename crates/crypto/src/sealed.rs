@@ -313,6 +313,25 @@ impl FrameCipher {
         self.seal_raw(flags, offset, plaintext.len() as u32, payload, out);
     }
 
+    /// Appends one frame carrying a payload prepared elsewhere: `payload` is the zstd
+    /// compression of a `plain_len`-byte plaintext when `compressed`, else the plaintext.
+    /// The caller has checked that it decompresses to the plaintext it stands for.
+    pub fn seal_payload(
+        &self,
+        offset: u64,
+        plain_len: u32,
+        payload: Vec<u8>,
+        compressed: bool,
+        out: &mut Vec<u8>,
+    ) {
+        assert!(
+            plain_len as usize <= MAX_FRAME_PLAINTEXT,
+            "frame larger than MAX_FRAME_PLAINTEXT"
+        );
+        let flags = if compressed { FLAG_ZSTD } else { 0 };
+        self.seal_raw(flags, offset, plain_len, payload, out);
+    }
+
     /// Appends the final frame that marks the object complete.
     pub fn seal_final(&self, summary: &SealedSummary, out: &mut Vec<u8>) {
         let mut payload = Vec::with_capacity(40);

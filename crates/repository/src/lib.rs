@@ -29,7 +29,7 @@ mod tests;
 
 pub use ids::{BackupId, BlockId, BlocklistId, PackId, validate_cluster_name};
 pub use manifest::{FileEntry, FileKind, Manifest};
-pub use pack::{PackStats, PackWriter};
+pub use pack::{BlockPayload, PackStats, PackWriter};
 pub use repository::{
     DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN,
     Repository, RepositoryOptions,

@@ -94,6 +94,33 @@ impl PackWriter {
     /// Adds one block whose id is `id`. Returns `true` if the block is new, `false` if it was
     /// already stored. The id is recomputed from `plaintext`: a wrong id is an error.
     pub fn add_block(&mut self, id: &BlockId, plaintext: &[u8]) -> Result<bool, Error> {
+        self.add(id, plaintext, None)
+    }
+
+    /// Like [`add_block`](Self::add_block), with the compression already decided (by a
+    /// client): `Some(compressed)` must be the zstd compression of `plaintext` (the caller
+    /// checked that it decompresses to it) and is stored as is; `None` stores `plaintext`
+    /// uncompressed without trying to compress it.
+    pub fn add_encoded_block(
+        &mut self,
+        id: &BlockId,
+        plaintext: &[u8],
+        compressed: Option<Vec<u8>>,
+    ) -> Result<bool, Error> {
+        self.add(id, plaintext, Some(compressed))
+    }
+
+    /// Whether the unfinished pack holds the block.
+    pub fn contains(&self, id: &BlockId) -> bool {
+        self.open.as_ref().is_some_and(|p| p.ids.contains(id))
+    }
+
+    fn add(
+        &mut self,
+        id: &BlockId,
+        plaintext: &[u8],
+        encoded: Option<Option<Vec<u8>>>,
+    ) -> Result<bool, Error> {
         if plaintext.len() > MAX_BLOCK_SIZE {
             return Err(Error::BlockTooLarge {
                 block: *id,
@@ -120,8 +147,25 @@ impl PackWriter {
             .open
             .get_or_insert_with(|| OpenPack::new(master, target));
         let start = pack.buf.len();
-        pack.cipher
-            .seal_frame(pack.plain_len, plaintext, level, &mut pack.buf);
+        match encoded {
+            Some(Some(c)) => pack.cipher.seal_payload(
+                pack.plain_len,
+                plaintext.len() as u32,
+                c,
+                true,
+                &mut pack.buf,
+            ),
+            Some(None) => pack.cipher.seal_payload(
+                pack.plain_len,
+                plaintext.len() as u32,
+                plaintext.to_vec(),
+                false,
+                &mut pack.buf,
+            ),
+            None => pack
+                .cipher
+                .seal_frame(pack.plain_len, plaintext, level, &mut pack.buf),
+        }
         let loc = BlockLocation {
             offset: start as u32,
             len: (pack.buf.len() - start) as u32,
@@ -213,6 +257,40 @@ pub(crate) fn pack_cipher(master: &MasterKey, pack: &PackInfo) -> FrameCipher {
         name: pack_name(&pack.id),
     };
     FrameCipher::new(master, &header)
+}
+
+/// Authenticates the frame `frame` (exactly the bytes the index points to) and returns
+/// its payload as stored: (compressed, payload). Errors are reasons.
+pub(crate) fn open_block_payload(
+    cipher: &FrameCipher,
+    frame: &[u8],
+    loc: &BlockLocation,
+) -> Result<(bool, Vec<u8>), String> {
+    let raw = match FrameIter::new(frame).next_frame() {
+        FrameRead::Frame(raw) if raw.end == frame.len() && !raw.is_final() => raw,
+        _ => return Err("the index does not point to a complete block frame".to_string()),
+    };
+    if raw.plain_len != loc.plain_len {
+        return Err(format!(
+            "the frame holds {} bytes, the index says {}",
+            raw.plain_len, loc.plain_len
+        ));
+    }
+    let opened = cipher.open_frame(&raw).map_err(|e| match e {
+        klio_crypto::Error::Corrupt { reason, .. } => reason,
+        other => other.to_string(),
+    })?;
+    Ok((opened.compressed, opened.payload))
+}
+
+/// A block as stored, authenticated but not yet decompressed.
+#[derive(Clone, Debug)]
+pub struct BlockPayload {
+    pub id: BlockId,
+    pub plain_len: u32,
+    /// `payload` is zstd-compressed.
+    pub compressed: bool,
+    pub payload: Vec<u8>,
 }
 
 /// Opens the frame `frame` (exactly the bytes the index points to) as block `id`: decrypts,

@@ -1,0 +1,608 @@
+//! The base-backup service (`klio.backup.v1.Backup`): backup sessions that upload only the
+//! blocks the repository lacks, the catalog, block reads for restores, and verification.
+//!
+//! A session owns a small pool of [`PackWriter`]s (one per concurrent `PutBlocks` call, so
+//! parallel uploads do not serialize on one pack). `Commit` finishes every writer (packs and
+//! their indexes become durable), stores the blocklists, then the manifest: a backup is in
+//! the catalog exactly when its manifest exists. A session that is abandoned (client killed,
+//! server killed) leaves at worst packs that no manifest references.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use klio_proto::backup::v1::{self as pb, backup_server::Backup};
+use klio_repository::{
+    BackupId, BlockId, FileEntry, FileKind, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN, Manifest,
+    PackStats, PackWriter, ProblemKind, Repository,
+};
+use tonic::{Request, Response, Status};
+
+/// A session nobody used for this long is dropped with its unfinished packs.
+pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Most block ids one `Missing` or `GetBlocks` call may name.
+pub const MAX_IDS_PER_CALL: usize = 65_536;
+/// Largest gRPC message of this service.
+pub const MAX_BACKUP_MESSAGE: usize = 64 << 20;
+
+struct Session {
+    cluster: String,
+    backup_id: BackupId,
+    /// Idle writers; a `PutBlocks` call takes one (or makes one) and puts it back.
+    writers: Mutex<Vec<PackWriter>>,
+    /// Stats of writers already finished (none until commit).
+    blocks_new: AtomicU64,
+    last_used: Mutex<Instant>,
+}
+
+impl Session {
+    fn touch(&self) {
+        *lock(&self.last_used) = Instant::now();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The gRPC base-backup service over one repository.
+#[derive(Clone)]
+pub struct BackupService {
+    repo: Repository,
+    sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
+}
+
+fn repo_status(e: klio_repository::Error) -> Status {
+    use klio_repository::Error as E;
+    match e {
+        E::BackupNotFound { .. } => Status::not_found(e.to_string()),
+        E::BlockIdMismatch { .. }
+        | E::BlockTooLarge { .. }
+        | E::InvalidManifest { .. }
+        | E::InvalidBackupId(_)
+        | E::InvalidKey { .. } => Status::invalid_argument(e.to_string()),
+        E::UnstoredBlock { .. } | E::BackupExists { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        E::BlockCorrupt { .. } | E::PackMissing { .. } | E::BlockNotFound { .. } => {
+            Status::data_loss(e.to_string())
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("a server task failed: {e}"))
+}
+
+fn parse_ids(bytes: &[u8]) -> Result<Vec<BlockId>, Status> {
+    if bytes.len() % 32 != 0 {
+        return Err(Status::invalid_argument(
+            "block ids must be a multiple of 32 bytes",
+        ));
+    }
+    if bytes.len() / 32 > MAX_IDS_PER_CALL {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_IDS_PER_CALL} block ids per call"
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| {
+            let mut id = [0u8; 32];
+            id.copy_from_slice(c);
+            BlockId(id)
+        })
+        .collect())
+}
+
+fn parse_backup_id(s: &str) -> Result<BackupId, Status> {
+    BackupId::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// The id for a backup starting now: the UTC time to the second, moved forward past ids
+/// that are taken.
+fn new_backup_id(taken: impl Fn(&BackupId) -> bool) -> Result<BackupId, Status> {
+    let mut t = time::OffsetDateTime::now_utc();
+    for _ in 0..3600 {
+        let id = BackupId::from_parts(
+            t.year() as u32,
+            u32::from(u8::from(t.month())),
+            u32::from(t.day()),
+            u32::from(t.hour()),
+            u32::from(t.minute()),
+            u32::from(t.second()),
+        )
+        .map_err(|e| Status::internal(e.to_string()))?;
+        if !taken(&id) {
+            return Ok(id);
+        }
+        t += time::Duration::seconds(1);
+    }
+    Err(Status::resource_exhausted(
+        "no free backup id in the next hour",
+    ))
+}
+
+impl BackupService {
+    pub fn new(repo: Repository) -> BackupService {
+        BackupService {
+            repo,
+            sessions: Arc::default(),
+        }
+    }
+
+    /// Drops sessions idle for longer than [`SESSION_IDLE_TIMEOUT`]; run periodically.
+    pub fn reap_idle_sessions(&self) {
+        let mut sessions = lock(&self.sessions);
+        sessions.retain(|id, s| {
+            let keep = lock(&s.last_used).elapsed() < SESSION_IDLE_TIMEOUT;
+            if !keep {
+                tracing::warn!(session = %id, cluster = %s.cluster, backup = %s.backup_id, "dropping an idle backup session");
+            }
+            keep
+        });
+    }
+
+    fn session<T>(&self, req: &Request<T>, id: &str) -> Result<Arc<Session>, Status> {
+        let session = lock(&self.sessions).get(id).cloned().ok_or_else(|| {
+            Status::not_found(format!(
+                "backup session \"{id}\" does not exist (it was committed, aborted, idle for too long, or the server restarted)\nHINT: start the backup again"
+            ))
+        })?;
+        let principal = klio_tls::principal_of(req)?;
+        klio_tls::authorize_cluster(&principal, &session.cluster)?;
+        session.touch();
+        Ok(session)
+    }
+
+    fn authorize<T>(req: &Request<T>, cluster: &str) -> Result<(), Status> {
+        let principal = klio_tls::principal_of(req)?;
+        klio_tls::authorize_cluster(&principal, cluster)
+    }
+
+    fn authorize_read<T>(req: &Request<T>, cluster: &str) -> Result<(), Status> {
+        let principal = klio_tls::principal_of(req)?;
+        klio_tls::authorize_catalog_read(&principal, cluster)
+    }
+}
+
+fn files_to_manifest(
+    repo: &Repository,
+    files: Vec<pb::FileEntry>,
+) -> Result<Vec<FileEntry>, Status> {
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let bad = |reason: &str| {
+            Status::invalid_argument(format!("file \"{}\" in the manifest: {reason}", f.path))
+        };
+        let kind = match pb::file_entry::Kind::try_from(f.kind) {
+            Ok(pb::file_entry::Kind::Directory) => FileKind::Directory,
+            Ok(pb::file_entry::Kind::Symlink) => FileKind::Symlink {
+                target: f.target.clone(),
+            },
+            Ok(pb::file_entry::Kind::File) => {
+                if f.block_ids.len() % 32 != 0 {
+                    return Err(bad("block ids must be a multiple of 32 bytes"));
+                }
+                let ids: Vec<BlockId> = f
+                    .block_ids
+                    .chunks_exact(32)
+                    .map(|c| {
+                        let mut id = [0u8; 32];
+                        id.copy_from_slice(c);
+                        BlockId(id)
+                    })
+                    .collect();
+                if f.block_size == 0 {
+                    if ids.len() != 1 {
+                        return Err(bad("a file stored whole has exactly one block"));
+                    }
+                    FileKind::Whole { block: ids[0] }
+                } else {
+                    if f.block_size as usize > MAX_BLOCK_SIZE {
+                        return Err(bad("block size too large"));
+                    }
+                    if f.size.div_ceil(u64::from(f.block_size)) != ids.len() as u64 {
+                        return Err(bad("the number of blocks does not match the size"));
+                    }
+                    let mut blocklists = Vec::new();
+                    for chunk in ids.chunks(MAX_BLOCKLIST_LEN) {
+                        blocklists.push(repo.put_blocklist(chunk).map_err(repo_status)?);
+                    }
+                    FileKind::Blocks {
+                        block_size: f.block_size,
+                        blocklists,
+                    }
+                }
+            }
+            _ => return Err(bad("unknown kind")),
+        };
+        out.push(FileEntry {
+            path: f.path,
+            size: f.size,
+            mode: f.mode,
+            mtime: f.mtime,
+            kind,
+        });
+    }
+    Ok(out)
+}
+
+fn manifest_to_files(repo: &Repository, m: &Manifest) -> Result<Vec<pb::FileEntry>, Status> {
+    let mut out = Vec::with_capacity(m.files.len());
+    for f in &m.files {
+        let mut e = pb::FileEntry {
+            path: f.path.clone(),
+            size: f.size,
+            mode: f.mode,
+            mtime: f.mtime,
+            ..Default::default()
+        };
+        match &f.kind {
+            FileKind::Directory => e.kind = pb::file_entry::Kind::Directory as i32,
+            FileKind::Symlink { target } => {
+                e.kind = pb::file_entry::Kind::Symlink as i32;
+                e.target = target.clone();
+            }
+            FileKind::Whole { block } => {
+                e.kind = pb::file_entry::Kind::File as i32;
+                e.block_ids = block.0.to_vec().into();
+            }
+            FileKind::Blocks {
+                block_size,
+                blocklists,
+            } => {
+                e.kind = pb::file_entry::Kind::File as i32;
+                e.block_size = *block_size;
+                let mut ids = Vec::new();
+                for l in blocklists {
+                    for id in repo.get_blocklist(l).map_err(repo_status)? {
+                        ids.extend_from_slice(&id.0);
+                    }
+                }
+                e.block_ids = ids.into();
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn finish_all(writers: Vec<PackWriter>) -> Result<PackStats, klio_repository::Error> {
+    let mut total = PackStats::default();
+    for w in writers {
+        let s = w.finish()?;
+        total.blocks_added += s.blocks_added;
+        total.blocks_deduplicated += s.blocks_deduplicated;
+        total.plain_bytes_added += s.plain_bytes_added;
+        total.packs_written += s.packs_written;
+        total.pack_bytes += s.pack_bytes;
+        total.index_bytes += s.index_bytes;
+    }
+    Ok(total)
+}
+
+#[tonic::async_trait]
+impl Backup for BackupService {
+    async fn begin(
+        &self,
+        request: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        let cluster = request.get_ref().cluster.clone();
+        Self::authorize(&request, &cluster)?;
+        klio_repository::validate_cluster_name(&cluster)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let repo = self.repo.clone();
+        let c = cluster.clone();
+        let existing = tokio::task::spawn_blocking(move || repo.list_manifests(&c))
+            .await
+            .map_err(join_error)?
+            .map_err(repo_status)?;
+        let mut sessions = lock(&self.sessions);
+        let backup_id = new_backup_id(|id| {
+            existing.contains(id)
+                || sessions
+                    .values()
+                    .any(|s| s.cluster == cluster && s.backup_id == *id)
+        })?;
+        let session_id = hex::encode(klio_crypto::random_bytes::<16>());
+        sessions.insert(
+            session_id.clone(),
+            Arc::new(Session {
+                cluster: cluster.clone(),
+                backup_id: backup_id.clone(),
+                writers: Mutex::new(Vec::new()),
+                blocks_new: AtomicU64::new(0),
+                last_used: Mutex::new(Instant::now()),
+            }),
+        );
+        tracing::info!(%cluster, backup = %backup_id, session = %session_id, "backup started");
+        Ok(Response::new(pb::BeginResponse {
+            session_id,
+            backup_id: backup_id.to_string(),
+            block_id_key: self.repo.block_id_key().to_vec().into(),
+            max_block_size: MAX_BLOCK_SIZE as u32,
+        }))
+    }
+
+    async fn missing(
+        &self,
+        request: Request<pb::MissingRequest>,
+    ) -> Result<Response<pb::MissingResponse>, Status> {
+        let session = self.session(&request, &request.get_ref().session_id)?;
+        let ids = parse_ids(&request.get_ref().ids)?;
+        let pending = lock(&session.writers);
+        let missing: Vec<u8> = ids
+            .iter()
+            .map(|id| {
+                let stored = self.repo.has_block(id) || pending.iter().any(|w| w.contains(id));
+                u8::from(!stored)
+            })
+            .collect();
+        Ok(Response::new(pb::MissingResponse {
+            missing: missing.into(),
+        }))
+    }
+
+    async fn put_blocks(
+        &self,
+        request: Request<pb::PutBlocksRequest>,
+    ) -> Result<Response<pb::PutBlocksResponse>, Status> {
+        let session = self.session(&request, &request.get_ref().session_id)?;
+        let blocks = request.into_inner().blocks;
+        let mut writer = lock(&session.writers)
+            .pop()
+            .unwrap_or_else(|| self.repo.pack_writer());
+        let s = session.clone();
+        let (writer, result) = tokio::task::spawn_blocking(move || {
+            let result = store_blocks(&mut writer, blocks);
+            (writer, result)
+        })
+        .await
+        .map_err(join_error)?;
+        lock(&s.writers).push(writer);
+        let new = result?;
+        s.blocks_new.fetch_add(new, Ordering::Relaxed);
+        Ok(Response::new(pb::PutBlocksResponse { blocks_new: new }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let session_id = request.get_ref().session_id.clone();
+        let session = self.session(&request, &session_id)?;
+        let req = request.into_inner();
+        let mut metadata: serde_json::Value = serde_json::from_slice(&req.metadata_json)
+            .map_err(|e| Status::invalid_argument(format!("backup metadata: {e}")))?;
+        if !metadata.is_object() {
+            return Err(Status::invalid_argument(
+                "backup metadata must be a JSON object",
+            ));
+        }
+        // Nobody else uses the session from here on.
+        lock(&self.sessions).remove(&session_id);
+        let writers = std::mem::take(&mut *lock(&session.writers));
+        let repo = self.repo.clone();
+        let s = session.clone();
+        let metadata = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, Status> {
+            let stats = finish_all(writers).map_err(repo_status)?;
+            let files = files_to_manifest(&repo, req.files)?;
+            if let Some(obj) = metadata.as_object_mut() {
+                obj.insert("cluster".into(), s.cluster.clone().into());
+                obj.insert("backup_id".into(), s.backup_id.to_string().into());
+                obj.insert("bytes_new".into(), stats.stored_bytes().into());
+                obj.insert("blocks_new".into(), stats.blocks_added.into());
+                obj.insert("plain_bytes_new".into(), stats.plain_bytes_added.into());
+                obj.insert("packs_new".into(), stats.packs_written.into());
+            }
+            let manifest = Manifest {
+                cluster: s.cluster.clone(),
+                backup_id: s.backup_id.clone(),
+                metadata: metadata.clone(),
+                files,
+            };
+            repo.put_manifest(&manifest).map_err(repo_status)?;
+            Ok(metadata)
+        })
+        .await
+        .map_err(join_error)??;
+        tracing::info!(cluster = %session.cluster, backup = %session.backup_id, "backup committed");
+        let metadata_json = serde_json::to_vec(&metadata)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into();
+        Ok(Response::new(pb::CommitResponse { metadata_json }))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        let session_id = request.get_ref().session_id.clone();
+        let session = self.session(&request, &session_id)?;
+        lock(&self.sessions).remove(&session_id);
+        tracing::info!(cluster = %session.cluster, backup = %session.backup_id, "backup aborted");
+        Ok(Response::new(pb::AbortResponse {}))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let cluster = request.get_ref().cluster.clone();
+        Self::authorize_read(&request, &cluster)?;
+        let repo = self.repo.clone();
+        let backups = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let mut out = Vec::new();
+            for id in repo.list_manifests(&cluster).map_err(repo_status)? {
+                let metadata = match repo.get_manifest(&cluster, &id) {
+                    Ok(m) => m.metadata,
+                    Err(e) => serde_json::json!({ "backup_id": id.to_string(), "error": e.to_string() }),
+                };
+                out.push(pb::BackupSummary {
+                    backup_id: id.to_string(),
+                    metadata_json: serde_json::to_vec(&metadata)
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .into(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(join_error)??;
+        Ok(Response::new(pb::ListResponse { backups }))
+    }
+
+    async fn get_manifest(
+        &self,
+        request: Request<pb::GetManifestRequest>,
+    ) -> Result<Response<pb::GetManifestResponse>, Status> {
+        let cluster = request.get_ref().cluster.clone();
+        Self::authorize(&request, &cluster)?;
+        let backup_id = parse_backup_id(&request.get_ref().backup_id)?;
+        let repo = self.repo.clone();
+        let (metadata, files) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let m = repo.get_manifest(&cluster, &backup_id).map_err(repo_status)?;
+            let files = manifest_to_files(&repo, &m)?;
+            Ok((m.metadata, files))
+        })
+        .await
+        .map_err(join_error)??;
+        Ok(Response::new(pb::GetManifestResponse {
+            backup_id: request.get_ref().backup_id.clone(),
+            metadata_json: serde_json::to_vec(&metadata)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .into(),
+            files,
+            block_id_key: self.repo.block_id_key().to_vec().into(),
+        }))
+    }
+
+    async fn get_blocks(
+        &self,
+        request: Request<pb::GetBlocksRequest>,
+    ) -> Result<Response<pb::GetBlocksResponse>, Status> {
+        Self::authorize(&request, &request.get_ref().cluster)?;
+        let ids = parse_ids(&request.get_ref().ids)?;
+        let repo = self.repo.clone();
+        let payloads = tokio::task::spawn_blocking(move || repo.read_block_payloads(&ids))
+            .await
+            .map_err(join_error)?
+            .map_err(repo_status)?;
+        let blocks = payloads
+            .into_iter()
+            .map(|p| pb::Block {
+                id: p.id.0.to_vec().into(),
+                plain_len: p.plain_len,
+                compressed: p.compressed,
+                data: p.payload.into(),
+            })
+            .collect();
+        Ok(Response::new(pb::GetBlocksResponse { blocks }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let cluster = request.get_ref().cluster.clone();
+        Self::authorize_read(&request, &cluster)?;
+        let only = match request.get_ref().backup_id.as_str() {
+            "" => None,
+            id => Some(parse_backup_id(id)?),
+        };
+        let repo = self.repo.clone();
+        let response = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let ids = match only {
+                Some(id) => vec![id],
+                None => repo.list_manifests(&cluster).map_err(repo_status)?,
+            };
+            let mut response = pb::VerifyResponse::default();
+            for id in ids {
+                match repo.verify(&cluster, &id) {
+                    Ok(report) => {
+                        response.backups.push(pb::VerifiedBackup {
+                            backup_id: id.to_string(),
+                            files: report.files as u64,
+                            blocks: report.blocks as u64,
+                            bytes_verified: report.bytes_verified,
+                        });
+                        for p in report.problems {
+                            response.problems.push(pb::Problem {
+                                backup_id: id.to_string(),
+                                kind: match p.kind {
+                                    ProblemKind::Missing => "missing",
+                                    ProblemKind::Corrupt => "corrupt",
+                                }
+                                .to_string(),
+                                object: p.object,
+                                detail: p.detail,
+                            });
+                        }
+                    }
+                    Err(klio_repository::Error::BackupNotFound { .. }) => {
+                        return Err(Status::not_found(format!(
+                            "cluster \"{cluster}\" has no backup \"{id}\""
+                        )));
+                    }
+                    Err(e) => response.problems.push(pb::Problem {
+                        backup_id: id.to_string(),
+                        kind: "corrupt".to_string(),
+                        object: format!("manifests/{cluster}/{id}"),
+                        detail: e.to_string(),
+                    }),
+                }
+            }
+            Ok(response)
+        })
+        .await
+        .map_err(join_error)??;
+        Ok(Response::new(response))
+    }
+}
+
+/// Checks and stores uploaded blocks; returns how many were new.
+fn store_blocks(writer: &mut PackWriter, blocks: Vec<pb::Block>) -> Result<u64, Status> {
+    let mut new = 0;
+    for b in blocks {
+        if b.id.len() != 32 {
+            return Err(Status::invalid_argument("a block id has 32 bytes"));
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b.id);
+        let id = BlockId(id);
+        if b.plain_len as usize > MAX_BLOCK_SIZE {
+            return Err(Status::invalid_argument(format!(
+                "block {id} claims {} bytes; the limit is {MAX_BLOCK_SIZE}",
+                b.plain_len
+            )));
+        }
+        let added = if b.compressed {
+            let plain = zstd::bulk::decompress(&b.data, b.plain_len as usize).map_err(|e| {
+                Status::invalid_argument(format!("block {id} does not decompress: {e}"))
+            })?;
+            if plain.len() != b.plain_len as usize {
+                return Err(Status::invalid_argument(format!(
+                    "block {id} decompresses to {} bytes, not {}",
+                    plain.len(),
+                    b.plain_len
+                )));
+            }
+            writer.add_encoded_block(&id, &plain, Some(b.data.to_vec()))
+        } else {
+            if b.data.len() != b.plain_len as usize {
+                return Err(Status::invalid_argument(format!(
+                    "block {id} has {} bytes, not {}",
+                    b.data.len(),
+                    b.plain_len
+                )));
+            }
+            writer.add_encoded_block(&id, &b.data, None)
+        }
+        .map_err(repo_status)?;
+        new += u64::from(added);
+    }
+    Ok(new)
+}
