@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's first command: builds klio, starts a Klio server and a local PostgreSQL 15,
-# streams its WAL into the archive while pgbench runs, takes a base backup, then restores
-# it into a new directory to a point in time with `klio wal-get` as restore_command,
-# starts it and checks that the data matches that point. Everything lives in one work
+# streams its WAL into the archive, takes a base backup with `klio backup` while pgbench
+# runs, then restores it with `klio restore` into a new directory to a point in time
+# (recovery fetches WAL with `klio wal-get`), starts it and checks that the data matches
+# that point. Everything lives in one work
 # directory and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,13 +51,14 @@ chmod 600 "$WORK/encryption.key"
 
 step "start the Klio server"
 WAL_PORT=$(free_port)
+BASE_PORT=$(free_port)
 "$KLIO" server --data-dir "$WORK/klio-data" --encryption-key-file "$WORK/encryption.key" \
   --tls-cert "$WORK/pki/server.crt" --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" \
-  --wal-listen "127.0.0.1:$WAL_PORT" --base-listen 127.0.0.1:0 2> "$WORK/server.log" &
+  --wal-listen "127.0.0.1:$WAL_PORT" --base-listen "127.0.0.1:$BASE_PORT" 2> "$WORK/server.log" &
 PIDS+=($!)
 for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$WAL_PORT") 2>/dev/null && break; sleep 0.1; done
 
-CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --cluster "$CLUSTER"
+CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --base-port "$BASE_PORT" --cluster "$CLUSTER"
   --client-cert "$WORK/pki/client-$CLUSTER.crt" --client-key "$WORK/pki/client-$CLUSTER.key"
   --server-ca "$WORK/pki/ca.crt")
 
@@ -79,10 +81,15 @@ step "stream WAL to Klio (klio wal-stream)"
 PIDS+=($!)
 for _ in $(seq 100); do "$KLIO" wal-list "${CLIENT[@]}" --json 2>/dev/null | grep -q '"end_lsn": "' && break; sleep 0.2; done
 
-step "load data, take a base backup, run pgbench"
+step "load data, then take a base backup (klio backup) while pgbench runs"
 as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -i -q -s 10 postgres
-as_pg "$PG_BIN/pg_basebackup" -h "$WORK" -p "$PG_PORT" -U postgres -D "$WORK/base" -Fp -X none -c fast
-as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -c 4 -j 2 -T 15 postgres | grep -E "tps|processed"
+as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -c 4 -j 2 -T 15 postgres > "$WORK/pgbench.out" &
+PGBENCH=$!
+sleep 2
+"$KLIO" backup "${CLIENT[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" --pgdata "$WORK/pg"
+wait "$PGBENCH"
+grep -E "tps|processed" "$WORK/pgbench.out"
+"$KLIO" backups list "${CLIENT[@]}"
 
 step "mark a point in time, then change more"
 "${PSQL[@]}" -c "CREATE TABLE quickstart_marker (note text); INSERT INTO quickstart_marker VALUES ('before the target')"
@@ -104,16 +111,10 @@ PY
 done
 "$KLIO" wal-list "${CLIENT[@]}" | head -8
 
-step "restore the base backup to $TARGET with klio wal-get"
-cp -a "$WORK/base" "$WORK/restored"
+step "restore to $TARGET (klio restore; recovery fetches WAL with klio wal-get)"
+"$KLIO" restore "${CLIENT[@]}" --pgdata "$WORK/restored" --target-time "$TARGET"
 RESTORE_PORT=$(free_port)
-cat >> "$WORK/restored/postgresql.auto.conf" <<CONF
-port = $RESTORE_PORT
-restore_command = '$KLIO wal-get ${CLIENT[*]} %f %p'
-recovery_target_time = '$TARGET'
-recovery_target_action = 'promote'
-CONF
-touch "$WORK/restored/recovery.signal"
+echo "port = $RESTORE_PORT" >> "$WORK/restored/postgresql.auto.conf"
 [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$WORK/restored"
 as_pg "$PG_BIN/pg_ctl" -D "$WORK/restored" -l "$WORK/restored.log" -w start >/dev/null
 RPSQL=("$PG_BIN/psql" -X -At -h "$WORK" -p "$RESTORE_PORT" -U postgres -d postgres)

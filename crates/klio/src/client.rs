@@ -39,6 +39,14 @@ pub struct ClientArgs {
 impl ClientArgs {
     /// Connects to the WAL service.
     pub async fn wal_client(&self) -> anyhow::Result<WalClient<Channel>> {
+        let channel = self.channel(self.wal_port).await?;
+        Ok(WalClient::new(channel)
+            .max_decoding_message_size(klio_server::MAX_MESSAGE)
+            .max_encoding_message_size(klio_server::MAX_MESSAGE))
+    }
+
+    /// A mutual-TLS HTTP/2 channel to the server's `port`.
+    pub async fn channel(&self, port: u16) -> anyhow::Result<Channel> {
         let domain = self
             .server_name
             .clone()
@@ -50,11 +58,41 @@ impl ClientArgs {
             &domain,
         )
         .context("load client TLS settings")?;
-        let channel = klio_tls::connect(&self.server_address, self.wal_port, tls).await?;
-        Ok(WalClient::new(channel)
-            .max_decoding_message_size(klio_server::MAX_MESSAGE)
-            .max_encoding_message_size(klio_server::MAX_MESSAGE))
+        Ok(klio_tls::connect(&self.server_address, port, tls).await?)
     }
+
+    /// The flags that reach the same server as the same cluster, for a command line (as
+    /// `restore_command` needs them).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--server-address".to_string(),
+            self.server_address.clone(),
+            "--wal-port".to_string(),
+            self.wal_port.to_string(),
+            "--base-port".to_string(),
+            self.base_port.to_string(),
+            "--cluster".to_string(),
+            self.cluster.clone(),
+            "--client-cert".to_string(),
+            absolute(&self.client_cert),
+            "--client-key".to_string(),
+            absolute(&self.client_key),
+            "--server-ca".to_string(),
+            absolute(&self.server_ca),
+        ];
+        if let Some(n) = &self.server_name {
+            v.push("--server-name".to_string());
+            v.push(n.clone());
+        }
+        v
+    }
+}
+
+fn absolute(p: &std::path::Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// Turns a gRPC status into an error a person can act on.

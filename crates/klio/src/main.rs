@@ -1,6 +1,8 @@
 //! `klio`: one binary whose subcommands are the roles.
 //!
-//! - `klio server`: the Klio server (WAL service; base backups come next);
+//! - `klio server`: the Klio server (WAL and base-backup services);
+//! - `klio backup`, `klio restore`, `klio backups list|show`, `klio verify`: base backups
+//!   (the `klio-plugin` and `klio-restore` roles);
 //! - `klio wal-stream`: the `klio-wal` sidecar, streaming WAL from PostgreSQL;
 //! - `klio wal-get`: PostgreSQL's `restore_command`;
 //! - `klio wal-list`: what the archive of a cluster holds;
@@ -9,7 +11,10 @@
 //! Exit status (see `docs/cli.md`): 0 success; 1 failure (for `wal-get`: the file is not
 //! in the archive); 2 invalid command line; 200 `wal-get` failure other than "not found".
 
+mod backup;
+mod catalog;
 mod client;
+mod restore;
 mod wal_get;
 mod wal_stream;
 
@@ -42,6 +47,15 @@ enum Command {
     WalGet(wal_get::WalGetArgs),
     /// List what the archive of a cluster holds
     WalList(WalListArgs),
+    /// Take an online base backup into the server's repository (the klio-plugin role)
+    Backup(backup::BackupArgs),
+    /// The catalog of base backups
+    #[command(subcommand)]
+    Backups(catalog::BackupsCommand),
+    /// Restore a base backup and set up point-in-time recovery (the klio-restore role)
+    Restore(restore::RestoreArgs),
+    /// Check that every object a backup needs is present and intact
+    Verify(catalog::VerifyArgs),
     /// Development certificates
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -171,7 +185,9 @@ fn main() -> ExitCode {
     // cross-thread wake-ups that dominated their CPU profile, and leaves the cores to
     // PostgreSQL. The server serves many clients and uses every core.
     let mut builder = match cli.command {
-        Command::Server(_) => tokio::runtime::Builder::new_multi_thread(),
+        Command::Server(_) | Command::Backup(_) | Command::Restore(_) => {
+            tokio::runtime::Builder::new_multi_thread()
+        }
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let rt = match builder.enable_all().build() {
@@ -210,6 +226,10 @@ fn main() -> ExitCode {
                 }
             },
             Command::WalList(a) => wal_list(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Backup(a) => backup::run(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Backups(c) => catalog::backups(c).await.map(|()| ExitCode::SUCCESS),
+            Command::Restore(a) => restore::run(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Verify(a) => catalog::verify(a).await,
             Command::Pki(PkiCommand::Init { dir, clusters, dns }) => {
                 let layout = klio_tls::init_dev_pki(&dir, &clusters, &dns)
                     .with_context(|| format!("initialize certificates in \"{}\"", dir.display()))?;

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use klio_proto::backup::v1::{self as pb, backup_server::Backup};
 use klio_repository::{
-    BackupId, BlockId, FileEntry, FileKind, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN, Manifest,
-    PackStats, PackWriter, ProblemKind, Repository,
+    BackupId, BlockId, FileEntry, FileKind, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN, Manifest, PackStats,
+    PackWriter, ProblemKind, Repository,
 };
 use tonic::{Request, Response, Status};
 
@@ -77,7 +77,7 @@ fn join_error(e: tokio::task::JoinError) -> Status {
 }
 
 fn parse_ids(bytes: &[u8]) -> Result<Vec<BlockId>, Status> {
-    if bytes.len() % 32 != 0 {
+    if !bytes.len().is_multiple_of(32) {
         return Err(Status::invalid_argument(
             "block ids must be a multiple of 32 bytes",
         ));
@@ -183,7 +183,7 @@ fn files_to_manifest(
                 target: f.target.clone(),
             },
             Ok(pb::file_entry::Kind::File) => {
-                if f.block_ids.len() % 32 != 0 {
+                if !f.block_ids.len().is_multiple_of(32) {
                     return Err(bad("block ids must be a multiple of 32 bytes"));
                 }
                 let ids: Vec<BlockId> = f
@@ -439,7 +439,9 @@ impl Backup for BackupService {
             for id in repo.list_manifests(&cluster).map_err(repo_status)? {
                 let metadata = match repo.get_manifest(&cluster, &id) {
                     Ok(m) => m.metadata,
-                    Err(e) => serde_json::json!({ "backup_id": id.to_string(), "error": e.to_string() }),
+                    Err(e) => {
+                        serde_json::json!({ "backup_id": id.to_string(), "error": e.to_string() })
+                    }
                 };
                 out.push(pb::BackupSummary {
                     backup_id: id.to_string(),
@@ -464,7 +466,9 @@ impl Backup for BackupService {
         let backup_id = parse_backup_id(&request.get_ref().backup_id)?;
         let repo = self.repo.clone();
         let (metadata, files) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
-            let m = repo.get_manifest(&cluster, &backup_id).map_err(repo_status)?;
+            let m = repo
+                .get_manifest(&cluster, &backup_id)
+                .map_err(repo_status)?;
             let files = manifest_to_files(&repo, &m)?;
             Ok((m.metadata, files))
         })

@@ -49,7 +49,11 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
     let master =
         tokio::task::spawn_blocking(move || KeyEnvelope::load_or_create(&key_path, &passphrase))
             .await??;
-    let store = WalStore::open(&cfg.data_dir.join("wal"), master.clone(), cfg.wal_compression_level)?;
+    let store = WalStore::open(
+        &cfg.data_dir.join("wal"),
+        master.clone(),
+        cfg.wal_compression_level,
+    )?;
     {
         let store = store.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -130,10 +134,12 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
         klio_tls::tls_incoming(wal_listener, tls.clone()),
         shutdown.cancelled(),
     );
-    let base_server = builder().add_service(backup_svc).serve_with_incoming_shutdown(
-        klio_tls::tls_incoming(base_listener, tls),
-        shutdown.cancelled(),
-    );
+    let base_server = builder()
+        .add_service(backup_svc)
+        .serve_with_incoming_shutdown(
+            klio_tls::tls_incoming(base_listener, tls),
+            shutdown.cancelled(),
+        );
     let (w, b) = tokio::join!(wal_server, base_server);
     w.context("serve the WAL service")?;
     b.context("serve the base-backup service")?;

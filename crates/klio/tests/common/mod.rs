@@ -1,5 +1,6 @@
 //! Harness of the end-to-end tests: a real `klio server` process with development
-//! certificates, and helpers to run the `klio` client subcommands against it.
+//! certificates (WAL service and base-backup service, each on its own free port), and
+//! helpers to run the `klio` client subcommands against it.
 //!
 //! The tests live in this package (not a separate crate) so that cargo builds the `klio`
 //! binary they run and hands its path over in `CARGO_BIN_EXE_klio`.
@@ -36,7 +37,10 @@ pub struct Klio {
     pub pki: PathBuf,
     pub data: PathBuf,
     pub key_file: PathBuf,
+    /// Port of the WAL service (`--wal-listen`).
     pub port: u16,
+    /// Port of the base-backup service (`--base-listen`).
+    pub base_port: u16,
     server: Option<ChildGuard>,
     starts: u32,
 }
@@ -69,6 +73,7 @@ impl Klio {
             data,
             key_file,
             port: free_port(),
+            base_port: free_port(),
             server: None,
             starts: 0,
         };
@@ -92,7 +97,7 @@ impl Klio {
             .arg("--wal-listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--base-listen")
-            .arg("127.0.0.1:0");
+            .arg(format!("127.0.0.1:{}", self.base_port));
         cmd
     }
 
@@ -104,18 +109,19 @@ impl Klio {
         cmd.stdout(Stdio::null()).stderr(log);
         let mut child = ChildGuard::spawn(&mut cmd)?;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if !child.is_running() {
-                bail!("klio server exited:\n{}", self.server_log());
+        for port in [self.port, self.base_port] {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if !child.is_running() {
+                    bail!("klio server exited:\n{}", self.server_log());
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "klio server does not listen on port {port}:\n{}",
+                        self.server_log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "klio server does not listen on port {}:\n{}",
-                    self.port,
-                    self.server_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
         self.server = Some(child);
         Ok(())
@@ -152,6 +158,8 @@ impl Klio {
             "127.0.0.1".into(),
             "--wal-port".into(),
             self.port.to_string(),
+            "--base-port".into(),
+            self.base_port.to_string(),
             "--cluster".into(),
             cluster.into(),
             "--client-cert".into(),
@@ -252,6 +260,97 @@ impl Klio {
         })
     }
 
+    /// `klio <subcommand...>` with the client flags of `cluster` (its own certificate).
+    pub fn client_command(&self, subcommand: &[&str], cluster: &str) -> Command {
+        self.client_command_with_cert(subcommand, cluster, &format!("client-{cluster}"))
+    }
+
+    /// [`Klio::client_command`] presenting certificate `<stem>.crt` instead.
+    pub fn client_command_with_cert(
+        &self,
+        subcommand: &[&str],
+        cluster: &str,
+        stem: &str,
+    ) -> Command {
+        let mut cmd = klio();
+        cmd.args(subcommand)
+            .args(self.client_args_with_cert(cluster, stem));
+        cmd
+    }
+
+    /// `klio backup --json` of `pg` (reading its data directory) for `cluster`, plus `extra`;
+    /// not run yet, so that a test can run it as a child and kill it.
+    pub fn backup_command(&self, cluster: &str, pg: &PgCluster, extra: &[&str]) -> Command {
+        let mut cmd = self.client_command(&["backup"], cluster);
+        cmd.args(["--pg-dsn", &pg.dsn()])
+            .arg("--pgdata")
+            .arg(pg.data_dir())
+            .arg("--json")
+            .args(extra);
+        cmd
+    }
+
+    /// Takes a base backup of `pg` for `cluster` and returns the object `--json` printed.
+    pub fn backup(
+        &self,
+        cluster: &str,
+        pg: &PgCluster,
+        extra: &[&str],
+    ) -> anyhow::Result<serde_json::Value> {
+        let out = run_ok(&mut self.backup_command(cluster, pg, extra))?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "parse the JSON of klio backup:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// `klio backups list --json`: the complete backups of `cluster`, oldest first.
+    pub fn backups_list(&self, cluster: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut cmd = self.client_command(&["backups", "list"], cluster);
+        cmd.arg("--json");
+        let out = run_ok(&mut cmd)?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "parse the JSON of klio backups list:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        match v {
+            serde_json::Value::Array(a) => Ok(a),
+            other => bail!("klio backups list --json printed no array: {other}"),
+        }
+    }
+
+    /// `klio backups show --json` of backup `id` of `cluster`.
+    pub fn backups_show(&self, cluster: &str, id: &str) -> anyhow::Result<serde_json::Value> {
+        let mut cmd = self.client_command(&["backups", "show"], cluster);
+        cmd.arg(id).arg("--json");
+        let out = run_ok(&mut cmd)?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "parse the JSON of klio backups show:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Runs `klio verify` for `cluster` plus `extra`; the caller judges the exit status.
+    pub fn verify(&self, cluster: &str, extra: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = self.client_command(&["verify"], cluster);
+        cmd.args(extra);
+        cmd.output().context("run klio verify")
+    }
+
+    /// Runs `klio restore --pgdata <pgdata>` for `cluster` plus `extra` (backup id, recovery
+    /// target, tablespace map, `--delta`); the caller judges the exit status.
+    pub fn restore(&self, cluster: &str, pgdata: &Path, extra: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = self.client_command(&["restore"], cluster);
+        cmd.arg("--pgdata").arg(pgdata).args(extra);
+        cmd.output().context("run klio restore")
+    }
+
     /// The `restore_command` PostgreSQL should use for `cluster`.
     pub fn restore_command(&self, cluster: &str, extra: &str) -> String {
         let args: Vec<String> = self
@@ -274,6 +373,16 @@ pub fn run_ok(cmd: &mut Command) -> anyhow::Result<Output> {
         );
     }
     Ok(out)
+}
+
+/// Standard output then standard error of a finished command, for assertions on what it
+/// said.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// The current WAL insert position and timeline of `pg`.

@@ -1,0 +1,647 @@
+//! `klio backup`: an online physical base backup of a PostgreSQL cluster into the server's
+//! repository (the `klio-plugin` sidecar role; also the CLI).
+//!
+//! Steps: check the WAL archive knows the cluster, begin a server session,
+//! `pg_backup_start(fast)` on a connection held for the whole backup, scan PGDATA and the
+//! tablespaces (pg_basebackup's exclusions), read files with `--jobs` threads — relation
+//! files cut into 8 KiB pages (checksums verified), others whole or in 1 MiB blocks — ask the
+//! server which blocks it lacks and upload only those (zstd-compressed), `pg_backup_stop`,
+//! wait until the archive holds the WAL from the backup's start to its end, then commit the
+//! manifest. Until the commit nothing is in the catalog.
+
+use std::collections::HashSet;
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use klio_pg::{Lsn, SegmentSize, TimeLineId, WalFileName};
+use klio_pgdata::{EntryKind, PAGE_SIZE, PageCheck};
+use klio_proto::backup::v1::{self as pb, backup_client::BackupClient};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::client::{ClientArgs, status_error};
+
+/// Relation files are cut into blocks of one page: PostgreSQL dirties pages at random, so
+/// any larger block would almost always change (see docs/formats/repository.md).
+pub const RELATION_BLOCK_SIZE: usize = PAGE_SIZE;
+/// Other files up to this size are stored whole; larger ones in blocks of this size.
+pub const WHOLE_FILE_MAX: usize = 1 << 20;
+/// Plaintext bytes a reading thread gathers before asking the server what is missing.
+const BATCH_BYTES: usize = 4 << 20;
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Connection string of the PostgreSQL server to back up (a superuser or a role with
+    /// pg_backup_start/pg_backup_stop rights); may point at a standby
+    #[arg(long, env = "KLIO_PG_DSN")]
+    pub pg_dsn: String,
+    /// Data directory of that server (default: its data_directory setting)
+    #[arg(long, env = "KLIO_PGDATA")]
+    pub pgdata: Option<PathBuf>,
+    /// Files read, hashed and compressed in parallel
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// zstd level of uploaded blocks
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=19))]
+    pub compression_level: i32,
+    /// Seconds to wait, after pg_backup_stop, for the WAL the backup needs to be archived
+    #[arg(long, default_value_t = 300)]
+    pub wal_wait_timeout: u64,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the reading threads produce for one file.
+struct FileResult {
+    entry: pb::FileEntry,
+}
+
+struct Shared {
+    client: BackupClient<Channel>,
+    session: String,
+    key: [u8; 32],
+    level: i32,
+    start_lsn: u64,
+    verify_checksums: bool,
+    rt: tokio::runtime::Handle,
+    bytes_read: AtomicU64,
+    blocks_total: AtomicU64,
+    blocks_sent: AtomicU64,
+    checksum_failures: Mutex<Vec<(String, u32)>>,
+}
+
+/// Blocks gathered by one reading thread, waiting to be checked against the server.
+#[derive(Default)]
+struct Batch {
+    ids: Vec<[u8; 32]>,
+    data: Vec<Vec<u8>>,
+    bytes: usize,
+    seen: HashSet<[u8; 32]>,
+}
+
+impl Shared {
+    fn block_id(&self, data: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.key, data).as_bytes()
+    }
+
+    /// Adds a block to the batch (once per batch) and returns its id; flushes a full batch.
+    fn add(&self, batch: &mut Batch, data: Vec<u8>) -> anyhow::Result<[u8; 32]> {
+        let id = self.block_id(&data);
+        self.blocks_total.fetch_add(1, Ordering::Relaxed);
+        if batch.seen.insert(id) {
+            batch.bytes += data.len();
+            batch.ids.push(id);
+            batch.data.push(data);
+            if batch.bytes >= BATCH_BYTES {
+                self.flush(batch)?;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Asks which blocks of the batch the server lacks and uploads them.
+    fn flush(&self, batch: &mut Batch) -> anyhow::Result<()> {
+        if batch.ids.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client.clone();
+        let ids: Vec<u8> = batch.ids.iter().flatten().copied().collect();
+        let missing = self
+            .rt
+            .block_on(client.missing(pb::MissingRequest {
+                session_id: self.session.clone(),
+                ids: ids.into(),
+            }))
+            .map_err(|s| status_error("ask the server which blocks it lacks", s))?
+            .into_inner()
+            .missing;
+        if missing.len() != batch.ids.len() {
+            bail!(
+                "the server answered for {} blocks, not {}",
+                missing.len(),
+                batch.ids.len()
+            );
+        }
+        let mut blocks = Vec::new();
+        for ((id, data), m) in batch
+            .ids
+            .iter()
+            .zip(batch.data.drain(..))
+            .zip(missing.iter())
+        {
+            if *m == 0 {
+                continue;
+            }
+            let plain_len = data.len() as u32;
+            let (compressed, data) = match zstd::bulk::compress(&data, self.level) {
+                Ok(c) if c.len() + 64 < data.len() => (true, c),
+                _ => (false, data),
+            };
+            blocks.push(pb::Block {
+                id: id.to_vec().into(),
+                plain_len,
+                compressed,
+                data: data.into(),
+            });
+        }
+        if !blocks.is_empty() {
+            self.blocks_sent
+                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+            self.rt
+                .block_on(client.put_blocks(pb::PutBlocksRequest {
+                    session_id: self.session.clone(),
+                    blocks,
+                }))
+                .map_err(|s| status_error("upload blocks", s))?;
+        }
+        *batch = Batch::default();
+        Ok(())
+    }
+
+    /// Reads one file into blocks; `None` if it vanished (dropped while we read: the WAL
+    /// replay recreates whatever state is right).
+    fn read_file(
+        &self,
+        entry: &klio_pgdata::Entry,
+        batch: &mut Batch,
+    ) -> anyhow::Result<Option<FileResult>> {
+        let mut pb_entry = pb::FileEntry {
+            path: entry.path.clone(),
+            size: 0,
+            mode: entry.mode,
+            mtime: entry.mtime,
+            ..Default::default()
+        };
+        match &entry.kind {
+            EntryKind::Directory => {
+                pb_entry.kind = pb::file_entry::Kind::Directory as i32;
+                return Ok(Some(FileResult { entry: pb_entry }));
+            }
+            EntryKind::Symlink { target } => {
+                pb_entry.kind = pb::file_entry::Kind::Symlink as i32;
+                pb_entry.target = target.clone();
+                return Ok(Some(FileResult { entry: pb_entry }));
+            }
+            EntryKind::File => pb_entry.kind = pb::file_entry::Kind::File as i32,
+        }
+        let mut file = match std::fs::File::open(&entry.abs_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("open \"{}\"", entry.abs_path.display()));
+            }
+        };
+        let relation = entry.relation.as_ref();
+        let block_size = if relation.is_some() {
+            RELATION_BLOCK_SIZE
+        } else {
+            WHOLE_FILE_MAX
+        };
+        let mut ids: Vec<u8> = Vec::new();
+        let mut size = 0u64;
+        let mut count = 0usize;
+        let mut buf = vec![0u8; block_size];
+        loop {
+            let n = read_full(&mut file, &mut buf)
+                .with_context(|| format!("read \"{}\"", entry.abs_path.display()))?;
+            if n == 0 && count > 0 {
+                break;
+            }
+            if let Some(rel) = relation
+                && self.verify_checksums
+                && n == PAGE_SIZE
+            {
+                let blkno = rel.first_blkno() + (size / PAGE_SIZE as u64) as u32;
+                if let PageCheck::Invalid { expected, found } =
+                    klio_pgdata::check_page(&buf[..n], blkno, self.start_lsn)
+                {
+                    tracing::warn!(file = %entry.path, block = blkno, expected, found, "page checksum mismatch");
+                    self.checksum_failures
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((entry.path.clone(), blkno));
+                }
+            }
+            let id = self.add(batch, buf[..n].to_vec())?;
+            ids.extend_from_slice(&id);
+            size += n as u64;
+            count += 1;
+            self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            if n < block_size {
+                break;
+            }
+        }
+        pb_entry.size = size;
+        // Files that fit one block are stored whole; an empty file is one empty block.
+        pb_entry.block_size = if relation.is_some() || size > WHOLE_FILE_MAX as u64 {
+            block_size as u32
+        } else {
+            0
+        };
+        if pb_entry.block_size != 0 && size == 0 {
+            ids.clear();
+        }
+        pb_entry.block_ids = ids.into();
+        Ok(Some(FileResult { entry: pb_entry }))
+    }
+}
+
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+pub fn parse_lsn(s: &str) -> anyhow::Result<Lsn> {
+    let (hi, lo) = s
+        .split_once('/')
+        .with_context(|| format!("invalid LSN \"{s}\""))?;
+    let hi = u64::from_str_radix(hi, 16).with_context(|| format!("invalid LSN \"{s}\""))?;
+    let lo = u64::from_str_radix(lo, 16).with_context(|| format!("invalid LSN \"{s}\""))?;
+    Ok(Lsn((hi << 32) | lo))
+}
+
+/// Reads the start timeline from a backup_label.
+fn label_timeline(label: &str) -> Option<u32> {
+    label
+        .lines()
+        .find_map(|l| l.strip_prefix("START TIMELINE: "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Connects to the base-backup service.
+pub async fn backup_client(args: &ClientArgs) -> anyhow::Result<BackupClient<Channel>> {
+    let channel = args.channel(args.base_port).await?;
+    Ok(BackupClient::new(channel)
+        .max_decoding_message_size(klio_server::MAX_BACKUP_MESSAGE)
+        .max_encoding_message_size(klio_server::MAX_BACKUP_MESSAGE))
+}
+
+/// Waits until the archive holds every WAL byte from `start` to `end` on `timeline`.
+async fn wait_for_wal(
+    args: &BackupArgs,
+    timeline: TimeLineId,
+    start: Lsn,
+    end: Lsn,
+    seg: SegmentSize,
+) -> anyhow::Result<()> {
+    let mut wal = args.client.wal_client().await?;
+    let deadline = Instant::now() + Duration::from_secs(args.wal_wait_timeout);
+    let start_name = WalFileName::segment(timeline, start.segment_no(seg), seg).to_string();
+    loop {
+        let r = wal
+            .list(klio_proto::wal::v1::ListRequest {
+                cluster: args.client.cluster.clone(),
+            })
+            .await
+            .map_err(|s| status_error("list the WAL archive", s))?
+            .into_inner();
+        if r.has_wal {
+            let first_on_tli = r
+                .files
+                .iter()
+                .filter(|f| f.len() >= 24 && f[..8] == start_name[..8] && !f.ends_with(".history"))
+                .min()
+                .cloned();
+            if let Some(first) = &first_on_tli
+                && first[..24] > start_name[..]
+            {
+                bail!(
+                    "the WAL archive of cluster \"{}\" starts at {first}, after this backup's start ({start_name}): the backup could never be restored\nHINT: keep `klio wal-stream` running for the cluster before taking backups",
+                    args.client.cluster
+                );
+            }
+            let reached =
+                r.timeline > timeline.0 || (r.timeline == timeline.0 && r.end_lsn >= end.0);
+            if reached && first_on_tli.is_some() {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the WAL this backup needs (from {start} to {end} on timeline {}) was not archived within {} s: the archive of cluster \"{}\" ends at {} on timeline {}\nHINT: is `klio wal-stream` running for this cluster? (--wal-wait-timeout sets the wait)",
+                timeline.0,
+                args.wal_wait_timeout,
+                args.client.cluster,
+                Lsn(r.end_lsn),
+                r.timeline
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
+    let cluster = args.client.cluster.clone();
+    let (pg, conn) = tokio_postgres::connect(&args.pg_dsn, tokio_postgres::NoTls)
+        .await
+        .context("connect to PostgreSQL (--pg-dsn)")?;
+    let conn_task = tokio::spawn(conn);
+    let row = pg
+        .query_one(
+            "SELECT current_setting('data_directory'), current_setting('data_checksums'),
+                    pg_is_in_recovery(), current_setting('server_version_num')::int,
+                    (SELECT system_identifier::text FROM pg_control_system()),
+                    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')",
+            &[],
+        )
+        .await
+        .context("query the PostgreSQL server's settings")?;
+    let data_directory: String = row.get(0);
+    let data_checksums = row.get::<_, String>(1) == "on";
+    let in_recovery: bool = row.get(2);
+    let version: i32 = row.get(3);
+    let system_id: String = row.get(4);
+    let seg = SegmentSize::new(row.get::<_, i64>(5) as u64)?;
+    if version < 150000 {
+        bail!("PostgreSQL {version} is not supported: Klio needs PostgreSQL 15 or later");
+    }
+    let pgdata = args
+        .pgdata
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&data_directory));
+    let tablespaces: Vec<serde_json::Value> = pg
+        .query(
+            "SELECT oid::bigint, spcname::text, pg_tablespace_location(oid) FROM pg_tablespace
+             WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid",
+            &[],
+        )
+        .await
+        .context("list tablespaces")?
+        .iter()
+        .map(|r| json!({"oid": r.get::<_, i64>(0), "name": r.get::<_, String>(1), "location": r.get::<_, String>(2)}))
+        .collect();
+
+    let mut client = backup_client(&args.client).await?;
+    let begin = client
+        .begin(pb::BeginRequest {
+            cluster: cluster.clone(),
+        })
+        .await
+        .map_err(|s| status_error("begin a backup", s))?
+        .into_inner();
+    let backup_id = begin.backup_id.clone();
+    let key: [u8; 32] = begin
+        .block_id_key
+        .as_ref()
+        .try_into()
+        .context("the server sent a block id key that is not 32 bytes")?;
+    let result = take_backup(
+        &args,
+        &pg,
+        &mut client,
+        &begin,
+        key,
+        pgdata,
+        data_checksums,
+        in_recovery,
+        seg,
+        system_id,
+        tablespaces,
+    )
+    .await;
+    if result.is_err() {
+        let _ = client
+            .abort(pb::AbortRequest {
+                session_id: begin.session_id.clone(),
+            })
+            .await;
+    }
+    drop(pg);
+    let _ = conn_task.await;
+    let metadata = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&metadata)?);
+    } else {
+        let m = &metadata;
+        println!("backup {backup_id} of cluster \"{cluster}\" completed");
+        println!(
+            "  WAL {} .. {} (timeline {}), {} files, {} bytes read, {} bytes newly stored ({} of {} blocks new)",
+            m["start_lsn"].as_str().unwrap_or(""),
+            m["end_lsn"].as_str().unwrap_or(""),
+            m["timeline"],
+            m["files"],
+            m["logical_size"],
+            m["bytes_new"],
+            m["blocks_new"],
+            m["blocks_total"]
+        );
+        if let Some(f) = m["checksum_failures"].as_array()
+            && !f.is_empty()
+        {
+            println!("  WARNING: {} pages failed checksum verification", f.len());
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn take_backup(
+    args: &BackupArgs,
+    pg: &tokio_postgres::Client,
+    client: &mut BackupClient<Channel>,
+    begin: &pb::BeginResponse,
+    key: [u8; 32],
+    pgdata: PathBuf,
+    data_checksums: bool,
+    in_recovery: bool,
+    seg: SegmentSize,
+    system_id: String,
+    tablespaces: Vec<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let started_at = time::OffsetDateTime::now_utc();
+    let start_lsn: String = pg
+        .query_one(
+            "SELECT pg_backup_start($1, true)::text",
+            &[&format!("klio {}", begin.backup_id)],
+        )
+        .await
+        .context("pg_backup_start")?
+        .get(0);
+    let start_lsn = parse_lsn(&start_lsn)?;
+    tracing::info!(backup = %begin.backup_id, start = %start_lsn, "backup started in PostgreSQL");
+
+    let scan_root = pgdata.clone();
+    let scan = tokio::task::spawn_blocking(move || klio_pgdata::scan(&scan_root))
+        .await?
+        .with_context(|| format!("read the data directory \"{}\"", pgdata.display()))?;
+    let total: u64 = scan.entries.iter().map(|e| e.size).sum();
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        session: begin.session_id.clone(),
+        key,
+        level: args.compression_level,
+        start_lsn: start_lsn.0,
+        verify_checksums: data_checksums,
+        rt: tokio::runtime::Handle::current(),
+        bytes_read: AtomicU64::new(0),
+        blocks_total: AtomicU64::new(0),
+        blocks_sent: AtomicU64::new(0),
+        checksum_failures: Mutex::new(Vec::new()),
+    });
+    // Workers pop from the end: largest files first, so the threads finish together.
+    let mut entries = scan.entries;
+    entries.sort_by_key(|e| e.size);
+    let queue = Arc::new(Mutex::new(entries));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let progress = Progress::start(
+        shared.clone(),
+        total,
+        !args.json && std::io::stderr().is_terminal(),
+    );
+    let mut workers = Vec::new();
+    for _ in 0..args.jobs {
+        let shared = shared.clone();
+        let queue = queue.clone();
+        let results = results.clone();
+        workers.push(tokio::task::spawn_blocking(
+            move || -> anyhow::Result<()> {
+                let mut batch = Batch::default();
+                loop {
+                    let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                    let Some(entry) = next else { break };
+                    if let Some(r) = shared.read_file(&entry, &mut batch)? {
+                        results
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(r.entry);
+                    }
+                }
+                shared.flush(&mut batch)
+            },
+        ));
+    }
+    let mut failure = None;
+    for w in workers {
+        if let Err(e) = w.await? {
+            failure.get_or_insert(e);
+            queue.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+    }
+    progress.stop();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+
+    let row = pg
+        .query_one(
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
+            &[],
+        )
+        .await
+        .context("pg_backup_stop")?;
+    let stopped_at = time::OffsetDateTime::now_utc();
+    let end_lsn = parse_lsn(&row.get::<_, String>(0))?;
+    let backup_label: String = row.get(1);
+    let tablespace_map: Option<String> = row.get(2);
+    let timeline = TimeLineId(
+        label_timeline(&backup_label).context("the backup_label has no START TIMELINE line")?,
+    );
+    tracing::info!(end = %end_lsn, "backup stopped in PostgreSQL; waiting for its WAL to be archived");
+    wait_for_wal(args, timeline, start_lsn, end_lsn, seg).await?;
+
+    let mut files = std::mem::take(&mut *results.lock().unwrap_or_else(PoisonError::into_inner));
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let failures: Vec<serde_json::Value> = shared
+        .checksum_failures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .map(|(p, b)| json!({"path": p, "block": b}))
+        .collect();
+    let logical_size: u64 = files.iter().map(|f| f.size).sum();
+    let end_segment = Lsn(end_lsn.0.saturating_sub(1).max(start_lsn.0));
+    let metadata = json!({
+        "timeline": timeline.0,
+        "start_lsn": start_lsn.to_string(),
+        "end_lsn": end_lsn.to_string(),
+        "start_wal": WalFileName::segment(timeline, start_lsn.segment_no(seg), seg).to_string(),
+        "end_wal": WalFileName::segment(timeline, end_segment.segment_no(seg), seg).to_string(),
+        "started_at": rfc3339(started_at),
+        "stopped_at": rfc3339(stopped_at),
+        "system_id": system_id,
+        "from_standby": in_recovery,
+        "data_checksums": data_checksums,
+        "backup_label": backup_label,
+        "tablespace_map": tablespace_map.unwrap_or_default(),
+        "tablespaces": tablespaces,
+        "logical_size": logical_size,
+        "files": files.len(),
+        "blocks_total": shared.blocks_total.load(Ordering::Relaxed),
+        "checksum_failures": failures,
+    });
+    let committed = client
+        .commit(pb::CommitRequest {
+            session_id: begin.session_id.clone(),
+            metadata_json: serde_json::to_vec(&metadata)?.into(),
+            files,
+        })
+        .await
+        .map_err(|s| status_error("commit the backup", s))?
+        .into_inner();
+    Ok(serde_json::from_slice(&committed.metadata_json)?)
+}
+
+/// A progress line on a terminal, redrawn twice a second.
+struct Progress {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Progress {
+    fn start(shared: Arc<Shared>, total: u64, enabled: bool) -> Progress {
+        if !enabled {
+            return Progress { stop: None };
+        }
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = &mut rx => break,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let done = shared.bytes_read.load(Ordering::Relaxed);
+                let pct = if total == 0 {
+                    100
+                } else {
+                    done * 100 / total.max(1)
+                };
+                let rate = done as f64 / t0.elapsed().as_secs_f64().max(0.001) / 1e6;
+                eprint!(
+                    "\r{pct:>3}% {} / {} MB read, {rate:.0} MB/s, {} blocks uploaded   ",
+                    done / 1_000_000,
+                    total / 1_000_000,
+                    shared.blocks_sent.load(Ordering::Relaxed)
+                );
+            }
+            eprintln!();
+        });
+        Progress { stop: Some(tx) }
+    }
+
+    fn stop(self) {
+        if let Some(tx) = self.stop {
+            let _ = tx.send(());
+        }
+    }
+}

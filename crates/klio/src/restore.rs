@@ -1,0 +1,846 @@
+//! `klio restore` (the `klio-restore` role): writes a base backup into a data directory and
+//! sets PostgreSQL up to recover to a point in time with `klio wal-get`.
+//!
+//! Choosing the backup: the newest complete backup that can reach the target (for a time,
+//! one that stopped at or before it; for an LSN, one that ended at or before it; for a
+//! transaction id, a restore point name, `immediate` or the end of the archive, the newest).
+//! Blocks are fetched in parallel, decompressed and checked against their ids before a byte
+//! is written; `--delta` reads the existing files and fetches only blocks that differ.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::{Context, bail};
+use clap::{ArgGroup, Args};
+use klio_proto::backup::v1::{self as pb, backup_client::BackupClient};
+use serde_json::Value;
+use time::OffsetDateTime;
+use tonic::transport::Channel;
+
+use crate::backup::backup_client;
+use crate::client::{ClientArgs, status_error};
+
+/// Plaintext bytes asked for in one `GetBlocks` call.
+const FETCH_BYTES: usize = 8 << 20;
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("target").multiple(false).args(["target_time", "target_lsn", "target_xid", "target_name", "target_immediate"])))]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Data directory to write (absent, empty, or with --delta an existing cluster's)
+    #[arg(long)]
+    pub pgdata: PathBuf,
+    /// Restore this backup (default: the newest that can reach the target)
+    #[arg(long)]
+    pub backup_id: Option<String>,
+    /// Recover up to this time, e.g. "2026-11-21 10:15:00+01" (UTC when no offset is given)
+    #[arg(long)]
+    pub target_time: Option<String>,
+    /// Recover up to this LSN, e.g. 0/3000060
+    #[arg(long)]
+    pub target_lsn: Option<String>,
+    /// Recover up to this transaction id
+    #[arg(long)]
+    pub target_xid: Option<String>,
+    /// Recover up to this restore point (pg_create_restore_point)
+    #[arg(long)]
+    pub target_name: Option<String>,
+    /// Stop as soon as the backup is consistent
+    #[arg(long)]
+    pub target_immediate: bool,
+    /// Timeline to recover along (a number, "latest" or "current"; default latest)
+    #[arg(long)]
+    pub target_timeline: Option<String>,
+    /// Restore tablespace NAME (or OID) to PATH instead of its original location; repeatable
+    #[arg(long = "tablespace-map", value_name = "NAME=PATH")]
+    pub tablespace_map: Vec<String>,
+    /// Reuse the existing files in --pgdata: only blocks whose content differs are fetched
+    #[arg(long)]
+    pub delta: bool,
+    /// Files written in parallel
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+}
+
+/// A complete backup as listed by the server.
+#[derive(Clone, Debug)]
+pub struct BackupInfo {
+    pub id: String,
+    pub metadata: Value,
+}
+
+impl BackupInfo {
+    fn stopped_at(&self) -> Option<OffsetDateTime> {
+        self.metadata["stopped_at"].as_str().and_then(|s| {
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+        })
+    }
+
+    fn lsn(&self, field: &str) -> Option<u64> {
+        self.metadata[field]
+            .as_str()
+            .and_then(|s| crate::backup::parse_lsn(s).ok())
+            .map(|l| l.0)
+    }
+}
+
+/// The cluster's complete backups, oldest first (unreadable manifests are left out with a
+/// warning).
+pub async fn list_backups(
+    client: &mut BackupClient<Channel>,
+    cluster: &str,
+) -> anyhow::Result<Vec<BackupInfo>> {
+    let r = client
+        .list(pb::ListRequest {
+            cluster: cluster.to_string(),
+        })
+        .await
+        .map_err(|s| status_error("list backups", s))?
+        .into_inner();
+    let mut out = Vec::new();
+    for b in r.backups {
+        let metadata: Value = serde_json::from_slice(&b.metadata_json)
+            .with_context(|| format!("the metadata of backup {}", b.backup_id))?;
+        out.push(BackupInfo {
+            id: b.backup_id,
+            metadata,
+        });
+    }
+    Ok(out)
+}
+
+/// Parses a recovery target time; without an offset it is UTC.
+pub fn parse_target_time(s: &str) -> anyhow::Result<OffsetDateTime> {
+    let bad = || {
+        anyhow::anyhow!(
+            "invalid --target-time \"{s}\"\nHINT: use \"YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM]]\""
+        )
+    };
+    let t = s.trim().replacen('T', " ", 1);
+    let (date, rest) = t.split_once(' ').ok_or_else(bad)?;
+    let (time_part, offset) = if let Some(p) = rest.strip_suffix(['Z', 'z']) {
+        (p, (0i8, 0i8))
+    } else if let Some(i) = rest.find(['+', '-']) {
+        let (tp, off) = rest.split_at(i);
+        let sign: i8 = if off.starts_with('-') { -1 } else { 1 };
+        let digits: String = off[1..].chars().filter(|c| *c != ':').collect();
+        let (h, m) = match digits.len() {
+            2 => (digits.parse::<i8>().map_err(|_| bad())?, 0),
+            4 => (
+                digits[..2].parse::<i8>().map_err(|_| bad())?,
+                digits[2..].parse::<i8>().map_err(|_| bad())?,
+            ),
+            _ => return Err(bad()),
+        };
+        (tp, (sign * h, sign * m))
+    } else {
+        (rest, (0, 0))
+    };
+    let num = |v: &str| v.parse::<u32>().map_err(|_| bad());
+    let d: Vec<&str> = date.split('-').collect();
+    if d.len() != 3 {
+        return Err(bad());
+    }
+    let month = time::Month::try_from(num(d[1])? as u8).map_err(|_| bad())?;
+    let date = time::Date::from_calendar_date(num(d[0])? as i32, month, num(d[2])? as u8)
+        .map_err(|_| bad())?;
+    let (hms, frac) = time_part
+        .trim()
+        .split_once('.')
+        .unwrap_or((time_part.trim(), ""));
+    let tp: Vec<&str> = hms.split(':').collect();
+    if tp.len() < 2 || tp.len() > 3 {
+        return Err(bad());
+    }
+    let sec = if tp.len() == 3 { num(tp[2])? } else { 0 };
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        let f: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+        num(&f)?
+    };
+    let time = time::Time::from_hms_nano(num(tp[0])? as u8, num(tp[1])? as u8, sec as u8, nanos)
+        .map_err(|_| bad())?;
+    let offset = time::UtcOffset::from_hms(offset.0, offset.1, 0).map_err(|_| bad())?;
+    Ok(time::PrimitiveDateTime::new(date, time).assume_offset(offset))
+}
+
+/// Chooses the backup to restore and says why.
+fn choose(
+    args: &RestoreArgs,
+    backups: &[BackupInfo],
+    target_time: Option<OffsetDateTime>,
+    target_lsn: Option<u64>,
+) -> anyhow::Result<(BackupInfo, String)> {
+    let cluster = &args.client.cluster;
+    let usable: Vec<&BackupInfo> = backups
+        .iter()
+        .filter(|b| b.metadata.get("error").is_none())
+        .filter(
+            |b| match args.target_timeline.as_deref().map(str::parse::<u32>) {
+                Some(Ok(tli)) => b.metadata["timeline"]
+                    .as_u64()
+                    .is_some_and(|t| t <= u64::from(tli)),
+                _ => true,
+            },
+        )
+        .collect();
+    if let Some(id) = &args.backup_id {
+        let b = backups.iter().find(|b| &b.id == id).with_context(|| {
+            format!("cluster \"{cluster}\" has no complete backup \"{id}\"\nHINT: `klio backups list` shows them")
+        })?;
+        if let Some(err) = b.metadata.get("error") {
+            bail!("backup \"{id}\" cannot be read: {err}");
+        }
+        if let (Some(t), Some(stop)) = (target_time, b.stopped_at())
+            && stop > t
+        {
+            bail!("backup \"{id}\" ended at {stop}, after the target time {t}: it cannot reach it");
+        }
+        if let (Some(l), Some(end)) = (target_lsn, b.lsn("end_lsn"))
+            && end > l
+        {
+            bail!(
+                "backup \"{id}\" ends at LSN {}, after the target LSN {}: it cannot reach it",
+                klio_pg::Lsn(end),
+                klio_pg::Lsn(l)
+            );
+        }
+        return Ok((b.clone(), "chosen with --backup-id".to_string()));
+    }
+    if usable.is_empty() {
+        bail!(
+            "cluster \"{cluster}\" has no complete backup to restore\nHINT: take one with `klio backup`"
+        );
+    }
+    if let Some(t) = target_time {
+        let b = usable
+            .iter()
+            .rev()
+            .find(|b| b.stopped_at().is_some_and(|s| s <= t))
+            .with_context(|| format!("no backup of cluster \"{cluster}\" ended before the target time {t}: the oldest ended at {}", usable[0].metadata["stopped_at"]))?;
+        return Ok((
+            (*b).clone(),
+            format!(
+                "the newest backup that ended before the target time ({})",
+                b.metadata["stopped_at"].as_str().unwrap_or("?")
+            ),
+        ));
+    }
+    if let Some(l) = target_lsn {
+        let b = usable
+            .iter()
+            .rev()
+            .find(|b| b.lsn("end_lsn").is_some_and(|e| e <= l))
+            .with_context(|| {
+                format!(
+                    "no backup of cluster \"{cluster}\" ended before the target LSN {}",
+                    klio_pg::Lsn(l)
+                )
+            })?;
+        return Ok((
+            (*b).clone(),
+            format!(
+                "the newest backup that ended before the target LSN (it ended at {})",
+                b.metadata["end_lsn"].as_str().unwrap_or("?")
+            ),
+        ));
+    }
+    let b = usable[usable.len() - 1];
+    let why = if args.target_xid.is_some() || args.target_name.is_some() {
+        "the newest backup (a transaction id or restore point does not tell which backups precede it; use --backup-id to choose an older one)"
+    } else {
+        "the newest backup"
+    };
+    Ok((b.clone(), why.to_string()))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Refuses to write into a running cluster's directory or a non-empty one without --delta.
+fn check_target_dir(dir: &Path, delta: bool) -> anyhow::Result<()> {
+    if let Ok(pidfile) = std::fs::read_to_string(dir.join("postmaster.pid"))
+        && let Some(pid) = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<u32>().ok())
+        && pid_alive(pid)
+    {
+        bail!(
+            "PostgreSQL (pid {pid}) is running in \"{}\": refusing to overwrite a running cluster\nHINT: stop it first",
+            dir.display()
+        );
+    }
+    let non_empty = match std::fs::read_dir(dir) {
+        Ok(mut d) => d.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("read \"{}\"", dir.display())),
+    };
+    if non_empty && !delta {
+        bail!(
+            "\"{}\" is not empty\nHINT: restore into an empty or new directory, or pass --delta to reuse the files of an existing cluster there",
+            dir.display()
+        );
+    }
+    if non_empty && !dir.join("PG_VERSION").exists() {
+        bail!(
+            "\"{}\" is not empty and is not a PostgreSQL data directory (no PG_VERSION): refusing a delta restore into it",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Where each tablespace goes: oid -> location.
+fn tablespace_locations(
+    args: &RestoreArgs,
+    meta: &Value,
+) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    let mut used = HashSet::new();
+    let spcs = meta["tablespaces"].as_array().cloned().unwrap_or_default();
+    for m in &args.tablespace_map {
+        let (name, _) = m
+            .split_once('=')
+            .with_context(|| format!("invalid --tablespace-map \"{m}\": use NAME=PATH"))?;
+        let known = spcs
+            .iter()
+            .any(|t| t["name"].as_str() == Some(name) || t["oid"].as_u64().is_some_and(|o| o.to_string() == name));
+        if !known {
+            bail!(
+                "--tablespace-map \"{m}\": the backup has no tablespace named \"{name}\" (it has: {})",
+                spcs.iter()
+                    .map(|t| format!("{} (oid {})", t["name"].as_str().unwrap_or("?"), t["oid"]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    for t in &spcs {
+        let oid = t["oid"].to_string();
+        let name = t["name"].as_str().unwrap_or_default();
+        let mapped = args.tablespace_map.iter().find_map(|m| {
+            let (k, v) = m.split_once('=')?;
+            (k == name || k == oid).then(|| PathBuf::from(v))
+        });
+        let loc = match mapped {
+            Some(p) => std::path::absolute(&p).unwrap_or(p),
+            None => PathBuf::from(t["location"].as_str().unwrap_or_default()),
+        };
+        if !used.insert(loc.clone()) {
+            bail!("two tablespaces would be restored to \"{}\"", loc.display());
+        }
+        out.insert(oid, loc);
+    }
+    Ok(out)
+}
+
+/// Maps a manifest path to where it is written.
+fn destination(pgdata: &Path, spcs: &BTreeMap<String, PathBuf>, path: &str) -> PathBuf {
+    if let Some(rest) = path.strip_prefix("pg_tblspc/")
+        && let Some((oid, inner)) = rest.split_once('/')
+        && let Some(loc) = spcs.get(oid)
+    {
+        return loc.join(inner);
+    }
+    pgdata.join(path)
+}
+
+/// Quotes a word for /bin/sh.
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./:@=,+-%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Quotes a value for postgresql.conf.
+fn conf_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+struct Fetcher {
+    client: BackupClient<Channel>,
+    cluster: String,
+    key: [u8; 32],
+    rt: tokio::runtime::Handle,
+    fetched_blocks: AtomicU64,
+    fetched_bytes: AtomicU64,
+    reused_blocks: AtomicU64,
+}
+
+impl Fetcher {
+    /// Fetches blocks, checks each against its id and returns the plaintexts in order.
+    fn fetch(&self, ids: &[[u8; 32]], path: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+        let mut client = self.client.clone();
+        let r = self
+            .rt
+            .block_on(client.get_blocks(pb::GetBlocksRequest {
+                cluster: self.cluster.clone(),
+                ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
+            }))
+            .map_err(|s| status_error(&format!("fetch the blocks of \"{path}\""), s))?
+            .into_inner();
+        if r.blocks.len() != ids.len() {
+            bail!(
+                "the server returned {} blocks of \"{path}\", not {}",
+                r.blocks.len(),
+                ids.len()
+            );
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (b, id) in r.blocks.into_iter().zip(ids) {
+            let plain = if b.compressed {
+                zstd::bulk::decompress(&b.data, b.plain_len as usize).with_context(|| {
+                    format!(
+                        "block {} of \"{path}\" is corrupt: it does not decompress",
+                        hex::encode(id)
+                    )
+                })?
+            } else {
+                b.data.to_vec()
+            };
+            if plain.len() != b.plain_len as usize
+                || blake3::keyed_hash(&self.key, &plain).as_bytes() != id
+            {
+                bail!(
+                    "block {} of \"{path}\" is corrupt: its content does not match its id\nHINT: run `klio verify` to find the damaged objects",
+                    hex::encode(id)
+                );
+            }
+            self.fetched_bytes
+                .fetch_add(plain.len() as u64, Ordering::Relaxed);
+            out.push(plain);
+        }
+        self.fetched_blocks
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Writes one file: fetches the blocks that `existing` (the current file, in a delta
+    /// restore) does not already hold.
+    fn write_file(&self, f: &pb::FileEntry, dest: &Path, delta: bool) -> anyhow::Result<()> {
+        let ids: Vec<[u8; 32]> = f
+            .block_ids
+            .chunks_exact(32)
+            .map(|c| {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(c);
+                a
+            })
+            .collect();
+        let block_size = if f.block_size == 0 {
+            f.size.max(1)
+        } else {
+            u64::from(f.block_size)
+        };
+        if delta
+            && let Ok(meta) = std::fs::symlink_metadata(dest)
+            && !meta.is_file()
+        {
+            remove_any(dest)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(!delta)
+            .open(dest)
+            .with_context(|| format!("create \"{}\"", dest.display()))?;
+        let mut needed: Vec<(u64, [u8; 32])> = Vec::new();
+        let mut buf = vec![0u8; block_size as usize];
+        for (i, id) in ids.iter().enumerate() {
+            let off = i as u64 * block_size;
+            if delta {
+                let len = block_size.min(f.size - off.min(f.size)) as usize;
+                let n = read_at_full(&file, &mut buf[..len], off)
+                    .with_context(|| format!("read \"{}\"", dest.display()))?;
+                if n == len && blake3::keyed_hash(&self.key, &buf[..n]).as_bytes() == id {
+                    self.reused_blocks.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            needed.push((off, *id));
+        }
+        let per_call = (FETCH_BYTES as u64 / block_size).max(1) as usize;
+        for chunk in needed.chunks(per_call) {
+            let ids: Vec<[u8; 32]> = chunk.iter().map(|(_, id)| *id).collect();
+            let blocks = self.fetch(&ids, &f.path)?;
+            for ((off, _), data) in chunk.iter().zip(blocks) {
+                file.write_all_at(&data, *off)
+                    .with_context(|| format!("write \"{}\"", dest.display()))?;
+            }
+        }
+        file.set_len(f.size)
+            .with_context(|| format!("write \"{}\"", dest.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+            .with_context(|| format!("set the mode of \"{}\"", dest.display()))?;
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
+        let _ = file.set_modified(mtime);
+        file.sync_all()
+            .with_context(|| format!("sync \"{}\"", dest.display()))?;
+        Ok(())
+    }
+}
+
+fn read_at_full(file: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn remove_any(p: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::symlink_metadata(p).with_context(|| format!("stat \"{}\"", p.display()))?;
+    if meta.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    }
+    .with_context(|| format!("remove \"{}\"", p.display()))
+}
+
+/// Removes everything under `root` (not following symbolic links) that is not expected.
+fn sweep(root: &Path, expected: &HashSet<PathBuf>, removed: &mut u64) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("read \"{}\"", root.display())),
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("read \"{}\"", root.display()))?;
+        let p = e.path();
+        if !expected.contains(&p) {
+            remove_any(&p)?;
+            *removed += 1;
+        } else if e.file_type()?.is_dir() {
+            sweep(&p, expected, removed)?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    let cluster = args.client.cluster.clone();
+    let pgdata = std::path::absolute(&args.pgdata).unwrap_or(args.pgdata.clone());
+    check_target_dir(&pgdata, args.delta)?;
+    let target_time = args
+        .target_time
+        .as_deref()
+        .map(parse_target_time)
+        .transpose()?;
+    let target_lsn = args
+        .target_lsn
+        .as_deref()
+        .map(|s| crate::backup::parse_lsn(s).map(|l| l.0))
+        .transpose()?;
+    let mut client = backup_client(&args.client).await?;
+    let backups = list_backups(&mut client, &cluster).await?;
+    let (chosen, why) = choose(&args, &backups, target_time, target_lsn)?;
+    eprintln!(
+        "restoring backup {} of cluster \"{cluster}\": {why}",
+        chosen.id
+    );
+    let m = client
+        .get_manifest(pb::GetManifestRequest {
+            cluster: cluster.clone(),
+            backup_id: chosen.id.clone(),
+        })
+        .await
+        .map_err(|s| status_error(&format!("read the manifest of backup {}", chosen.id), s))?
+        .into_inner();
+    let meta: Value = serde_json::from_slice(&m.metadata_json)?;
+    let key: [u8; 32] = m
+        .block_id_key
+        .as_ref()
+        .try_into()
+        .context("the server sent a block id key that is not 32 bytes")?;
+    let spcs = tablespace_locations(&args, &meta)?;
+    if !args.delta {
+        for (oid, loc) in &spcs {
+            if std::fs::read_dir(loc).is_ok_and(|mut d| d.next().is_some()) {
+                bail!(
+                    "the location of tablespace {oid}, \"{}\", is not empty\nHINT: map it elsewhere with --tablespace-map NAME=PATH, or pass --delta",
+                    loc.display()
+                );
+            }
+        }
+    }
+
+    let t0 = std::time::Instant::now();
+    let files = m.files;
+    let stats = {
+        let pgdata = pgdata.clone();
+        let spcs = spcs.clone();
+        let delta = args.delta;
+        let fetcher = Arc::new(Fetcher {
+            client: client.clone(),
+            cluster: cluster.clone(),
+            key,
+            rt: tokio::runtime::Handle::current(),
+            fetched_blocks: AtomicU64::new(0),
+            fetched_bytes: AtomicU64::new(0),
+            reused_blocks: AtomicU64::new(0),
+        });
+        let jobs = args.jobs;
+        let f2 = fetcher.clone();
+        tokio::task::spawn_blocking(move || {
+            write_all(&pgdata, &spcs, files, delta, jobs, &f2, key)
+        })
+        .await??;
+        (
+            fetcher.fetched_blocks.load(Ordering::Relaxed),
+            fetcher.fetched_bytes.load(Ordering::Relaxed),
+            fetcher.reused_blocks.load(Ordering::Relaxed),
+        )
+    };
+    write_recovery_files(&args, &pgdata, &spcs, &meta)?;
+    eprintln!(
+        "restored backup {} into \"{}\" in {:.1} s: {} blocks ({} bytes) fetched, {} blocks reused",
+        chosen.id,
+        pgdata.display(),
+        t0.elapsed().as_secs_f64(),
+        stats.0,
+        stats.1,
+        stats.2
+    );
+    println!("{}", chosen.id);
+    Ok(())
+}
+
+/// Creates directories and links, sweeps what a delta restore must drop, then writes the
+/// files with `jobs` threads.
+fn write_all(
+    pgdata: &Path,
+    spcs: &BTreeMap<String, PathBuf>,
+    files: Vec<pb::FileEntry>,
+    delta: bool,
+    jobs: u16,
+    fetcher: &Arc<Fetcher>,
+    _key: [u8; 32],
+) -> anyhow::Result<()> {
+    use pb::file_entry::Kind;
+    klio_durable::create_dir_all_durable(pgdata)
+        .with_context(|| format!("create \"{}\"", pgdata.display()))?;
+    std::fs::set_permissions(pgdata, std::fs::Permissions::from_mode(0o700))?;
+    for loc in spcs.values() {
+        klio_durable::create_dir_all_durable(loc)
+            .with_context(|| format!("create tablespace directory \"{}\"", loc.display()))?;
+    }
+    let mut expected: HashSet<PathBuf> = HashSet::new();
+    for f in &files {
+        let dest = destination(pgdata, spcs, &f.path);
+        expected.insert(dest);
+        if f.kind == Kind::Symlink as i32 {
+            // pg_tblspc/<oid> leads into the tablespace's location.
+            if let Some(oid) = f.path.strip_prefix("pg_tblspc/")
+                && let Some(loc) = spcs.get(oid)
+            {
+                expected.insert(loc.clone());
+            }
+        }
+    }
+    if delta {
+        let mut removed = 0;
+        sweep(pgdata, &expected, &mut removed)?;
+        for loc in spcs.values() {
+            sweep(loc, &expected, &mut removed)?;
+        }
+        tracing::info!(
+            removed,
+            "delta restore: removed files the backup does not have"
+        );
+    }
+    let mut dirs = Vec::new();
+    let mut regular = Vec::new();
+    for f in files {
+        let dest = destination(pgdata, spcs, &f.path);
+        match Kind::try_from(f.kind) {
+            Ok(Kind::Directory) => {
+                std::fs::create_dir_all(&dest)
+                    .with_context(|| format!("create \"{}\"", dest.display()))?;
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode & 0o7777))?;
+                dirs.push(dest);
+            }
+            Ok(Kind::Symlink) => {
+                let target = match f
+                    .path
+                    .strip_prefix("pg_tblspc/")
+                    .and_then(|oid| spcs.get(oid))
+                {
+                    Some(loc) => loc.display().to_string(),
+                    None => f.target.clone(),
+                };
+                if let Ok(cur) = std::fs::read_link(&dest) {
+                    if cur == Path::new(&target) {
+                        continue;
+                    }
+                    std::fs::remove_file(&dest)?;
+                } else if std::fs::symlink_metadata(&dest).is_ok() {
+                    remove_any(&dest)?;
+                }
+                std::os::unix::fs::symlink(&target, &dest).with_context(|| {
+                    format!("create link \"{}\" -> \"{target}\"", dest.display())
+                })?;
+            }
+            Ok(Kind::File) => regular.push((f, dest)),
+            _ => bail!("the manifest has an entry of unknown kind: \"{}\"", f.path),
+        }
+    }
+    // Workers pop from the end: largest first, so the threads finish together.
+    regular.sort_by_key(|r| r.0.size);
+    let queue = Arc::new(Mutex::new(regular));
+    let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            let queue = queue.clone();
+            let failure = failure.clone();
+            let fetcher = fetcher.clone();
+            s.spawn(move || {
+                loop {
+                    let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                    let Some((f, dest)) = next else { break };
+                    if let Err(e) = fetcher.write_file(&f, &dest, delta) {
+                        queue.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                        failure
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_or_insert(e);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    {
+        return Err(e.context(format!(
+            "the restore into \"{}\" failed and is incomplete: do not start PostgreSQL on it",
+            pgdata.display()
+        )));
+    }
+    for d in dirs.iter().chain(std::iter::once(&pgdata.to_path_buf())) {
+        klio_durable::sync_dir(d).with_context(|| format!("sync \"{}\"", d.display()))?;
+    }
+    Ok(())
+}
+
+/// backup_label, tablespace_map, recovery settings and recovery.signal.
+fn write_recovery_files(
+    args: &RestoreArgs,
+    pgdata: &Path,
+    spcs: &BTreeMap<String, PathBuf>,
+    meta: &Value,
+) -> anyhow::Result<()> {
+    let label = meta["backup_label"]
+        .as_str()
+        .context("the backup has no backup_label")?;
+    klio_durable::write_atomic(&pgdata.join("backup_label"), label.as_bytes(), 0o600)?;
+    let map_path = pgdata.join("tablespace_map");
+    if spcs.is_empty() {
+        if map_path.exists() {
+            std::fs::remove_file(&map_path)?;
+        }
+    } else {
+        let map: String = spcs
+            .iter()
+            .map(|(oid, loc)| format!("{oid} {}\n", loc.display()))
+            .collect();
+        klio_durable::write_atomic(&map_path, map.as_bytes(), 0o600)?;
+    }
+    let exe = std::env::current_exe().context("find the klio executable")?;
+    let mut words = vec![sh_quote(&exe.display().to_string()), "wal-get".to_string()];
+    words.extend(args.client.to_args().iter().map(|a| sh_quote(a)));
+    words.push("%f".to_string());
+    words.push("%p".to_string());
+    let mut conf = String::from("\n# Added by klio restore\n");
+    conf += &format!("restore_command = {}\n", conf_quote(&words.join(" ")));
+    let target = if let Some(t) = &args.target_time {
+        let t = parse_target_time(t)?;
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]+00"
+        );
+        let utc = t.to_offset(time::UtcOffset::UTC);
+        Some(format!(
+            "recovery_target_time = {}",
+            conf_quote(&utc.format(&fmt)?)
+        ))
+    } else if let Some(l) = &args.target_lsn {
+        Some(format!("recovery_target_lsn = {}", conf_quote(l)))
+    } else if let Some(x) = &args.target_xid {
+        Some(format!("recovery_target_xid = {}", conf_quote(x)))
+    } else if let Some(n) = &args.target_name {
+        Some(format!("recovery_target_name = {}", conf_quote(n)))
+    } else if args.target_immediate {
+        Some("recovery_target = 'immediate'".to_string())
+    } else {
+        None
+    };
+    if let Some(t) = target {
+        conf += &t;
+        conf += "\nrecovery_target_action = 'promote'\n";
+    }
+    conf += &format!(
+        "recovery_target_timeline = {}\n",
+        conf_quote(args.target_timeline.as_deref().unwrap_or("latest"))
+    );
+    let auto = pgdata.join("postgresql.auto.conf");
+    let mut content = String::new();
+    if let Ok(mut f) = std::fs::File::open(&auto) {
+        f.read_to_string(&mut content)?;
+    }
+    content += &conf;
+    klio_durable::write_atomic(&auto, content.as_bytes(), 0o600)?;
+    let _ = std::fs::remove_file(pgdata.join("standby.signal"));
+    klio_durable::write_atomic(&pgdata.join("recovery.signal"), b"", 0o600)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn target_times_parse_with_and_without_offsets() {
+        let utc = parse_target_time("2026-11-21 10:15:00").unwrap();
+        assert_eq!(utc.unix_timestamp(), 1_795_256_100);
+        let plus = parse_target_time("2026-11-21 11:15:00+01").unwrap();
+        assert_eq!(plus.unix_timestamp(), utc.unix_timestamp());
+        let frac = parse_target_time("2026-11-21T10:15:00.5Z").unwrap();
+        assert_eq!(frac.unix_timestamp(), utc.unix_timestamp());
+        assert_eq!(frac.nanosecond(), 500_000_000);
+        let minus = parse_target_time("2026-11-21 05:45:00.123456-04:30").unwrap();
+        assert_eq!(minus.unix_timestamp(), utc.unix_timestamp());
+        assert!(parse_target_time("yesterday").is_err());
+        assert!(parse_target_time("2026-13-01 00:00:00").is_err());
+    }
+
+    #[test]
+    fn shell_and_conf_quoting() {
+        assert_eq!(sh_quote("/usr/bin/klio"), "/usr/bin/klio");
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert_eq!(conf_quote("it's"), "'it''s'");
+    }
+}
