@@ -21,7 +21,9 @@ mod scan;
 use std::io;
 use std::path::PathBuf;
 
-pub use checksum::{PAGE_SIZE, PageCheck, RELSEG_PAGES, check_page, check_relation_chunk, page_checksum};
+pub use checksum::{
+    PAGE_SIZE, PageCheck, RELSEG_PAGES, check_page, check_relation_chunk, page_checksum,
+};
 pub use exclude::{
     ARCHIVE_STATUS_DIR, EXCLUDED_DIR_CONTENTS, EXCLUDED_FILE_PREFIXES, EXCLUDED_FILES,
     KLIO_TMP_SUFFIX, WAL_DIR, is_temp_relation_name,

@@ -176,6 +176,9 @@ mod tests {
     fn first_blkno_counts_whole_segments() {
         assert_eq!(RelationFile::parse("5").unwrap().first_blkno(), 0);
         assert_eq!(RelationFile::parse("5.1").unwrap().first_blkno(), 131072);
-        assert_eq!(RelationFile::parse("5.3").unwrap().first_blkno(), 3 * 131072);
+        assert_eq!(
+            RelationFile::parse("5.3").unwrap().first_blkno(),
+            3 * 131072
+        );
     }
 }
