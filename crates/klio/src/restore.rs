@@ -310,9 +310,10 @@ fn tablespace_locations(
         let (name, _) = m
             .split_once('=')
             .with_context(|| format!("invalid --tablespace-map \"{m}\": use NAME=PATH"))?;
-        let known = spcs
-            .iter()
-            .any(|t| t["name"].as_str() == Some(name) || t["oid"].as_u64().is_some_and(|o| o.to_string() == name));
+        let known = spcs.iter().any(|t| {
+            t["name"].as_str() == Some(name)
+                || t["oid"].as_u64().is_some_and(|o| o.to_string() == name)
+        });
         if !known {
             bail!(
                 "--tablespace-map \"{m}\": the backup has no tablespace named \"{name}\" (it has: {})",

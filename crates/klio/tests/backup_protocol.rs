@@ -20,7 +20,9 @@ async fn connect(k: &Klio, cluster: &str, stem: &str) -> BackupClient<Channel> {
     )
     .unwrap();
     let _ = cluster;
-    let channel = klio_tls::connect("127.0.0.1", k.base_port, tls).await.unwrap();
+    let channel = klio_tls::connect("127.0.0.1", k.base_port, tls)
+        .await
+        .unwrap();
     BackupClient::new(channel)
 }
 
@@ -48,7 +50,11 @@ async fn server_recomputes_ids_and_refuses_lies() {
         .await
         .unwrap()
         .into_inner();
-    assert!(begin.backup_id.starts_with("backup-"), "{}", begin.backup_id);
+    assert!(
+        begin.backup_id.starts_with("backup-"),
+        "{}",
+        begin.backup_id
+    );
     let key: [u8; 32] = begin.block_id_key.as_ref().try_into().unwrap();
     let page = vec![7u8; 8192];
     let id = *blake3::keyed_hash(&key, &page).as_bytes();
@@ -79,7 +85,11 @@ async fn server_recomputes_ids_and_refuses_lies() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("does not match"), "{}", err.message());
+    assert!(
+        err.message().contains("does not match"),
+        "{}",
+        err.message()
+    );
 
     // Compressed data that decompresses to something else is refused too.
     let lie = zstd::bulk::compress(&other, 1).unwrap();
@@ -146,7 +156,11 @@ async fn server_recomputes_ids_and_refuses_lies() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(m.missing.as_ref(), &[0u8], "a block of this session counts as present");
+    assert_eq!(
+        m.missing.as_ref(),
+        &[0u8],
+        "a block of this session counts as present"
+    );
 
     // Cluster b's certificate cannot use cluster a's session, nor read a's catalog.
     let mut b = connect(&k, "b", "client-b").await;

@@ -164,6 +164,33 @@ fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives the directories the `pg_tblspc/<oid>` links of `data_dir` point to, with everything
+/// in them, to the `postgres` user when running as root (the recursive chown of the data
+/// directory does not follow links). In-place tablespaces (plain directories) are already
+/// part of the data directory.
+fn chown_tablespaces_to_postgres(data_dir: &Path) -> anyhow::Result<()> {
+    let dir = data_dir.join("pg_tblspc");
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("list \"{}\"", dir.display())),
+    };
+    for entry in entries {
+        let link = entry
+            .with_context(|| format!("list \"{}\"", dir.display()))?
+            .path();
+        let meta =
+            fs::symlink_metadata(&link).with_context(|| format!("stat \"{}\"", link.display()))?;
+        if !meta.file_type().is_symlink() {
+            continue;
+        }
+        let target =
+            fs::read_link(&link).with_context(|| format!("read link \"{}\"", link.display()))?;
+        chown_tree_to_postgres(&dir.join(target))?;
+    }
+    Ok(())
+}
+
 /// Whether process `pid` exists and is not a zombie.
 fn process_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -319,9 +346,11 @@ impl PgCluster {
     /// backup, with `recovery.signal` and `restore_command` in `opts.extra_conf` as needed), on
     /// a fresh port and socket directory. The cluster owns `data` and removes it on drop.
     ///
-    /// When running as root, everything in the directory is given to `postgres` first. A
-    /// leftover `postmaster.pid` is removed, and `pg_hba.conf` is written for `opts.auth` if the
-    /// directory has none. `opts.auth` must match the roles in the data directory.
+    /// When running as root, everything in the directory, and in the tablespace directories
+    /// its `pg_tblspc` links point to, is given to `postgres` first (a restore run as root
+    /// writes files owned by root). A leftover `postmaster.pid` is removed, and `pg_hba.conf`
+    /// is written for `opts.auth` if the directory has none. `opts.auth` must match the roles
+    /// in the data directory.
     pub fn from_data_dir(data: ScratchDir, opts: PgOptions) -> anyhow::Result<PgCluster> {
         let data_dir = data.path().to_path_buf();
         PgCluster::adopt(data_dir, Some(data), opts)
@@ -347,6 +376,7 @@ impl PgCluster {
             );
         }
         chown_tree_to_postgres(data_dir)?;
+        chown_tablespaces_to_postgres(data_dir)?;
         fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("chmod \"{}\"", data_dir.display()))?;
         let pid_file = data_dir.join("postmaster.pid");
