@@ -9,7 +9,7 @@
 //! wait until the archive holds the WAL from the backup's start to its end, then commit the
 //! manifest. Until the commit nothing is in the catalog.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +33,8 @@ pub const RELATION_BLOCK_SIZE: usize = PAGE_SIZE;
 pub const WHOLE_FILE_MAX: usize = 1 << 20;
 /// Plaintext bytes a reading thread gathers before asking the server what is missing.
 const BATCH_BYTES: usize = 4 << 20;
+/// Uploads a reading thread may have in flight while it reads on.
+const MAX_INFLIGHT: usize = 2;
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
@@ -79,12 +81,28 @@ struct Shared {
 }
 
 /// Blocks gathered by one reading thread, waiting to be checked against the server.
-#[derive(Default)]
 struct Batch {
     ids: Vec<[u8; 32]>,
     data: Vec<Vec<u8>>,
     bytes: usize,
     seen: HashSet<[u8; 32]>,
+    /// The reading thread's compression context, reused for every block.
+    cctx: zstd::bulk::Compressor<'static>,
+    /// Uploads sent and not yet acknowledged: the thread reads on while they travel.
+    inflight: VecDeque<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
+}
+
+impl Batch {
+    fn new(level: i32) -> anyhow::Result<Batch> {
+        Ok(Batch {
+            ids: Vec::new(),
+            data: Vec::new(),
+            bytes: 0,
+            seen: HashSet::new(),
+            cctx: zstd::bulk::Compressor::new(level).context("zstd compressor")?,
+            inflight: VecDeque::new(),
+        })
+    }
 }
 
 impl Shared {
@@ -141,7 +159,7 @@ impl Shared {
                 continue;
             }
             let plain_len = data.len() as u32;
-            let (compressed, data) = match zstd::bulk::compress(&data, self.level) {
+            let (compressed, data) = match batch.cctx.compress(&data) {
                 Ok(c) if c.len() + 64 < data.len() => (true, c),
                 _ => (false, data),
             };
@@ -155,14 +173,42 @@ impl Shared {
         if !blocks.is_empty() {
             self.blocks_sent
                 .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+            let request = pb::PutBlocksRequest {
+                session_id: self.session.clone(),
+                blocks,
+            };
+            batch.inflight.push_back(
+                self.rt
+                    .spawn(async move { client.put_blocks(request).await.map(|_| ()) }),
+            );
+            while batch.inflight.len() > MAX_INFLIGHT {
+                self.wait_upload(batch)?;
+            }
+        }
+        batch.ids.clear();
+        batch.data.clear();
+        batch.seen.clear();
+        batch.bytes = 0;
+        Ok(())
+    }
+
+    /// Waits for the oldest upload in flight.
+    fn wait_upload(&self, batch: &mut Batch) -> anyhow::Result<()> {
+        if let Some(h) = batch.inflight.pop_front() {
             self.rt
-                .block_on(client.put_blocks(pb::PutBlocksRequest {
-                    session_id: self.session.clone(),
-                    blocks,
-                }))
+                .block_on(h)
+                .context("an upload task failed")?
                 .map_err(|s| status_error("upload blocks", s))?;
         }
-        *batch = Batch::default();
+        Ok(())
+    }
+
+    /// Sends what the batch holds and waits until every upload is acknowledged.
+    fn finish(&self, batch: &mut Batch) -> anyhow::Result<()> {
+        self.flush(batch)?;
+        while !batch.inflight.is_empty() {
+            self.wait_upload(batch)?;
+        }
         Ok(())
     }
 
@@ -347,7 +393,7 @@ async fn wait_for_wal(
                 r.timeline
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -516,7 +562,7 @@ async fn take_backup(
         let results = results.clone();
         workers.push(tokio::task::spawn_blocking(
             move || -> anyhow::Result<()> {
-                let mut batch = Batch::default();
+                let mut batch = Batch::new(shared.level)?;
                 loop {
                     let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
                     let Some(entry) = next else { break };
@@ -527,7 +573,7 @@ async fn take_backup(
                             .push(r.entry);
                     }
                 }
-                shared.flush(&mut batch)
+                shared.finish(&mut batch)
             },
         ));
     }

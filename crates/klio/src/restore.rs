@@ -382,8 +382,9 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    /// Fetches blocks, checks each against its id and returns the plaintexts in order.
-    fn fetch(&self, ids: &[[u8; 32]], path: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    /// Fetches blocks, checks each against its id and puts their plaintexts one after the
+    /// other into `buf`; returns their lengths.
+    fn fetch(&self, ids: &[[u8; 32]], path: &str, buf: &mut Vec<u8>) -> anyhow::Result<Vec<usize>> {
         let mut client = self.client.clone();
         let r = self
             .rt
@@ -400,33 +401,44 @@ impl Fetcher {
                 ids.len()
             );
         }
-        let mut out = Vec::with_capacity(ids.len());
-        for (b, id) in r.blocks.into_iter().zip(ids) {
-            let plain = if b.compressed {
-                zstd::bulk::decompress(&b.data, b.plain_len as usize).with_context(|| {
-                    format!(
-                        "block {} of \"{path}\" is corrupt: it does not decompress",
-                        hex::encode(id)
-                    )
-                })?
-            } else {
-                b.data.to_vec()
-            };
-            if plain.len() != b.plain_len as usize
-                || blake3::keyed_hash(&self.key, &plain).as_bytes() != id
-            {
-                bail!(
-                    "block {} of \"{path}\" is corrupt: its content does not match its id\nHINT: run `klio verify` to find the damaged objects",
+        let total: usize = r.blocks.iter().map(|b| b.plain_len as usize).sum();
+        buf.clear();
+        buf.resize(total, 0);
+        let mut lens = Vec::with_capacity(ids.len());
+        let mut pos = 0;
+        let mut dctx = zstd::bulk::Decompressor::new().context("zstd decompressor")?;
+        for (b, id) in r.blocks.iter().zip(ids) {
+            let len = b.plain_len as usize;
+            let out = &mut buf[pos..pos + len];
+            let corrupt = |why: &str| {
+                anyhow::anyhow!(
+                    "block {} of \"{path}\" is corrupt: {why}\nHINT: run `klio verify` to find the damaged objects",
                     hex::encode(id)
-                );
+                )
+            };
+            if b.compressed {
+                let n = dctx
+                    .decompress_to_buffer(&b.data[..], out)
+                    .map_err(|_| corrupt("it does not decompress"))?;
+                if n != len {
+                    return Err(corrupt("it has the wrong length"));
+                }
+            } else if b.data.len() == len {
+                out.copy_from_slice(&b.data);
+            } else {
+                return Err(corrupt("it has the wrong length"));
             }
-            self.fetched_bytes
-                .fetch_add(plain.len() as u64, Ordering::Relaxed);
-            out.push(plain);
+            if blake3::keyed_hash(&self.key, out).as_bytes() != id {
+                return Err(corrupt("its content does not match its id"));
+            }
+            lens.push(len);
+            pos += len;
         }
+        self.fetched_bytes
+            .fetch_add(total as u64, Ordering::Relaxed);
         self.fetched_blocks
             .fetch_add(ids.len() as u64, Ordering::Relaxed);
-        Ok(out)
+        Ok(lens)
     }
 
     /// Writes one file: fetches the blocks that `existing` (the current file, in a delta
@@ -475,11 +487,27 @@ impl Fetcher {
             needed.push((off, *id));
         }
         let per_call = (FETCH_BYTES as u64 / block_size).max(1) as usize;
+        let mut data = Vec::new();
         for chunk in needed.chunks(per_call) {
             let ids: Vec<[u8; 32]> = chunk.iter().map(|(_, id)| *id).collect();
-            let blocks = self.fetch(&ids, &f.path)?;
-            for ((off, _), data) in chunk.iter().zip(blocks) {
-                file.write_all_at(&data, *off)
+            let lens = self.fetch(&ids, &f.path, &mut data)?;
+            // Blocks that follow each other in the file are written with one call.
+            let mut run: Option<(u64, usize, usize)> = None; // (file offset, start in data, len)
+            let mut pos = 0;
+            for ((off, _), len) in chunk.iter().zip(lens) {
+                run = match run {
+                    Some((o, s, l)) if o + l as u64 == *off => Some((o, s, l + len)),
+                    Some((o, s, l)) => {
+                        file.write_all_at(&data[s..s + l], o)
+                            .with_context(|| format!("write \"{}\"", dest.display()))?;
+                        Some((*off, pos, len))
+                    }
+                    None => Some((*off, pos, len)),
+                };
+                pos += len;
+            }
+            if let Some((o, s, l)) = run {
+                file.write_all_at(&data[s..s + l], o)
                     .with_context(|| format!("write \"{}\"", dest.display()))?;
             }
         }

@@ -349,7 +349,14 @@ impl Repository {
             located.push(l);
         }
         let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| (located[i].pack.id.0, located[i].loc.offset));
+        // Grouped by pack (a prefix of its random id is enough to group), then by offset.
+        order.sort_unstable_by_key(|&i| {
+            let id = &located[i].pack.id.0;
+            (
+                u64::from_be_bytes([id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7]]),
+                located[i].loc.offset,
+            )
+        });
         let mut out: Vec<Option<BlockPayload>> = (0..ids.len()).map(|_| None).collect();
         let mut i = 0;
         while i < order.len() {
