@@ -177,7 +177,7 @@ CHANGED_Z=$(zstd -1 -c "$WORK/changed-pages" | wc -c)
 mkdir -p "$WORK/pages"
 split -b 8192 -a 6 "$WORK/changed-pages" "$WORK/pages/p"
 zstd -q -1 --rm -r "$WORK/pages"
-CHANGED_PZ=$(du -cb "$WORK"/pages/* | tail -1 | cut -f1)
+CHANGED_PZ=$(find "$WORK/pages" -type f -printf "%s\n" | awk "{s+=\$1} END {print s}")
 rm -rf "$WORK/pages"
 rm -rf "$WORK/bb-plain" "$WORK/changed-pages"
 row "INCREMENTAL (after pgbench)" "seconds" "stored"

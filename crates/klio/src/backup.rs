@@ -33,6 +33,8 @@ pub const RELATION_BLOCK_SIZE: usize = PAGE_SIZE;
 pub const WHOLE_FILE_MAX: usize = 1 << 20;
 /// Plaintext bytes a reading thread gathers before asking the server what is missing.
 const BATCH_BYTES: usize = 4 << 20;
+/// Bytes read from a file with one system call.
+const READ_CHUNK: usize = 1 << 20;
 /// Uploads a reading thread may have in flight while it reads on.
 const MAX_INFLIGHT: usize = 2;
 
@@ -212,6 +214,41 @@ impl Shared {
         Ok(())
     }
 
+    /// Verifies a page's checksum. A mismatch is read again once before it is reported:
+    /// PostgreSQL may have been writing the page while we read it (a torn read); a page
+    /// it rewrites after the backup started is then newer than the start LSN and is not
+    /// checked (WAL replay restores it).
+    fn check_page(
+        &self,
+        entry: &klio_pgdata::Entry,
+        file: &std::fs::File,
+        page: &[u8],
+        blkno: u32,
+        offset: u64,
+    ) {
+        use std::os::unix::fs::FileExt;
+        if !matches!(
+            klio_pgdata::check_page(page, blkno, self.start_lsn),
+            PageCheck::Invalid { .. }
+        ) {
+            return;
+        }
+        let mut again = vec![0u8; PAGE_SIZE];
+        let reread = file.read_exact_at(&mut again, offset).is_ok();
+        let verdict = if reread {
+            klio_pgdata::check_page(&again, blkno, self.start_lsn)
+        } else {
+            klio_pgdata::check_page(page, blkno, self.start_lsn)
+        };
+        if let PageCheck::Invalid { expected, found } = verdict {
+            tracing::warn!(file = %entry.path, block = blkno, expected, found, "page checksum mismatch");
+            self.checksum_failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((entry.path.clone(), blkno));
+        }
+    }
+
     /// Reads one file into blocks; `None` if it vanished (dropped while we read: the WAL
     /// replay recreates whatever state is right).
     fn read_file(
@@ -253,35 +290,31 @@ impl Shared {
         };
         let mut ids: Vec<u8> = Vec::new();
         let mut size = 0u64;
-        let mut count = 0usize;
-        let mut buf = vec![0u8; block_size];
+        // Read in large chunks (one system call per MiB, not per page), cut into blocks.
+        let mut buf = vec![0u8; READ_CHUNK.max(block_size)];
         loop {
             let n = read_full(&mut file, &mut buf)
                 .with_context(|| format!("read \"{}\"", entry.abs_path.display()))?;
-            if n == 0 && count > 0 {
+            if n == 0 && size == 0 && relation.is_none() {
+                // An empty file stored whole is one empty block.
+                let id = self.add(batch, Vec::new())?;
+                ids.extend_from_slice(&id);
                 break;
             }
-            if let Some(rel) = relation
-                && self.verify_checksums
-                && n == PAGE_SIZE
-            {
-                let blkno = rel.first_blkno() + (size / PAGE_SIZE as u64) as u32;
-                if let PageCheck::Invalid { expected, found } =
-                    klio_pgdata::check_page(&buf[..n], blkno, self.start_lsn)
+            for block in buf[..n].chunks(block_size) {
+                if let Some(rel) = relation
+                    && self.verify_checksums
+                    && block.len() == PAGE_SIZE
                 {
-                    tracing::warn!(file = %entry.path, block = blkno, expected, found, "page checksum mismatch");
-                    self.checksum_failures
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push((entry.path.clone(), blkno));
+                    let blkno = rel.first_blkno() + (size / PAGE_SIZE as u64) as u32;
+                    self.check_page(entry, &file, block, blkno, size);
                 }
+                let id = self.add(batch, block.to_vec())?;
+                ids.extend_from_slice(&id);
+                size += block.len() as u64;
             }
-            let id = self.add(batch, buf[..n].to_vec())?;
-            ids.extend_from_slice(&id);
-            size += n as u64;
-            count += 1;
             self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-            if n < block_size {
+            if n < buf.len() {
                 break;
             }
         }

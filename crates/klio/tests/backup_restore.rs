@@ -1172,3 +1172,74 @@ fn authorization_other_clusters_certificate_cannot_touch_backups() -> anyhow::Re
     assert_eq!(backup_ids(&k.backups_list("b")?), [id]);
     Ok(())
 }
+
+/// A backup taken from a hot standby (CloudNativePG's default backup target) while the
+/// primary is written to and archived: the restore reaches the primary's state.
+#[test]
+fn standby_backup_restores_to_the_primarys_state() -> anyhow::Result<()> {
+    let primary = PgCluster::start(PgOptions::default())?;
+    primary.pgbench_init(5)?;
+    let standby = PgCluster::standby_of(&primary, PgOptions::default())?;
+    let k = Klio::start(&["sb"])?;
+    let _streamer = k.spawn_streamer("sb", &primary, "streamer", &[])?;
+    k.wait_archived("sb", 1, Lsn(1), Duration::from_secs(60))?;
+    // The standby must have replayed the pgbench tables before its backup starts.
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        "the standby to replay pgbench_accounts",
+        || Ok(standby.psql("SELECT to_regclass('pgbench_accounts') IS NOT NULL")? == "t"),
+    )?;
+
+    let b = k
+        .backup("sb", &standby, &[])
+        .map_err(|e| with_logs(e, &k, "streamer"))?;
+    check_backup_json(&b, "sb");
+    assert_eq!(b["from_standby"], true, "{b}");
+
+    pgbench_burst(&primary)?;
+    primary.psql("CREATE TABLE after_backup AS SELECT 42 AS answer")?;
+    let end = switch_wal(&primary)?;
+    k.wait_archived("sb", 1, end, Duration::from_secs(60))?;
+    let expected = primary.table_checksums("postgres")?;
+    let mut r = restore_and_start(&k, "sb", &[])?;
+    check_restored(&mut r.pg, Some(&expected), true, "the standby's backup")?;
+    Ok(())
+}
+
+/// A page whose checksum is wrong on disk is reported by the backup (file and block), as
+/// pgBackRest does, and the backup still completes.
+#[test]
+fn checksum_failures_are_reported_with_file_and_block() -> anyhow::Result<()> {
+    let mut pg = PgCluster::start(PgOptions::default())?;
+    pg.psql(
+        "CREATE TABLE cold AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 2000) g;
+         CHECKPOINT",
+    )?;
+    let rel: String = pg.psql("SELECT pg_relation_filepath('cold')")?;
+    pg.stop()?;
+    // Damage block 3 of the table behind PostgreSQL's back.
+    let path = pg.data_dir().join(&rel);
+    let mut bytes = fs::read(&path)?;
+    bytes[3 * 8192 + 4000] ^= 0xFF;
+    fs::write(&path, &bytes)?;
+    pg.start_again()?;
+
+    let k = Klio::start(&["cs"])?;
+    let _streamer = k.spawn_streamer("cs", &pg, "streamer", &[])?;
+    k.wait_archived("cs", 1, Lsn(1), Duration::from_secs(60))?;
+    let b = k
+        .backup("cs", &pg, &[])
+        .map_err(|e| with_logs(e, &k, "streamer"))?;
+    let failures = b["checksum_failures"]
+        .as_array()
+        .context("checksum_failures is not an array")?;
+    assert_eq!(
+        failures.len(),
+        1,
+        "exactly the damaged page must be reported: {failures:?}"
+    );
+    assert_eq!(failures[0]["path"], rel.as_str(), "{failures:?}");
+    assert_eq!(failures[0]["block"], 3, "{failures:?}");
+    Ok(())
+}
