@@ -238,6 +238,36 @@ impl BlockIndex {
         self.sorted.len() + self.recent.len()
     }
 
+    /// Adds a pack that takes over its blocks from wherever they were (a rewritten pack):
+    /// unlike [`BlockIndex::add`], existing locations are replaced.
+    pub fn relocate(&mut self, section: &PackSection) {
+        let pack = self.pack_number(section.pack, section.salt);
+        for (id, loc) in &section.blocks {
+            let entry = Entry {
+                id: id.0,
+                pack,
+                offset: loc.offset,
+                len: loc.len,
+                plain_len: loc.plain_len,
+            };
+            match self.sorted.binary_search_by(|e| e.id.cmp(&id.0)) {
+                Ok(i) => self.sorted[i] = entry,
+                Err(_) => {
+                    self.recent.insert(id.0, entry);
+                }
+            }
+        }
+    }
+
+    /// Forgets every block located in pack `id` (the pack is being deleted).
+    pub fn remove_pack(&mut self, id: &PackId) {
+        let Some(&n) = self.pack_numbers.get(id) else {
+            return;
+        };
+        self.sorted.retain(|e| e.pack != n);
+        self.recent.retain(|_, e| e.pack != n);
+    }
+
     pub fn pack_count(&self) -> usize {
         self.packs.len()
     }

@@ -16,6 +16,7 @@
 //! async callers run it on blocking threads.
 
 mod blocklist;
+mod gc;
 mod ids;
 mod index;
 mod manifest;
@@ -27,6 +28,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use gc::{DeadPack, GcPlan, GcReport, REPACK_DEAD_SHARE, Repack};
 pub use ids::{BackupId, BlockId, BlocklistId, PackId, validate_cluster_name};
 pub use manifest::{FileEntry, FileKind, Manifest};
 pub use pack::{BlockPayload, PackStats, PackWriter};

@@ -80,6 +80,9 @@ pub struct PackWriter {
     repo: Repository,
     open: Option<OpenPack>,
     stats: PackStats,
+    /// Rewrites blocks that are already stored (garbage collection): no dedup against the
+    /// repository, and the new pack takes over their locations.
+    relocate: bool,
 }
 
 impl PackWriter {
@@ -88,7 +91,15 @@ impl PackWriter {
             repo,
             open: None,
             stats: PackStats::default(),
+            relocate: false,
         }
+    }
+
+    /// A writer that stores blocks again even though they are stored, for rewriting packs.
+    pub(crate) fn relocating(repo: Repository) -> PackWriter {
+        let mut w = PackWriter::new(repo);
+        w.relocate = true;
+        w
     }
 
     /// Adds one block whose id is `id`. Returns `true` if the block is new, `false` if it was
@@ -136,7 +147,7 @@ impl PackWriter {
             });
         }
         let pending = self.open.as_ref().is_some_and(|p| p.ids.contains(id));
-        if pending || self.repo.has_block(id) {
+        if pending || (!self.relocate && self.repo.has_block(id)) {
             self.stats.blocks_deduplicated += 1;
             return Ok(false);
         }
@@ -221,7 +232,11 @@ impl PackWriter {
             self.repo.options().compression_level,
         );
         store.put(&key, &sealed)?;
-        self.repo.index_add(&section);
+        if self.relocate {
+            self.repo.index_relocate(&section);
+        } else {
+            self.repo.index_add(&section);
+        }
         self.stats.packs_written += 1;
         self.stats.pack_bytes += pack.buf.len() as u64;
         self.stats.index_bytes += sealed.len() as u64;

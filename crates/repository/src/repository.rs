@@ -246,6 +246,29 @@ impl Repository {
             .add(section);
     }
 
+    pub(crate) fn index_relocate(&self, section: &PackSection) {
+        self.inner
+            .index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .relocate(section);
+    }
+
+    pub(crate) fn index_remove_pack(&self, id: &PackId) {
+        self.inner
+            .index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove_pack(id);
+    }
+
+    pub(crate) fn forget_blocklists(&self, ids: impl Iterator<Item = BlocklistId>) {
+        let mut known = self.known_blocklists();
+        for id in ids {
+            known.remove(&id);
+        }
+    }
+
     pub(crate) fn locate(&self, id: &BlockId) -> Option<index::Located> {
         self.index().locate(id)
     }

@@ -1230,3 +1230,98 @@ fn clusters_are_listed_sorted_once_each() {
         vec![backup_id(20), backup_id(22)]
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// garbage collection
+
+#[test]
+fn gc_deletes_what_only_deleted_backups_needed_and_keeps_the_rest() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let old = backup(&repo, "c1", &backup_id(1), &sample_files(1), 8192);
+    let kept = backup(&repo, "c1", &backup_id(2), &sample_files(500), 8192);
+    let other = backup(&repo, "c2", &backup_id(1), &sample_files(1), 8192);
+    // Blocks written by a backup still in progress: protected, not in any manifest.
+    let (in_progress, _) = add_all(&repo, &[page(999, 8192)]);
+    // A pack a crashed writer left without its index.
+    store
+        .put(
+            "packs/ab/ab00000000000000000000000000000000000000000000000000000000000000",
+            b"x",
+        )
+        .unwrap();
+
+    let protected: std::collections::HashSet<BlockId> = in_progress.iter().copied().collect();
+    let nothing = repo.gc_plan(&protected).unwrap();
+    assert!(nothing.dead_packs.is_empty(), "{nothing:?}");
+    assert_eq!(nothing.unindexed_packs.len(), 1, "{nothing:?}");
+
+    repo.delete_backup("c1", &old.backup_id).unwrap();
+    // c2 still needs the same content as the deleted backup: nothing of it may go.
+    let plan = repo.gc_plan(&protected).unwrap();
+    assert!(
+        plan.dead_packs.is_empty(),
+        "c2 shares every block: {plan:?}"
+    );
+    repo.delete_backup("c2", &other.backup_id).unwrap();
+    let packs_before = keys(store.as_ref(), "packs/").len();
+    let plan = repo.gc_plan(&protected).unwrap();
+    assert!(
+        !plan.dead_packs.is_empty() || !plan.repack.is_empty(),
+        "{plan:?}"
+    );
+    assert!(!plan.dead_blocklists.is_empty(), "{plan:?}");
+    assert!(plan.reclaimable_bytes > 0);
+    let gone = repo.block_id(&page(1, 8192));
+    assert!(repo.has_block(&gone));
+    let report = repo.gc_execute(&plan).unwrap();
+    assert!(
+        !repo.has_block(&gone),
+        "a collected block must not count as stored (a backup would dedup against it)"
+    );
+    assert!(!reopen(&store, &master).has_block(&gone));
+    assert_eq!(report.packs_deleted, plan.dead_packs.len() + 1);
+    assert_eq!(report.packs_rewritten, plan.repack.len());
+    let _ = packs_before;
+    assert!(report.bytes_reclaimed > 0, "{report:?}");
+
+    // The kept backup is whole, in this handle and after reopening; the protected block too.
+    for r in [&repo, &reopen(&store, &master)] {
+        let report = r.verify("c1", &kept.backup_id).unwrap();
+        assert!(report.is_ok(), "{:?}", report.problems);
+        for f in &kept.files {
+            if let FileKind::Blocks { .. } | FileKind::Whole { .. } = f.kind {
+                let want = &sample_files(500)
+                    .into_iter()
+                    .find(|(p, _)| *p == f.path)
+                    .unwrap()
+                    .1;
+                assert_eq!(&restore_file(r, f), want, "{}", f.path);
+            }
+        }
+        assert_eq!(r.read_block(&in_progress[0]).unwrap(), page(999, 8192));
+    }
+    // A second collection finds nothing more to do.
+    let again = repo.gc_plan(&protected).unwrap();
+    assert!(
+        again.dead_packs.is_empty() && again.unindexed_packs.is_empty(),
+        "{again:?}"
+    );
+    assert!(again.repack.is_empty(), "{again:?}");
+    assert!(again.dead_blocklists.is_empty(), "{again:?}");
+    // Without the protection, the in-progress block's pack is garbage.
+    let unprotected = repo.gc_plan(&Default::default()).unwrap();
+    assert_eq!(
+        unprotected.dead_packs.len() + unprotected.repack.len(),
+        1,
+        "{unprotected:?}"
+    );
+}
+
+#[test]
+fn gc_stops_on_an_unreadable_manifest() {
+    let (store, _master, repo) = mem_repo(small_packs());
+    let m = backup(&repo, "c1", &backup_id(1), &sample_files(1), 8192);
+    flip(&store, &format!("manifests/c1/{}", m.backup_id), 60);
+    let err = repo.gc_plan(&Default::default()).unwrap_err();
+    assert!(err.to_string().contains("manifests/c1/"), "{err}");
+}
