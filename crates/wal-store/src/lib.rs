@@ -621,6 +621,59 @@ impl ClusterWal {
         Ok(out)
     }
 
+    /// WAL retention: removes, on every timeline, the complete segments, partial segments
+    /// and `.backup` files whose segment number is below `keep_from` (the first segment the
+    /// oldest retained backup needs) and that `may_remove` allows (a Tier 2 relay that has
+    /// not copied a file yet says no). History files are always kept; so is any segment
+    /// still being received. Returns the names removed.
+    pub fn remove_before(
+        &self,
+        keep_from: SegmentNo,
+        may_remove: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, Error> {
+        let size = self.segment_size()?;
+        let mut removed = Vec::new();
+        let mut remove = |name: String, path: std::path::PathBuf| -> Result<(), Error> {
+            if may_remove(&name) {
+                klio_durable::remove_durable(&path)
+                    .map_err(io_err("remove archived WAL file", &path))?;
+                removed.push(name);
+            }
+            Ok(())
+        };
+        for tli in layout::timelines(&self.dir)? {
+            let scan = layout::scan_timeline(&self.dir, tli, size)?;
+            for segno in scan.complete.iter().filter(|s| **s < keep_from) {
+                let name = WalFileName::segment(tli, *segno, size).to_string();
+                remove(name, layout::segment_path(&self.dir, tli, *segno, size))?;
+            }
+            for segno in scan.partials.iter().filter(|s| **s < keep_from) {
+                let file = WalFileName::Partial {
+                    timeline: tli,
+                    segno: *segno,
+                    size,
+                };
+                remove(
+                    file.to_string(),
+                    layout::partial_path(&self.dir, tli, *segno, size),
+                )?;
+            }
+        }
+        let other = self.dir.join("other");
+        if let Ok(rd) = fs::read_dir(&other) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Ok(f @ WalFileName::Backup { segno, .. }) = WalFileName::parse(&n, size)
+                    && segno < keep_from
+                {
+                    remove(f.to_string(), e.path())?;
+                }
+            }
+        }
+        removed.sort();
+        Ok(removed)
+    }
+
     /// Opens the single writer of this cluster, continuing `timeline` at `start`.
     /// The caller guarantees that only one writer per cluster exists at a time.
     pub fn writer(&self, timeline: TimeLineId, start: Lsn) -> Result<WalWriter, Error> {

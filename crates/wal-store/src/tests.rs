@@ -260,3 +260,82 @@ fn recover_seals_a_complete_in_progress_segment_left_by_a_crash() {
     assert_eq!(plaintext(&d), data);
     assert_eq!(c.status().unwrap().latest, Some((tli, Lsn(MIB))));
 }
+
+#[test]
+fn remove_before_keeps_history_newer_segments_and_what_is_not_allowed() {
+    let (_d, s, size) = store();
+    let c = s.cluster("c1").unwrap();
+    c.register(1, size).unwrap();
+    // Timeline 1: segments 0..=2 complete, 3 partial (promotion); timeline 2 from 3 on.
+    let mut w = c.writer(TimeLineId(1), Lsn(0)).unwrap();
+    let data = wal_bytes(0, 3 * MIB as usize + 5000);
+    w.write(Lsn(0), &data).unwrap();
+    w.end_timeline(Lsn(data.len() as u64)).unwrap();
+    c.put_file(
+        "00000002.history",
+        b"1\t0/3001388\tno recovery target specified\n",
+    )
+    .unwrap();
+    c.put_file(
+        "000000010000000000000001.00000028.backup",
+        b"START WAL LOCATION: 0/1000028\n",
+    )
+    .unwrap();
+    let mut w2 = c.writer(TimeLineId(2), Lsn(3 * MIB)).unwrap();
+    let more = wal_bytes(3 * MIB, 2 * MIB as usize + 10);
+    w2.write(Lsn(3 * MIB), &more).unwrap();
+    w2.sync().unwrap();
+    s.flush_seals().unwrap();
+    let before = c.list_files().unwrap();
+    assert!(
+        before.contains(&"000000010000000000000000".to_string()),
+        "{before:?}"
+    );
+
+    // The oldest retained backup starts in segment 2 of timeline 1; segment 0 may not go
+    // yet (say, Tier 2 lacks it).
+    let removed = c
+        .remove_before(SegmentNo(2), |n| n != "000000010000000000000000")
+        .unwrap();
+    assert_eq!(
+        removed,
+        [
+            "000000010000000000000001",
+            "000000010000000000000001.00000028.backup"
+        ]
+    );
+    let after = c.list_files().unwrap();
+    for kept in [
+        "000000010000000000000000",
+        "000000010000000000000002",
+        "000000010000000000000003.partial",
+        "000000020000000000000003",
+        "000000020000000000000004",
+        "00000002.history",
+    ] {
+        assert!(
+            after.contains(&kept.to_string()),
+            "{kept} missing: {after:?}"
+        );
+    }
+    assert!(c.read("000000010000000000000001", false).unwrap().is_none());
+    // A later retention past the promotion removes the old timeline's partial too.
+    let removed = c.remove_before(SegmentNo(4), |_| true).unwrap();
+    assert!(
+        removed.contains(&"000000010000000000000003.partial".to_string()),
+        "{removed:?}"
+    );
+    assert!(
+        removed.contains(&"000000020000000000000003".to_string()),
+        "{removed:?}"
+    );
+    assert!(
+        c.list_files()
+            .unwrap()
+            .contains(&"00000002.history".to_string())
+    );
+    // The writer continues undisturbed.
+    w2.write(Lsn(5 * MIB + 10), &wal_bytes(5 * MIB + 10, 100))
+        .unwrap();
+    w2.sync().unwrap();
+}
