@@ -61,6 +61,12 @@ pub struct BackupArgs {
     /// Print the result as JSON
     #[arg(long)]
     pub json: bool,
+    /// Retention applied after the backup (expired backups, older WAL, garbage)
+    #[command(flatten)]
+    pub retention: crate::catalog::RetentionFlags,
+    /// Do not apply the retention policy after the backup
+    #[arg(long)]
+    pub no_retention: bool,
 }
 
 /// What the reading threads produce for one file.
@@ -509,6 +515,18 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     drop(pg);
     let _ = conn_task.await;
     let metadata = result?;
+    if !args.no_retention {
+        // The backup is complete whatever happens here; retention runs again next time.
+        match crate::catalog::retention_call(&args.client, &args.retention, false).await {
+            Ok(r) => tracing::info!(
+                expired = r["deleted_backups"].as_array().map_or(0, Vec::len),
+                wal_removed = r["deleted_wal"].as_array().map_or(0, Vec::len),
+                bytes_reclaimed = r["gc"]["bytes_reclaimed"].as_u64().unwrap_or(0),
+                "retention applied"
+            ),
+            Err(e) => tracing::warn!("retention after the backup failed: {e:#}"),
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&metadata)?);
     } else {

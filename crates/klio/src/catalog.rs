@@ -177,3 +177,204 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::FAILURE)
     }
 }
+
+/// Retention counts (PluginConfiguration `retention`); unset ones take the defaults
+/// (keepLatest 10, keepHourly 48, keepDaily 7, keepWeekly 4, keepMonthly 24, keepAnnual 1),
+/// 0 disables a rule.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RetentionFlags {
+    /// Keep the N newest backups
+    #[arg(long, value_name = "N")]
+    pub keep_latest: Option<u32>,
+    /// Keep the newest backup of each of the last N hours
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest backup of each of the last N days (UTC)
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the last N ISO weeks
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest backup of each of the last N months
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest backup of each of the last N years
+    #[arg(long, value_name = "N")]
+    pub keep_annual: Option<u32>,
+}
+
+impl RetentionFlags {
+    pub fn to_pb(&self) -> pb::RetentionPolicy {
+        pb::RetentionPolicy {
+            keep_latest: self.keep_latest,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_annual: self.keep_annual,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RetentionCommand {
+    /// Show which backups the policy keeps (and by which rule) and which it expires
+    Plan(RetentionArgs),
+    /// Expire backups, the WAL before the oldest kept backup, and collect garbage
+    Run(RetentionArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RetentionArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub policy: RetentionFlags,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GcCommand {
+    /// Show what garbage collection would delete
+    Plan(GcArgs),
+    /// Delete what no backup needs
+    Run(GcArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn gc_json(g: &pb::GcResponse) -> Value {
+    serde_json::json!({
+        "executed": g.executed,
+        "live_blocks": g.live_blocks,
+        "dead_packs": g.dead_packs,
+        "packs_rewritten": g.packs_rewritten,
+        "unindexed_packs": g.unindexed_packs,
+        "dead_blocklists": g.dead_blocklists,
+        "mixed_packs_kept": g.mixed_packs_kept,
+        "reclaimable_bytes": g.reclaimable_bytes,
+        "bytes_reclaimed": g.bytes_reclaimed,
+    })
+}
+
+fn print_gc(g: &pb::GcResponse) {
+    println!(
+        "garbage collection{}: {} live blocks; {} packs to delete, {} to rewrite, {} without index; {} unused blocklists; {:.1} MB {}",
+        if g.executed { "" } else { " (plan)" },
+        g.live_blocks,
+        g.dead_packs,
+        g.packs_rewritten,
+        g.unindexed_packs,
+        g.dead_blocklists,
+        if g.executed {
+            g.bytes_reclaimed
+        } else {
+            g.reclaimable_bytes
+        } as f64
+            / 1e6,
+        if g.executed {
+            "reclaimed"
+        } else {
+            "reclaimable"
+        },
+    );
+}
+
+/// Runs the retention RPC and returns its answer as JSON.
+pub async fn retention_call(
+    client: &ClientArgs,
+    policy: &RetentionFlags,
+    dry_run: bool,
+) -> anyhow::Result<Value> {
+    let mut c = backup_client(client).await?;
+    let r = c
+        .retention(pb::RetentionRequest {
+            cluster: client.cluster.clone(),
+            policy: Some(policy.to_pb()),
+            dry_run,
+        })
+        .await
+        .map_err(|s| status_error("apply the retention policy", s))?
+        .into_inner();
+    Ok(serde_json::json!({
+        "cluster": client.cluster,
+        "dry_run": dry_run,
+        "decisions": r.decisions.iter().map(|d| serde_json::json!({
+            "backup_id": d.backup_id, "keep": d.keep, "reasons": d.reasons, "time": d.time,
+        })).collect::<Vec<_>>(),
+        "deleted_backups": r.deleted_backups,
+        "deleted_wal": r.deleted_wal,
+        "first_wal_kept": r.first_wal_kept,
+        "gc": r.gc.as_ref().map(gc_json),
+    }))
+}
+
+/// Runs `klio retention plan|run`.
+pub async fn retention(cmd: RetentionCommand) -> anyhow::Result<()> {
+    let (a, dry_run) = match cmd {
+        RetentionCommand::Plan(a) => (a, true),
+        RetentionCommand::Run(a) => (a, false),
+    };
+    let v = retention_call(&a.client, &a.policy, dry_run).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:<22} {:<8} REASONS", "BACKUP", "");
+    for d in v["decisions"].as_array().into_iter().flatten() {
+        let reasons: Vec<&str> = d["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "{:<22} {:<8} {}",
+            d["backup_id"].as_str().unwrap_or("?"),
+            if d["keep"] == true { "keep" } else { "expire" },
+            reasons.join(", ")
+        );
+    }
+    if let Some(w) = v["first_wal_kept"].as_str()
+        && !w.is_empty()
+    {
+        println!("WAL before {w} is not needed by any kept backup");
+    }
+    if !dry_run {
+        println!(
+            "expired {} backups, removed {} WAL files",
+            v["deleted_backups"].as_array().map_or(0, Vec::len),
+            v["deleted_wal"].as_array().map_or(0, Vec::len)
+        );
+    }
+    Ok(())
+}
+
+/// Runs `klio gc plan|run`.
+pub async fn gc(cmd: GcCommand) -> anyhow::Result<()> {
+    let (a, dry_run) = match cmd {
+        GcCommand::Plan(a) => (a, true),
+        GcCommand::Run(a) => (a, false),
+    };
+    let mut c = backup_client(&a.client).await?;
+    let g = c
+        .gc(pb::GcRequest { dry_run })
+        .await
+        .map_err(|s| status_error("collect garbage", s))?
+        .into_inner();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&gc_json(&g))?);
+    } else {
+        print_gc(&g);
+    }
+    Ok(())
+}

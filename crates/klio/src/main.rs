@@ -56,6 +56,12 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Check that every object a backup needs is present and intact
     Verify(catalog::VerifyArgs),
+    /// Retention of a cluster's backups and WAL
+    #[command(subcommand)]
+    Retention(catalog::RetentionCommand),
+    /// Garbage collection of the backup repository
+    #[command(subcommand)]
+    Gc(catalog::GcCommand),
     /// Development certificates
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -230,6 +236,8 @@ fn main() -> ExitCode {
             Command::Backups(c) => catalog::backups(c).await.map(|()| ExitCode::SUCCESS),
             Command::Restore(a) => restore::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::Verify(a) => catalog::verify(a).await,
+            Command::Retention(c) => catalog::retention(c).await.map(|()| ExitCode::SUCCESS),
+            Command::Gc(c) => catalog::gc(c).await.map(|()| ExitCode::SUCCESS),
             Command::Pki(PkiCommand::Init { dir, clusters, dns }) => {
                 let layout = klio_tls::init_dev_pki(&dir, &clusters, &dns)
                     .with_context(|| format!("initialize certificates in \"{}\"", dir.display()))?;

@@ -1243,3 +1243,176 @@ fn checksum_failures_are_reported_with_file_and_block() -> anyhow::Result<()> {
     assert_eq!(failures[0]["block"], 3, "{failures:?}");
     Ok(())
 }
+
+const ONLY_LATEST_2: [&str; 12] = [
+    "--keep-latest",
+    "2",
+    "--keep-hourly",
+    "0",
+    "--keep-daily",
+    "0",
+    "--keep-weekly",
+    "0",
+    "--keep-monthly",
+    "0",
+    "--keep-annual",
+    "0",
+];
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                total += dir_bytes(&e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+fn retention(k: &Klio, cluster: &str, sub: &str, extra: &[&str]) -> anyhow::Result<Value> {
+    let mut cmd = k.client_command(&["retention", sub], cluster);
+    cmd.arg("--json").args(extra);
+    let out = run_ok(&mut cmd)?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// After four backups, `keepLatest: 2` keeps the two newest (planned first, then run), the
+/// WAL before the older one's start is gone (history kept), garbage collection gives bytes
+/// back, and a backup taken while retention and GC run restores exactly.
+#[test]
+fn retention_keeps_latest_2_removes_old_wal_and_gc_reclaims_space_during_a_backup()
+-> anyhow::Result<()> {
+    let pg = PgCluster::start(PgOptions::default())?;
+    pg.pgbench_init(5)?;
+    let k = Klio::start(&["ret"])?;
+    let _streamer = k.spawn_streamer("ret", &pg, "streamer", &[])?;
+    k.wait_archived("ret", 1, Lsn(1), Duration::from_secs(60))?;
+    let mut backups = Vec::new();
+    for _ in 0..4 {
+        // Rewrite a good part of the table so each backup has blocks of its own.
+        pg.psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 3 = 0")?;
+        let end = switch_wal(&pg)?;
+        k.wait_archived("ret", 1, end, Duration::from_secs(60))?;
+        let b = k
+            .backup("ret", &pg, &["--no-retention"])
+            .map_err(|e| with_logs(e, &k, "streamer"))?;
+        backups.push(b);
+        // Backup ids are seconds: keep them distinct.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let ids: Vec<String> = backups.iter().map(backup_id).collect();
+    assert_eq!(backup_ids(&k.backups_list("ret")?), ids);
+
+    let plan = retention(&k, "ret", "plan", &ONLY_LATEST_2)?;
+    let decisions = plan["decisions"].as_array().context("decisions")?;
+    let kept: Vec<&str> = decisions
+        .iter()
+        .filter(|d| d["keep"] == true)
+        .filter_map(|d| d["backup_id"].as_str())
+        .collect();
+    assert_eq!(kept, [ids[3].as_str(), ids[2].as_str()], "{plan}");
+    assert!(
+        decisions
+            .iter()
+            .filter(|d| d["keep"] == true)
+            .all(|d| d["reasons"][0]
+                .as_str()
+                .is_some_and(|r| r.starts_with("latest-"))),
+        "{plan}"
+    );
+    assert_eq!(
+        k.backups_list("ret")?.len(),
+        4,
+        "a plan must not delete anything"
+    );
+    let first_kept_wal = str_field(&backups[2], "start_wal").to_string();
+    assert_eq!(plan["first_wal_kept"], first_kept_wal.as_str(), "{plan}");
+    let old_wal: Vec<String> = k
+        .archived_files("ret")?
+        .into_iter()
+        .filter(|f| f.len() == 24 && *f < first_kept_wal)
+        .collect();
+    assert!(
+        !old_wal.is_empty(),
+        "the test needs WAL older than the kept backups"
+    );
+
+    // A fifth backup runs while retention expires two backups and collects garbage.
+    let expected = pg.table_checksums("postgres")?;
+    let repo = k.data.join("repository");
+    let bytes_before = dir_bytes(&repo);
+    let mut fifth = {
+        let mut cmd = k.backup_command("ret", &pg, &["--jobs", "1", "--no-retention"]);
+        cmd.stdin(Stdio::null())
+            .stdout(fs::File::create(k.dir.path().join("fifth.out"))?)
+            .stderr(fs::File::create(k.dir.path().join("fifth.log"))?);
+        ChildGuard::spawn(&mut cmd)?
+    };
+    let run = retention(&k, "ret", "run", &ONLY_LATEST_2)?;
+    let status = wait_exit(&mut fifth, Duration::from_secs(120), "the fifth backup")?;
+    assert!(
+        status.success(),
+        "the backup running during GC failed:\n{}",
+        fs::read_to_string(k.dir.path().join("fifth.log"))?
+    );
+    let fifth_json: Value = serde_json::from_slice(&fs::read(k.dir.path().join("fifth.out"))?)?;
+    let deleted: Vec<&str> = run["deleted_backups"]
+        .as_array()
+        .context("deleted_backups")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        deleted.contains(&ids[0].as_str()) && deleted.contains(&ids[1].as_str()),
+        "{run}"
+    );
+    let listed = backup_ids(&k.backups_list("ret")?);
+    assert!(
+        !listed.contains(&ids[0]) && !listed.contains(&ids[1]),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&ids[2]) && listed.contains(&ids[3]),
+        "{listed:?}"
+    );
+    let files = k.archived_files("ret")?;
+    for f in &old_wal {
+        assert!(
+            !files.contains(f),
+            "{f} is older than every kept backup and must be gone"
+        );
+    }
+    assert!(
+        files.contains(&first_kept_wal),
+        "{first_kept_wal} is needed: {files:?}"
+    );
+    let bytes_after = dir_bytes(&repo);
+    eprintln!(
+        "retention: repository {bytes_before} -> {bytes_after} bytes; gc {}",
+        run["gc"]
+    );
+    assert!(
+        run["gc"]["bytes_reclaimed"].as_u64().unwrap_or(0) > 0,
+        "garbage collection reclaimed nothing: {run}"
+    );
+
+    let v = k.verify("ret", &[])?;
+    assert!(v.status.success(), "klio verify:\n{}", output_text(&v));
+    let mut r = restore_and_start(
+        &k,
+        "ret",
+        &["--backup-id", &backup_id(&fifth_json), "--target-immediate"],
+    )?;
+    check_restored(
+        &mut r.pg,
+        Some(&expected),
+        false,
+        "the backup taken during GC",
+    )?;
+    Ok(())
+}

@@ -7,7 +7,7 @@
 //! the catalog exactly when its manifest exists. A session that is abandoned (client killed,
 //! server killed) leaves at worst packs that no manifest references.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use klio_repository::{
     BackupId, BlockId, BlocklistId, FileEntry, FileKind, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN,
     Manifest, PackStats, PackWriter, ProblemKind, Repository,
 };
+use klio_wal_store::WalStore;
 use tonic::{Request, Response, Status};
 
 /// A session nobody used for this long is dropped with its unfinished packs.
@@ -34,6 +35,9 @@ struct Session {
     /// Stats of writers already finished (none until commit).
     blocks_new: AtomicU64,
     last_used: Mutex<Instant>,
+    /// Blocks this backup relies on before its manifest exists: those `Missing` reported
+    /// stored and those uploaded. Garbage collection keeps them.
+    protected: Mutex<HashSet<BlockId>>,
 }
 
 impl Session {
@@ -50,7 +54,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Clone)]
 pub struct BackupService {
     repo: Repository,
+    wal: WalStore,
     sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
+    /// Held shared by every call that reports, stores or commits blocks, and exclusively by
+    /// garbage collection: a block reported stored cannot be collected before the session
+    /// that relies on it has recorded it in its protected set.
+    gc_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 fn repo_status(e: klio_repository::Error) -> Status {
@@ -126,11 +135,54 @@ fn new_backup_id(taken: impl Fn(&BackupId) -> bool) -> Result<BackupId, Status> 
 }
 
 impl BackupService {
-    pub fn new(repo: Repository) -> BackupService {
+    pub fn new(repo: Repository, wal: WalStore) -> BackupService {
         BackupService {
             repo,
+            wal,
             sessions: Arc::default(),
+            gc_lock: Arc::default(),
         }
+    }
+
+    /// Plans, and unless `dry_run` executes, a garbage collection of the repository, with
+    /// every running backup's blocks protected.
+    pub async fn collect_garbage(&self, dry_run: bool) -> Result<pb::GcResponse, Status> {
+        let _exclusive = self.gc_lock.write().await;
+        let protected: HashSet<BlockId> = lock(&self.sessions)
+            .values()
+            .flat_map(|s| lock(&s.protected).iter().copied().collect::<Vec<_>>())
+            .collect();
+        let repo = self.repo.clone();
+        let response = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let plan = repo.gc_plan(&protected).map_err(repo_status)?;
+            let mut r = pb::GcResponse {
+                executed: !dry_run,
+                live_blocks: plan.live_blocks as u64,
+                dead_packs: plan.dead_packs.len() as u64,
+                packs_rewritten: plan.repack.len() as u64,
+                unindexed_packs: plan.unindexed_packs.len() as u64,
+                dead_blocklists: plan.dead_blocklists.len() as u64,
+                reclaimable_bytes: plan.reclaimable_bytes,
+                bytes_reclaimed: 0,
+                mixed_packs_kept: plan.mixed_packs as u64,
+            };
+            if !dry_run {
+                let report = repo.gc_execute(&plan).map_err(repo_status)?;
+                r.bytes_reclaimed = report.bytes_reclaimed;
+                tracing::info!(
+                    packs_deleted = report.packs_deleted,
+                    packs_rewritten = report.packs_rewritten,
+                    blocks_moved = report.blocks_moved,
+                    blocklists_deleted = report.blocklists_deleted,
+                    bytes = report.bytes_reclaimed,
+                    "garbage collected"
+                );
+            }
+            Ok(r)
+        })
+        .await
+        .map_err(join_error)??;
+        Ok(response)
     }
 
     /// Drops sessions idle for longer than [`SESSION_IDLE_TIMEOUT`]; run periodically.
@@ -367,6 +419,7 @@ impl Backup for BackupService {
                 writers: Mutex::new(Vec::new()),
                 blocks_new: AtomicU64::new(0),
                 last_used: Mutex::new(Instant::now()),
+                protected: Mutex::new(HashSet::new()),
             }),
         );
         tracing::info!(%cluster, backup = %backup_id, session = %session_id, "backup started");
@@ -384,11 +437,16 @@ impl Backup for BackupService {
     ) -> Result<Response<pb::MissingResponse>, Status> {
         let session = self.session(&request, &request.get_ref().session_id)?;
         let ids = parse_ids(&request.get_ref().ids)?;
+        let _shared = self.gc_lock.read().await;
         let pending = lock(&session.writers);
+        let mut protected = lock(&session.protected);
         let missing: Vec<u8> = ids
             .iter()
             .map(|id| {
                 let stored = self.repo.has_block(id) || pending.iter().any(|w| w.contains(id));
+                if stored {
+                    protected.insert(*id);
+                }
                 u8::from(!stored)
             })
             .collect();
@@ -403,6 +461,15 @@ impl Backup for BackupService {
     ) -> Result<Response<pb::PutBlocksResponse>, Status> {
         let session = self.session(&request, &request.get_ref().session_id)?;
         let blocks = request.into_inner().blocks;
+        let _shared = self.gc_lock.read().await;
+        {
+            let mut protected = lock(&session.protected);
+            for b in &blocks {
+                if let Ok(id) = <[u8; 32]>::try_from(b.id.as_ref()) {
+                    protected.insert(BlockId(id));
+                }
+            }
+        }
         let mut writer = lock(&session.writers)
             .pop()
             .unwrap_or_else(|| self.repo.pack_writer());
@@ -433,6 +500,7 @@ impl Backup for BackupService {
                 "backup metadata must be a JSON object",
             ));
         }
+        let _shared = self.gc_lock.read().await;
         // Nobody else uses the session from here on.
         lock(&self.sessions).remove(&session_id);
         let writers = std::mem::take(&mut *lock(&session.writers));
@@ -565,6 +633,42 @@ impl Backup for BackupService {
         Ok(Response::new(pb::GetBlocksResponse { blocks }))
     }
 
+    async fn retention(
+        &self,
+        request: Request<pb::RetentionRequest>,
+    ) -> Result<Response<pb::RetentionResponse>, Status> {
+        let cluster = request.get_ref().cluster.clone();
+        Self::authorize(&request, &cluster)?;
+        let p = request.get_ref().policy.unwrap_or_default();
+        let policy = klio_retention::Policy::merged(&klio_retention::PolicyOverrides {
+            keep_latest: p.keep_latest,
+            keep_hourly: p.keep_hourly,
+            keep_daily: p.keep_daily,
+            keep_weekly: p.keep_weekly,
+            keep_monthly: p.keep_monthly,
+            keep_annual: p.keep_annual,
+        });
+        let dry_run = request.get_ref().dry_run;
+        Ok(Response::new(
+            self.retention_run(cluster, policy, dry_run).await?,
+        ))
+    }
+
+    async fn gc(
+        &self,
+        request: Request<pb::GcRequest>,
+    ) -> Result<Response<pb::GcResponse>, Status> {
+        let principal = klio_tls::principal_of(&request)?;
+        if principal.is_snapshot_reader() {
+            return Err(Status::permission_denied(format!(
+                "certificate \"{principal}\" may not run garbage collection"
+            )));
+        }
+        Ok(Response::new(
+            self.collect_garbage(request.get_ref().dry_run).await?,
+        ))
+    }
+
     async fn verify(
         &self,
         request: Request<pb::VerifyRequest>,
@@ -622,6 +726,114 @@ impl Backup for BackupService {
         .await
         .map_err(join_error)??;
         Ok(Response::new(response))
+    }
+}
+
+fn decision_to_pb(d: &klio_retention::Decision) -> pb::RetentionDecision {
+    pb::RetentionDecision {
+        backup_id: d.id.clone(),
+        keep: d.keep,
+        reasons: d.reasons.iter().map(|r| r.to_string()).collect(),
+        time: d
+            .time
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    }
+}
+
+impl BackupService {
+    /// The retention RPC's work: plan, then (unless a dry run) expire backups one manifest
+    /// at a time, remove the WAL the oldest kept backup does not need, and collect garbage.
+    async fn retention_run(
+        &self,
+        cluster: String,
+        policy: klio_retention::Policy,
+        dry_run: bool,
+    ) -> Result<pb::RetentionResponse, Status> {
+        let repo = self.repo.clone();
+        let c = cluster.clone();
+        // Candidates: every readable complete backup, at its start time.
+        let backups = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let mut out = Vec::new();
+            for id in repo.list_manifests(&c).map_err(repo_status)? {
+                let m = repo.get_manifest(&c, &id).map_err(repo_status)?;
+                let time = m.metadata["started_at"]
+                    .as_str()
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .ok_or_else(|| {
+                        Status::internal(format!("backup {id} has no valid started_at"))
+                    })?;
+                out.push((id, time, m.metadata));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(join_error)??;
+        let candidates: Vec<klio_retention::Candidate> = backups
+            .iter()
+            .map(|(id, time, _)| klio_retention::Candidate {
+                id: id.to_string(),
+                time: *time,
+            })
+            .collect();
+        let decisions = klio_retention::plan(&policy, &candidates);
+        let mut response = pb::RetentionResponse {
+            decisions: decisions.iter().map(decision_to_pb).collect(),
+            ..Default::default()
+        };
+        // The oldest kept backup's first WAL segment: older WAL is not needed.
+        let oldest_kept = decisions
+            .iter()
+            .filter(|d| d.keep)
+            .filter_map(|d| backups.iter().find(|(id, _, _)| id.as_str() == d.id))
+            .min_by_key(|(_, t, _)| *t);
+        if let Some((_, _, meta)) = oldest_kept {
+            response.first_wal_kept = meta["start_wal"].as_str().unwrap_or_default().to_string();
+        }
+        if dry_run {
+            response.gc = Some(self.collect_garbage(true).await?);
+            return Ok(response);
+        }
+        for d in decisions.iter().filter(|d| !d.keep) {
+            let id = parse_backup_id(&d.id)?;
+            let repo = self.repo.clone();
+            let c = cluster.clone();
+            tokio::task::spawn_blocking(move || repo.delete_backup(&c, &id))
+                .await
+                .map_err(join_error)?
+                .map_err(repo_status)?;
+            tracing::info!(%cluster, backup = %d.id, "backup expired by retention");
+            response.deleted_backups.push(d.id.clone());
+        }
+        if !response.first_wal_kept.is_empty() {
+            let wal = self.wal.clone();
+            let c = cluster.clone();
+            let first = response.first_wal_kept.clone();
+            response.deleted_wal = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+                let cw = wal.cluster(&c).map_err(crate::store_status)?;
+                let Some(meta) = cw.meta().map_err(crate::store_status)? else {
+                    return Ok(Vec::new());
+                };
+                let size = klio_pg::SegmentSize::new(meta.segment_size)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let keep_from = klio_pg::WalFileName::parse(&first, size)
+                    .ok()
+                    .and_then(|f| f.segno())
+                    .ok_or_else(|| Status::internal(format!("invalid start WAL \"{first}\"")))?;
+                cw.remove_before(keep_from, |_| true)
+                    .map_err(crate::store_status)
+            })
+            .await
+            .map_err(join_error)??;
+        }
+        response.gc = Some(self.collect_garbage(false).await?);
+        Ok(response)
     }
 }
 

@@ -102,11 +102,11 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
     tracing::info!(address = %wal_listener.local_addr()?, data_dir = %cfg.data_dir.display(), "WAL service listening");
     tracing::info!(address = %base_listener.local_addr()?, blocks = repo.block_count(), "base-backup service listening");
 
-    let wal = WalService::new(store, shutdown.clone());
+    let wal = WalService::new(store.clone(), shutdown.clone());
     let wal_svc = WalServer::new(wal)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let backup = BackupService::new(repo);
+    let backup = BackupService::new(repo, store);
     {
         let backup = backup.clone();
         let shutdown = shutdown.clone();
