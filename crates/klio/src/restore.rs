@@ -774,6 +774,23 @@ fn write_all(
     Ok(())
 }
 
+/// The path `restore_command` runs: how this process was started when that was a path
+/// (it survives the binary being replaced on disk), else the running executable.
+fn klio_executable() -> anyhow::Result<PathBuf> {
+    if let Some(arg0) = std::env::args_os().next().map(PathBuf::from)
+        && arg0.components().count() > 1
+        && arg0.is_file()
+    {
+        return Ok(std::path::absolute(&arg0).unwrap_or(arg0));
+    }
+    let exe = std::env::current_exe().context("find the klio executable")?;
+    let shown = exe.display().to_string();
+    Ok(match shown.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    })
+}
+
 /// backup_label, tablespace_map, recovery settings and recovery.signal.
 fn write_recovery_files(
     args: &RestoreArgs,
@@ -797,7 +814,7 @@ fn write_recovery_files(
             .collect();
         klio_durable::write_atomic(&map_path, map.as_bytes(), 0o600)?;
     }
-    let exe = std::env::current_exe().context("find the klio executable")?;
+    let exe = klio_executable()?;
     let mut words = vec![sh_quote(&exe.display().to_string()), "wal-get".to_string()];
     words.extend(args.client.to_args().iter().map(|a| sh_quote(a)));
     words.push("%f".to_string());
