@@ -616,6 +616,8 @@ impl Backup for BackupService {
     ) -> Result<Response<pb::GetBlocksResponse>, Status> {
         Self::authorize(&request, &request.get_ref().cluster)?;
         let ids = parse_ids(&request.get_ref().ids)?;
+        // A collection may move blocks between packs: it waits for reads in progress.
+        let _shared = self.gc_lock.read().await;
         let repo = self.repo.clone();
         let payloads = tokio::task::spawn_blocking(move || repo.read_block_payloads(&ids))
             .await
