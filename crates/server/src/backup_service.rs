@@ -681,6 +681,7 @@ impl Backup for BackupService {
             "" => None,
             id => Some(parse_backup_id(id)?),
         };
+        let _shared = self.gc_lock.read().await;
         let repo = self.repo.clone();
         let response = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let ids = match only {
