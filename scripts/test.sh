@@ -20,6 +20,13 @@ if ! id postgres >/dev/null 2>&1; then
   exit 1
 fi
 
+# The S3-compatible server of the Tier 2 tests (moto, from PyPI).
+if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
+  echo "installing moto[server] (S3-compatible server for the Tier 2 tests)" >&2
+  python3 -m pip install -q 'moto[server]==5.2.1' 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages 'moto[server]==5.2.1'
+fi
+
 echo "== format, lints, docs"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
