@@ -20,6 +20,11 @@ if ! id postgres >/dev/null 2>&1; then
   exit 1
 fi
 
+# The NATS JetStream server of the work-queue tests (Debian package).
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "installing nats-server (work-queue tests)" >&2
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nats-server
+fi
 # The S3-compatible server of the Tier 2 tests (moto, from PyPI).
 if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
   echo "installing moto[server] (S3-compatible server for the Tier 2 tests)" >&2
