@@ -100,15 +100,10 @@ mod embedded_only {
         assert_eq!(q.pending_count().await.unwrap(), 0);
     }
 
-    /// Run by `killed_process_with_a_leased_task_redelivers_it_on_reopen` in a child process:
-    /// enqueues and leases a task, reports it, and waits to be killed.
-    #[tokio::test]
-    #[ignore = "helper: runs only in the child process of a crash test"]
-    async fn crash_helper_leases_a_task_and_waits_to_be_killed() {
-        let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
-            return;
-        };
-        let dir = Path::new(&dir);
+    /// The child's part of the crash test (the same test run again in a child process with
+    /// `KLIO_QUEUE_CRASH_DIR` set): enqueues and leases a task, reports it, and waits to be
+    /// killed.
+    async fn lease_and_wait_to_be_killed(dir: &Path) {
         let q = open(dir);
         q.enqueue(task("segment", "alpha")).await.unwrap();
         let d = fetch_one(q.as_ref(), HOUR, Duration::from_secs(5))
@@ -121,6 +116,10 @@ mod embedded_only {
 
     #[tokio::test]
     async fn killed_process_with_a_leased_task_redelivers_it_on_reopen() {
+        if let Some(dir) = std::env::var_os(CRASH_DIR_ENV) {
+            lease_and_wait_to_be_killed(Path::new(&dir)).await;
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("helper.log");
         let log = std::fs::File::create(&log_path).unwrap();
@@ -128,8 +127,7 @@ mod embedded_only {
             Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
-                    "embedded_only::crash_helper_leases_a_task_and_waits_to_be_killed",
-                    "--ignored",
+                    "embedded_only::killed_process_with_a_leased_task_redelivers_it_on_reopen",
                     "--nocapture",
                     "--test-threads=1",
                 ])
