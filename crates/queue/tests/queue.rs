@@ -81,14 +81,10 @@ mod embedded_only {
 
         let q = open(dir.path());
         assert_eq!(q.pending_count().await.unwrap(), 2);
-        let started = Instant::now();
+        // The old lease runs for an hour: a delivery within these 5 s means it was dropped.
         let d = fetch_one(q.as_ref(), HOUR, Duration::from_secs(5))
             .await
-            .expect("the leased task was not delivered again");
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "waited for the old lease"
-        );
+            .expect("the leased task was not delivered again (waited for the old lease?)");
         assert_eq!(d.task.id, "segment", "the recovered task keeps its place");
         assert_eq!(d.attempt, 2);
         q.ack(d).await.unwrap();
