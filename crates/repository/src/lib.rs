@@ -25,6 +25,8 @@ mod repository;
 mod store;
 mod verify;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -170,19 +170,6 @@ fn sample_files(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-/// Reassembles a file from a manifest entry.
-fn restore_file(repo: &Repository, f: &FileEntry) -> Vec<u8> {
-    match &f.kind {
-        FileKind::Whole { block } => repo.read_block(block).unwrap(),
-        FileKind::Blocks { blocklists, .. } => blocklists
-            .iter()
-            .flat_map(|l| repo.get_blocklist(l).unwrap())
-            .flat_map(|b| repo.read_block(&b).unwrap())
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // blocks and packs
 
@@ -395,7 +382,7 @@ fn manifest_and_blocklists_roundtrip() {
     assert_eq!(back, m);
     for (path, data) in &files {
         let f = back.files.iter().find(|f| f.path == *path).unwrap();
-        assert_eq!(&restore_file(&again, f), data, "{path}");
+        assert_eq!(&crate::testing::read_file(&again, f), data, "{path}");
     }
     assert_eq!(
         again.list_manifests("orders-db").unwrap(),
@@ -951,48 +938,11 @@ fn local_store_refuses_invalid_keys() {
     assert!(!dir.path().join("x").exists());
 }
 
-fn exercise_store(s: &dyn ObjectStore) {
-    s.put("packs/ab/abc", b"one").unwrap();
-    s.put("packs/ab/abc", b"two").unwrap();
-    assert_eq!(
-        s.get("packs/ab/abc").unwrap().unwrap(),
-        b"one",
-        "create-only"
-    );
-    s.put("packs/ac/acd", b"three").unwrap();
-    s.put("packs/b0/b01", b"four").unwrap();
-    s.put("index/i1", b"").unwrap();
-    assert_eq!(s.get("index/i1").unwrap().unwrap(), b"");
-    assert_eq!(s.get("index/none").unwrap(), None);
-    assert_eq!(
-        s.list("packs/a").unwrap(),
-        vec!["packs/ab/abc".to_string(), "packs/ac/acd".to_string()]
-    );
-    assert_eq!(s.list("packs/").unwrap().len(), 3);
-    assert_eq!(s.list("").unwrap().len(), 4);
-    assert!(s.list("nothing/").unwrap().is_empty());
-    assert_eq!(s.get_range("packs/ac/acd", 1, 3).unwrap(), b"hre");
-    assert_eq!(s.get_range("packs/ac/acd", 5, 0).unwrap(), b"");
-    assert!(matches!(
-        s.get_range("packs/ac/acd", 3, 3).unwrap_err(),
-        Error::ShortObject { .. }
-    ));
-    assert!(matches!(
-        s.get_range("packs/zz/none", 0, 1).unwrap_err(),
-        Error::ObjectNotFound { .. }
-    ));
-    assert!(s.exists("packs/b0/b01").unwrap());
-    s.delete("packs/b0/b01").unwrap();
-    s.delete("packs/b0/b01").unwrap();
-    assert!(!s.exists("packs/b0/b01").unwrap());
-    assert_eq!(s.list("packs/b").unwrap(), Vec::<String>::new());
-}
-
 #[test]
 fn local_and_memory_stores_behave_alike() {
-    exercise_store(&MemStore::new());
+    crate::testing::exercise_store(&MemStore::new());
     let dir = tempfile::tempdir().unwrap();
-    exercise_store(&LocalStore::open(dir.path()).unwrap());
+    crate::testing::exercise_store(&LocalStore::open(dir.path()).unwrap());
 }
 
 #[test]
@@ -1032,7 +982,7 @@ fn local_repository_reopens_with_everything_written() {
     let m = repo.get_manifest("c1", &backup_id(12)).unwrap();
     for (path, data) in &files {
         let f = m.files.iter().find(|f| f.path == *path).unwrap();
-        assert_eq!(&restore_file(&repo, f), data, "{path}");
+        assert_eq!(&crate::testing::read_file(&repo, f), data, "{path}");
     }
     for (c, id) in [("c1", backup_id(12)), ("c2", backup_id(13))] {
         let report = repo.verify(c, &id).unwrap();
@@ -1295,7 +1245,7 @@ fn gc_deletes_what_only_deleted_backups_needed_and_keeps_the_rest() {
                     .find(|(p, _)| *p == f.path)
                     .unwrap()
                     .1;
-                assert_eq!(&restore_file(r, f), want, "{}", f.path);
+                assert_eq!(&crate::testing::read_file(r, f), want, "{}", f.path);
             }
         }
         assert_eq!(r.read_block(&in_progress[0]).unwrap(), page(999, 8192));

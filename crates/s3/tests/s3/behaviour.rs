@@ -8,44 +8,6 @@ use klio_repository::{Error, ObjectStore};
 
 use crate::moto::{Moto, open, runtime};
 
-/// The repository crate's store scenario (`exercise_store` in its tests), step by step.
-fn exercise_store(s: &dyn ObjectStore) {
-    s.put("packs/ab/abc", b"one").unwrap();
-    s.put("packs/ab/abc", b"two").unwrap();
-    assert_eq!(
-        s.get("packs/ab/abc").unwrap().unwrap(),
-        b"one",
-        "create-only"
-    );
-    s.put("packs/ac/acd", b"three").unwrap();
-    s.put("packs/b0/b01", b"four").unwrap();
-    s.put("index/i1", b"").unwrap();
-    assert_eq!(s.get("index/i1").unwrap().unwrap(), b"");
-    assert_eq!(s.get("index/none").unwrap(), None);
-    assert_eq!(
-        s.list("packs/a").unwrap(),
-        vec!["packs/ab/abc".to_string(), "packs/ac/acd".to_string()]
-    );
-    assert_eq!(s.list("packs/").unwrap().len(), 3);
-    assert_eq!(s.list("").unwrap().len(), 4);
-    assert!(s.list("nothing/").unwrap().is_empty());
-    assert_eq!(s.get_range("packs/ac/acd", 1, 3).unwrap(), b"hre");
-    assert_eq!(s.get_range("packs/ac/acd", 5, 0).unwrap(), b"");
-    assert!(matches!(
-        s.get_range("packs/ac/acd", 3, 3).unwrap_err(),
-        Error::ShortObject { .. }
-    ));
-    assert!(matches!(
-        s.get_range("packs/zz/none", 0, 1).unwrap_err(),
-        Error::ObjectNotFound { .. }
-    ));
-    assert!(s.exists("packs/b0/b01").unwrap());
-    s.delete("packs/b0/b01").unwrap();
-    s.delete("packs/b0/b01").unwrap();
-    assert!(!s.exists("packs/b0/b01").unwrap());
-    assert_eq!(s.list("packs/b").unwrap(), Vec::<String>::new());
-}
-
 #[test]
 fn store_with_prefix_behaves_like_the_local_and_memory_stores() {
     let moto = Moto::start();
@@ -53,7 +15,7 @@ fn store_with_prefix_behaves_like_the_local_and_memory_stores() {
     let rt = runtime();
     let s = open(&moto, &rt, "klio", "team-a/cluster1");
     assert_eq!(s.location(), "s3://klio/team-a/cluster1");
-    exercise_store(&s);
+    klio_repository::testing::exercise_store(&s);
 
     // The objects live under "<prefix>/" in the bucket.
     let whole = open(&moto, &rt, "klio", "");
@@ -74,7 +36,7 @@ fn store_without_prefix_behaves_like_the_local_and_memory_stores() {
     moto.create_bucket("klio-root");
     let rt = runtime();
     let s = open(&moto, &rt, "klio-root", "");
-    exercise_store(&s);
+    klio_repository::testing::exercise_store(&s);
     // A trailing slash in the configured prefix is the same prefix.
     let slashed = open(&moto, &rt, "klio-root", "packs/");
     assert_eq!(slashed.location(), "s3://klio-root/packs");

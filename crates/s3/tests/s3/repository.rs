@@ -102,18 +102,6 @@ fn backup(repo: &Repository, cluster: &str, id: &BackupId, files: &[(&str, Vec<u
     .unwrap();
 }
 
-fn restore_file(repo: &Repository, f: &FileEntry) -> Vec<u8> {
-    match &f.kind {
-        FileKind::Whole { block } => repo.read_block(block).unwrap(),
-        FileKind::Blocks { blocklists, .. } => blocklists
-            .iter()
-            .flat_map(|l| repo.get_blocklist(l).unwrap())
-            .flat_map(|b| repo.read_block(&b).unwrap())
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 #[test]
 fn repository_on_s3_reopens_with_everything_written_and_verifies() {
     let moto = Moto::start();
@@ -144,7 +132,11 @@ fn repository_on_s3_reopens_with_everything_written_and_verifies() {
     let m = repo.get_manifest("c1", &backup_id(12)).unwrap();
     for (path, data) in &files {
         let f = m.files.iter().find(|f| f.path == *path).unwrap();
-        assert_eq!(&restore_file(&repo, f), data, "{path}");
+        assert_eq!(
+            &klio_repository::testing::read_file(&repo, f),
+            data,
+            "{path}"
+        );
     }
     for (c, id) in [("c1", backup_id(12)), ("c2", backup_id(13))] {
         let report = repo.verify(c, &id).unwrap();
