@@ -357,15 +357,6 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-pub fn parse_lsn(s: &str) -> anyhow::Result<Lsn> {
-    let (hi, lo) = s
-        .split_once('/')
-        .with_context(|| format!("invalid LSN \"{s}\""))?;
-    let hi = u64::from_str_radix(hi, 16).with_context(|| format!("invalid LSN \"{s}\""))?;
-    let lo = u64::from_str_radix(lo, 16).with_context(|| format!("invalid LSN \"{s}\""))?;
-    Ok(Lsn((hi << 32) | lo))
-}
-
 /// Reads the start timeline from a backup_label.
 fn label_timeline(label: &str) -> Option<u32> {
     label
@@ -575,7 +566,7 @@ async fn take_backup(
         .await
         .context("pg_backup_start")?
         .get(0);
-    let start_lsn = parse_lsn(&start_lsn)?;
+    let start_lsn: Lsn = start_lsn.parse()?;
     tracing::info!(backup = %begin.backup_id, start = %start_lsn, "backup started in PostgreSQL");
 
     let scan_root = pgdata.clone();
@@ -648,7 +639,7 @@ async fn take_backup(
         .await
         .context("pg_backup_stop")?;
     let stopped_at = time::OffsetDateTime::now_utc();
-    let end_lsn = parse_lsn(&row.get::<_, String>(0))?;
+    let end_lsn: Lsn = row.get::<_, String>(0).parse()?;
     let backup_label: String = row.get(1);
     let tablespace_map: Option<String> = row.get(2);
     let timeline = TimeLineId(

@@ -84,7 +84,7 @@ impl BackupInfo {
     fn lsn(&self, field: &str) -> Option<u64> {
         self.metadata[field]
             .as_str()
-            .and_then(|s| crate::backup::parse_lsn(s).ok())
+            .and_then(|s| s.parse::<klio_pg::Lsn>().ok())
             .map(|l| l.0)
     }
 }
@@ -578,7 +578,11 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let target_lsn = args
         .target_lsn
         .as_deref()
-        .map(|s| crate::backup::parse_lsn(s).map(|l| l.0))
+        .map(|s| {
+            s.parse::<klio_pg::Lsn>()
+                .map(|l| l.0)
+                .context("--target-lsn")
+        })
         .transpose()?;
     let mut client = backup_client(&args.client).await?;
     let backups = list_backups(&mut client, &cluster).await?;
