@@ -634,10 +634,8 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         });
         let jobs = args.jobs;
         let f2 = fetcher.clone();
-        tokio::task::spawn_blocking(move || {
-            write_all(&pgdata, &spcs, files, delta, jobs, &f2, key)
-        })
-        .await??;
+        tokio::task::spawn_blocking(move || write_all(&pgdata, &spcs, files, delta, jobs, &f2))
+            .await??;
         (
             fetcher.fetched_blocks.load(Ordering::Relaxed),
             fetcher.fetched_bytes.load(Ordering::Relaxed),
@@ -667,7 +665,6 @@ fn write_all(
     delta: bool,
     jobs: u16,
     fetcher: &Arc<Fetcher>,
-    _key: [u8; 32],
 ) -> anyhow::Result<()> {
     use pb::file_entry::Kind;
     klio_durable::create_dir_all_durable(pgdata)

@@ -8,7 +8,7 @@
 //! server killed) leaves at worst packs that no manifest references.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,6 @@ struct Session {
     backup_id: BackupId,
     /// Idle writers; a `PutBlocks` call takes one (or makes one) and puts it back.
     writers: Mutex<Vec<PackWriter>>,
-    /// Stats of writers already finished (none until commit).
-    blocks_new: AtomicU64,
     last_used: Mutex<Instant>,
     /// Blocks this backup relies on before its manifest exists: those `Missing` reported
     /// stored and those uploaded. Garbage collection keeps them.
@@ -417,7 +415,6 @@ impl Backup for BackupService {
                 cluster: cluster.clone(),
                 backup_id: backup_id.clone(),
                 writers: Mutex::new(Vec::new()),
-                blocks_new: AtomicU64::new(0),
                 last_used: Mutex::new(Instant::now()),
                 protected: Mutex::new(HashSet::new()),
             }),
@@ -482,7 +479,6 @@ impl Backup for BackupService {
         .map_err(join_error)?;
         lock(&s.writers).push(writer);
         let new = result?;
-        s.blocks_new.fetch_add(new, Ordering::Relaxed);
         Ok(Response::new(pb::PutBlocksResponse { blocks_new: new }))
     }
 
