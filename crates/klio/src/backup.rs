@@ -64,6 +64,9 @@ pub struct BackupArgs {
     /// Retention applied after the backup (expired backups, older WAL, garbage)
     #[command(flatten)]
     pub retention: crate::catalog::RetentionFlags,
+    /// Tier 2's retention (with --tier2-backup), applied to Tier 2 after the backup
+    #[command(flatten)]
+    pub tier2_retention: crate::catalog::Tier2RetentionFlags,
     /// Do not apply the retention policy after the backup
     #[arg(long)]
     pub no_retention: bool,
@@ -388,6 +391,7 @@ async fn wait_for_wal(
         let r = wal
             .list(klio_proto::wal::v1::ListRequest {
                 cluster: args.client.cluster.clone(),
+                tier2_recovery: false,
             })
             .await
             .map_err(|s| status_error("list the WAL archive", s))?
@@ -472,6 +476,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     let begin = client
         .begin(pb::BeginRequest {
             cluster: cluster.clone(),
+            tier2_backup: args.client.tier2_backup,
         })
         .await
         .map_err(|s| status_error("begin a backup", s))?
@@ -508,14 +513,22 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     let metadata = result?;
     if !args.no_retention {
         // The backup is complete whatever happens here; retention runs again next time.
-        match crate::catalog::retention_call(&args.client, &args.retention, false).await {
-            Ok(r) => tracing::info!(
-                expired = r["deleted_backups"].as_array().map_or(0, Vec::len),
-                wal_removed = r["deleted_wal"].as_array().map_or(0, Vec::len),
-                bytes_reclaimed = r["gc"]["bytes_reclaimed"].as_u64().unwrap_or(0),
-                "retention applied"
-            ),
-            Err(e) => tracing::warn!("retention after the backup failed: {e:#}"),
+        let mut runs = vec![(1, args.retention.clone())];
+        if args.client.tier2_backup {
+            runs.push((2, args.tier2_retention.as_flags()));
+        }
+        for (tier, policy) in runs {
+            match crate::catalog::retention_call(&args.client, &policy, false, tier).await {
+                Ok(r) => tracing::info!(
+                    tier,
+                    expired = r["deleted_backups"].as_array().map_or(0, Vec::len),
+                    held_for_tier2 = r["held_for_tier2"].as_array().map_or(0, Vec::len),
+                    wal_removed = r["deleted_wal"].as_array().map_or(0, Vec::len),
+                    bytes_reclaimed = r["gc"]["bytes_reclaimed"].as_u64().unwrap_or(0),
+                    "retention applied"
+                ),
+                Err(e) => tracing::warn!("Tier {tier} retention after the backup failed: {e:#}"),
+            }
         }
     }
     if args.json {

@@ -43,6 +43,10 @@ pub struct ShowArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// The tier to verify: 1 (local volume) or 2 (object storage: its backups and the
+    /// cluster's WAL objects)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub tier: u32,
     /// Verify only this backup (default: every backup of the cluster)
     #[arg(long)]
     pub backup_id: Option<String>,
@@ -62,14 +66,24 @@ pub async fn backups(cmd: BackupsCommand) -> anyhow::Result<()> {
     match cmd {
         BackupsCommand::List(a) => {
             let mut c = backup_client(&a.client).await?;
-            let list = list_backups(&mut c, &a.client.cluster).await?;
+            let list = list_backups(&mut c, &a.client.cluster, a.client.tier2_recovery).await?;
             if a.json {
-                let v: Vec<&Value> = list.iter().map(|b| &b.metadata).collect();
+                let v: Vec<Value> = list
+                    .iter()
+                    .map(|b| {
+                        let mut m = b.metadata.clone();
+                        if let Some(o) = m.as_object_mut() {
+                            o.insert("in_tier1".into(), b.in_tier1.into());
+                            o.insert("in_tier2".into(), b.in_tier2.into());
+                        }
+                        m
+                    })
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             println!(
-                "{:<22} {:>3} {:<20} {:<20} {:>12} {:>12}",
+                "{:<22} {:>3} {:<20} {:<20} {:>12} {:>12}  TIERS",
                 "BACKUP", "TLI", "START LSN", "STOPPED AT", "SIZE", "NEW"
             );
             for b in &list {
@@ -78,8 +92,14 @@ pub async fn backups(cmd: BackupsCommand) -> anyhow::Result<()> {
                     println!("{:<22} unreadable: {e}", b.id);
                     continue;
                 }
+                let tiers = match (b.in_tier1, b.in_tier2) {
+                    (true, true) => "1,2",
+                    (true, false) => "1",
+                    (false, true) => "2",
+                    (false, false) => "-",
+                };
                 println!(
-                    "{:<22} {:>3} {:<20} {:<20} {:>12} {:>12}",
+                    "{:<22} {:>3} {:<20} {:<20} {:>12} {:>12}  {tiers}",
                     b.id,
                     m["timeline"],
                     m["start_lsn"].as_str().unwrap_or("?"),
@@ -92,7 +112,7 @@ pub async fn backups(cmd: BackupsCommand) -> anyhow::Result<()> {
         }
         BackupsCommand::Show(a) => {
             let mut c = backup_client(&a.client).await?;
-            let list = list_backups(&mut c, &a.client.cluster).await?;
+            let list = list_backups(&mut c, &a.client.cluster, a.client.tier2_recovery).await?;
             let b = list.iter().find(|b| b.id == a.backup_id).with_context(|| {
                 format!(
                     "cluster \"{}\" has no complete backup \"{}\"",
@@ -133,6 +153,7 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         .verify(pb::VerifyRequest {
             cluster: a.client.cluster.clone(),
             backup_id: a.backup_id.clone().unwrap_or_default(),
+            tier: a.tier,
         })
         .await
         .map_err(|s| status_error("verify backups", s))?
@@ -140,6 +161,8 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         let v = serde_json::json!({
             "cluster": a.client.cluster,
+            "tier": a.tier,
+            "wal_files_verified": r.wal_files_verified,
             "ok": r.problems.is_empty(),
             "backups": r.backups.iter().map(|b| serde_json::json!({
                 "backup_id": b.backup_id, "files": b.files, "blocks": b.blocks, "bytes_verified": b.bytes_verified,
@@ -159,8 +182,16 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                 b.bytes_verified as f64 / 1e6
             );
         }
+        if a.tier == 2 {
+            println!("{} WAL files read and authenticated", r.wal_files_verified);
+        }
         for p in &r.problems {
-            println!("{}: {} {}: {}", p.backup_id, p.kind, p.object, p.detail);
+            let what = if p.backup_id.is_empty() {
+                "WAL"
+            } else {
+                &p.backup_id
+            };
+            println!("{what}: {} {}: {}", p.kind, p.object, p.detail);
         }
     }
     if r.problems.is_empty() {
@@ -170,8 +201,9 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(
-            "verification failed: {} problems in the backups of cluster \"{}\"",
+            "verification failed: {} problems in Tier {} of cluster \"{}\"",
             r.problems.len(),
+            a.tier,
             a.client.cluster
         );
         Ok(ExitCode::FAILURE)
@@ -203,6 +235,46 @@ pub struct RetentionFlags {
     pub keep_annual: Option<u32>,
 }
 
+/// The Tier 2 retention counts (`--tier2-keep-*`), as [`RetentionFlags`] for Tier 1.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Tier2RetentionFlags {
+    /// Tier 2: keep the N newest backups
+    #[arg(long = "tier2-keep-latest", id = "tier2_keep_latest", value_name = "N")]
+    pub keep_latest: Option<u32>,
+    /// Tier 2: keep the newest backup of each of the last N hours
+    #[arg(long = "tier2-keep-hourly", id = "tier2_keep_hourly", value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Tier 2: keep the newest backup of each of the last N days (UTC)
+    #[arg(long = "tier2-keep-daily", id = "tier2_keep_daily", value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Tier 2: keep the newest backup of each of the last N ISO weeks
+    #[arg(long = "tier2-keep-weekly", id = "tier2_keep_weekly", value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Tier 2: keep the newest backup of each of the last N months
+    #[arg(
+        long = "tier2-keep-monthly",
+        id = "tier2_keep_monthly",
+        value_name = "N"
+    )]
+    pub keep_monthly: Option<u32>,
+    /// Tier 2: keep the newest backup of each of the last N years
+    #[arg(long = "tier2-keep-annual", id = "tier2_keep_annual", value_name = "N")]
+    pub keep_annual: Option<u32>,
+}
+
+impl Tier2RetentionFlags {
+    pub fn as_flags(&self) -> RetentionFlags {
+        RetentionFlags {
+            keep_latest: self.keep_latest,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_annual: self.keep_annual,
+        }
+    }
+}
+
 impl RetentionFlags {
     pub fn to_pb(&self) -> pb::RetentionPolicy {
         pb::RetentionPolicy {
@@ -230,6 +302,9 @@ pub struct RetentionArgs {
     pub client: ClientArgs,
     #[command(flatten)]
     pub policy: RetentionFlags,
+    /// Tier 2's policy, applied to Tier 2 when --tier2-backup is given
+    #[command(flatten)]
+    pub tier2_policy: Tier2RetentionFlags,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
@@ -247,6 +322,9 @@ pub enum GcCommand {
 pub struct GcArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// The tier whose repository is collected: 1 (local volume) or 2 (object storage)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub tier: u32,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
@@ -294,6 +372,7 @@ pub async fn retention_call(
     client: &ClientArgs,
     policy: &RetentionFlags,
     dry_run: bool,
+    tier: u32,
 ) -> anyhow::Result<Value> {
     let mut c = backup_client(client).await?;
     let r = c
@@ -301,13 +380,16 @@ pub async fn retention_call(
             cluster: client.cluster.clone(),
             policy: Some(policy.to_pb()),
             dry_run,
+            tier,
         })
         .await
         .map_err(|s| status_error("apply the retention policy", s))?
         .into_inner();
     Ok(serde_json::json!({
         "cluster": client.cluster,
+        "tier": tier,
         "dry_run": dry_run,
+        "held_for_tier2": r.held_for_tier2,
         "decisions": r.decisions.iter().map(|d| serde_json::json!({
             "backup_id": d.backup_id, "keep": d.keep, "reasons": d.reasons, "time": d.time,
         })).collect::<Vec<_>>(),
@@ -324,11 +406,28 @@ pub async fn retention(cmd: RetentionCommand) -> anyhow::Result<()> {
         RetentionCommand::Plan(a) => (a, true),
         RetentionCommand::Run(a) => (a, false),
     };
-    let v = retention_call(&a.client, &a.policy, dry_run).await?;
+    let mut v = retention_call(&a.client, &a.policy, dry_run, 1).await?;
+    let tier2 = if a.client.tier2_backup {
+        Some(retention_call(&a.client, &a.tier2_policy.as_flags(), dry_run, 2).await?)
+    } else {
+        None
+    };
     if a.json {
+        if let Some(t2) = tier2 {
+            v["tier2"] = t2;
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    print_retention(&v, dry_run);
+    if let Some(t2) = tier2 {
+        println!("\nTier 2:");
+        print_retention(&t2, dry_run);
+    }
+    Ok(())
+}
+
+fn print_retention(v: &Value, dry_run: bool) {
     println!("{:<22} {:<8} REASONS", "BACKUP", "");
     for d in v["decisions"].as_array().into_iter().flatten() {
         let reasons: Vec<&str> = d["reasons"]
@@ -356,7 +455,6 @@ pub async fn retention(cmd: RetentionCommand) -> anyhow::Result<()> {
             v["deleted_wal"].as_array().map_or(0, Vec::len)
         );
     }
-    Ok(())
 }
 
 /// Runs `klio gc plan|run`.
@@ -367,7 +465,10 @@ pub async fn gc(cmd: GcCommand) -> anyhow::Result<()> {
     };
     let mut c = backup_client(&a.client).await?;
     let g = c
-        .gc(pb::GcRequest { dry_run })
+        .gc(pb::GcRequest {
+            dry_run,
+            tier: a.tier,
+        })
         .await
         .map_err(|s| status_error("collect garbage", s))?
         .into_inner();

@@ -34,6 +34,14 @@ pub struct ClientArgs {
     /// Name to verify in the server certificate (default: the server address)
     #[arg(long, env = "KLIO_SERVER_NAME")]
     pub server_name: Option<String>,
+    /// Copy this cluster's WAL and backups to Tier 2 (PluginConfiguration enableBackup;
+    /// wal-stream and backup)
+    #[arg(long, env = "KLIO_TIER2_BACKUP")]
+    pub tier2_backup: bool,
+    /// Look in Tier 2 for what Tier 1 lacks (PluginConfiguration enableRecovery; restore,
+    /// wal-get, backups, wal-list)
+    #[arg(long, env = "KLIO_TIER2_RECOVERY")]
+    pub tier2_recovery: bool,
 }
 
 impl ClientArgs {
@@ -47,18 +55,13 @@ impl ClientArgs {
 
     /// A mutual-TLS HTTP/2 channel to the server's `port`.
     pub async fn channel(&self, port: u16) -> anyhow::Result<Channel> {
-        let domain = self
-            .server_name
-            .clone()
-            .unwrap_or_else(|| self.server_address.clone());
-        let tls = klio_tls::client_tls(
-            &self.server_ca,
-            &self.client_cert,
-            &self.client_key,
-            &domain,
+        connect(
+            &self.server_address,
+            self.server_name.as_deref(),
+            port,
+            (&self.server_ca, &self.client_cert, &self.client_key),
         )
-        .context("load client TLS settings")?;
-        Ok(klio_tls::connect(&self.server_address, port, tls).await?)
+        .await
     }
 
     /// The flags that reach the same server as the same cluster, for a command line (as
@@ -84,8 +87,26 @@ impl ClientArgs {
             v.push("--server-name".to_string());
             v.push(n.clone());
         }
+        if self.tier2_recovery {
+            v.push("--tier2-recovery".to_string());
+        }
         v
     }
+}
+
+/// A mutual-TLS HTTP/2 channel to `address:port`, checking the server certificate for
+/// `server_name` (default: the address); `files` are the server CA, the client certificate
+/// and its key.
+pub async fn connect(
+    address: &str,
+    server_name: Option<&str>,
+    port: u16,
+    files: (&std::path::Path, &std::path::Path, &std::path::Path),
+) -> anyhow::Result<Channel> {
+    let domain = server_name.unwrap_or(address);
+    let tls = klio_tls::client_tls(files.0, files.1, files.2, domain)
+        .context("load client TLS settings")?;
+    Ok(klio_tls::connect(address, port, tls).await?)
 }
 
 fn absolute(p: &std::path::Path) -> String {

@@ -6,11 +6,13 @@
 //! - `klio wal-stream`: the `klio-wal` sidecar, streaming WAL from PostgreSQL;
 //! - `klio wal-get`: PostgreSQL's `restore_command`;
 //! - `klio wal-list`: what the archive of a cluster holds;
+//! - `klio admin queue ...`: the server's work queue (dead-letter list, retries);
 //! - `klio pki init`: development certificates.
 //!
 //! Exit status (see `docs/cli.md`): 0 success; 1 failure (for `wal-get`: the file is not
 //! in the archive); 2 invalid command line; 200 `wal-get` failure other than "not found".
 
+mod admin;
 mod backup;
 mod catalog;
 mod client;
@@ -62,19 +64,35 @@ enum Command {
     /// Garbage collection of the backup repository
     #[command(subcommand)]
     Gc(catalog::GcCommand),
+    /// Server administration (certificate admin@klio)
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Development certificates
     #[command(subcommand)]
     Pki(PkiCommand),
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ModeArg {
+    /// Tier 1 on the local volume (and Tier 2 when configured)
+    Standard,
+    /// Tier 2 only; serves the catalog, restores and wal-get; refuses every write
+    ReadOnly,
+}
+
 #[derive(Args, Debug)]
 struct ServerArgs {
-    /// Tier 1 data directory (WAL archive, key file)
+    /// standard: Tier 1 (+ Tier 2); read-only: a disaster-recovery server on Tier 2 alone
+    #[arg(long, env = "KLIO_MODE", value_enum, default_value = "standard")]
+    mode: ModeArg,
+    /// Tier 1 data directory (WAL archive, repository, key file, embedded queue); standard
+    /// mode only
     #[arg(long, env = "KLIO_DATA_DIR")]
-    data_dir: PathBuf,
-    /// File holding the encryption key (passphrase); its trailing newline is ignored
+    data_dir: Option<PathBuf>,
+    /// File holding the Tier 1 encryption key (passphrase); its trailing newline is ignored.
+    /// Also Tier 2's when --tier2-encryption-key-file is not given
     #[arg(long, env = "KLIO_ENCRYPTION_KEY_FILE")]
-    encryption_key_file: PathBuf,
+    encryption_key_file: Option<PathBuf>,
     /// Server certificate (PEM)
     #[arg(long, env = "KLIO_TLS_CERT")]
     tls_cert: PathBuf,
@@ -93,6 +111,117 @@ struct ServerArgs {
     /// zstd level of archived WAL segments (1-19)
     #[arg(long, env = "KLIO_WAL_COMPRESSION_LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     wal_compression_level: i32,
+    /// NATS JetStream server of the work queue (default: the embedded queue in the data
+    /// directory)
+    #[arg(long, env = "KLIO_QUEUE_NATS_URL")]
+    queue_nats_url: Option<String>,
+    /// Queue tasks run at once (at most one per kind and cluster)
+    #[arg(long, env = "KLIO_QUEUE_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    queue_workers: u32,
+    /// Attempts a failing task gets before it goes to the dead-letter list
+    #[arg(long, env = "KLIO_QUEUE_MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    queue_max_attempts: u32,
+    /// Longest wait between two attempts of a failing task, in seconds
+    #[arg(long, env = "KLIO_QUEUE_MAX_BACKOFF", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    queue_max_backoff: u64,
+    /// Tier 2 bucket (S3 or S3-compatible); credentials come from the standard AWS
+    /// environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, web identity/IRSA, ...)
+    #[arg(long, env = "KLIO_TIER2_S3_BUCKET")]
+    tier2_s3_bucket: Option<String>,
+    /// Key prefix in the Tier 2 bucket
+    #[arg(long, env = "KLIO_TIER2_S3_PREFIX", default_value = "")]
+    tier2_s3_prefix: String,
+    /// Endpoint of an S3-compatible server (default: AWS)
+    #[arg(long, env = "KLIO_TIER2_S3_ENDPOINT")]
+    tier2_s3_endpoint: Option<String>,
+    /// Region of the Tier 2 bucket (default: AWS_REGION, else us-east-1)
+    #[arg(long, env = "KLIO_TIER2_S3_REGION")]
+    tier2_s3_region: Option<String>,
+    /// PEM bundle of CAs trusted for the Tier 2 endpoint, besides the system's
+    #[arg(long, env = "KLIO_TIER2_S3_CA_BUNDLE")]
+    tier2_s3_ca_bundle: Option<PathBuf>,
+    /// File holding the Tier 2 encryption key (passphrase); default: Tier 1's
+    #[arg(long, env = "KLIO_TIER2_ENCRYPTION_KEY_FILE")]
+    tier2_encryption_key_file: Option<PathBuf>,
+    /// Files (WAL) or block streams (backups) one relay task copies to Tier 2 at once
+    #[arg(long, env = "KLIO_TIER2_RELAY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    tier2_relay_jobs: u32,
+    /// Seconds between two WAL relay runs of a cluster that uses Tier 2
+    #[arg(long, env = "KLIO_TIER2_RELAY_INTERVAL", default_value_t = 10.0)]
+    tier2_relay_interval: f64,
+    /// Seconds between scheduled retention runs (each cluster's last policy, both tiers)
+    /// and garbage collections; 0 disables them
+    #[arg(long, env = "KLIO_RETENTION_INTERVAL", default_value_t = 3600.0)]
+    retention_interval: f64,
+}
+
+impl ServerArgs {
+    fn into_config(self) -> anyhow::Result<klio_server::ServerConfig> {
+        let seconds = |name: &str, v: f64| {
+            std::time::Duration::try_from_secs_f64(v)
+                .map_err(|_| anyhow::anyhow!("--{name} must be a number of seconds, not {v}"))
+        };
+        let read_only = self.mode == ModeArg::ReadOnly;
+        if read_only && self.data_dir.is_some() {
+            anyhow::bail!(
+                "--mode read-only has no Tier 1: drop --data-dir (a read-only server keeps nothing locally)"
+            );
+        }
+        if !read_only && (self.data_dir.is_none() || self.encryption_key_file.is_none()) {
+            anyhow::bail!(
+                "the server needs --data-dir and --encryption-key-file (or --mode read-only with Tier 2)"
+            );
+        }
+        let tier2 = match self.tier2_s3_bucket {
+            None => {
+                if self.tier2_encryption_key_file.is_some() || self.tier2_s3_endpoint.is_some() {
+                    anyhow::bail!("Tier 2 options need --tier2-s3-bucket");
+                }
+                None
+            }
+            Some(bucket) => Some(klio_server::Tier2Config {
+                s3: klio_s3::S3Config {
+                    bucket,
+                    prefix: self.tier2_s3_prefix,
+                    endpoint: self.tier2_s3_endpoint,
+                    region: self.tier2_s3_region,
+                    ca_bundle: self.tier2_s3_ca_bundle,
+                },
+                key_file: self
+                    .tier2_encryption_key_file
+                    .or_else(|| self.encryption_key_file.clone())
+                    .context(
+                        "Tier 2 needs --tier2-encryption-key-file (or --encryption-key-file)",
+                    )?,
+            }),
+        };
+        Ok(klio_server::ServerConfig {
+            mode: if read_only {
+                klio_server::Mode::ReadOnly
+            } else {
+                klio_server::Mode::Standard
+            },
+            data_dir: self.data_dir,
+            encryption_key_file: self.encryption_key_file,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            client_ca: self.client_ca,
+            wal_listen: self.wal_listen,
+            base_listen: self.base_listen,
+            wal_compression_level: self.wal_compression_level,
+            tier2,
+            queue_nats_url: self.queue_nats_url,
+            queue_workers: self.queue_workers as usize,
+            relay_jobs: self.tier2_relay_jobs as usize,
+            relay_interval: seconds("tier2-relay-interval", self.tier2_relay_interval)?,
+            retention_interval: seconds("retention-interval", self.retention_interval)?,
+            retry: klio_queue::RetryPolicy {
+                max_attempts: self.queue_max_attempts,
+                base: std::time::Duration::from_secs(1),
+                max: std::time::Duration::from_secs(self.queue_max_backoff),
+            },
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -152,6 +281,7 @@ async fn wal_list(args: WalListArgs) -> anyhow::Result<()> {
     let r = c
         .list(klio_proto::wal::v1::ListRequest {
             cluster: args.client.cluster.clone(),
+            tier2_recovery: args.client.tier2_recovery,
         })
         .await
         .map_err(|s| client::status_error("list the WAL archive", s))?
@@ -207,16 +337,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<ExitCode> = rt.block_on(async move {
         match cli.command {
             Command::Server(a) => {
-                let cfg = klio_server::ServerConfig {
-                    data_dir: a.data_dir,
-                    encryption_key_file: a.encryption_key_file,
-                    tls_cert: a.tls_cert,
-                    tls_key: a.tls_key,
-                    client_ca: a.client_ca,
-                    wal_listen: a.wal_listen,
-                    base_listen: a.base_listen,
-                    wal_compression_level: a.wal_compression_level,
-                };
+                let cfg = a.into_config()?;
                 klio_server::run(cfg, cancel_on_signals())
                     .await
                     .map(|()| ExitCode::SUCCESS)
@@ -238,6 +359,7 @@ fn main() -> ExitCode {
             Command::Verify(a) => catalog::verify(a).await,
             Command::Retention(c) => catalog::retention(c).await.map(|()| ExitCode::SUCCESS),
             Command::Gc(c) => catalog::gc(c).await.map(|()| ExitCode::SUCCESS),
+            Command::Admin(c) => admin::run(c).await.map(|()| ExitCode::SUCCESS),
             Command::Pki(PkiCommand::Init { dir, clusters, dns }) => {
                 let layout = klio_tls::init_dev_pki(&dir, &clusters, &dns)
                     .with_context(|| format!("initialize certificates in \"{}\"", dir.display()))?;
@@ -257,5 +379,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

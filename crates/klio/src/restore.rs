@@ -72,6 +72,8 @@ pub struct RestoreArgs {
 pub struct BackupInfo {
     pub id: String,
     pub metadata: Value,
+    pub in_tier1: bool,
+    pub in_tier2: bool,
 }
 
 impl BackupInfo {
@@ -94,10 +96,12 @@ impl BackupInfo {
 pub async fn list_backups(
     client: &mut BackupClient<Channel>,
     cluster: &str,
+    tier2_recovery: bool,
 ) -> anyhow::Result<Vec<BackupInfo>> {
     let r = client
         .list(pb::ListRequest {
             cluster: cluster.to_string(),
+            tier2_recovery,
         })
         .await
         .map_err(|s| status_error("list backups", s))?
@@ -109,6 +113,8 @@ pub async fn list_backups(
         out.push(BackupInfo {
             id: b.backup_id,
             metadata,
+            in_tier1: b.in_tier1,
+            in_tier2: b.in_tier2,
         });
     }
     Ok(out)
@@ -374,6 +380,8 @@ fn conf_quote(s: &str) -> String {
 struct Fetcher {
     client: BackupClient<Channel>,
     cluster: String,
+    /// The tier the manifest came from: blocks are read from the same one.
+    tier: u32,
     key: [u8; 32],
     rt: tokio::runtime::Handle,
     fetched_blocks: AtomicU64,
@@ -391,6 +399,7 @@ impl Fetcher {
             .block_on(client.get_blocks(pb::GetBlocksRequest {
                 cluster: self.cluster.clone(),
                 ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
+                tier: self.tier,
             }))
             .map_err(|s| status_error(&format!("fetch the blocks of \"{path}\""), s))?
             .into_inner();
@@ -585,16 +594,18 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         })
         .transpose()?;
     let mut client = backup_client(&args.client).await?;
-    let backups = list_backups(&mut client, &cluster).await?;
+    let backups = list_backups(&mut client, &cluster, args.client.tier2_recovery).await?;
     let (chosen, why) = choose(&args, &backups, target_time, target_lsn)?;
     eprintln!(
-        "restoring backup {} of cluster \"{cluster}\": {why}",
-        chosen.id
+        "restoring backup {} of cluster \"{cluster}\"{}: {why}",
+        chosen.id,
+        if chosen.in_tier1 { "" } else { " from Tier 2" }
     );
     let m = client
         .get_manifest(pb::GetManifestRequest {
             cluster: cluster.clone(),
             backup_id: chosen.id.clone(),
+            tier2_recovery: args.client.tier2_recovery,
         })
         .await
         .map_err(|s| status_error(&format!("read the manifest of backup {}", chosen.id), s))?
@@ -626,6 +637,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let fetcher = Arc::new(Fetcher {
             client: client.clone(),
             cluster: cluster.clone(),
+            tier: m.tier,
             key,
             rt: tokio::runtime::Handle::current(),
             fetched_blocks: AtomicU64::new(0),

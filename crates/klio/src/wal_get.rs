@@ -62,11 +62,13 @@ async fn fetch(
     cluster: &str,
     name: &str,
     allow_partial: bool,
+    tier2_recovery: bool,
 ) -> anyhow::Result<Option<Fetched>> {
     let req = pb::GetRequest {
         cluster: cluster.to_string(),
         name: name.to_string(),
         allow_partial,
+        tier2_recovery,
     };
     let mut stream = match client.get(req).await {
         Ok(r) => r.into_inner(),
@@ -184,7 +186,8 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
 
     let mut client = args.client.wal_client().await?;
     let cluster = args.client.cluster.clone();
-    let Some(first) = fetch(&mut client, &cluster, &args.wal_name, true).await? else {
+    let tier2 = args.client.tier2_recovery;
+    let Some(first) = fetch(&mut client, &cluster, &args.wal_name, true, tier2).await? else {
         return Ok(Outcome::NotFound);
     };
     let size = SegmentSize::new(first.segment_size)
@@ -222,7 +225,7 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
             let mut c = client.clone();
             let cluster = cluster.clone();
             async move {
-                let r = fetch(&mut c, &cluster, &n, false).await;
+                let r = fetch(&mut c, &cluster, &n, false, tier2).await;
                 (n, r)
             }
         });

@@ -134,6 +134,7 @@ async fn session(
             cluster: cluster.clone(),
             system_id: ident.system_id,
             segment_size: size.bytes(),
+            tier2_backup: args.client.tier2_backup,
         })
         .await
         .map_err(|s| classify_status("register with the Klio server", s))?
@@ -275,6 +276,7 @@ async fn stream_timeline(
         system_id,
         timeline: timeline.0,
         start_lsn: start.0,
+        tier2_backup: args.client.tier2_backup,
     };
     req_tx
         .send(pb::StreamRequest {

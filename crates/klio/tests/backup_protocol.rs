@@ -46,6 +46,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
     let begin = c
         .begin(pb::BeginRequest {
             cluster: "a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -120,6 +121,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
     let list = c
         .list(pb::ListRequest {
             cluster: "a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -130,6 +132,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
     let begin = c
         .begin(pb::BeginRequest {
             cluster: "a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -175,6 +178,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
     let err = b
         .begin(pb::BeginRequest {
             cluster: "a".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -199,6 +203,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
         .get_blocks(pb::GetBlocksRequest {
             cluster: "a".into(),
             ids: id.to_vec().into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -213,6 +218,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
     let list = c
         .list(pb::ListRequest {
             cluster: "a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -148,6 +148,10 @@ pub enum Error {
         "cannot create a repository in \"{location}\": it is not empty and holds no repository \"config\"\nHINT: choose an empty directory or bucket prefix for a new repository"
     )]
     NotEmpty { location: String },
+    #[error(
+        "the repository in \"{location}\" was not created for this server's repository: their block id keys differ\nHINT: point Tier 2 at an empty bucket prefix, or at the prefix this server's repository was copied to"
+    )]
+    IdKeyMismatch { location: String },
     #[error("invalid repository option {option}: {reason}")]
     InvalidOption {
         option: &'static str,

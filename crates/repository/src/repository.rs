@@ -117,6 +117,8 @@ struct Secrets {
 /// The repository's keys, from `config`.
 struct Keys {
     repository_id: String,
+    /// The secret both id keys derive from.
+    id: [u8; 32],
     block: [u8; 32],
     blocklist: [u8; 32],
 }
@@ -194,6 +196,42 @@ impl Repository {
         master: MasterKey,
         options: RepositoryOptions,
     ) -> Result<Repository, Error> {
+        Repository::open_or_init_with_id_key(store, master, options, None)
+    }
+
+    /// Like [`open_or_init`](Self::open_or_init), with the id key of a repository this one
+    /// mirrors (Tier 1 and Tier 2 share it, so that a block has the same id in both and
+    /// manifests and blocklists copy unchanged). A new repository is created with `id_key`;
+    /// an existing one whose id key differs is refused with [`Error::IdKeyMismatch`].
+    pub fn open_or_init_with_id_key(
+        store: Arc<dyn ObjectStore>,
+        master: MasterKey,
+        options: RepositoryOptions,
+        id_key: Option<[u8; 32]>,
+    ) -> Result<Repository, Error> {
+        let repo = Repository::init_if_empty(store, master, options, id_key)?;
+        if let Some(k) = id_key
+            && repo.inner.keys.id != k
+        {
+            return Err(Error::IdKeyMismatch {
+                location: repo.location(),
+            });
+        }
+        Ok(repo)
+    }
+
+    /// The secret block and blocklist ids are derived from; see
+    /// [`open_or_init_with_id_key`](Self::open_or_init_with_id_key). Keep it in memory.
+    pub fn id_key(&self) -> [u8; 32] {
+        self.inner.keys.id
+    }
+
+    fn init_if_empty(
+        store: Arc<dyn ObjectStore>,
+        master: MasterKey,
+        options: RepositoryOptions,
+        id_key: Option<[u8; 32]>,
+    ) -> Result<Repository, Error> {
         options.validate()?;
         if !store.exists(CONFIG_KEY)? {
             let foreign = store.list("")?.into_iter().any(|k| k != KEY_ENVELOPE_KEY);
@@ -202,7 +240,7 @@ impl Repository {
                     location: store.location(),
                 });
             }
-            store.put(CONFIG_KEY, &new_config(&master))?;
+            store.put(CONFIG_KEY, &new_config(&master, id_key))?;
             tracing::info!(location = %store.location(), "created repository");
         }
         Repository::open(store, master, options)
@@ -609,10 +647,10 @@ impl Repository {
     }
 }
 
-fn new_config(master: &MasterKey) -> Vec<u8> {
+fn new_config(master: &MasterKey, id_key: Option<[u8; 32]>) -> Vec<u8> {
     let repository_id = hex::encode(klio_crypto::random_bytes::<16>());
     let secrets = Secrets {
-        id_key: hex::encode(klio_crypto::random_bytes::<32>()),
+        id_key: hex::encode(id_key.unwrap_or_else(klio_crypto::random_bytes::<32>)),
     };
     let secrets_json = serde_json::to_vec(&secrets).expect("secrets serialize");
     let sealed = seal_object(
@@ -665,6 +703,7 @@ fn read_config(store: &dyn ObjectStore, master: &MasterKey, raw: &[u8]) -> Resul
         .ok_or_else(|| Error::corrupt(CONFIG_KEY, "the id key is not 32 hex bytes"))?;
     Ok(Keys {
         repository_id: config.repository_id,
+        id: id_key,
         block: blake3::derive_key(BLOCK_ID_CONTEXT, &id_key),
         blocklist: blake3::derive_key(BLOCKLIST_ID_CONTEXT, &id_key),
     })

@@ -1275,3 +1275,35 @@ fn gc_stops_on_an_unreadable_manifest() {
     let err = repo.gc_plan(&Default::default()).unwrap_err();
     assert!(err.to_string().contains("manifests/c1/"), "{err}");
 }
+
+#[test]
+fn a_mirror_created_with_the_id_key_gives_blocks_the_same_ids() {
+    let (_, _, first) = mem_repo(small_packs());
+    let mirror_store: Arc<dyn ObjectStore> = Arc::new(MemStore::new());
+    // The mirror has its own master key (Tier 2 may use another passphrase).
+    let mirror = Repository::open_or_init_with_id_key(
+        mirror_store.clone(),
+        MasterKey::generate(),
+        small_packs(),
+        Some(first.id_key()),
+    )
+    .unwrap();
+    let p = page(7, 8192);
+    assert_eq!(first.block_id(&p), mirror.block_id(&p));
+    assert_ne!(first.repository_id(), mirror.repository_id());
+
+    // A repository with another id key is refused as a mirror, naming where it is.
+    let (_, _, other) = mem_repo(small_packs());
+    let other_store: Arc<dyn ObjectStore> = Arc::new(MemStore::new());
+    let master = MasterKey::generate();
+    Repository::open_or_init(other_store.clone(), master.clone(), small_packs()).unwrap();
+    let err = Repository::open_or_init_with_id_key(
+        other_store,
+        master,
+        small_packs(),
+        Some(other.id_key()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::IdKeyMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("memory"), "{err}");
+}

@@ -17,8 +17,9 @@ use klio_repository::{
     BackupId, BlockId, BlocklistId, FileEntry, FileKind, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN,
     Manifest, PackStats, PackWriter, ProblemKind, Repository,
 };
-use klio_wal_store::WalStore;
 use tonic::{Request, Response, Status};
+
+use crate::Context;
 
 /// A session nobody used for this long is dropped with its unfinished packs.
 pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -36,6 +37,8 @@ struct Session {
     /// Blocks this backup relies on before its manifest exists: those `Missing` reported
     /// stored and those uploaded. Garbage collection keeps them.
     protected: Mutex<HashSet<BlockId>>,
+    /// Copy the backup to Tier 2 once committed.
+    tier2: bool,
 }
 
 impl Session {
@@ -48,11 +51,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The gRPC base-backup service over one repository.
+/// The gRPC base-backup service over the Tier 1 repository (Tier 2's on a read-only
+/// server), with Tier 2 behind it when configured.
 #[derive(Clone)]
 pub struct BackupService {
     repo: Repository,
-    wal: WalStore,
+    ctx: Context,
     sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
     /// Held shared by every call that reports, stores or commits blocks, and exclusively by
     /// garbage collection: a block reported stored cannot be collected before the session
@@ -133,24 +137,71 @@ fn new_backup_id(taken: impl Fn(&BackupId) -> bool) -> Result<BackupId, Status> 
 }
 
 impl BackupService {
-    pub fn new(repo: Repository, wal: WalStore) -> BackupService {
+    /// The service over `repo` (Tier 1's; Tier 2's on a read-only server), whose garbage
+    /// collection `gc_lock` serializes.
+    pub fn new(
+        repo: Repository,
+        gc_lock: Arc<tokio::sync::RwLock<()>>,
+        ctx: Context,
+    ) -> BackupService {
         BackupService {
             repo,
-            wal,
+            ctx,
             sessions: Arc::default(),
-            gc_lock: Arc::default(),
+            gc_lock,
         }
     }
 
-    /// Plans, and unless `dry_run` executes, a garbage collection of the repository, with
-    /// every running backup's blocks protected.
-    pub async fn collect_garbage(&self, dry_run: bool) -> Result<pb::GcResponse, Status> {
-        let _exclusive = self.gc_lock.write().await;
-        let protected: HashSet<BlockId> = lock(&self.sessions)
-            .values()
-            .flat_map(|s| lock(&s.protected).iter().copied().collect::<Vec<_>>())
-            .collect();
-        let repo = self.repo.clone();
+    /// The repository of `tier` (0 and 1: Tier 1; 2: Tier 2), its garbage-collection lock,
+    /// and whether it is the one backup sessions write to. A read-only server has only
+    /// Tier 2 and answers every tier with it.
+    pub(crate) async fn tier_repo(
+        &self,
+        tier: u32,
+    ) -> Result<(Repository, Arc<tokio::sync::RwLock<()>>, bool), Status> {
+        match tier {
+            _ if self.ctx.read_only => Ok((self.repo.clone(), self.gc_lock.clone(), true)),
+            0 | 1 => Ok((self.repo.clone(), self.gc_lock.clone(), true)),
+            2 => {
+                let t2 = self.ctx.tier2().await?;
+                Ok((t2.repo.clone(), t2.gc_lock.clone(), false))
+            }
+            other => Err(Status::invalid_argument(format!(
+                "tier {other} does not exist: tiers are 1 (local volume) and 2 (object storage)"
+            ))),
+        }
+    }
+
+    /// Tier 1's garbage-collection lock (the Tier 2 relay reads Tier 1 blocks under it).
+    pub(crate) fn gc_lock(&self) -> Arc<tokio::sync::RwLock<()>> {
+        self.gc_lock.clone()
+    }
+
+    /// The repository sessions write to.
+    pub(crate) fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// Plans, and unless `dry_run` executes, a garbage collection of the repository of
+    /// `tier`, with every running backup's blocks protected.
+    pub async fn collect_garbage(
+        &self,
+        tier: u32,
+        dry_run: bool,
+    ) -> Result<pb::GcResponse, Status> {
+        if !dry_run {
+            self.ctx.writable("garbage collection")?;
+        }
+        let (repo, gc_lock, sessions_write_here) = self.tier_repo(tier).await?;
+        let _exclusive = gc_lock.write().await;
+        let protected: HashSet<BlockId> = if sessions_write_here {
+            lock(&self.sessions)
+                .values()
+                .flat_map(|s| lock(&s.protected).iter().copied().collect::<Vec<_>>())
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let response = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let plan = repo.gc_plan(&protected).map_err(repo_status)?;
             let mut r = pb::GcResponse {
@@ -168,6 +219,7 @@ impl BackupService {
                 let report = repo.gc_execute(&plan).map_err(repo_status)?;
                 r.bytes_reclaimed = report.bytes_reclaimed;
                 tracing::info!(
+                    tier,
                     packs_deleted = report.packs_deleted,
                     packs_rewritten = report.packs_rewritten,
                     blocks_moved = report.blocks_moved,
@@ -391,10 +443,13 @@ impl Backup for BackupService {
         &self,
         request: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
+        self.ctx.writable("backups")?;
         let cluster = request.get_ref().cluster.clone();
         Self::authorize(&request, &cluster)?;
         klio_repository::validate_cluster_name(&cluster)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let tier2 = request.get_ref().tier2_backup;
+        self.ctx.declare_tier2_backup(&cluster, tier2, false)?;
         let repo = self.repo.clone();
         let c = cluster.clone();
         let existing = tokio::task::spawn_blocking(move || repo.list_manifests(&c))
@@ -417,9 +472,10 @@ impl Backup for BackupService {
                 writers: Mutex::new(Vec::new()),
                 last_used: Mutex::new(Instant::now()),
                 protected: Mutex::new(HashSet::new()),
+                tier2,
             }),
         );
-        tracing::info!(%cluster, backup = %backup_id, session = %session_id, "backup started");
+        tracing::info!(%cluster, backup = %backup_id, session = %session_id, tier2, "backup started");
         Ok(Response::new(pb::BeginResponse {
             session_id,
             backup_id: backup_id.to_string(),
@@ -432,6 +488,7 @@ impl Backup for BackupService {
         &self,
         request: Request<pb::MissingRequest>,
     ) -> Result<Response<pb::MissingResponse>, Status> {
+        self.ctx.writable("backups")?;
         let session = self.session(&request, &request.get_ref().session_id)?;
         let ids = parse_ids(&request.get_ref().ids)?;
         let _shared = self.gc_lock.read().await;
@@ -456,6 +513,7 @@ impl Backup for BackupService {
         &self,
         request: Request<pb::PutBlocksRequest>,
     ) -> Result<Response<pb::PutBlocksResponse>, Status> {
+        self.ctx.writable("backups")?;
         let session = self.session(&request, &request.get_ref().session_id)?;
         let blocks = request.into_inner().blocks;
         let _shared = self.gc_lock.read().await;
@@ -486,6 +544,7 @@ impl Backup for BackupService {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
+        self.ctx.writable("backups")?;
         let session_id = request.get_ref().session_id.clone();
         let session = self.session(&request, &session_id)?;
         let req = request.into_inner();
@@ -532,6 +591,11 @@ impl Backup for BackupService {
         .await
         .map_err(join_error)??;
         tracing::info!(cluster = %session.cluster, backup = %session.backup_id, "backup committed");
+        if session.tier2 {
+            self.ctx
+                .enqueue_backup_relay(&session.cluster, session.backup_id.as_str())
+                .await;
+        }
         let metadata_json = serde_json::to_vec(&metadata)
             .map_err(|e| Status::internal(e.to_string()))?
             .into();
@@ -542,6 +606,7 @@ impl Backup for BackupService {
         &self,
         request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
+        self.ctx.writable("backups")?;
         let session_id = request.get_ref().session_id.clone();
         let session = self.session(&request, &session_id)?;
         lock(&self.sessions).remove(&session_id);
@@ -555,24 +620,44 @@ impl Backup for BackupService {
     ) -> Result<Response<pb::ListResponse>, Status> {
         let cluster = request.get_ref().cluster.clone();
         Self::authorize_read(&request, &cluster)?;
-        let repo = self.repo.clone();
+        let with_tier2 = request.get_ref().tier2_recovery && !self.ctx.read_only;
+        let mut sources = vec![(self.repo.clone(), !self.ctx.read_only)];
+        if with_tier2 {
+            sources.push((self.ctx.tier2().await?.repo.clone(), false));
+        }
         let backups = tokio::task::spawn_blocking(move || -> Result<_, Status> {
-            let mut out = Vec::new();
-            for id in repo.list_manifests(&cluster).map_err(repo_status)? {
-                let metadata = match repo.get_manifest(&cluster, &id) {
-                    Ok(m) => m.metadata,
-                    Err(e) => {
-                        serde_json::json!({ "backup_id": id.to_string(), "error": e.to_string() })
+            // By id: (metadata, in Tier 1, in Tier 2); Tier 1's metadata wins.
+            let mut found: std::collections::BTreeMap<String, (serde_json::Value, bool, bool)> =
+                std::collections::BTreeMap::new();
+            for (repo, is_tier1) in sources {
+                for id in repo.list_manifests(&cluster).map_err(repo_status)? {
+                    let entry = found.entry(id.to_string()).or_insert_with(|| {
+                        let metadata = match repo.get_manifest(&cluster, &id) {
+                            Ok(m) => m.metadata,
+                            Err(e) => serde_json::json!({ "backup_id": id.to_string(), "error": e.to_string() }),
+                        };
+                        (metadata, false, false)
+                    });
+                    if is_tier1 {
+                        entry.1 = true;
+                    } else {
+                        entry.2 = true;
                     }
-                };
-                out.push(pb::BackupSummary {
-                    backup_id: id.to_string(),
-                    metadata_json: serde_json::to_vec(&metadata)
-                        .map_err(|e| Status::internal(e.to_string()))?
-                        .into(),
-                });
+                }
             }
-            Ok(out)
+            found
+                .into_iter()
+                .map(|(id, (metadata, in_tier1, in_tier2))| {
+                    Ok(pb::BackupSummary {
+                        backup_id: id,
+                        metadata_json: serde_json::to_vec(&metadata)
+                            .map_err(|e| Status::internal(e.to_string()))?
+                            .into(),
+                        in_tier1,
+                        in_tier2,
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()
         })
         .await
         .map_err(join_error)??;
@@ -586,23 +671,48 @@ impl Backup for BackupService {
         let cluster = request.get_ref().cluster.clone();
         Self::authorize(&request, &cluster)?;
         let backup_id = parse_backup_id(&request.get_ref().backup_id)?;
-        let repo = self.repo.clone();
-        let (metadata, files) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
-            let m = repo
-                .get_manifest(&cluster, &backup_id)
-                .map_err(repo_status)?;
-            let files = manifest_to_files(&repo, &m)?;
-            Ok((m.metadata, files))
-        })
-        .await
-        .map_err(join_error)??;
+        let primary_tier = if self.ctx.read_only { 2 } else { 1 };
+        let mut sources = vec![(self.repo.clone(), primary_tier)];
+        if request.get_ref().tier2_recovery && !self.ctx.read_only {
+            // Tier 2 is only needed when Tier 1 lacks the backup; an unreachable Tier 2
+            // must not fail a restore Tier 1 can serve.
+            match self.ctx.tier2().await {
+                Ok(t2) => sources.push((t2.repo.clone(), 2)),
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), "Tier 2 not available for a manifest lookup")
+                }
+            }
+        }
+        let (metadata, files, block_id_key, tier) =
+            tokio::task::spawn_blocking(move || -> Result<_, Status> {
+                let mut last = None;
+                for (repo, tier) in sources {
+                    match repo.get_manifest(&cluster, &backup_id) {
+                        Ok(m) => {
+                            let files = manifest_to_files(&repo, &m)?;
+                            return Ok((m.metadata, files, repo.block_id_key(), tier));
+                        }
+                        Err(e @ klio_repository::Error::BackupNotFound { .. }) => last = Some(e),
+                        Err(e) => return Err(repo_status(e)),
+                    }
+                }
+                Err(repo_status(last.unwrap_or(
+                    klio_repository::Error::BackupNotFound {
+                        cluster: cluster.clone(),
+                        backup_id: backup_id.clone(),
+                    },
+                )))
+            })
+            .await
+            .map_err(join_error)??;
         Ok(Response::new(pb::GetManifestResponse {
             backup_id: request.get_ref().backup_id.clone(),
             metadata_json: serde_json::to_vec(&metadata)
                 .map_err(|e| Status::internal(e.to_string()))?
                 .into(),
             files,
-            block_id_key: self.repo.block_id_key().to_vec().into(),
+            block_id_key: block_id_key.to_vec().into(),
+            tier,
         }))
     }
 
@@ -612,9 +722,9 @@ impl Backup for BackupService {
     ) -> Result<Response<pb::GetBlocksResponse>, Status> {
         Self::authorize(&request, &request.get_ref().cluster)?;
         let ids = parse_ids(&request.get_ref().ids)?;
+        let (repo, gc_lock, _) = self.tier_repo(request.get_ref().tier).await?;
         // A collection may move blocks between packs: it waits for reads in progress.
-        let _shared = self.gc_lock.read().await;
-        let repo = self.repo.clone();
+        let _shared = gc_lock.read().await;
         let payloads = tokio::task::spawn_blocking(move || repo.read_block_payloads(&ids))
             .await
             .map_err(join_error)?
@@ -637,18 +747,37 @@ impl Backup for BackupService {
     ) -> Result<Response<pb::RetentionResponse>, Status> {
         let cluster = request.get_ref().cluster.clone();
         Self::authorize(&request, &cluster)?;
+        klio_repository::validate_cluster_name(&cluster)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let dry_run = request.get_ref().dry_run;
+        if !dry_run {
+            self.ctx.writable("retention runs")?;
+        }
+        let tier = request.get_ref().tier.max(1);
         let p = request.get_ref().policy.unwrap_or_default();
-        let policy = klio_retention::Policy::merged(&klio_retention::PolicyOverrides {
+        let overrides = klio_retention::PolicyOverrides {
             keep_latest: p.keep_latest,
             keep_hourly: p.keep_hourly,
             keep_daily: p.keep_daily,
             keep_weekly: p.keep_weekly,
             keep_monthly: p.keep_monthly,
             keep_annual: p.keep_annual,
-        });
-        let dry_run = request.get_ref().dry_run;
+        };
+        if !dry_run && let Some(settings) = &self.ctx.settings {
+            // Scheduled runs apply the policy of the last run.
+            settings
+                .update(&cluster, |s| {
+                    if tier == 2 {
+                        s.tier2_retention = Some(overrides);
+                    } else {
+                        s.tier1_retention = Some(overrides);
+                    }
+                })
+                .map_err(|e| Status::internal(format!("{e:#}")))?;
+        }
+        let policy = klio_retention::Policy::merged(&overrides);
         Ok(Response::new(
-            self.retention_run(cluster, policy, dry_run).await?,
+            self.retention_run(cluster, policy, dry_run, tier).await?,
         ))
     }
 
@@ -662,8 +791,9 @@ impl Backup for BackupService {
                 "certificate \"{principal}\" may not run garbage collection"
             )));
         }
+        let r = request.get_ref();
         Ok(Response::new(
-            self.collect_garbage(request.get_ref().dry_run).await?,
+            self.collect_garbage(r.tier.max(1), r.dry_run).await?,
         ))
     }
 
@@ -677,8 +807,15 @@ impl Backup for BackupService {
             "" => None,
             id => Some(parse_backup_id(id)?),
         };
-        let _shared = self.gc_lock.read().await;
-        let repo = self.repo.clone();
+        let tier = request.get_ref().tier;
+        let (repo, gc_lock, _) = self.tier_repo(tier).await?;
+        // Tier 2 verification also reads every WAL object of the cluster.
+        let tier2_wal = if tier == 2 || self.ctx.read_only {
+            Some(self.ctx.tier2().await?)
+        } else {
+            None
+        };
+        let _shared = gc_lock.read().await;
         let response = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let ids = match only {
                 Some(id) => vec![id],
@@ -720,10 +857,91 @@ impl Backup for BackupService {
                     }),
                 }
             }
+            if let Some(t2) = tier2_wal {
+                let (ok, problems) = t2
+                    .verify_wal(&cluster)
+                    .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+                response.wal_files_verified = ok;
+                for (object, detail) in problems {
+                    response.problems.push(pb::Problem {
+                        backup_id: String::new(),
+                        kind: "corrupt".to_string(),
+                        object,
+                        detail,
+                    });
+                }
+            }
             Ok(response)
         })
         .await
         .map_err(join_error)??;
+        Ok(Response::new(response))
+    }
+
+    async fn queue_status(
+        &self,
+        request: Request<pb::QueueStatusRequest>,
+    ) -> Result<Response<pb::QueueStatusResponse>, Status> {
+        klio_tls::authorize_admin(&klio_tls::principal_of(&request)?)?;
+        Ok(Response::new(self.ctx.queue_status().await?))
+    }
+
+    async fn queue_list_failed(
+        &self,
+        request: Request<pb::QueueListFailedRequest>,
+    ) -> Result<Response<pb::QueueListFailedResponse>, Status> {
+        klio_tls::authorize_admin(&klio_tls::principal_of(&request)?)?;
+        let queue = self.ctx.queue()?;
+        let tasks = queue
+            .list_failed()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .into_iter()
+            .map(|f| pb::FailedTask {
+                id: f.task.id,
+                kind: f.task.kind,
+                cluster: f.task.cluster,
+                attempts: f.attempts,
+                last_error: f.last_error,
+                failed_at: f
+                    .failed_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::QueueListFailedResponse { tasks }))
+    }
+
+    async fn queue_retry(
+        &self,
+        request: Request<pb::QueueRetryRequest>,
+    ) -> Result<Response<pb::QueueRetryResponse>, Status> {
+        klio_tls::authorize_admin(&klio_tls::principal_of(&request)?)?;
+        self.ctx.writable("queue changes")?;
+        let queue = self.ctx.queue()?;
+        let mut ids = request.into_inner().ids;
+        if ids.is_empty() {
+            ids = queue
+                .list_failed()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .into_iter()
+                .map(|f| f.task.id)
+                .collect();
+        }
+        let mut response = pb::QueueRetryResponse::default();
+        for id in ids {
+            let found = queue
+                .retry_failed(&id)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if found {
+                tracing::info!(task = %id, "failed task made pending again");
+                response.retried.push(id);
+            } else {
+                response.unknown.push(id);
+            }
+        }
         Ok(Response::new(response))
     }
 }
@@ -741,21 +959,33 @@ fn decision_to_pb(d: &klio_retention::Decision) -> pb::RetentionDecision {
 }
 
 impl BackupService {
-    /// The retention RPC's work: plan, then (unless a dry run) expire backups one manifest
-    /// at a time, remove the WAL the oldest kept backup does not need, and collect garbage.
-    async fn retention_run(
+    /// The retention RPC's work on `tier`: plan, then (unless a dry run) expire backups one
+    /// manifest at a time, remove the WAL the oldest kept backup does not need, and collect
+    /// garbage. In Tier 1, a backup of a cluster that uses Tier 2 is kept until Tier 2 has
+    /// it, and WAL Tier 2 lacks is never removed.
+    pub(crate) async fn retention_run(
         &self,
         cluster: String,
         policy: klio_retention::Policy,
         dry_run: bool,
+        tier: u32,
     ) -> Result<pb::RetentionResponse, Status> {
-        let repo = self.repo.clone();
+        let (repo, _, _) = self.tier_repo(tier).await?;
+        let tier1 = tier != 2 && !self.ctx.read_only;
+        // In Tier 1, what Tier 2 must receive first: None when the cluster does not use
+        // Tier 2; Some(None) when Tier 2 cannot be reached (then nothing it lacks may go).
+        let tier2 = if tier1 && self.ctx.uses_tier2(&cluster) {
+            Some(self.ctx.tier2().await.ok())
+        } else {
+            None
+        };
         let c = cluster.clone();
+        let r = repo.clone();
         // Candidates: every readable complete backup, at its start time.
         let backups = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let mut out = Vec::new();
-            for id in repo.list_manifests(&c).map_err(repo_status)? {
-                let m = repo.get_manifest(&c, &id).map_err(repo_status)?;
+            for id in r.list_manifests(&c).map_err(repo_status)? {
+                let m = r.get_manifest(&c, &id).map_err(repo_status)?;
                 let time = m.metadata["started_at"]
                     .as_str()
                     .and_then(|t| {
@@ -784,56 +1014,145 @@ impl BackupService {
         let decisions = klio_retention::plan(&policy, &candidates);
         let mut response = pb::RetentionResponse {
             decisions: decisions.iter().map(decision_to_pb).collect(),
+            tier: if tier1 { 1 } else { 2 },
             ..Default::default()
         };
-        // The oldest kept backup's first WAL segment: older WAL is not needed.
-        let oldest_kept = decisions
+        // Expired backups Tier 2 does not have yet stay until the relay has copied them.
+        if let Some(t2) = &tier2 {
+            let in_tier2: HashSet<String> = match t2 {
+                Some(t2) => {
+                    let (t2, c) = (t2.clone(), cluster.clone());
+                    tokio::task::spawn_blocking(move || t2.repo.list_manifests(&c))
+                        .await
+                        .map_err(join_error)?
+                        .map_err(repo_status)?
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect()
+                }
+                None => HashSet::new(),
+            };
+            for d in response.decisions.iter_mut().filter(|d| !d.keep) {
+                if !in_tier2.contains(&d.backup_id) {
+                    d.keep = true;
+                    d.reasons.push("awaiting Tier 2 relay".to_string());
+                    response.held_for_tier2.push(d.backup_id.clone());
+                }
+            }
+        }
+        let kept: HashSet<&str> = response
+            .decisions
             .iter()
             .filter(|d| d.keep)
-            .filter_map(|d| backups.iter().find(|(id, _, _)| id.as_str() == d.id))
+            .map(|d| d.backup_id.as_str())
+            .collect();
+        // The oldest kept backup's first WAL segment: older WAL is not needed.
+        let oldest_kept = backups
+            .iter()
+            .filter(|(id, _, _)| kept.contains(id.as_str()))
             .min_by_key(|(_, t, _)| *t);
         if let Some((_, _, meta)) = oldest_kept {
             response.first_wal_kept = meta["start_wal"].as_str().unwrap_or_default().to_string();
         }
         if dry_run {
-            response.gc = Some(self.collect_garbage(true).await?);
+            response.gc = Some(self.collect_garbage(tier, true).await?);
             return Ok(response);
         }
-        for d in decisions.iter().filter(|d| !d.keep) {
-            let id = parse_backup_id(&d.id)?;
-            let repo = self.repo.clone();
-            let c = cluster.clone();
-            tokio::task::spawn_blocking(move || repo.delete_backup(&c, &id))
+        let expired: Vec<String> = response
+            .decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .map(|d| d.backup_id.clone())
+            .collect();
+        for id in expired {
+            let backup_id = parse_backup_id(&id)?;
+            let (r, c) = (repo.clone(), cluster.clone());
+            tokio::task::spawn_blocking(move || r.delete_backup(&c, &backup_id))
                 .await
                 .map_err(join_error)?
                 .map_err(repo_status)?;
-            tracing::info!(%cluster, backup = %d.id, "backup expired by retention");
-            response.deleted_backups.push(d.id.clone());
+            tracing::info!(%cluster, backup = %id, tier = response.tier, "backup expired by retention");
+            response.deleted_backups.push(id);
         }
         if !response.first_wal_kept.is_empty() {
-            let wal = self.wal.clone();
-            let c = cluster.clone();
-            let first = response.first_wal_kept.clone();
-            response.deleted_wal = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            response.deleted_wal = self
+                .remove_old_wal(&cluster, &response.first_wal_kept, tier1, tier2)
+                .await?;
+        }
+        response.gc = Some(self.collect_garbage(tier, false).await?);
+        Ok(response)
+    }
+
+    /// Removes the WAL before `first` (a segment name) from Tier 1 (`tier1`) or Tier 2.
+    async fn remove_old_wal(
+        &self,
+        cluster: &str,
+        first: &str,
+        tier1: bool,
+        tier2: Option<Option<Arc<crate::tier2::Tier2>>>,
+    ) -> Result<Vec<String>, Status> {
+        if tier1 {
+            let Some(wal) = self.ctx.wal.clone() else {
+                return Ok(Vec::new());
+            };
+            // Only what Tier 2 holds may go, when the cluster uses Tier 2.
+            let relayed = match tier2 {
+                None => None,
+                Some(None) => {
+                    tracing::warn!(%cluster, "Tier 2 is not reachable: no Tier 1 WAL removed");
+                    return Ok(Vec::new());
+                }
+                Some(Some(t2)) => {
+                    let c = cluster.to_string();
+                    Some(
+                        tokio::task::spawn_blocking(move || t2.files(&c))
+                            .await
+                            .map_err(join_error)?
+                            .map_err(|e| Status::unavailable(format!("{e:#}")))?,
+                    )
+                }
+            };
+            let (c, first) = (cluster.to_string(), first.to_string());
+            return tokio::task::spawn_blocking(move || -> Result<_, Status> {
                 let cw = wal.cluster(&c).map_err(crate::store_status)?;
                 let Some(meta) = cw.meta().map_err(crate::store_status)? else {
                     return Ok(Vec::new());
                 };
-                let size = klio_pg::SegmentSize::new(meta.segment_size)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                let keep_from = klio_pg::WalFileName::parse(&first, size)
-                    .ok()
-                    .and_then(|f| f.segno())
-                    .ok_or_else(|| Status::internal(format!("invalid start WAL \"{first}\"")))?;
-                cw.remove_before(keep_from, |_| true)
-                    .map_err(crate::store_status)
+                let keep_from = first_segment(&first, meta.segment_size)?;
+                cw.remove_before(keep_from, |name| {
+                    relayed.as_ref().is_none_or(|r| r.contains(name))
+                })
+                .map_err(crate::store_status)
             })
             .await
-            .map_err(join_error)??;
+            .map_err(join_error)?;
         }
-        response.gc = Some(self.collect_garbage(false).await?);
-        Ok(response)
+        let t2 = self.ctx.tier2().await?;
+        let (c, first) = (cluster.to_string(), first.to_string());
+        tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let Some(meta) = t2
+                .meta(&c)
+                .map_err(|e| Status::unavailable(format!("{e:#}")))?
+            else {
+                return Ok(Vec::new());
+            };
+            let keep_from = first_segment(&first, meta.segment_size)?;
+            t2.remove_wal_before(&c, keep_from)
+                .map_err(|e| Status::unavailable(format!("{e:#}")))
+        })
+        .await
+        .map_err(join_error)?
     }
+}
+
+/// The segment number of WAL file `name`.
+fn first_segment(name: &str, segment_size: u64) -> Result<klio_pg::SegmentNo, Status> {
+    let size =
+        klio_pg::SegmentSize::new(segment_size).map_err(|e| Status::internal(e.to_string()))?;
+    klio_pg::WalFileName::parse(name, size)
+        .ok()
+        .and_then(|f| f.segno())
+        .ok_or_else(|| Status::internal(format!("invalid start WAL \"{name}\"")))
 }
 
 /// Checks and stores uploaded blocks; returns how many were new.

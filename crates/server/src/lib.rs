@@ -1,34 +1,56 @@
 //! The Klio server: the WAL service on `--wal-listen` and the base-backup service on
-//! `--base-listen`, over gRPC with mutual TLS.
+//! `--base-listen`, over gRPC with mutual TLS; Tier 2 relays, retention and garbage
+//! collection through a durable work queue.
 //!
 //! Principal items: [`ServerConfig`] (validated settings), [`run`] (starts the services and
-//! serves until the cancellation token fires), [`WalService`], [`BackupService`].
+//! serves until the cancellation token fires), [`WalService`], [`BackupService`],
+//! [`Context`] (what the services share), [`tier2`] (the S3 tier).
 
 mod backup_service;
+mod context;
+mod relay;
+mod settings;
 mod status;
+pub mod tier2;
 mod wal_service;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use klio_crypto::{KeyEnvelope, Passphrase};
 use klio_proto::backup::v1::backup_server::BackupServer;
 use klio_proto::wal::v1::wal_server::WalServer;
+use klio_queue::{EmbeddedQueue, NatsQueue, RetryPolicy, WorkQueue};
 use klio_repository::{LocalStore, Repository, RepositoryOptions};
 use klio_wal_store::WalStore;
 use tokio_util::sync::CancellationToken;
 
 pub use backup_service::{BackupService, MAX_BACKUP_MESSAGE, SESSION_IDLE_TIMEOUT};
+pub use context::{Context, read_only_status};
 pub use status::store_status;
+pub use tier2::Tier2Config;
 pub use wal_service::{ASYNC_FLUSH_INTERVAL, MAX_MESSAGE, WalService};
+
+/// `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Tier 1 on the local volume, Tier 2 (when configured) filled through the work queue.
+    Standard,
+    /// Tier 2 only: serves the catalog, restores and `wal-get`; refuses every write.
+    ReadOnly,
+}
 
 /// Validated server settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    pub data_dir: PathBuf,
-    pub encryption_key_file: PathBuf,
+    pub mode: Mode,
+    /// Tier 1 data directory (standard mode).
+    pub data_dir: Option<PathBuf>,
+    /// The Tier 1 passphrase file (standard mode; Tier 2's too unless it has its own).
+    pub encryption_key_file: Option<PathBuf>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub client_ca: PathBuf,
@@ -36,21 +58,128 @@ pub struct ServerConfig {
     pub base_listen: SocketAddr,
     /// zstd level for sealed WAL segments.
     pub wal_compression_level: i32,
+    pub tier2: Option<Tier2Config>,
+    /// NATS JetStream URL; the embedded queue in `<data-dir>/queue` when absent.
+    pub queue_nats_url: Option<String>,
+    /// Tasks run at once (across clusters; one per kind and cluster).
+    pub queue_workers: usize,
+    /// Files or block batches a relay task copies at once.
+    pub relay_jobs: usize,
+    /// How often each Tier 2 cluster's WAL relay is enqueued.
+    pub relay_interval: Duration,
+    /// How often the stored retention policies are applied (zero: never on a schedule).
+    pub retention_interval: Duration,
+    /// Backoff and attempts of failing tasks.
+    pub retry: RetryPolicy,
 }
 
-/// Opens the data directory (creating its key file on first start; a wrong key is an
-/// error and changes nothing), binds the listeners and serves until `shutdown` fires.
+/// Opens everything, binds the listeners and serves until `shutdown` fires. A wrong key
+/// (Tier 1 or Tier 2), a missing bucket or refused credentials stop the server before it
+/// serves, with nothing changed; an unreachable Tier 2 does not (Tier 1 keeps archiving and
+/// the relays wait for it).
 pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     klio_tls::install_crypto_provider();
-    klio_durable::create_dir_all_durable(&cfg.data_dir)
-        .with_context(|| format!("create data directory \"{}\"", cfg.data_dir.display()))?;
-    let passphrase = Passphrase::from_file(&cfg.encryption_key_file)?;
-    let key_path = cfg.data_dir.join("keys.json");
+    let tls = klio_tls::load_server_config(&cfg.tls_cert, &cfg.tls_key, &cfg.client_ca)?;
+    let (ctx, backup) = match cfg.mode {
+        Mode::Standard => open_standard(&cfg).await?,
+        Mode::ReadOnly => open_read_only(&cfg).await?,
+    };
+
+    let wal_listener = tokio::net::TcpListener::bind(cfg.wal_listen)
+        .await
+        .with_context(|| format!("listen on {} for the WAL service", cfg.wal_listen))?;
+    let base_listener = tokio::net::TcpListener::bind(cfg.base_listen)
+        .await
+        .with_context(|| format!("listen on {} for the base-backup service", cfg.base_listen))?;
+    tracing::info!(address = %wal_listener.local_addr()?, mode = ?cfg.mode, "WAL service listening");
+    tracing::info!(address = %base_listener.local_addr()?, blocks = backup.repo().block_count(), "base-backup service listening");
+
+    let mut background = tokio::task::JoinSet::new();
+    if let Some(queue) = ctx.queue.clone() {
+        let handler = Arc::new(relay::Tasks {
+            ctx: ctx.clone(),
+            backup: backup.clone(),
+            jobs: cfg.relay_jobs,
+        });
+        background.spawn(klio_queue::run_workers(
+            queue,
+            handler,
+            cfg.queue_workers,
+            cfg.retry,
+            shutdown.clone(),
+        ));
+        background.spawn(relay::schedule(
+            ctx.clone(),
+            cfg.relay_interval,
+            cfg.retention_interval,
+            shutdown.clone(),
+        ));
+    }
+    {
+        let backup = backup.clone();
+        let shutdown = shutdown.clone();
+        background.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(60)) => backup.reap_idle_sessions(),
+                }
+            }
+        });
+    }
+
+    let wal_svc = WalServer::new(WalService::new(ctx.clone(), shutdown.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let backup_svc = BackupServer::new(backup)
+        .max_decoding_message_size(MAX_BACKUP_MESSAGE)
+        .max_encoding_message_size(MAX_BACKUP_MESSAGE);
+    let builder = || {
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20)
+            .max_frame_size(1 << 20)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    };
+    let wal_server = builder().add_service(wal_svc).serve_with_incoming_shutdown(
+        klio_tls::tls_incoming(wal_listener, tls.clone()),
+        shutdown.cancelled(),
+    );
+    let base_server = builder()
+        .add_service(backup_svc)
+        .serve_with_incoming_shutdown(
+            klio_tls::tls_incoming(base_listener, tls),
+            shutdown.cancelled(),
+        );
+    let (w, b) = tokio::join!(wal_server, base_server);
+    w.context("serve the WAL service")?;
+    b.context("serve the base-backup service")?;
+    // Workers finish the tasks they run (a task cut short is delivered again anyway).
+    while background.join_next().await.is_some() {}
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+/// Tier 1 (WAL store, repository), Tier 2 when configured, the settings and the queue.
+async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupService)> {
+    let data_dir = cfg
+        .data_dir
+        .clone()
+        .context("--data-dir is required in standard mode")?;
+    let key_file = cfg
+        .encryption_key_file
+        .clone()
+        .context("--encryption-key-file is required in standard mode")?;
+    klio_durable::create_dir_all_durable(&data_dir)
+        .with_context(|| format!("create data directory \"{}\"", data_dir.display()))?;
+    let passphrase = Passphrase::from_file(&key_file)?;
+    let key_path = data_dir.join("keys.json");
     let master =
         tokio::task::spawn_blocking(move || KeyEnvelope::load_or_create(&key_path, &passphrase))
             .await??;
     let store = WalStore::open(
-        &cfg.data_dir.join("wal"),
+        &data_dir.join("wal"),
         master.clone(),
         cfg.wal_compression_level,
     )?;
@@ -67,15 +196,34 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
         })
         .await??;
     }
-    let tls = klio_tls::load_server_config(&cfg.tls_cert, &cfg.tls_key, &cfg.client_ca)?;
 
+    let root = data_dir.join("repository");
+    // A new Tier 1 adopts the id key of the repository Tier 2 already holds (a server whose
+    // volume was replaced), so that the two tiers keep sharing block ids.
+    let mut tier2_found = None;
+    if let Some(t2cfg) = &cfg.tier2
+        && !root.join("config").exists()
+    {
+        let (c, rt) = (t2cfg.clone(), tokio::runtime::Handle::current());
+        match tokio::task::spawn_blocking(move || tier2::Tier2::probe(&c, rt)).await? {
+            Ok(found) => tier2_found = found,
+            Err(e) if tier2::is_retryable(&e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Tier 2 is not reachable; Tier 1 starts without it");
+            }
+            Err(e) => return Err(e.context("open Tier 2")),
+        }
+    }
+    let id_key = tier2_found.as_ref().map(|t| t.repo.id_key());
     let repo = {
-        let root = cfg.data_dir.join("repository");
-        let key_file = cfg.data_dir.join("keys.json");
+        let key_file = data_dir.join("keys.json");
         tokio::task::spawn_blocking(move || -> anyhow::Result<Repository> {
             let store = LocalStore::open(&root)?;
-            let repo =
-                Repository::open_or_init(Arc::new(store), master, RepositoryOptions::default())?;
+            let repo = Repository::open_or_init_with_id_key(
+                Arc::new(store),
+                master,
+                RepositoryOptions::default(),
+                id_key,
+            )?;
             // The repository carries its own copy of the key envelope, so that it can be
             // restored from its objects and the passphrase alone.
             let copy = root.join("keys.json");
@@ -93,56 +241,70 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
         .await??
     };
 
-    let wal_listener = tokio::net::TcpListener::bind(cfg.wal_listen)
-        .await
-        .with_context(|| format!("listen on {} for the WAL service", cfg.wal_listen))?;
-    let base_listener = tokio::net::TcpListener::bind(cfg.base_listen)
-        .await
-        .with_context(|| format!("listen on {} for the base-backup service", cfg.base_listen))?;
-    tracing::info!(address = %wal_listener.local_addr()?, data_dir = %cfg.data_dir.display(), "WAL service listening");
-    tracing::info!(address = %base_listener.local_addr()?, blocks = repo.block_count(), "base-backup service listening");
-
-    let wal = WalService::new(store.clone(), shutdown.clone());
-    let wal_svc = WalServer::new(wal)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let backup = BackupService::new(repo, store);
-    {
-        let backup = backup.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(std::time::Duration::from_secs(60)) => backup.reap_idle_sessions(),
+    let tier2 = match (&cfg.tier2, tier2_found) {
+        (None, _) => None,
+        (Some(c), Some(found)) => Some(Arc::new(tier2::Tier2Handle::opened(c.clone(), found))),
+        (Some(c), None) => {
+            let handle = tier2::Tier2Handle::new(c.clone(), true, Some(repo.id_key()));
+            match handle.get().await {
+                Ok(_) => {}
+                Err(e) if tier2::is_retryable(&e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "Tier 2 is not reachable yet; relays wait for it");
                 }
+                Err(e) => return Err(e),
             }
-        });
-    }
-    let backup_svc = BackupServer::new(backup)
-        .max_decoding_message_size(MAX_BACKUP_MESSAGE)
-        .max_encoding_message_size(MAX_BACKUP_MESSAGE);
-    let builder = || {
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20)
-            .max_frame_size(1 << 20)
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            Some(Arc::new(handle))
+        }
     };
-    let wal_server = builder().add_service(wal_svc).serve_with_incoming_shutdown(
-        klio_tls::tls_incoming(wal_listener, tls.clone()),
-        shutdown.cancelled(),
-    );
-    let base_server = builder()
-        .add_service(backup_svc)
-        .serve_with_incoming_shutdown(
-            klio_tls::tls_incoming(base_listener, tls),
-            shutdown.cancelled(),
-        );
-    let (w, b) = tokio::join!(wal_server, base_server);
-    w.context("serve the WAL service")?;
-    b.context("serve the base-backup service")?;
-    tracing::info!("server stopped");
-    Ok(())
+
+    let (queue, backend): (Arc<dyn WorkQueue>, String) = match &cfg.queue_nats_url {
+        Some(url) => (
+            Arc::new(
+                NatsQueue::connect(url, &cfg.retry)
+                    .await
+                    .with_context(|| format!("connect to the NATS work queue at {url}"))?,
+            ),
+            url.clone(),
+        ),
+        None => {
+            let (dir, retry) = (data_dir.join("queue"), cfg.retry);
+            let q =
+                tokio::task::spawn_blocking(move || EmbeddedQueue::open(&dir, &retry)).await??;
+            (Arc::new(q), "embedded".to_string())
+        }
+    };
+    let ctx = Context {
+        read_only: false,
+        wal: Some(store),
+        tier2,
+        settings: Some(settings::Settings::open(data_dir.join("clusters"))?),
+        queue: Some(queue),
+        queue_backend: backend,
+        progress: Some(relay::Progress::open(data_dir.join("tier2-progress"))?),
+    };
+    let backup = BackupService::new(repo, Arc::default(), ctx.clone());
+    Ok((ctx, backup))
+}
+
+/// Tier 2 only.
+async fn open_read_only(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupService)> {
+    let t2cfg = cfg.tier2.clone().context(
+        "--mode read-only serves Tier 2 and needs it: give --tier2-s3-bucket (and --tier2-s3-endpoint for an S3-compatible server)",
+    )?;
+    let (c, rt) = (t2cfg.clone(), tokio::runtime::Handle::current());
+    let t2 = tokio::task::spawn_blocking(move || tier2::Tier2::open(&c, rt, None, false))
+        .await?
+        .context("open Tier 2")?;
+    let (repo, gc_lock) = (t2.repo.clone(), t2.gc_lock.clone());
+    let ctx = Context {
+        read_only: true,
+        wal: None,
+        tier2: Some(Arc::new(tier2::Tier2Handle::opened(t2cfg, t2))),
+        settings: None,
+        queue: None,
+        queue_backend: "none".to_string(),
+        progress: None,
+    };
+    let backup = BackupService::new(repo, gc_lock, ctx.clone());
+    Ok((ctx, backup))
 }

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::Context;
 use crate::status::store_status;
 
 /// Largest WAL payload accepted per request (the client sends at most 4 MiB).
@@ -34,25 +35,43 @@ struct ClusterSlot {
 /// The WAL service; cheap to clone.
 #[derive(Clone)]
 pub struct WalService {
-    store: WalStore,
+    ctx: Context,
     slots: Arc<Mutex<HashMap<String, ClusterSlot>>>,
     shutdown: CancellationToken,
 }
 
 impl WalService {
-    pub fn new(store: WalStore, shutdown: CancellationToken) -> WalService {
+    pub fn new(ctx: Context, shutdown: CancellationToken) -> WalService {
         WalService {
-            store,
+            ctx,
             slots: Arc::default(),
             shutdown,
         }
     }
 
-    /// Authorizes the caller for `cluster` and returns its archive.
-    fn cluster_for<T>(&self, req: &Request<T>, cluster: &str) -> Result<ClusterWal, Status> {
+    /// Tier 1's archive; a read-only server has none and refuses `what`.
+    fn store(&self, what: &str) -> Result<&WalStore, Status> {
+        self.ctx
+            .wal
+            .as_ref()
+            .ok_or_else(|| crate::context::read_only_status(what))
+    }
+
+    fn authorize<T>(req: &Request<T>, cluster: &str) -> Result<(), Status> {
         let principal = klio_tls::principal_of(req)?;
-        klio_tls::authorize_cluster(&principal, cluster)?;
-        self.store.cluster(cluster).map_err(store_status)
+        klio_tls::authorize_cluster(&principal, cluster)
+    }
+
+    /// Authorizes the caller for `cluster` and returns its Tier 1 archive for a write.
+    fn cluster_for<T>(&self, req: &Request<T>, cluster: &str) -> Result<ClusterWal, Status> {
+        self.ctx.writable("WAL")?;
+        Self::authorize(req, cluster)?;
+        self.store("WAL")?.cluster(cluster).map_err(store_status)
+    }
+
+    /// Whether reads may fall back to Tier 2.
+    fn tier2_reads(&self, asked: bool) -> bool {
+        self.ctx.tier2.is_some() && (asked || self.ctx.read_only)
     }
 
     /// Preempts the current writer of `cluster` and returns the lock and the token of the
@@ -99,6 +118,8 @@ impl Wal for WalService {
         let r = req.into_inner();
         let size = SegmentSize::new(r.segment_size)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.ctx
+            .declare_tier2_backup(&r.cluster, r.tier2_backup, true)?;
         let status = tokio::task::spawn_blocking(move || {
             cluster.register(r.system_id, size)?;
             cluster.status()
@@ -123,6 +144,7 @@ impl Wal for WalService {
         &self,
         req: Request<Streaming<pb::StreamRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        self.ctx.writable("WAL")?;
         let principal = klio_tls::principal_of(&req)?;
         let mut incoming = req.into_inner();
         let open = match incoming.message().await? {
@@ -136,7 +158,12 @@ impl Wal for WalService {
             }
         };
         klio_tls::authorize_cluster(&principal, &open.cluster)?;
-        let cluster = self.store.cluster(&open.cluster).map_err(store_status)?;
+        let cluster = self
+            .store("WAL")?
+            .cluster(&open.cluster)
+            .map_err(store_status)?;
+        self.ctx
+            .declare_tier2_backup(&open.cluster, open.tier2_backup, true)?;
         let meta = {
             let c = cluster.clone();
             tokio::task::spawn_blocking(move || c.require_meta())
@@ -189,26 +216,45 @@ impl Wal for WalService {
     type GetStream = BoxStream<pb::GetResponse>;
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
-        let cluster = self.cluster_for(&req, &req.get_ref().cluster)?;
+        Self::authorize(&req, &req.get_ref().cluster)?;
         let r = req.into_inner();
         let name = r.name.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let meta = cluster.require_meta()?;
-            cluster
-                .read(&r.name, r.allow_partial)
-                .map(|d| (d, meta.segment_size))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(store_status)?;
-        let (data, segment_size) = match found {
-            (Some(d), s) => (d, s),
-            (None, _) => {
-                return Err(Status::not_found(format!(
-                    "WAL file \"{name}\" is not in the archive"
-                )));
+        let mut found = None;
+        if let Some(store) = &self.ctx.wal {
+            let cluster = store.cluster(&r.cluster).map_err(store_status)?;
+            let (n, partial) = (r.name.clone(), r.allow_partial);
+            let tier1 = tokio::task::spawn_blocking(move || {
+                let meta = cluster.require_meta()?;
+                cluster
+                    .read(&n, partial)
+                    .map(|d| d.map(|d| (d, meta.segment_size)))
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            match tier1 {
+                Ok(d) => found = d,
+                // Tier 2 may know a cluster Tier 1 has lost (its volume was replaced).
+                Err(klio_wal_store::Error::UnknownCluster(_))
+                    if self.tier2_reads(r.tier2_recovery) => {}
+                Err(e) => return Err(store_status(e)),
             }
-        };
+        }
+        if found.is_none() && self.tier2_reads(r.tier2_recovery) {
+            let t2 = self.ctx.tier2().await?;
+            let (c, n, partial) = (r.cluster.clone(), r.name.clone(), r.allow_partial);
+            found = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let Some(meta) = t2.meta(&c)? else {
+                    return Ok(None);
+                };
+                Ok(t2.read(&c, &n, partial)?.map(|d| (d, meta.segment_size)))
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(tier2_status)?;
+        }
+        let (data, segment_size) = found.ok_or_else(|| {
+            Status::not_found(format!("WAL file \"{name}\" is not in the archive"))
+        })?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let header = pb::GetHeader {
@@ -251,27 +297,93 @@ impl Wal for WalService {
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        let cluster = self.cluster_for(&req, &req.get_ref().cluster)?;
-        let resp = tokio::task::spawn_blocking(
-            move || -> Result<pb::ListResponse, klio_wal_store::Error> {
-                let meta = cluster.require_meta()?;
-                let status = cluster.status()?;
-                let files = cluster.list_files()?;
-                let (tli, end) = status.latest.map(|(t, e)| (t.0, e.0)).unwrap_or((0, 0));
-                Ok(pb::ListResponse {
+        Self::authorize(&req, &req.get_ref().cluster)?;
+        let r = req.into_inner();
+        let mut resp = None;
+        if let Some(store) = &self.ctx.wal {
+            let cluster = store.cluster(&r.cluster).map_err(store_status)?;
+            let tier1 = tokio::task::spawn_blocking(
+                move || -> Result<pb::ListResponse, klio_wal_store::Error> {
+                    let meta = cluster.require_meta()?;
+                    let status = cluster.status()?;
+                    let files = cluster.list_files()?;
+                    let (tli, end) = status.latest.map(|(t, e)| (t.0, e.0)).unwrap_or((0, 0));
+                    Ok(pb::ListResponse {
+                        system_id: meta.system_id,
+                        segment_size: meta.segment_size,
+                        has_wal: status.latest.is_some(),
+                        timeline: tli,
+                        end_lsn: end,
+                        files,
+                    })
+                },
+            )
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            match tier1 {
+                Ok(l) => resp = Some(l),
+                Err(klio_wal_store::Error::UnknownCluster(_))
+                    if self.tier2_reads(r.tier2_recovery) => {}
+                Err(e) => return Err(store_status(e)),
+            }
+        }
+        if self.tier2_reads(r.tier2_recovery) {
+            let t2 = self.ctx.tier2().await?;
+            let c = r.cluster.clone();
+            let tier2 = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                Ok(match t2.meta(&c)? {
+                    Some(meta) => Some((meta, t2.files(&c)?)),
+                    None => None,
+                })
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(tier2_status)?;
+            if let Some((meta, files)) = tier2 {
+                let l = resp.get_or_insert_with(|| pb::ListResponse {
                     system_id: meta.system_id,
                     segment_size: meta.segment_size,
-                    has_wal: status.latest.is_some(),
-                    timeline: tli,
-                    end_lsn: end,
-                    files,
-                })
-            },
-        )
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(store_status)?;
+                    ..Default::default()
+                });
+                let mut all: std::collections::BTreeSet<String> = l.files.drain(..).collect();
+                all.extend(files);
+                l.files = all.into_iter().collect();
+                if !l.has_wal {
+                    // Where Tier 2's WAL ends: the end of its newest complete segment.
+                    let size = SegmentSize::new(meta.segment_size)
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    let newest = l
+                        .files
+                        .iter()
+                        .filter_map(|f| match klio_pg::WalFileName::parse(f, size) {
+                            Ok(klio_pg::WalFileName::Segment {
+                                timeline, segno, ..
+                            }) => Some((timeline.0, segno)),
+                            _ => None,
+                        })
+                        .max();
+                    if let Some((tli, segno)) = newest {
+                        l.has_wal = true;
+                        l.timeline = tli;
+                        l.end_lsn = segno.next().start_lsn(size).0;
+                    }
+                }
+            }
+        }
+        let resp = resp.ok_or_else(|| {
+            store_status(klio_wal_store::Error::UnknownCluster(r.cluster.clone()))
+        })?;
         Ok(Response::new(resp))
+    }
+}
+
+/// A Tier 2 failure as a status: corruption is data loss, anything else unavailability.
+fn tier2_status(e: anyhow::Error) -> Status {
+    let msg = format!("{e:#}");
+    if msg.contains("corrupt") {
+        Status::data_loss(msg)
+    } else {
+        Status::unavailable(msg)
     }
 }
 

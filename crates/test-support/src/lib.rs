@@ -51,10 +51,12 @@ mod cluster;
 mod process;
 mod receivewal;
 mod scratch;
+mod services;
 mod wait;
 
 pub use cluster::{Auth, PgCluster, PgOptions, free_port};
 pub use process::{ChildGuard, DEFAULT_PG_BIN, pg_bin, postgres_command, running_as_root};
 pub use receivewal::PgReceiveWal;
 pub use scratch::{ScratchDir, scratch_dir};
+pub use services::{Moto, NatsServer, nats_server_binary};
 pub use wait::{wait_until, wait_until_async};

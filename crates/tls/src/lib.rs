@@ -62,9 +62,9 @@ pub use pki::{
     CERT_FILE_MODE, CertKeyPaths, KEY_FILE_MODE, PkiLayout, init_dev_pki, issue_client_cert,
 };
 pub use principal::{
-    CLUSTER_USER, MAX_CLUSTER_NAME_LEN, Principal, SNAPSHOT_READER_CLUSTER, SNAPSHOT_READER_CN,
-    SNAPSHOT_READER_USER, authorize_catalog_read, authorize_cluster, principal_from_der,
-    principal_of, validate_cluster_name,
+    ADMIN_CN, CLUSTER_USER, MAX_CLUSTER_NAME_LEN, Principal, SNAPSHOT_READER_CLUSTER,
+    SNAPSHOT_READER_CN, SNAPSHOT_READER_USER, authorize_admin, authorize_catalog_read,
+    authorize_cluster, principal_from_der, principal_of, validate_cluster_name,
 };
 pub use server::{
     ALPN_H2, HANDSHAKE_TIMEOUT, ServerTlsStream, TlsIncoming, load_server_config, server_config,

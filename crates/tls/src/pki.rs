@@ -76,6 +76,8 @@ pub struct PkiLayout {
     pub server: CertKeyPaths,
     /// `snapshot-reader.crt` / `snapshot-reader.key` (`snapshot_reader@klio`).
     pub snapshot_reader: CertKeyPaths,
+    /// `admin.crt` / `admin.key` (`admin@klio`).
+    pub admin: CertKeyPaths,
     /// `client-<cluster>.crt` / `.key` (`klio@<cluster>`) by cluster name, for the
     /// clusters [`init_dev_pki`] was asked about.
     pub clients: BTreeMap<String, CertKeyPaths>,
@@ -91,6 +93,7 @@ impl PkiLayout {
             ca: CertKeyPaths::in_dir(dir, CA_STEM),
             server: CertKeyPaths::in_dir(dir, SERVER_STEM),
             snapshot_reader: CertKeyPaths::in_dir(dir, SNAPSHOT_READER_STEM),
+            admin: CertKeyPaths::in_dir(dir, "admin"),
             clients: BTreeMap::new(),
             created: Vec::new(),
         }
@@ -110,7 +113,8 @@ impl PkiLayout {
 /// `127.0.0.1`, `::1` and every entry of `extra_dns` (DNS names or IP addresses); an
 /// existing one that lacks any of them is reissued. Each of `clusters` gets
 /// `client-<cluster>.crt` with common name `klio@<cluster>`, and the snapshot reader
-/// gets `snapshot-reader.crt` with common name `snapshot_reader@klio`.
+/// gets `snapshot-reader.crt` with common name `snapshot_reader@klio`, the administrator
+/// `admin.crt` with `admin@klio`.
 ///
 /// For a "certificate from another CA", run this on a second directory: each directory
 /// has its own, unrelated CA.
@@ -141,6 +145,7 @@ pub fn init_dev_pki(
         SNAPSHOT_READER_CN,
         &mut created,
     )?;
+    ensure_client_cert(&ca, &layout.admin, crate::ADMIN_CN, &mut created)?;
     layout.created = created;
     Ok(layout)
 }

@@ -22,6 +22,9 @@ pub const SNAPSHOT_READER_USER: &str = "snapshot_reader";
 /// The cluster part of the snapshot reader's common name.
 pub const SNAPSHOT_READER_CLUSTER: &str = "klio";
 
+/// The full common name of the administration certificate (queue administration).
+pub const ADMIN_CN: &str = "admin@klio";
+
 /// The full common name of the read-only catalog certificate.
 pub const SNAPSHOT_READER_CN: &str = "snapshot_reader@klio";
 
@@ -77,6 +80,11 @@ impl Principal {
             user: user.to_string(),
             cluster: cluster.to_string(),
         })
+    }
+
+    /// Whether this is the administration principal `admin@klio`.
+    pub fn is_admin(&self) -> bool {
+        self.user == "admin" && self.cluster == SNAPSHOT_READER_CLUSTER
     }
 
     /// Whether this is the read-only catalog principal `snapshot_reader@klio`.
@@ -174,6 +182,16 @@ pub fn authorize_cluster(principal: &Principal, cluster: &str) -> Result<(), Sta
         )));
     }
     Ok(())
+}
+
+/// Allows only `admin@klio` ([`ADMIN_CN`]). Errors are `PERMISSION_DENIED`.
+pub fn authorize_admin(principal: &Principal) -> Result<(), Status> {
+    if principal.is_admin() {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "certificate \"{principal}\" may not administer the server\nHINT: use the certificate with common name \"{ADMIN_CN}\""
+    )))
 }
 
 /// Allows `principal` to read `cluster`'s catalog (backups, WAL ranges, snapshots): the

@@ -143,6 +143,76 @@ pub struct WalFileData {
     pub partial: bool,
 }
 
+/// The name a stored WAL file is sealed under (bound into its authenticated header):
+/// `wal/<cluster>/<file>`, the same in Tier 1 and Tier 2.
+pub fn sealed_name(cluster: &str, file: &str) -> String {
+    format!("wal/{cluster}/{file}")
+}
+
+/// The sealed-object kind of an archived file.
+pub fn object_kind(name: &WalFileName) -> ObjectKind {
+    match name {
+        WalFileName::Segment { .. } => ObjectKind::WalSegment,
+        WalFileName::Partial { .. } => ObjectKind::WalPartial,
+        WalFileName::History { .. } => ObjectKind::History,
+        WalFileName::Backup { .. } => ObjectKind::WalOther,
+    }
+}
+
+/// Decodes the header of a sealed object, checks that it is bound to `name`, and returns
+/// the object's cipher and the header length.
+fn cipher_for(master: &MasterKey, bytes: &[u8], name: &str) -> Result<(FrameCipher, usize), Error> {
+    let (header, hlen) = ObjectHeader::decode(bytes, name)?;
+    if header.name != name {
+        return Err(klio_crypto::Error::Corrupt {
+            name: name.to_string(),
+            reason: format!("it holds object \"{}\"", header.name),
+        }
+        .into());
+    }
+    Ok((FrameCipher::new(master, &header), hlen))
+}
+
+/// Opens a complete sealed WAL object named `shown` (see [`sealed_name`]): every frame and
+/// the final summary are authenticated; payloads stay compressed.
+pub fn open_sealed(master: &MasterKey, shown: &str, bytes: &[u8]) -> Result<WalFileData, Error> {
+    let (cipher, hlen) = cipher_for(master, bytes, shown)?;
+    let (frames, summary) = cipher.open_all(&bytes[hlen..])?;
+    Ok(WalFileData {
+        frames,
+        total_len: summary.total_len,
+        blake3: summary.blake3,
+        partial: false,
+    })
+}
+
+/// Seals `data` again as object `shown` of `kind` under `master`, with a new salt and new
+/// nonces: the frames and their compressed payloads are kept as they are. This is how a
+/// file is copied to Tier 2, whose key may differ from Tier 1's.
+pub fn reseal(master: &MasterKey, kind: ObjectKind, shown: &str, data: &WalFileData) -> Vec<u8> {
+    let cipher = FrameCipher::new(master, &ObjectHeader::new(kind, shown));
+    let payload: usize = data.frames.iter().map(|f| f.payload.len() + 64).sum();
+    let mut out = Vec::with_capacity(cipher.header_bytes().len() + payload + 128);
+    out.extend_from_slice(cipher.header_bytes());
+    for f in &data.frames {
+        cipher.seal_payload(
+            f.offset,
+            f.plain_len,
+            f.payload.clone(),
+            f.compressed,
+            &mut out,
+        );
+    }
+    cipher.seal_final(
+        &klio_crypto::SealedSummary {
+            total_len: data.total_len,
+            blake3: data.blake3,
+        },
+        &mut out,
+    );
+    out
+}
+
 /// The WAL store of a server.
 #[derive(Clone)]
 pub struct WalStore {
@@ -225,7 +295,7 @@ impl ClusterWal {
     }
 
     pub(crate) fn object_name(&self, file: &str) -> String {
-        format!("wal/{}/{}", self.name, file)
+        sealed_name(&self.name, file)
     }
 
     /// The recorded identity, or None if the cluster never made contact.
@@ -399,31 +469,13 @@ impl ClusterWal {
         Ok((frames, (hlen + valid) as u64, Some(cipher)))
     }
 
-    /// Decodes the header of a stored object, checks that it is bound to `name`, and
-    /// returns the object's cipher and the header length.
     fn cipher_for(&self, bytes: &[u8], name: &str) -> Result<(FrameCipher, usize), Error> {
-        let (header, hlen) = ObjectHeader::decode(bytes, name)?;
-        if header.name != name {
-            return Err(klio_crypto::Error::Corrupt {
-                name: name.to_string(),
-                reason: format!("it holds object \"{}\"", header.name),
-            }
-            .into());
-        }
-        Ok((FrameCipher::new(self.master(), &header), hlen))
+        cipher_for(self.master(), bytes, name)
     }
 
     fn read_sealed(&self, path: &Path, name: &WalFileName) -> Result<WalFileData, Error> {
         let bytes = fs::read(path).map_err(io_err("read archived WAL file", path))?;
-        let shown = self.object_name(&name.to_string());
-        let (cipher, hlen) = self.cipher_for(&bytes, &shown)?;
-        let (frames, summary) = cipher.open_all(&bytes[hlen..])?;
-        Ok(WalFileData {
-            frames,
-            total_len: summary.total_len,
-            blake3: summary.blake3,
-            partial: false,
-        })
+        open_sealed(self.master(), &self.object_name(&name.to_string()), &bytes)
     }
 
     fn data_from_open(

@@ -339,3 +339,33 @@ fn remove_before_keeps_history_newer_segments_and_what_is_not_allowed() {
         .unwrap();
     w2.sync().unwrap();
 }
+
+#[test]
+fn reseal_under_another_key_keeps_the_content_and_binds_the_name() {
+    let (_d, s, size) = store();
+    let c = s.cluster("c1").unwrap();
+    c.register(42, size).unwrap();
+    let start = Lsn(3 * MIB);
+    let data = wal_bytes(start.0, MIB as usize);
+    let mut w = c.writer(TimeLineId(1), start).unwrap();
+    w.write(start, &data).unwrap();
+    w.sync().unwrap();
+    s.flush_seals().unwrap();
+    let name = "000000010000000000000003";
+    let original = c.read(name, false).unwrap().unwrap();
+    let other = MasterKey::generate();
+    let shown = sealed_name("c1", name);
+    let kind = object_kind(&WalFileName::parse(name, size).unwrap());
+    let copy = reseal(&other, kind, &shown, &original);
+    let back = open_sealed(&other, &shown, &copy).unwrap();
+    assert_eq!(plaintext(&back), data);
+    assert_eq!(back.blake3, original.blake3);
+    assert_eq!(back.total_len, MIB);
+    // The Tier 1 key does not open it, nor does another name, nor a flipped byte.
+    assert!(open_sealed(&s.inner.master, &shown, &copy).is_err());
+    assert!(open_sealed(&other, &sealed_name("c2", name), &copy).is_err());
+    let mut bad = copy.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    assert!(open_sealed(&other, &shown, &bad).is_err());
+}

@@ -1,0 +1,461 @@
+//! The work the queue carries: Tier 2 relays of WAL and backups, retention and garbage
+//! collection, and the scheduler that enqueues them.
+//!
+//! Every handler is idempotent (tasks are delivered at least once): a relay copies only
+//! what Tier 2 lacks (Tier 2's listing is the record of what it holds, so a relay that
+//! crashed resumes where it stopped), and objects are written create-only.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use klio_proto::backup::v1 as pb;
+use klio_queue::{BoxFuture, Handler, Task, kinds};
+use klio_repository::{BackupId, BlockId, FileKind, Repository};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::BackupService;
+use crate::context::{Context, gc_task, retention_task, wal_relay_task};
+use crate::tier2::Tier2;
+
+/// How far the relay of one cluster got, in `<data-dir>/tier2-progress/<cluster>.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProgressRecord {
+    wal_files_relayed: u64,
+    wal_bytes_relayed: u64,
+    last_wal_relayed: String,
+    backups_relayed: u64,
+    last_backup_relayed: String,
+    updated_at: String,
+    last_error: String,
+}
+
+/// The relay progress records.
+#[derive(Clone)]
+pub struct Progress {
+    dir: PathBuf,
+    lock: Arc<std::sync::Mutex<()>>,
+}
+
+impl Progress {
+    pub fn open(dir: PathBuf) -> anyhow::Result<Progress> {
+        klio_durable::create_dir_all_durable(&dir)
+            .with_context(|| format!("create \"{}\"", dir.display()))?;
+        Ok(Progress {
+            dir,
+            lock: Arc::default(),
+        })
+    }
+
+    fn update(&self, cluster: &str, change: impl FnOnce(&mut ProgressRecord)) {
+        let _g = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let path = self.dir.join(format!("{cluster}.json"));
+        let mut r: ProgressRecord = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        change(&mut r);
+        r.updated_at = now();
+        let written = serde_json::to_vec_pretty(&r)
+            .map_err(anyhow::Error::from)
+            .and_then(|j| Ok(klio_durable::write_atomic(&path, &j, 0o600)?));
+        if let Err(e) = written {
+            tracing::warn!(%cluster, error = %e, "could not record relay progress");
+        }
+    }
+
+    /// Every cluster's record.
+    pub fn all(&self) -> anyhow::Result<Vec<pb::RelayProgress>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            let path = e?.path();
+            let Some(cluster) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let r: ProgressRecord = serde_json::from_slice(&std::fs::read(&path)?)
+                .with_context(|| format!("parse \"{}\"", path.display()))?;
+            out.push(pb::RelayProgress {
+                cluster: cluster.to_string(),
+                wal_files_relayed: r.wal_files_relayed,
+                wal_bytes_relayed: r.wal_bytes_relayed,
+                last_wal_relayed: r.last_wal_relayed,
+                backups_relayed: r.backups_relayed,
+                last_backup_relayed: r.last_backup_relayed,
+                updated_at: r.updated_at,
+                last_error: r.last_error,
+            });
+        }
+        out.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+        Ok(out)
+    }
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Runs the queue's tasks.
+pub struct Tasks {
+    pub ctx: Context,
+    pub backup: BackupService,
+    /// Files (WAL) or block batches (backups) copied at once.
+    pub jobs: usize,
+}
+
+impl Handler for Tasks {
+    fn handle<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let result = self.run(task).await;
+            if let (Err(e), Some(p)) = (&result, &self.ctx.progress)
+                && (task.kind == kinds::WAL_RELAY || task.kind == kinds::BACKUP_RELAY)
+            {
+                let msg = format!("{e:#}");
+                p.update(&task.cluster, |r| r.last_error = msg);
+            }
+            result.map_err(|e| {
+                tracing::warn!(task = %task.id, error = %format!("{e:#}"), "task failed");
+                format!("{e:#}")
+            })
+        })
+    }
+}
+
+fn tier_of(task: &Task) -> u32 {
+    task.payload["tier"].as_u64().unwrap_or(1) as u32
+}
+
+impl Tasks {
+    async fn run(&self, task: &Task) -> anyhow::Result<()> {
+        match task.kind.as_str() {
+            kinds::WAL_RELAY => self.relay_wal(&task.cluster).await,
+            kinds::BACKUP_RELAY => {
+                let id = task.payload["backup_id"]
+                    .as_str()
+                    .context("the task names no backup_id")?;
+                self.relay_backup(&task.cluster, &BackupId::new(id)?).await
+            }
+            kinds::RETENTION => {
+                let tier = tier_of(task);
+                let settings = self.ctx.settings.as_ref().context("no settings")?;
+                let s = settings.get(&task.cluster);
+                let Some(overrides) = (if tier == 2 {
+                    s.tier2_retention
+                } else {
+                    s.tier1_retention
+                }) else {
+                    return Ok(());
+                };
+                let policy = klio_retention::Policy::merged(&overrides);
+                let r = self
+                    .backup
+                    .retention_run(task.cluster.clone(), policy, false, tier)
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                tracing::info!(cluster = %task.cluster, tier, expired = r.deleted_backups.len(), wal_removed = r.deleted_wal.len(), "scheduled retention applied");
+                Ok(())
+            }
+            kinds::GC => {
+                self.backup
+                    .collect_garbage(tier_of(task), false)
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                Ok(())
+            }
+            other => anyhow::bail!("unknown task kind \"{other}\""),
+        }
+    }
+
+    /// Copies every archived WAL file of `cluster` that Tier 2 lacks, `jobs` at a time, then
+    /// enqueues the relay of any backup Tier 2 lacks.
+    async fn relay_wal(&self, cluster: &str) -> anyhow::Result<()> {
+        let t2 = self
+            .ctx
+            .tier2()
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let wal = self.ctx.wal.clone().context("no Tier 1 WAL store")?;
+        let cw = wal.cluster(cluster)?;
+        let (todo, t2c) = {
+            let (cw, t2, c) = (cw.clone(), t2.clone(), cluster.to_string());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let Some(meta) = cw.meta()? else {
+                    return Ok((Vec::new(), t2));
+                };
+                t2.ensure_meta(&c, &meta)?;
+                let have = t2.files(&c)?;
+                let todo: Vec<String> = cw
+                    .list_files()?
+                    .into_iter()
+                    .filter(|n| !have.contains(n))
+                    .collect();
+                Ok((todo, t2))
+            })
+            .await??
+        };
+        if !todo.is_empty() {
+            tracing::debug!(%cluster, files = todo.len(), "relaying WAL to Tier 2");
+        }
+        let source = t2c.clone();
+        let mut copies = futures::stream::iter(todo.into_iter().map(move |name| {
+            let (cw, t2, c) = (cw.clone(), source.clone(), cluster.to_string());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(String, u64)>> {
+                // Gone since the listing (retention): nothing to copy.
+                let Some(data) = cw.read(&name, false)? else {
+                    return Ok(None);
+                };
+                let bytes = t2.put_file(&c, &name, &data)?;
+                Ok(Some((name, bytes)))
+            })
+        }))
+        .buffer_unordered(self.jobs.max(1));
+        let mut result = Ok(());
+        let (mut files, mut bytes, mut last) = (0u64, 0u64, String::new());
+        while let Some(r) = copies.next().await {
+            match r.context("a relay thread failed").and_then(|r| r) {
+                Ok(Some((name, b))) => {
+                    files += 1;
+                    bytes += b;
+                    last = last.max(name);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        if files > 0
+            && let Some(p) = &self.ctx.progress
+        {
+            p.update(cluster, |r| {
+                r.wal_files_relayed += files;
+                r.wal_bytes_relayed += bytes;
+                if last > r.last_wal_relayed {
+                    r.last_wal_relayed = last;
+                }
+                r.last_error.clear();
+            });
+        }
+        result?;
+        // Backups Tier 1 has and Tier 2 lacks (a commit whose enqueue was lost, a server
+        // that gained Tier 2): each gets a relay task.
+        let repo = self.backup.repo().clone();
+        let c = cluster.to_string();
+        let missing = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<BackupId>> {
+            let there: HashSet<BackupId> = t2c.repo.list_manifests(&c)?.into_iter().collect();
+            Ok(repo
+                .list_manifests(&c)?
+                .into_iter()
+                .filter(|id| !there.contains(id))
+                .collect())
+        })
+        .await??;
+        for id in missing {
+            self.ctx
+                .enqueue(crate::context::backup_relay_task(cluster, id.as_str()))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Copies one backup to Tier 2: the blocks Tier 2 lacks (each decompressed and checked
+    /// against its id on the way), then the blocklists, then the manifest.
+    async fn relay_backup(&self, cluster: &str, id: &BackupId) -> anyhow::Result<()> {
+        let t2 = self
+            .ctx
+            .tier2()
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        // Tier 2's collection waits for the relay; Tier 1's is only held off while blocks
+        // are read (it may move them between packs).
+        let _t2_shared = t2.gc_lock.clone().read_owned().await;
+        let t1 = self.backup.repo().clone();
+        let t1_gc = self.backup.gc_lock();
+        let (c, id2, jobs) = (cluster.to_string(), id.clone(), self.jobs.max(1));
+        let t2c = t2.clone();
+        let copied =
+            tokio::task::spawn_blocking(move || copy_backup(&t1, &t1_gc, &t2c, &c, &id2, jobs))
+                .await??;
+        if let Some(stats) = copied {
+            tracing::info!(%cluster, backup = %id, blocks = stats.0, bytes = stats.1, location = %t2.location(), "backup relayed to Tier 2");
+            if let Some(p) = &self.ctx.progress {
+                p.update(cluster, |r| {
+                    r.backups_relayed += 1;
+                    if id.as_str() > r.last_backup_relayed.as_str() {
+                        r.last_backup_relayed = id.to_string();
+                    }
+                    r.last_error.clear();
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Blocks read from Tier 1 per call.
+const RELAY_BATCH: usize = 2048;
+
+/// The backup copy (blocking). `None` when Tier 2 already had it, else (blocks copied,
+/// bytes of their packs).
+fn copy_backup(
+    t1: &Repository,
+    t1_gc: &tokio::sync::RwLock<()>,
+    t2: &Tier2,
+    cluster: &str,
+    id: &BackupId,
+    jobs: usize,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    if t2.repo.list_manifests(cluster)?.contains(id) {
+        return Ok(None);
+    }
+    let manifest = match t1.get_manifest(cluster, id) {
+        Ok(m) => m,
+        // Expired from Tier 1 before the relay ran: nothing to copy any more.
+        Err(klio_repository::Error::BackupNotFound { .. }) => {
+            tracing::warn!(%cluster, backup = %id, "backup gone from Tier 1 before its relay");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut lists = Vec::new();
+    let mut needed = Vec::new();
+    let mut seen = HashSet::new();
+    let mut want = |b: BlockId, needed: &mut Vec<BlockId>| {
+        if seen.insert(b) && !t2.repo.has_block(&b) {
+            needed.push(b);
+        }
+    };
+    for f in &manifest.files {
+        match &f.kind {
+            FileKind::Whole { block } => want(*block, &mut needed),
+            FileKind::Blocks { blocklists, .. } => {
+                for l in blocklists {
+                    let ids = t1.get_blocklist(l)?;
+                    for b in &ids {
+                        want(*b, &mut needed);
+                    }
+                    lists.push((*l, ids));
+                }
+            }
+            FileKind::Symlink { .. } | FileKind::Directory => {}
+        }
+    }
+    let per_job = needed.len().div_ceil(jobs).max(1);
+    let results: Vec<anyhow::Result<(u64, u64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = needed
+            .chunks(per_job)
+            .map(|chunk| s.spawn(move || copy_blocks(t1, t1_gc, t2, chunk)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let (mut blocks, mut bytes) = (0, 0);
+    for r in results {
+        let (b, n) = r?;
+        blocks += b;
+        bytes += n;
+    }
+    for (l, ids) in &lists {
+        let stored = t2.repo.put_blocklist(ids)?;
+        anyhow::ensure!(
+            stored == *l,
+            "blocklist {l} gets another id in Tier 2: the tiers' id keys differ"
+        );
+    }
+    t2.repo.put_manifest(&manifest)?;
+    Ok(Some((blocks, bytes)))
+}
+
+fn copy_blocks(
+    t1: &Repository,
+    t1_gc: &tokio::sync::RwLock<()>,
+    t2: &Tier2,
+    ids: &[BlockId],
+) -> anyhow::Result<(u64, u64)> {
+    let mut writer = t2.repo.pack_writer();
+    let mut dctx = zstd::bulk::Decompressor::new()?;
+    for batch in ids.chunks(RELAY_BATCH) {
+        let payloads = {
+            let _shared = t1_gc.blocking_read();
+            t1.read_block_payloads(batch)?
+        };
+        for p in payloads {
+            if p.compressed {
+                let plain = dctx
+                    .decompress(&p.payload, p.plain_len as usize)
+                    .with_context(|| format!("block {} of Tier 1 does not decompress", p.id))?;
+                writer.add_encoded_block(&p.id, &plain, Some(p.payload))?;
+            } else {
+                writer.add_encoded_block(&p.id, &p.payload, None)?;
+            }
+        }
+    }
+    let stats = writer.finish()?;
+    Ok((stats.blocks_added, stats.stored_bytes()))
+}
+
+/// Enqueues, until `shutdown`: every `relay_interval`, the WAL relay of each cluster that
+/// uses Tier 2; every `retention_interval` (unless zero), each cluster's retention in each
+/// tier it has a policy for, and the collection of each tier.
+pub async fn schedule(
+    ctx: Context,
+    relay_interval: Duration,
+    retention_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut relay = tokio::time::interval(relay_interval.max(Duration::from_millis(100)));
+    relay.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retention_every = (!retention_interval.is_zero()).then_some(retention_interval);
+    let mut retention = tokio::time::interval(retention_every.unwrap_or(Duration::from_secs(3600)));
+    retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick of an interval is immediate; retention waits a whole interval.
+    retention.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = relay.tick() => {
+                let Some(settings) = &ctx.settings else { continue };
+                if ctx.tier2.is_none() {
+                    continue;
+                }
+                for (cluster, s) in settings.all() {
+                    if s.tier2_backup {
+                        ctx.enqueue(wal_relay_task(&cluster)).await;
+                    }
+                }
+            }
+            _ = retention.tick(), if retention_every.is_some() => {
+                let Some(settings) = &ctx.settings else { continue };
+                for (cluster, s) in settings.all() {
+                    if s.tier1_retention.is_some() {
+                        ctx.enqueue(retention_task(&cluster, 1)).await;
+                    }
+                    if s.tier2_retention.is_some() && ctx.tier2.is_some() {
+                        ctx.enqueue(retention_task(&cluster, 2)).await;
+                    }
+                }
+                ctx.enqueue(gc_task(1)).await;
+                if ctx.tier2.is_some() {
+                    ctx.enqueue(gc_task(2)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Real services for the tests: nats-server (Debian's package) and moto's S3 server
+//! (`pip install 'moto[server]==5.2.1'`). A test that cannot start one fails with the reason
+//! and the fix; processes are killed on drop.
+
+#![allow(clippy::unwrap_used)] // test fixtures: a failure is a panic with the reason
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{ChildGuard, free_port};
+
+/// The nats-server binary: `/usr/sbin/nats-server` (Debian) or the first one on `PATH`.
+pub fn nats_server_binary() -> PathBuf {
+    let debian = Path::new("/usr/sbin/nats-server");
+    if debian.is_file() {
+        return debian.to_path_buf();
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "nats-server not found in /usr/sbin or on PATH; the NATS work queue tests need a real server\nHINT: install it with \"apt-get install -y nats-server\""
+    );
+}
+
+/// A nats-server with JetStream on 127.0.0.1, killed when dropped.
+pub struct NatsServer {
+    child: Option<ChildGuard>,
+    port: u16,
+    store: PathBuf,
+    log: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts a server storing JetStream data in `store`, on a free port.
+    pub fn start(store: &Path) -> NatsServer {
+        std::fs::create_dir_all(store).unwrap();
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let mut server = NatsServer {
+                child: None,
+                port: free_port(),
+                store: store.to_path_buf(),
+                log: store.with_extension("log"),
+            };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("could not start nats-server: {last_error}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGTERM, so it shuts down as an operator's restart would) and starts
+    /// it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill -TERM nats-server failed");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.is_running() {
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server did not stop within 10 s of SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let mut last_error = String::new();
+        // The port was just released; retry briefly in case it lingers.
+        for _ in 0..20 {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) => last_error = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("could not restart nats-server: {last_error}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        // Readiness is read from this start's part of the log, so that another process
+        // answering on the same port cannot pass for this server.
+        let log_offset = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| e.to_string())?;
+        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(nats_server_binary());
+        cmd.arg("-js")
+            .arg("-a")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(&self.store)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let mut child = ChildGuard::spawn(&mut cmd).map_err(|e| format!("{e:#}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if !child.is_running() {
+                return Err(format!(
+                    "nats-server exited at startup; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ));
+            }
+            if self.log_says_ready(log_offset) && self.accepts_clients() {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "nats-server did not accept connections within 10 s; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_says_ready(&self, offset: u64) -> bool {
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(log.len());
+        String::from_utf8_lossy(&log[start..]).contains("Server is ready")
+    }
+
+    /// Whether the server answers a connection with its `INFO` line.
+    fn accepts_clients(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).is_ok() && &buf == b"INFO"
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(log) = std::fs::read_to_string(&self.log)
+        {
+            eprintln!("nats-server log:\n{log}");
+        }
+        // ChildGuard kills and reaps the server.
+        self.child.take();
+    }
+}
+
+/// moto's S3 server over plain HTTP on a free port (`$KLIO_PYTHON` or `python3` runs it).
+/// It keeps everything in memory and accepts the credentials `testing`/`testing`.
+pub struct Moto {
+    child: Option<ChildGuard>,
+    port: u16,
+    log: PathBuf,
+}
+
+const MOTO_HINT: &str = "HINT: install moto's server: python3 -m pip install 'moto[server]==5.2.1' (add --break-system-packages on Debian's Python), or point KLIO_PYTHON at a Python that has it";
+
+impl Moto {
+    /// Starts moto; `log` receives its output.
+    pub fn start(log: &Path) -> Moto {
+        let python = std::env::var("KLIO_PYTHON").unwrap_or_else(|_| "python3".to_string());
+        for _ in 0..3 {
+            let port = free_port();
+            let out = std::fs::File::create(log).unwrap();
+            let mut cmd = Command::new(&python);
+            cmd.args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+            let mut child = ChildGuard::spawn(&mut cmd)
+                .unwrap_or_else(|e| panic!("cannot start moto: {e:#}\n{MOTO_HINT}"));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Moto {
+                        child: Some(child),
+                        port,
+                        log: log.to_path_buf(),
+                    };
+                }
+                if !child.is_running() {
+                    let text = std::fs::read_to_string(log).unwrap_or_default();
+                    if text.contains("already in use") {
+                        break;
+                    }
+                    panic!("moto exited at startup:\n{text}\n{MOTO_HINT}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "moto did not answer on port {port} within 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("could not start moto on a free port");
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Creates a bucket (moto accepts unsigned requests for it).
+    pub fn create_bucket(&self, bucket: &str) {
+        use std::io::Write;
+        let mut tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            tcp,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut response = String::new();
+        let _ = tcp.read_to_string(&mut response);
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "create bucket {bucket}: {response}"
+        );
+    }
+
+    /// Stops moto as a crash would (its in-memory objects are gone).
+    pub fn kill(&mut self) {
+        self.child.take();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
