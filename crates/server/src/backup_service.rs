@@ -1022,13 +1022,17 @@ impl BackupService {
             let in_tier2: HashSet<String> = match t2 {
                 Some(t2) => {
                     let (t2, c) = (t2.clone(), cluster.clone());
-                    tokio::task::spawn_blocking(move || t2.repo.list_manifests(&c))
+                    match tokio::task::spawn_blocking(move || t2.repo.list_manifests(&c))
                         .await
                         .map_err(join_error)?
-                        .map_err(repo_status)?
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect()
+                    {
+                        Ok(ids) => ids.iter().map(ToString::to_string).collect(),
+                        // Unknown what Tier 2 holds: every expired backup waits.
+                        Err(e) => {
+                            tracing::warn!(%cluster, error = %e, "cannot list Tier 2: no backup expires from Tier 1 now");
+                            HashSet::new()
+                        }
+                    }
                 }
                 None => HashSet::new(),
             };
@@ -1104,12 +1108,16 @@ impl BackupService {
                 }
                 Some(Some(t2)) => {
                     let c = cluster.to_string();
-                    Some(
-                        tokio::task::spawn_blocking(move || t2.files(&c))
-                            .await
-                            .map_err(join_error)?
-                            .map_err(|e| Status::unavailable(format!("{e:#}")))?,
-                    )
+                    match tokio::task::spawn_blocking(move || t2.files(&c))
+                        .await
+                        .map_err(join_error)?
+                    {
+                        Ok(files) => Some(files),
+                        Err(e) => {
+                            tracing::warn!(%cluster, error = %format!("{e:#}"), "cannot list Tier 2: no Tier 1 WAL removed");
+                            return Ok(Vec::new());
+                        }
+                    }
                 }
             };
             let (c, first) = (cluster.to_string(), first.to_string());

@@ -180,6 +180,12 @@ const MOTO_HINT: &str = "HINT: install moto's server: python3 -m pip install 'mo
 impl Moto {
     /// Starts moto; `log` receives its output.
     pub fn start(log: &Path) -> Moto {
+        Moto::start_with(log, None)
+    }
+
+    /// Starts moto checking credentials after the first `unauthenticated` requests
+    /// (`INITIAL_NO_AUTH_ACTION_COUNT`); then every key is unknown to it.
+    pub fn start_with(log: &Path, unauthenticated: Option<u32>) -> Moto {
         let python = std::env::var("KLIO_PYTHON").unwrap_or_else(|_| "python3".to_string());
         for _ in 0..3 {
             let port = free_port();
@@ -196,6 +202,9 @@ impl Moto {
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
+            if let Some(n) = unauthenticated {
+                cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+            }
             let mut child = ChildGuard::spawn(&mut cmd)
                 .unwrap_or_else(|e| panic!("cannot start moto: {e:#}\n{MOTO_HINT}"));
             let deadline = Instant::now() + Duration::from_secs(60);

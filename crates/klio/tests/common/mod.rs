@@ -43,11 +43,20 @@ pub struct Klio {
     pub base_port: u16,
     server: Option<ChildGuard>,
     starts: u32,
+    /// Flags added to every start of the server (Tier 2, queue, mode).
+    pub server_extra: Vec<String>,
+    /// `--mode read-only`: no data directory.
+    pub read_only: bool,
 }
 
 impl Klio {
     /// Issues certificates for `clusters` and starts the server.
     pub fn start(clusters: &[&str]) -> anyhow::Result<Klio> {
+        Klio::start_with(clusters, Vec::new())
+    }
+
+    /// [`Klio::start`] with extra server flags.
+    pub fn start_with(clusters: &[&str], server_extra: Vec<String>) -> anyhow::Result<Klio> {
         let dir = scratch_dir();
         let pki = dir.path().join("pki");
         let mut cmd = klio();
@@ -76,6 +85,33 @@ impl Klio {
             base_port: free_port(),
             server: None,
             starts: 0,
+            server_extra,
+            read_only: false,
+        };
+        k.start_server()?;
+        Ok(k)
+    }
+
+    /// A second server with `other`'s certificates and key file (so clients of `other` reach
+    /// it as well), its own ports and directory, started with `server_extra`.
+    pub fn start_beside(
+        other: &Klio,
+        read_only: bool,
+        server_extra: Vec<String>,
+    ) -> anyhow::Result<Klio> {
+        let dir = scratch_dir();
+        let data = dir.path().join("data");
+        let mut k = Klio {
+            dir,
+            pki: other.pki.clone(),
+            data,
+            key_file: other.key_file.clone(),
+            port: free_port(),
+            base_port: free_port(),
+            server: None,
+            starts: 0,
+            server_extra,
+            read_only,
         };
         k.start_server()?;
         Ok(k)
@@ -83,10 +119,13 @@ impl Klio {
 
     pub fn server_command(&self) -> Command {
         let mut cmd = klio();
-        cmd.arg("server")
-            .arg("--data-dir")
-            .arg(&self.data)
-            .arg("--encryption-key-file")
+        cmd.arg("server");
+        if self.read_only {
+            cmd.args(["--mode", "read-only"]);
+        } else {
+            cmd.arg("--data-dir").arg(&self.data);
+        }
+        cmd.arg("--encryption-key-file")
             .arg(&self.key_file)
             .arg("--tls-cert")
             .arg(self.pki.join("server.crt"))
@@ -97,8 +136,17 @@ impl Klio {
             .arg("--wal-listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--base-listen")
-            .arg(format!("127.0.0.1:{}", self.base_port));
+            .arg(format!("127.0.0.1:{}", self.base_port))
+            .args(&self.server_extra)
+            // moto's credentials, through the standard AWS variables.
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing");
         cmd
+    }
+
+    /// Whether the server process is still running.
+    pub fn server_running(&mut self) -> bool {
+        self.server.as_mut().is_some_and(ChildGuard::is_running)
     }
 
     pub fn start_server(&mut self) -> anyhow::Result<()> {
