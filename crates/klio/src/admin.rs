@@ -1,13 +1,11 @@
 //! `klio admin queue status|list-failed|retry`: the server's work queue, with the
 //! administration certificate (`admin@klio`).
 
-use std::path::PathBuf;
-
 use clap::{Args, Subcommand};
 use klio_proto::backup::v1 as pb;
 use klio_proto::backup::v1::backup_client::BackupClient;
 
-use crate::client::status_error;
+use crate::client::{Connection, status_error};
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
@@ -34,40 +32,16 @@ pub enum QueueCommand {
 /// Where the server is, with the administration certificate.
 #[derive(Args, Debug)]
 pub struct AdminArgs {
-    /// Host name or address of the Klio server
-    #[arg(long, env = "KLIO_SERVER_ADDRESS")]
-    pub server_address: String,
-    /// Port of the server's base-backup service
-    #[arg(long, env = "KLIO_BASE_PORT", default_value_t = 51515)]
-    pub base_port: u16,
-    /// The administration certificate (PEM), CN `admin@klio`
-    #[arg(long, env = "KLIO_CLIENT_CERT")]
-    pub client_cert: PathBuf,
-    /// Its private key (PEM)
-    #[arg(long, env = "KLIO_CLIENT_KEY")]
-    pub client_key: PathBuf,
-    /// CA certificate that signed the server's certificate (PEM)
-    #[arg(long, env = "KLIO_SERVER_CA")]
-    pub server_ca: PathBuf,
-    /// Name to verify in the server certificate (default: the server address)
-    #[arg(long, env = "KLIO_SERVER_NAME")]
-    pub server_name: Option<String>,
+    #[command(flatten)]
+    pub conn: Connection,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
 }
 
 async fn client(a: &AdminArgs) -> anyhow::Result<BackupClient<tonic::transport::Channel>> {
-    let channel = crate::client::connect(
-        &a.server_address,
-        a.server_name.as_deref(),
-        a.base_port,
-        (&a.server_ca, &a.client_cert, &a.client_key),
-    )
-    .await?;
-    Ok(BackupClient::new(channel))
+    Ok(BackupClient::new(a.conn.channel(a.conn.base_port).await?))
 }
-
 /// Runs `klio admin ...`.
 pub async fn run(cmd: AdminCommand) -> anyhow::Result<()> {
     let AdminCommand::Queue(cmd) = cmd;

@@ -370,7 +370,7 @@ fn label_timeline(label: &str) -> Option<u32> {
 
 /// Connects to the base-backup service.
 pub async fn backup_client(args: &ClientArgs) -> anyhow::Result<BackupClient<Channel>> {
-    let channel = args.channel(args.base_port).await?;
+    let channel = args.channel(args.conn.base_port).await?;
     Ok(BackupClient::new(channel)
         .max_decoding_message_size(klio_server::MAX_BACKUP_MESSAGE)
         .max_encoding_message_size(klio_server::MAX_BACKUP_MESSAGE))

@@ -7,22 +7,16 @@ use clap::Args;
 use klio_proto::wal::v1::wal_client::WalClient;
 use tonic::transport::Channel;
 
-/// Where the Klio server is and how to prove who we are.
+/// Where the Klio server is and which certificate proves who we are.
 #[derive(Args, Clone, Debug)]
-pub struct ClientArgs {
+pub struct Connection {
     /// Host name or address of the Klio server
     #[arg(long, env = "KLIO_SERVER_ADDRESS")]
     pub server_address: String,
-    /// Port of the server's WAL service
-    #[arg(long, env = "KLIO_WAL_PORT", default_value_t = 52000)]
-    pub wal_port: u16,
     /// Port of the server's base-backup service
     #[arg(long, env = "KLIO_BASE_PORT", default_value_t = 51515)]
     pub base_port: u16,
-    /// Name of the cluster whose WAL and backups are handled
-    #[arg(long, env = "KLIO_CLUSTER")]
-    pub cluster: String,
-    /// Client certificate (PEM), CN `<user>@<cluster>`
+    /// Client certificate (PEM): CN `<user>@<cluster>`, or `admin@klio` for `klio admin`
     #[arg(long, env = "KLIO_CLIENT_CERT")]
     pub client_cert: PathBuf,
     /// Private key of the client certificate (PEM)
@@ -34,6 +28,30 @@ pub struct ClientArgs {
     /// Name to verify in the server certificate (default: the server address)
     #[arg(long, env = "KLIO_SERVER_NAME")]
     pub server_name: Option<String>,
+}
+
+impl Connection {
+    /// A mutual-TLS HTTP/2 channel to the server's `port`.
+    pub async fn channel(&self, port: u16) -> anyhow::Result<Channel> {
+        let domain = self.server_name.as_deref().unwrap_or(&self.server_address);
+        let tls =
+            klio_tls::client_tls(&self.server_ca, &self.client_cert, &self.client_key, domain)
+                .context("load client TLS settings")?;
+        Ok(klio_tls::connect(&self.server_address, port, tls).await?)
+    }
+}
+
+/// The connection, and the cluster whose WAL and backups are handled.
+#[derive(Args, Clone, Debug)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Port of the server's WAL service
+    #[arg(long, env = "KLIO_WAL_PORT", default_value_t = 52000)]
+    pub wal_port: u16,
+    /// Name of the cluster whose WAL and backups are handled
+    #[arg(long, env = "KLIO_CLUSTER")]
+    pub cluster: String,
     /// Copy this cluster's WAL and backups to Tier 2 (PluginConfiguration enableBackup;
     /// wal-stream and backup)
     #[arg(long, env = "KLIO_TIER2_BACKUP")]
@@ -55,13 +73,7 @@ impl ClientArgs {
 
     /// A mutual-TLS HTTP/2 channel to the server's `port`.
     pub async fn channel(&self, port: u16) -> anyhow::Result<Channel> {
-        connect(
-            &self.server_address,
-            self.server_name.as_deref(),
-            port,
-            (&self.server_ca, &self.client_cert, &self.client_key),
-        )
-        .await
+        self.conn.channel(port).await
     }
 
     /// The flags that reach the same server as the same cluster, for a command line (as
@@ -69,21 +81,21 @@ impl ClientArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut v = vec![
             "--server-address".to_string(),
-            self.server_address.clone(),
+            self.conn.server_address.clone(),
             "--wal-port".to_string(),
             self.wal_port.to_string(),
             "--base-port".to_string(),
-            self.base_port.to_string(),
+            self.conn.base_port.to_string(),
             "--cluster".to_string(),
             self.cluster.clone(),
             "--client-cert".to_string(),
-            absolute(&self.client_cert),
+            absolute(&self.conn.client_cert),
             "--client-key".to_string(),
-            absolute(&self.client_key),
+            absolute(&self.conn.client_key),
             "--server-ca".to_string(),
-            absolute(&self.server_ca),
+            absolute(&self.conn.server_ca),
         ];
-        if let Some(n) = &self.server_name {
+        if let Some(n) = &self.conn.server_name {
             v.push("--server-name".to_string());
             v.push(n.clone());
         }
@@ -92,21 +104,6 @@ impl ClientArgs {
         }
         v
     }
-}
-
-/// A mutual-TLS HTTP/2 channel to `address:port`, checking the server certificate for
-/// `server_name` (default: the address); `files` are the server CA, the client certificate
-/// and its key.
-pub async fn connect(
-    address: &str,
-    server_name: Option<&str>,
-    port: u16,
-    files: (&std::path::Path, &std::path::Path, &std::path::Path),
-) -> anyhow::Result<Channel> {
-    let domain = server_name.unwrap_or(address);
-    let tls = klio_tls::client_tls(files.0, files.1, files.2, domain)
-        .context("load client TLS settings")?;
-    Ok(klio_tls::connect(address, port, tls).await?)
 }
 
 fn absolute(p: &std::path::Path) -> String {
