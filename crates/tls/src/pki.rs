@@ -510,6 +510,7 @@ mod tests {
             &layout.ca,
             &layout.server,
             &layout.snapshot_reader,
+            &layout.admin,
             &layout.clients["a"],
             &layout.clients["b"],
         ];
@@ -517,7 +518,8 @@ mod tests {
             assert_eq!(mode(&pair.key), 0o600, "{}", pair.key.display());
             assert_eq!(mode(&pair.cert) & 0o600, 0o600, "{}", pair.cert.display());
         }
-        assert_eq!(layout.created.len(), 10);
+        assert_eq!(layout.created.len(), 12);
+        assert_eq!(common_name(&layout.admin.cert), crate::ADMIN_CN);
         assert_eq!(layout.clients["a"].cert, dir.join("client-a.crt"));
         assert_eq!(common_name(&layout.clients["a"].cert), "klio@a");
         assert_eq!(common_name(&layout.clients["b"].cert), "klio@b");
