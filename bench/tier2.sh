@@ -10,11 +10,12 @@
 # Measures:
 #  1. Backup relay throughput: a pgbench database (SCALE), `klio backup --tier2-backup`
 #     (--no-retention, so that nothing but the relay runs after the commit), then the time
-#     from the end of the backup command (the commit enqueues the relay) until
-#     `klio backups list --tier2-recovery` shows it in_tier2 (polled every 0.2 s); MB/s of
-#     the backup's stored bytes (bytes_new), beside the raw speed of putting the same number
-#     of bytes into moto with boto3 as 32 MiB objects (Klio's pack size) from 1 and from 8
-#     threads. The server log's own commit -> "relayed" interval is printed too.
+#     from the commit (the server log's "backup committed" line; the commit enqueues the
+#     relay) until `klio backups list --tier2-recovery` shows it in_tier2 (polled every
+#     0.2 s); MB/s of the backup's stored bytes (bytes_new), beside the raw speed of putting
+#     the same number of bytes into moto with boto3 as 32 MiB objects (Klio's pack size)
+#     from 1 and from 8 threads. Also printed: the time from the end of the klio backup
+#     command, the server log's commit -> "relayed" interval, the objects the relay wrote.
 #  2./3. WAL backlog: SEGMENTS segments (each: rows of random md5 text making about SEG_KB
 #     KiB of WAL, then pg_switch_wal()) streamed into Tier 1 of two fresh servers (each
 #     with its own moto and bucket) whose wal-stream runs without --tier2-backup, so nothing
@@ -30,8 +31,8 @@
 #  5. Peak RSS (VmHWM) of the klio server in each phase; the peak is reset (clear_refs 5)
 #     when the measured part of the phase starts.
 #
-# Knobs (environment): SCALE (50), SEGMENTS (1000), SEG_KB (1024: WAL of the data inserted
-# per segment), GC_SECS (10), RELAY_INTERVAL (1: --tier2-relay-interval, seconds; the
+# Knobs (environment): SCALE (50), SEGMENTS (1000), SEG_KB (2048: WAL of the data inserted
+# per segment, about half of it md5 text, which zstd halves again), GC_SECS (10), RELAY_INTERVAL (1: --tier2-relay-interval, seconds; the
 # server default is 10), BACKUP_JOBS (2: klio backup --jobs), KLIO_BIN (default: build
 # with cargo and use $CARGO_TARGET_DIR/release/klio), KLIO_PG_BIN, KEEP_LOGS (a directory
 # the server, wal-stream, moto and PostgreSQL logs are copied to before the cleanup).
@@ -42,7 +43,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/klio-target}"
 PG_BIN="${KLIO_PG_BIN:-/usr/lib/postgresql/15/bin}"
 SCALE="${SCALE:-50}"
 SEGMENTS="${SEGMENTS:-1000}"
-SEG_KB="${SEG_KB:-1024}"
+SEG_KB="${SEG_KB:-2048}"
 GC_SECS="${GC_SECS:-10}"
 RELAY_INTERVAL="${RELAY_INTERVAL:-1}"
 BACKUP_JOBS="${BACKUP_JOBS:-2}"
@@ -69,8 +70,13 @@ calc() { python3 -c "print($1)"; }
 du_b() { du -sb "$1" | cut -f1; }
 mb() { python3 -c "print(f'{$1/1e6:,.1f} MB')"; }
 peak_rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-# Resets VmHWM to the current RSS, so that the peak read later is the peak of what follows.
-reset_peak() { echo 5 > "/proc/$1/clear_refs" 2>/dev/null || echo "warning: cannot reset the peak RSS of $1; VmHWM counts from the start" >&2; }
+rss_mb() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+# Resets VmHWM to the current RSS, so that the peak read later is the peak of what follows;
+# prints that current RSS (MB).
+reset_peak() {
+  echo 5 > "/proc/$1/clear_refs" 2>/dev/null || echo "warning: cannot reset the peak RSS of $1; VmHWM counts from the start" >&2
+  rss_mb "$1"
+}
 lsn_to_int() { python3 -c 'import sys; h,l=sys.argv[1].split("/"); print((int(h,16)<<32)|int(l,16))' "$1"; }
 # Runs a command, prints its wall time in seconds; output in $WORK/last.out and last.err.
 timed() {
@@ -232,21 +238,20 @@ with ThreadPoolExecutor(threads) as ex:
 print(f"{time.time() - t0:.2f}")
 PY
 }
-# Server log timestamps: seconds between the first lines matching $2 and $3 (both with $4).
-log_interval() {
-  python3 - "$1" "$2" "$3" "$4" <<'PY'
+# Server log: the time (seconds since the epoch) of the first line holding $2 and $3.
+log_time() {
+  python3 - "$1" "$2" "$3" <<'PY'
 import re, sys
 from datetime import datetime
-path, a, b, key = sys.argv[1:5]
+path, pattern, key = sys.argv[1:4]
 ansi = re.compile(r"\x1b\[[0-9;]*m")
-def when(pattern):
-    for line in open(path, errors="replace"):
-        line = ansi.sub("", line)
-        if pattern in line and key in line:
-            ts = line.split()[0].rstrip("Z")[:26]
-            return datetime.fromisoformat(ts)
-ta, tb = when(a), when(b)
-print(f"{(tb - ta).total_seconds():.1f}" if ta and tb else "?")
+for line in open(path, errors="replace"):
+    line = ansi.sub("", line)
+    if pattern in line and key in line:
+        print(datetime.fromisoformat(line.split()[0].rstrip("Z")[:26] + "+00:00").timestamp())
+        break
+else:
+    print("nan")
 PY
 }
 
@@ -262,7 +267,7 @@ DB_SIZE=$("${PSQL[@]}" -c "SELECT pg_database_size('postgres')")
 echo "database: $(mb "$DB_SIZE"); waiting for the WAL of pgbench -i to reach Tier 2 first" >&2
 SEG=$("${PSQL[@]}" -c "SELECT pg_walfile_name(pg_switch_wal())")
 wait_relayed a "$SEG" 1800
-reset_peak "${SRV_PID[a]}"
+RSS0_A=$(reset_peak "${SRV_PID[a]}")
 # shellcheck disable=SC2046
 T_BACKUP=$(timed "$KLIO" backup $(client a) --pg-dsn "$DSN" --pgdata "$WORK/pg" --jobs "$BACKUP_JOBS" \
   --tier2-backup --no-retention --json)
@@ -281,11 +286,28 @@ sys.exit(0 if any(b["backup_id"] == sys.argv[1] and b.get("in_tier2") for b in j
   if [ "$POLLS" -gt 9000 ]; then echo "backup $BACKUP_ID not in Tier 2 after 30 min" >&2; tail -30 "$WORK/server-a.log" >&2; exit 1; fi
   sleep 0.2
 done
-T_BRELAY=$(elapsed "$T0")
+T_END=$(now)
 RSS_A=$(peak_rss_mb "${SRV_PID[a]}")
-T_BRELAY_LOG=$(log_interval "$WORK/server-a.log" "backup committed" "backup relayed to Tier 2" "$BACKUP_ID")
+# From the commit (the server's log line) to the first poll that sees the backup in Tier 2.
+T_COMMIT=$(log_time "$WORK/server-a.log" "backup committed" "$BACKUP_ID")
+T_RELAYED=$(log_time "$WORK/server-a.log" "backup relayed to Tier 2" "$BACKUP_ID")
+T_BRELAY=$(calc "round($T_END - $T_COMMIT, 1)")
+T_BRELAY_CLIENT=$(calc "round($T_END - $T0, 1)")
+T_BRELAY_LOG=$(calc "round($T_RELAYED - $T_COMMIT, 1)")
 BRELAY_MBS=$(calc "round($BYTES_NEW / 1e6 / $T_BRELAY, 1)")
-echo "backup $BACKUP_ID: $(mb "$BYTES_NEW") stored in ${T_BACKUP}s; in Tier 2 ${T_BRELAY}s after the command returned (server log: ${T_BRELAY_LOG}s from commit to relayed)" >&2
+echo "backup $BACKUP_ID: $(mb "$BYTES_NEW") stored in ${T_BACKUP}s; seen in Tier 2 ${T_BRELAY}s after the commit, ${T_BRELAY_CLIENT}s after the command returned (server log: ${T_BRELAY_LOG}s from commit to relayed)" >&2
+# What the relay wrote: objects per kind in the bucket (before the raw puts add theirs).
+T2_OBJECTS=$(python3 - "http://127.0.0.1:${MOTO_PORT[t2backup]}" <<'PY'
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1")
+n = {}
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket="t2backup", Prefix="bench/repository/"):
+    for o in page.get("Contents", []):
+        kind = o["Key"].split("/")[2]
+        n[kind] = n.get(kind, 0) + 1
+print(", ".join(f"{v} {k}" for k, v in sorted(n.items()) if k in ("packs", "index", "blocklists", "manifests")))
+PY
+)
 PACK=$((32 << 20))
 NPACKS=$(( (BYTES_NEW + PACK - 1) / PACK ))
 RAW1=$(raw_put t2backup "$BYTES_NEW" "$PACK" 1)
@@ -310,7 +332,7 @@ for i in 1 2 3 4 5 6; do
   echo "backup $i: ${T}s, $(mb "${GC_BACKUPS[-1]}") new" >&2
 done
 REPO_BEFORE=$(du_b "$WORK/gc/repository")
-reset_peak "${SRV_PID[gc]}"
+RSS0_GC=$(reset_peak "${SRV_PID[gc]}")
 # shellcheck disable=SC2046
 T_RET=$(timed "$KLIO" retention run $(client gc) --keep-latest 3 --keep-hourly 0 --keep-daily 0 \
   --keep-weekly 0 --keep-monthly 0 --keep-annual 0 --json)
@@ -339,7 +361,8 @@ start_stream j1
 start_stream j8
 # WAL of one row of 64 hex characters: about 121 bytes (measured on PostgreSQL 15).
 ROWS=$((SEG_KB * 1024 / 121))
-"${PSQL[@]}" -c "CREATE TABLE walgen (payload text)" >/dev/null
+# No autovacuum on it: its visibility-map and freeze passes would add WAL after the backlog.
+"${PSQL[@]}" -c "CREATE TABLE walgen (payload text) WITH (autovacuum_enabled = off)" >/dev/null
 FIRST_SEG=$("${PSQL[@]}" -c "SELECT pg_walfile_name(pg_current_wal_lsn())")
 for _ in $(seq "$SEGMENTS"); do
   echo "INSERT INTO walgen SELECT md5(random()::text) || md5(random()::text) FROM generate_series(1, $ROWS);"
@@ -353,17 +376,21 @@ T_GEN=$(elapsed "$T0")
 wait_archived j1 "$END_LSN"
 wait_archived j8 "$END_LSN"
 T_INGEST=$(elapsed "$T0")
-WALDIR="$WORK/j1/wal/bench/00000001"
-T1_FILES=$(find "$WALDIR" -regextype posix-extended -regex '.*/[0-9A-F]{24}' | wc -l)
-T1_BYTES=$(find "$WALDIR" -regextype posix-extended -regex '.*/[0-9A-F]{24}' -printf '%s\n' | awk '{s += $1} END {print s + 0}')
-echo "$FIRST_SEG .. $LAST_SEG: generated in ${T_GEN}s, in both Tier 1 archives after ${T_INGEST}s; $T1_FILES segment files, $(mb "$T1_BYTES") in Tier 1 ($(calc "round($T1_BYTES / max($T1_FILES, 1) / 1e3)") kB each)" >&2
+echo "$FIRST_SEG .. $LAST_SEG: generated in ${T_GEN}s, in both Tier 1 archives after ${T_INGEST}s" >&2
+tier1_segments() { # $1 = server name: "<count> <bytes> <newest>" of its complete segments
+  find "$WORK/$1/wal/bench/00000001" -regextype posix-extended -regex '.*/[0-9A-F]{24}' -printf '%f %s\n' \
+    | sort | awk '{n++; s += $2; last = $1} END {print n + 0, s + 0, last}'
+}
 
-relay_backlog() { # $1 = server name; sets T_RELAY, FILES, BYTES, RSS
+relay_backlog() { # $1 = server name; sets T_RELAY, FILES, BYTES, RSS, RSS0, T1_*
   stop_stream "$1"
-  reset_peak "${SRV_PID[$1]}"
+  # The target: the newest segment in Tier 1 now (the streamer is stopped).
+  read -r T1_FILES T1_BYTES T1_LAST < <(tier1_segments "$1")
+  echo "$1: Tier 1 holds $T1_FILES segments up to $T1_LAST, $(mb "$T1_BYTES") ($(calc "round($T1_BYTES / max($T1_FILES, 1) / 1e3)") kB each)" >&2
+  RSS0=$(reset_peak "${SRV_PID[$1]}")
   local t0; t0=$(now)
   start_stream "$1" --tier2-backup
-  wait_relayed "$1" "$LAST_SEG" 3600
+  wait_relayed "$1" "$T1_LAST" 3600
   T_RELAY=$(elapsed "$t0")
   RSS=$(peak_rss_mb "${SRV_PID[$1]}")
   FILES=$(relay_field "$1" wal_files_relayed)
@@ -377,10 +404,11 @@ print(f"{t - float(sys.argv[2]):.1f}")' "$(relay_field "$1" updated_at)" "$t0")
   echo "$1: $FILES WAL files ($(mb "$BYTES")) relayed in ${T_RELAY}s (progress recorded at +${T_REC}s); peak RSS $RSS MB" >&2
 }
 relay_backlog j1
-T_J1=$T_RELAY; FILES_J1=$FILES; BYTES_J1=$BYTES; RSS_J1=$RSS; REC_J1=$T_REC
+T_J1=$T_RELAY; FILES_J1=$FILES; BYTES_J1=$BYTES; RSS_J1=$RSS; REC_J1=$T_REC; RSS0_J1=$RSS0
+T1_FILES_J1=$T1_FILES; T1_BYTES_J1=$T1_BYTES; T1_LAST_J1=$T1_LAST
 stop_stream j1; stop_pid "${SRV_PID[j1]}"; stop_moto walj1; drop_slot j1
 relay_backlog j8
-T_J8=$T_RELAY; FILES_J8=$FILES; BYTES_J8=$BYTES; RSS_J8=$RSS; REC_J8=$T_REC
+T_J8=$T_RELAY; FILES_J8=$FILES; BYTES_J8=$BYTES; RSS_J8=$RSS; REC_J8=$T_REC; RSS0_J8=$RSS0
 # The floor moto puts under any client: as many objects of the same mean size, from boto3.
 OBJ=$((BYTES_J8 / FILES_J8))
 RAWW1=$(raw_put walj8 $((FILES_J8 * OBJ)) "$OBJ" 1)
@@ -403,14 +431,14 @@ T_TOTAL=$(elapsed "$T_START")
 cat <<OUT
 
 Tier 2 relay benchmark (moto on loopback, 2 cores; scale $SCALE, $SEGMENTS segments of ~$SEG_KB KiB data, relay interval ${RELAY_INTERVAL}s)
-RESULT backup_relay: backup $BACKUP_ID, $(mb "$BYTES_NEW") stored (bytes_new; database $(mb "$DB_SIZE"), backup took ${T_BACKUP}s) in Tier 2 ${T_BRELAY}s after commit = ${BRELAY_MBS} MB/s (server log, commit to relayed: ${T_BRELAY_LOG}s)
+RESULT backup_relay: backup $BACKUP_ID, $(mb "$BYTES_NEW") stored (bytes_new; database $(mb "$DB_SIZE"), backup took ${T_BACKUP}s) seen in Tier 2 ${T_BRELAY}s after the commit = ${BRELAY_MBS} MB/s (${T_BRELAY_CLIENT}s after klio backup returned; server log, commit to "relayed": ${T_BRELAY_LOG}s); Tier 2 objects: $T2_OBJECTS
 RESULT backup_relay_vs_raw: boto3 put_object of the same bytes as $NPACKS objects of up to 32 MiB into moto: 1 thread ${RAW1}s = ${RAW1_MBS} MB/s, 8 threads ${RAW8}s = ${RAW8_MBS} MB/s; klio relay / raw = $(ratio "$BRELAY_MBS" "$RAW1_MBS")x (1 thread), $(ratio "$BRELAY_MBS" "$RAW8_MBS")x (8 threads)
-RESULT wal_backlog: $T1_FILES segments $FIRST_SEG..$LAST_SEG, $(mb "$T1_BYTES") in Tier 1; generated in ${T_GEN}s, archived by both servers after ${T_INGEST}s
+RESULT wal_backlog: $SEGMENTS segments generated ($FIRST_SEG..$LAST_SEG) in ${T_GEN}s, archived by both servers after ${T_INGEST}s; Tier 1 at relay start: $T1_FILES_J1 segments up to $T1_LAST_J1, $(mb "$T1_BYTES_J1") (jobs 8 server: $T1_FILES segments up to $T1_LAST, $(mb "$T1_BYTES"))
 RESULT wal_relay_jobs1: $FILES_J1 files, $(mb "$BYTES_J1") in ${T_J1}s = $(per "$T_J1" "$FILES_J1") s/segment, $(mbs "$BYTES_J1" "$T_J1") MB/s (progress record written at +${REC_J1}s)
 RESULT wal_relay_jobs8: $FILES_J8 files, $(mb "$BYTES_J8") in ${T_J8}s = $(per "$T_J8" "$FILES_J8") s/segment, $(mbs "$BYTES_J8" "$T_J8") MB/s (progress record written at +${REC_J8}s)
 RESULT wal_relay_jobs1_over_jobs8: $(ratio "$T_J1" "$T_J8")x (time with 1 job / time with 8 jobs)
 RESULT wal_raw_put: boto3 put_object of $FILES_J8 x $OBJ bytes into moto: 1 thread ${RAWW1}s = $(per "$RAWW1" "$FILES_J8") s/object, 8 threads ${RAWW8}s = $(per "$RAWW8" "$FILES_J8") s/object; klio jobs 1 / boto3 1 thread = $(ratio "$T_J1" "$RAWW1")x, klio jobs 8 / boto3 8 threads = $(ratio "$T_J8" "$RAWW8")x
 RESULT gc: 6 backups (new bytes: $(python3 -c "import sys; print(', '.join(f'{int(b)/1e6:.1f}' for b in sys.argv[1:]) + ' MB')" "${GC_BACKUPS[@]}")), retention run --keep-latest 3: ${T_RET}s wall, $EXPIRED backups expired, $WAL_REMOVED WAL files removed, gc.bytes_reclaimed $(mb "$RECLAIMED"); Tier 1 repository $(mb "$REPO_BEFORE") -> $(mb "$REPO_AFTER") (gc plan afterwards: $(mb "$LEFT") reclaimable)
-RESULT peak_rss_server: backup relay ${RSS_A} MB, WAL relay jobs 1 ${RSS_J1} MB, jobs 8 ${RSS_J8} MB, retention+GC ${RSS_GC} MB
+RESULT peak_rss_server: backup relay ${RSS_A} MB, WAL relay jobs 1 ${RSS_J1} MB, jobs 8 ${RSS_J8} MB, retention+GC ${RSS_GC} MB (RSS when each started: ${RSS0_A}, ${RSS0_J1}, ${RSS0_J8}, ${RSS0_GC} MB)
 RESULT runtime: ${T_TOTAL}s
 OUT

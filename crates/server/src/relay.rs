@@ -309,6 +309,8 @@ impl Tasks {
 
 /// Blocks read from Tier 1 per call.
 const RELAY_BATCH: usize = 2048;
+/// The fewest blocks a backup relay gives one job (a 32 MiB pack of 8 KiB pages).
+const MIN_BLOCKS_PER_JOB: usize = 4096;
 
 /// The backup copy (blocking). `None` when Tier 2 already had it, else (blocks copied,
 /// bytes of their packs).
@@ -355,7 +357,9 @@ fn copy_backup(
             FileKind::Symlink { .. } | FileKind::Directory => {}
         }
     }
-    let per_job = needed.len().div_ceil(jobs).max(1);
+    // Each job fills its own packs: at least a pack's worth of 8 KiB pages per job, so a
+    // small backup is not spread over many small packs.
+    let per_job = needed.len().div_ceil(jobs).max(MIN_BLOCKS_PER_JOB);
     let results: Vec<anyhow::Result<(u64, u64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = needed
             .chunks(per_job)
@@ -372,12 +376,37 @@ fn copy_backup(
         blocks += b;
         bytes += n;
     }
-    for (l, ids) in &lists {
-        let stored = t2.repo.put_blocklist(ids)?;
-        anyhow::ensure!(
-            stored == *l,
-            "blocklist {l} gets another id in Tier 2: the tiers' id keys differ"
-        );
+    // Blocklists are small objects, one per file: written `jobs` at a time.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures: Vec<anyhow::Error> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..jobs.min(lists.len()))
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((l, ids)) = lists.get(i) else {
+                            return Ok(());
+                        };
+                        let stored = t2.repo.put_blocklist(ids)?;
+                        anyhow::ensure!(
+                            stored == *l,
+                            "blocklist {l} gets another id in Tier 2: the tiers' id keys differ"
+                        );
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| {
+                h.join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                    .err()
+            })
+            .collect()
+    });
+    if let Some(e) = failures.into_iter().next() {
+        return Err(e);
     }
     t2.repo.put_manifest(&manifest)?;
     Ok(Some((blocks, bytes)))
