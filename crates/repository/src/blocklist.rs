@@ -34,14 +34,7 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<BlockId>, Error> {
             ),
         ));
     }
-    Ok(ids
-        .chunks_exact(32)
-        .map(|c| {
-            let mut id = [0u8; 32];
-            id.copy_from_slice(c);
-            BlockId(id)
-        })
-        .collect())
+    Ok(BlockId::list_from_bytes(ids))
 }
 
 #[cfg(test)]

@@ -104,6 +104,21 @@ impl BlocklistId {
     }
 }
 
+impl BlockId {
+    /// The ids packed one after the other in `bytes` (32 bytes each, as in blocklists and
+    /// the gRPC messages); a trailing partial id is ignored, so callers check the length.
+    pub fn list_from_bytes(bytes: &[u8]) -> Vec<BlockId> {
+        bytes
+            .chunks_exact(32)
+            .map(|c| {
+                let mut id = [0u8; 32];
+                id.copy_from_slice(c);
+                BlockId(id)
+            })
+            .collect()
+    }
+}
+
 /// A backup's id: `backup-YYYYMMDDhhmmss`, the backup's start time (UTC) to the second.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

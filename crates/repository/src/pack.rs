@@ -291,11 +291,16 @@ pub(crate) fn open_block_payload(
             raw.plain_len, loc.plain_len
         ));
     }
-    let opened = cipher.open_frame(&raw).map_err(|e| match e {
+    let opened = cipher.open_frame(&raw).map_err(crypto_reason)?;
+    Ok((opened.compressed, opened.payload))
+}
+
+/// The reason of a crypto error, for messages that name the block and the pack themselves.
+fn crypto_reason(e: klio_crypto::Error) -> String {
+    match e {
         klio_crypto::Error::Corrupt { reason, .. } => reason,
         other => other.to_string(),
-    })?;
-    Ok((opened.compressed, opened.payload))
+    }
 }
 
 /// A block as stored, authenticated but not yet decompressed.
@@ -318,22 +323,9 @@ pub(crate) fn open_block_frame(
     id: &BlockId,
     loc: &BlockLocation,
 ) -> Result<Vec<u8>, String> {
-    let raw = match FrameIter::new(frame).next_frame() {
-        FrameRead::Frame(raw) if raw.end == frame.len() && !raw.is_final() => raw,
-        _ => return Err("the index does not point to a complete block frame".to_string()),
-    };
-    if raw.plain_len != loc.plain_len {
-        return Err(format!(
-            "the frame holds {} bytes, the index says {}",
-            raw.plain_len, loc.plain_len
-        ));
-    }
-    let reason = |e: klio_crypto::Error| match e {
-        klio_crypto::Error::Corrupt { reason, .. } => reason,
-        other => other.to_string(),
-    };
-    let opened = cipher.open_frame(&raw).map_err(reason)?;
-    let plaintext = opened.plaintext("block").map_err(reason)?;
+    let (compressed, payload) = open_block_payload(cipher, frame, loc)?;
+    let plaintext = klio_crypto::decompress_payload(&payload, compressed, loc.plain_len, "block")
+        .map_err(crypto_reason)?;
     if repo.block_id(&plaintext) != *id {
         return Err("its content does not match the block id".to_string());
     }

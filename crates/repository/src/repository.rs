@@ -311,6 +311,20 @@ impl Repository {
         self.index().locate(id)
     }
 
+    /// Where a block is stored, or [`Error::BlockNotFound`] naming the index objects that
+    /// could not be read (the block may have been listed in one of them).
+    fn locate_stored(&self, id: &BlockId) -> Result<index::Located, Error> {
+        self.locate(id).ok_or_else(|| Error::BlockNotFound {
+            block: *id,
+            damaged_indexes: self
+                .inner
+                .damaged_indexes
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect(),
+        })
+    }
+
     /// Index objects that could not be read when the repository was opened, with the
     /// reason; their blocks count as missing.
     pub fn damaged_indexes(&self) -> &[(String, String)] {
@@ -341,15 +355,7 @@ impl Repository {
     /// Reads one block with one ranged read of its pack, and checks it: authentication,
     /// length and keyed hash. Errors name the block and the pack.
     pub fn read_block(&self, id: &BlockId) -> Result<Vec<u8>, Error> {
-        let located = self.locate(id).ok_or_else(|| Error::BlockNotFound {
-            block: *id,
-            damaged_indexes: self
-                .inner
-                .damaged_indexes
-                .iter()
-                .map(|(k, _)| k.clone())
-                .collect(),
-        })?;
+        let located = self.locate_stored(id)?;
         let key = pack_key(&located.pack.id);
         let frame = match self.store().get_range(
             &key,
@@ -398,16 +404,7 @@ impl Repository {
         const MAX_GAP: u64 = 256 << 10;
         let mut located = Vec::with_capacity(ids.len());
         for id in ids {
-            let l = self.locate(id).ok_or_else(|| Error::BlockNotFound {
-                block: *id,
-                damaged_indexes: self
-                    .inner
-                    .damaged_indexes
-                    .iter()
-                    .map(|(k, _)| k.clone())
-                    .collect(),
-            })?;
-            located.push(l);
+            located.push(self.locate_stored(id)?);
         }
         let mut order: Vec<usize> = (0..ids.len()).collect();
         // Grouped by pack (a prefix of its random id is enough to group), then by offset.

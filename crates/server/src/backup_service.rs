@@ -98,14 +98,7 @@ fn parse_ids(bytes: &[u8]) -> Result<Vec<BlockId>, Status> {
             "at most {MAX_IDS_PER_CALL} block ids per call"
         )));
     }
-    Ok(bytes
-        .chunks_exact(32)
-        .map(|c| {
-            let mut id = [0u8; 32];
-            id.copy_from_slice(c);
-            BlockId(id)
-        })
-        .collect())
+    Ok(BlockId::list_from_bytes(bytes))
 }
 
 fn parse_backup_id(s: &str) -> Result<BackupId, Status> {
@@ -290,15 +283,7 @@ fn files_to_manifest(
                 if !f.block_ids.len().is_multiple_of(32) {
                     return Err(bad("block ids must be a multiple of 32 bytes"));
                 }
-                let ids: Vec<BlockId> = f
-                    .block_ids
-                    .chunks_exact(32)
-                    .map(|c| {
-                        let mut id = [0u8; 32];
-                        id.copy_from_slice(c);
-                        BlockId(id)
-                    })
-                    .collect();
+                let ids = BlockId::list_from_bytes(&f.block_ids);
                 if f.block_size == 0 {
                     if ids.len() != 1 {
                         return Err(bad("a file stored whole has exactly one block"));
