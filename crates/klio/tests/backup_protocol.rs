@@ -11,19 +11,8 @@ use klio_proto::backup::v1::{self as pb, backup_client::BackupClient};
 use tonic::transport::Channel;
 
 async fn connect(k: &Klio, cluster: &str, stem: &str) -> BackupClient<Channel> {
-    klio_tls::install_crypto_provider();
-    let tls = klio_tls::client_tls(
-        &k.pki.join("ca.crt"),
-        &k.pki.join(format!("{stem}.crt")),
-        &k.pki.join(format!("{stem}.key")),
-        "localhost",
-    )
-    .unwrap();
     let _ = cluster;
-    let channel = klio_tls::connect("127.0.0.1", k.base_port, tls)
-        .await
-        .unwrap();
-    BackupClient::new(channel)
+    BackupClient::new(k.grpc_channel(k.base_port, stem).await)
 }
 
 fn file(path: &str, data_len: u64, ids: &[[u8; 32]], block_size: u32) -> pb::FileEntry {

@@ -173,12 +173,6 @@ fn check_backup_json(b: &Value, cluster: &str) {
     );
 }
 
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// `e` with the tails of the streamer's and the server's logs, to see why a backup failed.
 fn with_logs(e: anyhow::Error, k: &Klio, streamer: &str) -> anyhow::Error {
     anyhow::anyhow!(

@@ -125,11 +125,6 @@ fn wait_relayed(k: &Klio, cluster: &str, id: &str, segment: &str) -> anyhow::Res
     .map_err(|e| e.context(format!("server log:\n{}", tail(&k.server_log(), 60))))
 }
 
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 fn walfile_now(pg: &PgCluster) -> anyhow::Result<String> {
     pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
 }
@@ -575,24 +570,12 @@ mod read_only {
         }
     }
 
-    async fn channel(k: &Klio, port: u16, stem: &str) -> Channel {
-        klio_tls::install_crypto_provider();
-        let tls = klio_tls::client_tls(
-            &k.pki.join("ca.crt"),
-            &k.pki.join(format!("{stem}.crt")),
-            &k.pki.join(format!("{stem}.key")),
-            "localhost",
-        )
-        .unwrap();
-        klio_tls::connect("127.0.0.1", port, tls).await.unwrap()
-    }
-
     async fn backup_client(k: &Klio) -> BackupClient<Channel> {
-        BackupClient::new(channel(k, k.base_port, "client-ro").await)
+        BackupClient::new(k.grpc_channel(k.base_port, "client-ro").await)
     }
 
     async fn wal_client(k: &Klio) -> WalClient<Channel> {
-        WalClient::new(channel(k, k.port, "client-ro").await)
+        WalClient::new(k.grpc_channel(k.port, "client-ro").await)
     }
 
     fn assert_read_only<T: std::fmt::Debug>(r: Result<T, tonic::Status>, rpc: &str) {
@@ -765,7 +748,7 @@ mod read_only {
     #[tokio::test(flavor = "multi_thread")]
     async fn queue_retry_is_refused() {
         let f = fixture();
-        let c = channel(&f.ro, f.ro.base_port, "admin").await;
+        let c = f.ro.grpc_channel(f.ro.base_port, "admin").await;
         let r = BackupClient::new(c)
             .queue_retry(bpb::QueueRetryRequest { ids: Vec::new() })
             .await;

@@ -134,6 +134,11 @@ impl Handler for Tasks {
     }
 }
 
+/// A service error as the attempt's error (its message, without the gRPC code).
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
 fn tier_of(task: &Task) -> u32 {
     task.payload["tier"].as_u64().unwrap_or(1) as u32
 }
@@ -164,7 +169,7 @@ impl Tasks {
                     .backup
                     .retention_run(task.cluster.clone(), policy, false, tier)
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    .map_err(status_error)?;
                 tracing::info!(cluster = %task.cluster, tier, expired = r.deleted_backups.len(), wal_removed = r.deleted_wal.len(), "scheduled retention applied");
                 Ok(())
             }
@@ -172,7 +177,7 @@ impl Tasks {
                 self.backup
                     .collect_garbage(tier_of(task), false)
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    .map_err(status_error)?;
                 Ok(())
             }
             other => anyhow::bail!("unknown task kind \"{other}\""),
@@ -182,11 +187,7 @@ impl Tasks {
     /// Copies every archived WAL file of `cluster` that Tier 2 lacks, `jobs` at a time, then
     /// enqueues the relay of any backup Tier 2 lacks.
     async fn relay_wal(&self, cluster: &str) -> anyhow::Result<()> {
-        let t2 = self
-            .ctx
-            .tier2()
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let t2 = self.ctx.tier2().await.map_err(status_error)?;
         let wal = self.ctx.wal.clone().context("no Tier 1 WAL store")?;
         let cw = wal.cluster(cluster)?;
         let (todo, t2c) = {
@@ -276,11 +277,7 @@ impl Tasks {
     /// Copies one backup to Tier 2: the blocks Tier 2 lacks (each decompressed and checked
     /// against its id on the way), then the blocklists, then the manifest.
     async fn relay_backup(&self, cluster: &str, id: &BackupId) -> anyhow::Result<()> {
-        let t2 = self
-            .ctx
-            .tier2()
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let t2 = self.ctx.tier2().await.map_err(status_error)?;
         // Tier 2's collection waits for the relay; Tier 1's is only held off while blocks
         // are read (it may move them between packs).
         let _t2_shared = t2.gc_lock.clone().read_owned().await;

@@ -377,10 +377,19 @@ impl Wal for WalService {
     }
 }
 
-/// A Tier 2 failure as a status: corruption is data loss, anything else unavailability.
+/// A Tier 2 failure as a status: an object that does not open (authentication, format) is
+/// data loss,
+/// anything else (S3 unreachable, refused) unavailability.
 fn tier2_status(e: anyhow::Error) -> Status {
+    let corrupt = e.chain().any(|c| {
+        c.is::<klio_crypto::Error>()
+            || matches!(
+                c.downcast_ref::<klio_wal_store::Error>(),
+                Some(klio_wal_store::Error::Crypto(_))
+            )
+    });
     let msg = format!("{e:#}");
-    if msg.contains("corrupt") {
+    if corrupt {
         Status::data_loss(msg)
     } else {
         Status::unavailable(msg)

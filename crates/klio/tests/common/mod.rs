@@ -144,6 +144,20 @@ impl Klio {
         cmd
     }
 
+    /// A gRPC channel to the server's `port`, presenting certificate `<stem>.crt` of the
+    /// PKI directory.
+    pub async fn grpc_channel(&self, port: u16, stem: &str) -> tonic::transport::Channel {
+        klio_tls::install_crypto_provider();
+        let tls = klio_tls::client_tls(
+            &self.pki.join("ca.crt"),
+            &self.pki.join(format!("{stem}.crt")),
+            &self.pki.join(format!("{stem}.key")),
+            "localhost",
+        )
+        .unwrap();
+        klio_tls::connect("127.0.0.1", port, tls).await.unwrap()
+    }
+
     /// Whether the server process is still running.
     pub fn server_running(&mut self) -> bool {
         self.server.as_mut().is_some_and(ChildGuard::is_running)
@@ -408,6 +422,12 @@ impl Klio {
             .collect();
         format!("{KLIO} wal-get {} {extra} %f %p", args.join(" ")).replace('\'', "\"")
     }
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 pub fn run_ok(cmd: &mut Command) -> anyhow::Result<Output> {
