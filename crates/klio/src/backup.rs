@@ -72,11 +72,6 @@ pub struct BackupArgs {
     pub no_retention: bool,
 }
 
-/// What the reading threads produce for one file.
-struct FileResult {
-    entry: pb::FileEntry,
-}
-
 struct Shared {
     client: BackupClient<Channel>,
     session: String,
@@ -88,6 +83,8 @@ struct Shared {
     bytes_read: AtomicU64,
     blocks_total: AtomicU64,
     blocks_sent: AtomicU64,
+    files: AtomicU64,
+    logical_size: AtomicU64,
     checksum_failures: Mutex<Vec<(String, u32)>>,
 }
 
@@ -101,6 +98,11 @@ struct Batch {
     cctx: zstd::bulk::Compressor<'static>,
     /// Uploads sent and not yet acknowledged: the thread reads on while they travel.
     inflight: VecDeque<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
+    /// File entries (or pieces of files) whose blocks are in this batch or were uploaded by
+    /// it; sent with `AddFiles` once those uploads are acknowledged.
+    files: Vec<pb::FileEntry>,
+    /// Block ids in `files`.
+    file_ids: usize,
 }
 
 impl Batch {
@@ -112,6 +114,8 @@ impl Batch {
             seen: HashSet::new(),
             cctx: zstd::bulk::Compressor::new(level).context("zstd compressor")?,
             inflight: VecDeque::new(),
+            files: Vec::new(),
+            file_ids: 0,
         })
     }
 }
@@ -214,11 +218,35 @@ impl Shared {
         Ok(())
     }
 
-    /// Sends what the batch holds and waits until every upload is acknowledged.
+    /// Sends what the batch holds, waits until every upload is acknowledged, then adds the
+    /// batch's file entries to the session.
     fn finish(&self, batch: &mut Batch) -> anyhow::Result<()> {
         self.flush(batch)?;
         while !batch.inflight.is_empty() {
             self.wait_upload(batch)?;
+        }
+        if batch.files.is_empty() {
+            return Ok(());
+        }
+        let files = std::mem::take(&mut batch.files);
+        batch.file_ids = 0;
+        let mut client = self.client.clone();
+        self.rt
+            .block_on(client.add_files(pb::AddFilesRequest {
+                session_id: self.session.clone(),
+                files,
+            }))
+            .map_err(|s| status_error("send the backup's file list", s))?;
+        Ok(())
+    }
+
+    /// Queues a file entry (or a piece of one); sends the queue once it names enough
+    /// blocks, so memory stays bounded whatever the size of the database.
+    fn add_entry(&self, batch: &mut Batch, entry: pb::FileEntry) -> anyhow::Result<()> {
+        batch.file_ids += entry.block_ids.len() / 32;
+        batch.files.push(entry);
+        if batch.file_ids >= klio_server::MAX_PIECE_IDS || batch.files.len() >= 16_384 {
+            self.finish(batch)?;
         }
         Ok(())
     }
@@ -258,13 +286,10 @@ impl Shared {
         }
     }
 
-    /// Reads one file into blocks; `None` if it vanished (dropped while we read: the WAL
-    /// replay recreates whatever state is right).
-    fn read_file(
-        &self,
-        entry: &klio_pgdata::Entry,
-        batch: &mut Batch,
-    ) -> anyhow::Result<Option<FileResult>> {
+    /// Reads one file into blocks and queues its entry, in pieces of at most
+    /// [`klio_server::MAX_PIECE_IDS`] blocks; nothing if it vanished (dropped while we read:
+    /// the WAL replay recreates whatever state is right).
+    fn read_file(&self, entry: &klio_pgdata::Entry, batch: &mut Batch) -> anyhow::Result<()> {
         let mut pb_entry = pb::FileEntry {
             path: entry.path.clone(),
             size: 0,
@@ -275,18 +300,20 @@ impl Shared {
         match &entry.kind {
             EntryKind::Directory => {
                 pb_entry.kind = pb::file_entry::Kind::Directory as i32;
-                return Ok(Some(FileResult { entry: pb_entry }));
+                self.files.fetch_add(1, Ordering::Relaxed);
+                return self.add_entry(batch, pb_entry);
             }
             EntryKind::Symlink { target } => {
                 pb_entry.kind = pb::file_entry::Kind::Symlink as i32;
                 pb_entry.target = target.clone();
-                return Ok(Some(FileResult { entry: pb_entry }));
+                self.files.fetch_add(1, Ordering::Relaxed);
+                return self.add_entry(batch, pb_entry);
             }
             EntryKind::File => pb_entry.kind = pb::file_entry::Kind::File as i32,
         }
         let mut file = match std::fs::File::open(&entry.abs_path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => {
                 return Err(e).with_context(|| format!("open \"{}\"", entry.abs_path.display()));
             }
@@ -299,6 +326,8 @@ impl Shared {
         };
         let mut ids: Vec<u8> = Vec::new();
         let mut size = 0u64;
+        // Index of the first block in `ids` (earlier pieces were queued already).
+        let mut first_block = 0u64;
         // Read in large chunks (one system call per MiB, not per page), cut into blocks.
         let mut buf = vec![0u8; READ_CHUNK.max(block_size)];
         loop {
@@ -321,6 +350,18 @@ impl Shared {
                 let id = self.add(batch, block.to_vec())?;
                 ids.extend_from_slice(&id);
                 size += block.len() as u64;
+                if ids.len() / 32 >= klio_server::MAX_PIECE_IDS {
+                    // A piece of a large file: its blocks so far, at the size read so far.
+                    let piece = pb::FileEntry {
+                        size,
+                        block_size: block_size as u32,
+                        block_ids: std::mem::take(&mut ids).into(),
+                        first_block,
+                        ..pb_entry.clone()
+                    };
+                    first_block += (piece.block_ids.len() / 32) as u64;
+                    self.add_entry(batch, piece)?;
+                }
             }
             self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
             if n < buf.len() {
@@ -338,7 +379,10 @@ impl Shared {
             ids.clear();
         }
         pb_entry.block_ids = ids.into();
-        Ok(Some(FileResult { entry: pb_entry }))
+        pb_entry.first_block = first_block;
+        self.files.fetch_add(1, Ordering::Relaxed);
+        self.logical_size.fetch_add(size, Ordering::Relaxed);
+        self.add_entry(batch, pb_entry)
     }
 }
 
@@ -598,13 +642,14 @@ async fn take_backup(
         bytes_read: AtomicU64::new(0),
         blocks_total: AtomicU64::new(0),
         blocks_sent: AtomicU64::new(0),
+        files: AtomicU64::new(0),
+        logical_size: AtomicU64::new(0),
         checksum_failures: Mutex::new(Vec::new()),
     });
     // Workers pop from the end: largest files first, so the threads finish together.
     let mut entries = scan.entries;
     entries.sort_by_key(|e| e.size);
     let queue = Arc::new(Mutex::new(entries));
-    let results = Arc::new(Mutex::new(Vec::new()));
     let progress = Progress::start(
         shared.clone(),
         total,
@@ -614,19 +659,13 @@ async fn take_backup(
     for _ in 0..args.jobs {
         let shared = shared.clone();
         let queue = queue.clone();
-        let results = results.clone();
         workers.push(tokio::task::spawn_blocking(
             move || -> anyhow::Result<()> {
                 let mut batch = Batch::new(shared.level)?;
                 loop {
                     let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
                     let Some(entry) = next else { break };
-                    if let Some(r) = shared.read_file(&entry, &mut batch)? {
-                        results
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(r.entry);
-                    }
+                    shared.read_file(&entry, &mut batch)?;
                 }
                 shared.finish(&mut batch)
             },
@@ -661,8 +700,6 @@ async fn take_backup(
     tracing::info!(end = %end_lsn, "backup stopped in PostgreSQL; waiting for its WAL to be archived");
     wait_for_wal(args, timeline, start_lsn, end_lsn, seg).await?;
 
-    let mut files = std::mem::take(&mut *results.lock().unwrap_or_else(PoisonError::into_inner));
-    files.sort_by(|a, b| a.path.cmp(&b.path));
     let failures: Vec<serde_json::Value> = shared
         .checksum_failures
         .lock()
@@ -670,7 +707,7 @@ async fn take_backup(
         .iter()
         .map(|(p, b)| json!({"path": p, "block": b}))
         .collect();
-    let logical_size: u64 = files.iter().map(|f| f.size).sum();
+    let logical_size = shared.logical_size.load(Ordering::Relaxed);
     let end_segment = Lsn(end_lsn.0.saturating_sub(1).max(start_lsn.0));
     let metadata = json!({
         "timeline": timeline.0,
@@ -687,7 +724,7 @@ async fn take_backup(
         "tablespace_map": tablespace_map.unwrap_or_default(),
         "tablespaces": tablespaces,
         "logical_size": logical_size,
-        "files": files.len(),
+        "files": shared.files.load(Ordering::Relaxed),
         "blocks_total": shared.blocks_total.load(Ordering::Relaxed),
         "checksum_failures": failures,
     });
@@ -695,7 +732,7 @@ async fn take_backup(
         .commit(pb::CommitRequest {
             session_id: begin.session_id.clone(),
             metadata_json: serde_json::to_vec(&metadata)?.into(),
-            files,
+            files: Vec::new(),
         })
         .await
         .map_err(|s| status_error("commit the backup", s))?

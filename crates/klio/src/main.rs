@@ -153,6 +153,70 @@ struct ServerArgs {
     /// and garbage collections; 0 disables them
     #[arg(long, env = "KLIO_RETENTION_INTERVAL", default_value_t = 3600.0)]
     retention_interval: f64,
+    /// Puts clusters that trust each other in one dedup domain: NAME=CLUSTER[,CLUSTER...]
+    /// (repeatable; ';'-separated in the environment). Every other cluster has its own
+    /// domain: no cluster can find, read or reference another's blocks
+    #[arg(long = "shared-dedup-domain", env = "KLIO_SHARED_DEDUP_DOMAINS", value_delimiter = ';')]
+    shared_dedup_domains: Vec<String>,
+    /// Backup sessions one cluster may have open at once
+    #[arg(long, env = "KLIO_MAX_BACKUP_SESSIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_backup_sessions: u32,
+    /// Bytes one cluster may have uploaded in backups not yet committed (suffixes K, M, G, T)
+    #[arg(long, env = "KLIO_MAX_UNCOMMITTED_BYTES", default_value = "4T", value_parser = parse_bytes)]
+    max_uncommitted_bytes: u64,
+    /// Directory of the block index caches (default: <data-dir>/cache; a read-only server
+    /// without it uses a temporary directory)
+    #[arg(long, env = "KLIO_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+/// Parses a byte count with an optional K, M, G or T suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("\"{s}\": unknown unit {c:?} (use K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a byte count"))?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("\"{s}\" is not a positive byte count that fits 64 bits"))
+}
+
+/// Parses --shared-dedup-domain values into cluster -> domain name.
+fn parse_shared_domains(
+    values: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in values.iter().filter(|v| !v.trim().is_empty()) {
+        let (name, clusters) = v.split_once('=').with_context(|| {
+            format!("--shared-dedup-domain \"{v}\": expected NAME=CLUSTER[,CLUSTER...]")
+        })?;
+        klio_repository::Domain::shared(name.trim())
+            .with_context(|| format!("--shared-dedup-domain \"{v}\""))?;
+        for c in clusters.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            klio_repository::validate_cluster_name(c)
+                .with_context(|| format!("--shared-dedup-domain \"{v}\""))?;
+            if let Some(other) = out.insert(c.to_string(), name.trim().to_string()) {
+                anyhow::bail!(
+                    "--shared-dedup-domain: cluster \"{c}\" is in two domains, \"{other}\" and \"{}\"",
+                    name.trim()
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl ServerArgs {
@@ -193,6 +257,7 @@ impl ServerArgs {
                     .context(
                         "Tier 2 needs --tier2-encryption-key-file (or --encryption-key-file)",
                     )?,
+                index_cache: None,
             }),
         };
         Ok(klio_server::ServerConfig {
@@ -220,6 +285,13 @@ impl ServerArgs {
                 base: std::time::Duration::from_secs(1),
                 max: std::time::Duration::from_secs(self.queue_max_backoff),
             },
+            backups: klio_server::BackupSettings {
+                shared_domains: parse_shared_domains(&self.shared_dedup_domains)?,
+                max_sessions_per_cluster: self.max_backup_sessions as usize,
+                max_uncommitted_bytes_per_cluster: self.max_uncommitted_bytes,
+                spool_dir: None,
+            },
+            cache_dir: self.cache_dir,
         })
     }
 }

@@ -382,6 +382,8 @@ struct Fetcher {
     cluster: String,
     /// The tier the manifest came from: blocks are read from the same one.
     tier: u32,
+    /// The dedup domain of the backup's blocks.
+    domain: String,
     key: [u8; 32],
     rt: tokio::runtime::Handle,
     fetched_blocks: AtomicU64,
@@ -400,6 +402,7 @@ impl Fetcher {
                 cluster: self.cluster.clone(),
                 ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
                 tier: self.tier,
+                domain: self.domain.clone(),
             }))
             .map_err(|s| status_error(&format!("fetch the blocks of \"{path}\""), s))?
             .into_inner();
@@ -450,18 +453,29 @@ impl Fetcher {
         Ok(lens)
     }
 
+    /// The block ids of a blocklist of the backup.
+    fn blocklist(&self, id: &[u8], path: &str) -> anyhow::Result<Vec<[u8; 32]>> {
+        let mut client = self.client.clone();
+        let r = self
+            .rt
+            .block_on(client.get_blocklist(pb::GetBlocklistRequest {
+                cluster: self.cluster.clone(),
+                id: id.to_vec().into(),
+                tier: self.tier,
+                domain: self.domain.clone(),
+            }))
+            .map_err(|s| status_error(&format!("read a blocklist of \"{path}\""), s))?
+            .into_inner();
+        if !r.ids.len().is_multiple_of(32) {
+            bail!("the server sent a blocklist of \"{path}\" that is not a list of block ids");
+        }
+        Ok(ids_of(&r.ids))
+    }
+
     /// Writes one file: fetches the blocks that `existing` (the current file, in a delta
-    /// restore) does not already hold.
+    /// restore) does not already hold. A file cut into blocks is written one blocklist at a
+    /// time, so memory does not grow with the size of the file.
     fn write_file(&self, f: &pb::FileEntry, dest: &Path, delta: bool) -> anyhow::Result<()> {
-        let ids: Vec<[u8; 32]> = f
-            .block_ids
-            .chunks_exact(32)
-            .map(|c| {
-                let mut a = [0u8; 32];
-                a.copy_from_slice(c);
-                a
-            })
-            .collect();
         let block_size = if f.block_size == 0 {
             f.size.max(1)
         } else {
@@ -480,13 +494,63 @@ impl Fetcher {
             .truncate(!delta)
             .open(dest)
             .with_context(|| format!("create \"{}\"", dest.display()))?;
-        let mut needed: Vec<(u64, [u8; 32])> = Vec::new();
         let mut buf = vec![0u8; block_size as usize];
+        let mut first = 0usize;
+        let lists: Vec<Option<&[u8]>> = if f.blocklists.is_empty() {
+            vec![None]
+        } else {
+            f.blocklists.iter().map(|l| Some(l.as_ref())).collect()
+        };
+        for list in lists {
+            let ids = match list {
+                None => ids_of(&f.block_ids),
+                Some(l) => self.blocklist(l, &f.path)?,
+            };
+            self.write_blocks(f, dest, &file, &ids, first, block_size, delta, &mut buf)?;
+            first += ids.len();
+        }
+        let expected = if f.block_size == 0 {
+            1
+        } else {
+            f.size.div_ceil(block_size) as usize
+        };
+        if first != expected {
+            bail!(
+                "the manifest lists {first} blocks for \"{}\" of {} bytes, not {expected}\nHINT: run `klio verify` on the backup",
+                f.path,
+                f.size
+            );
+        }
+        file.set_len(f.size)
+            .with_context(|| format!("write \"{}\"", dest.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+            .with_context(|| format!("set the mode of \"{}\"", dest.display()))?;
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
+        let _ = file.set_modified(mtime);
+        file.sync_all()
+            .with_context(|| format!("sync \"{}\"", dest.display()))?;
+        Ok(())
+    }
+
+    /// Writes blocks `first..first + ids.len()` of a file.
+    #[allow(clippy::too_many_arguments)]
+    fn write_blocks(
+        &self,
+        f: &pb::FileEntry,
+        dest: &Path,
+        file: &std::fs::File,
+        ids: &[[u8; 32]],
+        first: usize,
+        block_size: u64,
+        delta: bool,
+        buf: &mut [u8],
+    ) -> anyhow::Result<()> {
+        let mut needed: Vec<(u64, [u8; 32])> = Vec::new();
         for (i, id) in ids.iter().enumerate() {
-            let off = i as u64 * block_size;
+            let off = (first + i) as u64 * block_size;
             if delta {
                 let len = block_size.min(f.size - off.min(f.size)) as usize;
-                let n = read_at_full(&file, &mut buf[..len], off)
+                let n = read_at_full(file, &mut buf[..len], off)
                     .with_context(|| format!("read \"{}\"", dest.display()))?;
                 if n == len && blake3::keyed_hash(&self.key, &buf[..n]).as_bytes() == id {
                     self.reused_blocks.fetch_add(1, Ordering::Relaxed);
@@ -520,16 +584,20 @@ impl Fetcher {
                     .with_context(|| format!("write \"{}\"", dest.display()))?;
             }
         }
-        file.set_len(f.size)
-            .with_context(|| format!("write \"{}\"", dest.display()))?;
-        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
-            .with_context(|| format!("set the mode of \"{}\"", dest.display()))?;
-        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
-        let _ = file.set_modified(mtime);
-        file.sync_all()
-            .with_context(|| format!("sync \"{}\"", dest.display()))?;
         Ok(())
     }
+}
+
+/// Concatenated 32-byte block ids (a multiple of 32 bytes; a trailing remainder is ignored).
+fn ids_of(bytes: &[u8]) -> Vec<[u8; 32]> {
+    bytes
+        .chunks_exact(32)
+        .map(|c| {
+            let mut a = [0u8; 32];
+            a.copy_from_slice(c);
+            a
+        })
+        .collect()
 }
 
 fn read_at_full(file: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
@@ -601,15 +669,9 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         chosen.id,
         if chosen.in_tier1 { "" } else { " from Tier 2" }
     );
-    let m = client
-        .get_manifest(pb::GetManifestRequest {
-            cluster: cluster.clone(),
-            backup_id: chosen.id.clone(),
-            tier2_recovery: args.client.tier2_recovery,
-        })
+    let (m, files) = read_manifest(&mut client, &cluster, &chosen.id, args.client.tier2_recovery)
         .await
-        .map_err(|s| status_error(&format!("read the manifest of backup {}", chosen.id), s))?
-        .into_inner();
+        .map_err(|s| status_error(&format!("read the manifest of backup {}", chosen.id), s))?;
     let meta: Value = serde_json::from_slice(&m.metadata_json)?;
     let key: [u8; 32] = m
         .block_id_key
@@ -629,7 +691,6 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
     }
 
     let t0 = std::time::Instant::now();
-    let files = m.files;
     let stats = {
         let pgdata = pgdata.clone();
         let spcs = spcs.clone();
@@ -638,6 +699,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
             client: client.clone(),
             cluster: cluster.clone(),
             tier: m.tier,
+            domain: m.domain.clone(),
             key,
             rt: tokio::runtime::Handle::current(),
             fetched_blocks: AtomicU64::new(0),
@@ -666,6 +728,32 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
     );
     println!("{}", chosen.id);
     Ok(())
+}
+
+/// Reads a manifest: its first message (metadata, key, tier, domain) and every file.
+async fn read_manifest(
+    client: &mut BackupClient<Channel>,
+    cluster: &str,
+    backup_id: &str,
+    tier2_recovery: bool,
+) -> Result<(pb::GetManifestResponse, Vec<pb::FileEntry>), tonic::Status> {
+    let mut stream = client
+        .get_manifest(pb::GetManifestRequest {
+            cluster: cluster.to_string(),
+            backup_id: backup_id.to_string(),
+            tier2_recovery,
+        })
+        .await?
+        .into_inner();
+    let mut first = stream
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::data_loss("the server sent an empty manifest"))?;
+    let mut files = std::mem::take(&mut first.files);
+    while let Some(mut more) = stream.message().await? {
+        files.append(&mut more.files);
+    }
+    Ok((first, files))
 }
 
 /// Creates directories and links, sweeps what a delta restore must drop, then writes the

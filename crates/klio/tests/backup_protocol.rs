@@ -24,7 +24,7 @@ fn file(path: &str, data_len: u64, ids: &[[u8; 32]], block_size: u32) -> pb::Fil
         kind: pb::file_entry::Kind::File as i32,
         block_size,
         block_ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
-        target: String::new(),
+        ..Default::default()
     }
 }
 

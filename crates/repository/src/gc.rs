@@ -94,6 +94,7 @@ impl Repository {
             for id in self.list_manifests(&cluster)? {
                 // An unreadable manifest stops the collection: what it needs is unknown.
                 let m = self.get_manifest(&cluster, &id)?;
+                let repo = self.in_domain(&m.domain)?;
                 for f in &m.files {
                     match &f.kind {
                         FileKind::Whole { block } => {
@@ -102,7 +103,7 @@ impl Repository {
                         FileKind::Blocks { blocklists, .. } => {
                             for l in blocklists {
                                 if live_lists.insert(*l) {
-                                    live.extend(self.get_blocklist(l)?);
+                                    live.extend(repo.get_blocklist(l)?);
                                 }
                             }
                         }
@@ -196,7 +197,7 @@ impl Repository {
         for dead in &plan.dead_packs {
             // Forget the blocks first, so nothing is read from or deduplicated against a
             // pack being deleted; then the index objects; then the pack.
-            self.index_remove_pack(&dead.pack_id);
+            self.index_remove_pack(&dead.pack_id)?;
             for key in &dead.indexes {
                 self.store().delete(key)?;
                 report.indexes_deleted += 1;
@@ -206,20 +207,29 @@ impl Repository {
             report.bytes_reclaimed += dead.bytes;
         }
         if !plan.repack.is_empty() {
-            let mut writer = crate::PackWriter::relocating(self.clone());
+            // A pack holds the blocks of one dedup domain; so does each rewritten pack.
+            let mut writers: std::collections::BTreeMap<crate::Domain, crate::PackWriter> =
+                std::collections::BTreeMap::new();
             for r in &plan.repack {
+                let domain = self.pack_domain(&r.pack_id)?.unwrap_or_default();
+                let repo = self.in_domain(&domain)?;
+                let writer = writers
+                    .entry(domain)
+                    .or_insert_with(|| crate::PackWriter::relocating(repo.clone()));
                 for id in &r.live {
-                    let plain = self.read_block(id)?;
+                    let plain = repo.read_block(id)?;
                     writer.add_block(id, &plain)?;
                     report.blocks_moved += 1;
                 }
             }
             // The new packs are durable and the index points to them before anything goes.
-            writer.finish()?;
+            for writer in writers.into_values() {
+                writer.finish()?;
+            }
             for r in &plan.repack {
                 // What still points to the old pack are its dead blocks: forget them, or a
                 // later backup would count them as stored.
-                self.index_remove_pack(&r.pack_id);
+                self.index_remove_pack(&r.pack_id)?;
                 for key in &r.indexes {
                     self.store().delete(key)?;
                     report.indexes_deleted += 1;

@@ -217,3 +217,66 @@ pub fn validate_cluster_name(name: &str) -> Result<(), Error> {
         Err(Error::InvalidClusterName(name.to_string()))
     }
 }
+
+/// A dedup domain: blocks are deduplicated, found and read by id only inside one domain.
+///
+/// Each cluster has its own domain by default (`cluster/<name>`), so no cluster can learn
+/// whether another stores a block, nor read or reference another's blocks. Clusters that
+/// trust each other may share a named domain (`shared/<name>`). The legacy domain (shown
+/// as the empty string) holds the blocks of repositories written before domains existed:
+/// one domain for every cluster, under the repository-wide id key.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Domain(String);
+
+impl Domain {
+    /// The blocks written before dedup domains existed.
+    pub fn legacy() -> Domain {
+        Domain(String::new())
+    }
+
+    /// The private domain of one cluster.
+    pub fn cluster(name: &str) -> Result<Domain, Error> {
+        validate_cluster_name(name)?;
+        Ok(Domain(format!("cluster/{name}")))
+    }
+
+    /// A domain shared by clusters that trust each other.
+    pub fn shared(name: &str) -> Result<Domain, Error> {
+        validate_cluster_name(name).map_err(|_| Error::InvalidDomain(name.to_string()))?;
+        Ok(Domain(format!("shared/{name}")))
+    }
+
+    /// Parses the form [`as_str`](Self::as_str) shows.
+    pub fn parse(s: &str) -> Result<Domain, Error> {
+        match s.split_once('/') {
+            None if s.is_empty() => Ok(Domain::legacy()),
+            Some(("cluster", name)) => Domain::cluster(name),
+            Some(("shared", name)) => Domain::shared(name),
+            _ => Err(Error::InvalidDomain(s.to_string())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_legacy(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("legacy")
+        } else {
+            f.write_str(&self.0)
+        }
+    }
+}
+
+impl fmt::Debug for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Domain({self})")
+    }
+}

@@ -1,16 +1,34 @@
-//! Index objects (block id → pack, offset, length) and the in-memory block index.
+//! Index objects (block id → pack, offset, length) and the block index: an on-disk cache
+//! of every readable index object, so that memory does not grow with the repository.
 //!
-//! Plaintext of an index object, integers big-endian:
-//! `"KLIOIDX1" | pack_count u32 | per pack: pack_id [32] | salt [32] | count u32 |
-//! per block: block_id [32] | offset u32 | length u32 | plain_len u32`.
+//! Plaintext of an index object, integers big-endian. Version 1 (blocks of the legacy
+//! dedup domain): `"KLIOIDX1" | pack_count u32 | per pack: pack_id [32] | salt [32] |
+//! count u32 | per block: block_id [32] | offset u32 | length u32 | plain_len u32`.
+//! Version 2 adds each pack's dedup domain: `"KLIOIDX2" | pack_count u32 | per pack:
+//! domain_len u16 | domain | pack_id [32] | salt [32] | count u32 | per block: as in 1`.
+//!
+//! The cache ([`BlockIndex`]) is a redb database: block id → (domain, pack, location), the
+//! packs, and which index objects it holds. It is only a cache: the index objects are the
+//! truth, and [`BlockIndex::sync`] brings the cache up to date with them (reading only the
+//! index objects it does not hold yet), so a lost or stale cache costs a rebuild, never data.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
-use crate::{BlockId, Error, PackId};
+use klio_crypto::{MasterKey, open_object};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 
-const MAGIC: &[u8; 8] = b"KLIOIDX1";
+use crate::{BlockId, Domain, Error, ObjectStore, PackId, sealed_error};
+
+const MAGIC_V1: &[u8; 8] = b"KLIOIDX1";
+const MAGIC_V2: &[u8; 8] = b"KLIOIDX2";
 /// Bytes of one block entry in an index object.
 pub(crate) const ENTRY_LEN: usize = 32 + 4 + 4 + 4;
+/// The longest domain name in an index object.
+const MAX_DOMAIN_LEN: usize = 128;
 
 /// Where a block's frame is inside a pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,15 +44,25 @@ pub(crate) struct PackSection {
     pub pack: PackId,
     /// The salt of the pack's sealed header (needed to derive its key and rebuild the AAD).
     pub salt: [u8; 32],
+    /// Every block of a pack belongs to this dedup domain.
+    pub domain: Domain,
     pub blocks: Vec<(BlockId, BlockLocation)>,
 }
 
+/// Encodes sections: version 1 when every pack is in the legacy domain (what older readers
+/// expect), else version 2.
 pub(crate) fn encode(sections: &[PackSection]) -> Vec<u8> {
+    let v2 = sections.iter().any(|s| !s.domain.is_legacy());
     let entries: usize = sections.iter().map(|s| s.blocks.len()).sum();
-    let mut out = Vec::with_capacity(12 + sections.len() * 68 + entries * ENTRY_LEN);
-    out.extend_from_slice(MAGIC);
+    let mut out = Vec::with_capacity(12 + sections.len() * 200 + entries * ENTRY_LEN);
+    out.extend_from_slice(if v2 { MAGIC_V2 } else { MAGIC_V1 });
     out.extend_from_slice(&(sections.len() as u32).to_be_bytes());
     for s in sections {
+        if v2 {
+            let d = s.domain.as_str().as_bytes();
+            out.extend_from_slice(&(d.len() as u16).to_be_bytes());
+            out.extend_from_slice(d);
+        }
         out.extend_from_slice(s.pack.as_bytes());
         out.extend_from_slice(&s.salt);
         out.extend_from_slice(&(s.blocks.len() as u32).to_be_bytes());
@@ -75,17 +103,37 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.take(4)?);
         Ok(u32::from_be_bytes(a))
     }
+
+    fn u16(&mut self) -> Result<u16, Error> {
+        let mut a = [0u8; 2];
+        a.copy_from_slice(self.take(2)?);
+        Ok(u16::from_be_bytes(a))
+    }
 }
 
-/// Decodes an index object's plaintext; `object` names it in errors.
+/// Decodes an index object's plaintext (version 1 or 2); `object` names it in errors.
 pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error> {
     let mut r = Reader { buf, object };
-    if r.take(8)? != MAGIC {
-        return Err(Error::corrupt(object, "not an index (bad magic)"));
-    }
+    let v2 = match r.take(8)? {
+        m if m == MAGIC_V1 => false,
+        m if m == MAGIC_V2 => true,
+        _ => return Err(Error::corrupt(object, "not an index (bad magic)")),
+    };
     let packs = r.u32()?;
     let mut sections = Vec::new();
     for _ in 0..packs {
+        let domain = if v2 {
+            let len = r.u16()? as usize;
+            if len > MAX_DOMAIN_LEN {
+                return Err(Error::corrupt(object, "a domain name is too long"));
+            }
+            let name = std::str::from_utf8(r.take(len)?)
+                .map_err(|_| Error::corrupt(object, "a domain name is not UTF-8"))?;
+            Domain::parse(name)
+                .map_err(|_| Error::corrupt(object, format!("invalid domain \"{name}\"")))?
+        } else {
+            Domain::legacy()
+        };
         let pack = PackId(r.array32()?);
         let salt = r.array32()?;
         let count = r.u32()? as usize;
@@ -110,7 +158,12 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error
             next_free = u64::from(loc.offset) + u64::from(loc.len);
             blocks.push((id, loc));
         }
-        sections.push(PackSection { pack, salt, blocks });
+        sections.push(PackSection {
+            pack,
+            salt,
+            domain,
+            blocks,
+        });
     }
     if !r.buf.is_empty() {
         return Err(Error::corrupt(object, "trailing bytes after the index"));
@@ -125,16 +178,6 @@ pub(crate) struct PackInfo {
     pub salt: [u8; 32],
 }
 
-/// One block in memory: 48 bytes, no per-entry allocation.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Entry {
-    pub id: [u8; 32],
-    pub pack: u32,
-    pub offset: u32,
-    pub len: u32,
-    pub plain_len: u32,
-}
-
 /// A located block, as returned by lookups.
 #[derive(Clone, Debug)]
 pub(crate) struct Located {
@@ -142,134 +185,529 @@ pub(crate) struct Located {
     pub loc: BlockLocation,
 }
 
-/// The in-memory block index: a sorted array (binary search, no hash-table overhead) plus
-/// a hash map of recently added blocks, merged into the array when it grows.
-#[derive(Default)]
+/// block id → domain number | pack number | offset | len | plain_len (u32 each, big-endian)
+const BLOCKS: TableDefinition<[u8; 32], [u8; 20]> = TableDefinition::new("blocks");
+/// pack number → pack id | salt | domain number
+const PACKS: TableDefinition<u32, [u8; 68]> = TableDefinition::new("packs");
+const PACK_NUMBERS: TableDefinition<[u8; 32], u32> = TableDefinition::new("pack_numbers");
+/// pack number → the ids of its blocks, concatenated (to forget a pack without a scan)
+const PACK_BLOCKS: TableDefinition<u32, &[u8]> = TableDefinition::new("pack_blocks");
+/// pack number → the keys of the index objects naming it, one per line
+const PACK_INDEXES: TableDefinition<u32, &str> = TableDefinition::new("pack_indexes");
+/// domain name → domain number (the legacy domain, "", is 0)
+const DOMAINS: TableDefinition<&str, u32> = TableDefinition::new("domains");
+/// key of an index object held → the numbers of its packs (u32 big-endian, concatenated)
+const INDEX_OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("index_objects");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const NEXT_PACK: TableDefinition<(), u32> = TableDefinition::new("next_pack");
+
+const CACHE_FORMAT: &str = "klio-index-cache/1";
+/// redb's page cache: what the block index may keep in memory, whatever its size on disk.
+const CACHE_BYTES: usize = 32 << 20;
+
+fn db_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::IndexCache {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn entry_bytes(domain: u32, pack: u32, loc: &BlockLocation) -> [u8; 20] {
+    let mut v = [0u8; 20];
+    v[0..4].copy_from_slice(&domain.to_be_bytes());
+    v[4..8].copy_from_slice(&pack.to_be_bytes());
+    v[8..12].copy_from_slice(&loc.offset.to_be_bytes());
+    v[12..16].copy_from_slice(&loc.len.to_be_bytes());
+    v[16..20].copy_from_slice(&loc.plain_len.to_be_bytes());
+    v
+}
+
+fn be32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_be_bytes(a)
+}
+
+/// (domain number, pack number, location) of a stored entry.
+fn parse_entry(v: &[u8; 20]) -> (u32, u32, BlockLocation) {
+    (
+        be32(&v[0..4]),
+        be32(&v[4..8]),
+        BlockLocation {
+            offset: be32(&v[8..12]),
+            len: be32(&v[12..16]),
+            plain_len: be32(&v[16..20]),
+        },
+    )
+}
+
+fn pack_bytes(id: &PackId, salt: &[u8; 32], domain: u32) -> [u8; 68] {
+    let mut v = [0u8; 68];
+    v[0..32].copy_from_slice(id.as_bytes());
+    v[32..64].copy_from_slice(salt);
+    v[64..68].copy_from_slice(&domain.to_be_bytes());
+    v
+}
+
+fn parse_pack(v: &[u8; 68]) -> (PackInfo, u32) {
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&v[0..32]);
+    let mut salt = [0u8; 32];
+    salt.copy_from_slice(&v[32..64]);
+    (
+        PackInfo {
+            id: PackId(id),
+            salt,
+        },
+        be32(&v[64..68]),
+    )
+}
+
+/// The block index: an on-disk cache of the repository's index objects (see the module
+/// documentation). Memory use is bounded by its page cache, not by the repository's size.
 pub(crate) struct BlockIndex {
-    packs: Vec<PackInfo>,
-    pack_numbers: HashMap<PackId, u32>,
-    sorted: Vec<Entry>,
-    recent: HashMap<[u8; 32], Entry>,
+    db: Database,
+    path: PathBuf,
+    /// Holds a cache that lives only as long as this handle (no path configured).
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl BlockIndex {
-    fn pack_number(&mut self, id: PackId, salt: [u8; 32]) -> u32 {
-        if let Some(&n) = self.pack_numbers.get(&id) {
-            return n;
-        }
-        let n = self.packs.len() as u32;
-        self.packs.push(PackInfo { id, salt });
-        self.pack_numbers.insert(id, n);
-        n
-    }
-
-    /// Adds the sections of an index object read at open time; call [`BlockIndex::seal`]
-    /// after the last one.
-    pub fn load(&mut self, sections: Vec<PackSection>) {
-        for s in sections {
-            let pack = self.pack_number(s.pack, s.salt);
-            self.sorted
-                .extend(s.blocks.into_iter().map(|(id, loc)| Entry {
-                    id: id.0,
-                    pack,
-                    offset: loc.offset,
-                    len: loc.len,
-                    plain_len: loc.plain_len,
-                }));
-        }
-    }
-
-    /// Sorts what [`BlockIndex::load`] added and keeps one location per block.
-    pub fn seal(&mut self) {
-        self.sorted.extend(self.recent.drain().map(|(_, e)| e));
-        self.sorted.sort_unstable_by_key(|e| e.id);
-        self.sorted.dedup_by(|a, b| a.id == b.id);
-        self.sorted.shrink_to_fit();
-    }
-
-    /// Adds a pack just written; its blocks are found immediately.
-    pub fn add(&mut self, section: &PackSection) {
-        let pack = self.pack_number(section.pack, section.salt);
-        for (id, loc) in &section.blocks {
-            if self.find(id).is_some() {
-                continue;
+    /// Opens (or creates) the cache at `path` for the repository `repository_id`; a cache
+    /// of another repository, of another cache format, or one that cannot be opened is
+    /// replaced by an empty one. Without a path the cache is a temporary file.
+    pub fn open(path: Option<&Path>, repository_id: &str) -> Result<BlockIndex, Error> {
+        let (path, temp) = match path {
+            Some(p) => (p.to_path_buf(), None),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("klio-index-")
+                    .tempdir()
+                    .map_err(|e| db_err(Path::new("<temporary directory>"), e))?;
+                (dir.path().join("index.redb"), Some(dir))
             }
-            self.recent.insert(
-                id.0,
-                Entry {
-                    id: id.0,
-                    pack,
-                    offset: loc.offset,
-                    len: loc.len,
-                    plain_len: loc.plain_len,
-                },
-            );
+        };
+        if let Some(parent) = path.parent() {
+            klio_durable::create_dir_all_durable(parent).map_err(|e| db_err(&path, e))?;
         }
-        if self.recent.len() > (self.sorted.len() / 16).max(1 << 16) {
-            self.seal();
-        }
-    }
-
-    fn find(&self, id: &BlockId) -> Option<&Entry> {
-        match self.sorted.binary_search_by(|e| e.id.cmp(&id.0)) {
-            Ok(i) => self.sorted.get(i),
-            Err(_) => self.recent.get(&id.0),
-        }
-    }
-
-    pub fn contains(&self, id: &BlockId) -> bool {
-        self.find(id).is_some()
-    }
-
-    pub fn locate(&self, id: &BlockId) -> Option<Located> {
-        let e = self.find(id)?;
-        let pack = self.packs.get(e.pack as usize)?.clone();
-        Some(Located {
-            pack,
-            loc: BlockLocation {
-                offset: e.offset,
-                len: e.len,
-                plain_len: e.plain_len,
-            },
+        let db = match Self::open_db(&path, repository_id) {
+            Ok(Some(db)) => db,
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(cache = %path.display(), error = %e, "rebuilding the block index cache");
+                }
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(db_err(&path, e)),
+                }
+                Self::open_db(&path, repository_id)?
+                    .ok_or_else(|| db_err(&path, "a new cache could not be initialized"))?
+            }
+        };
+        Ok(BlockIndex {
+            db,
+            path,
+            _temp: temp,
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.sorted.len() + self.recent.len()
+    /// Opens the database; `None` if it belongs to another repository or cache format.
+    fn open_db(path: &Path, repository_id: &str) -> Result<Option<Database>, Error> {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| db_err(path, e))?;
+        let txn = db.begin_write().map_err(|e| db_err(path, e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| db_err(path, e))?;
+            let format = meta
+                .get("format")
+                .map_err(|e| db_err(path, e))?
+                .map(|v| v.value().to_string());
+            let repo = meta
+                .get("repository_id")
+                .map_err(|e| db_err(path, e))?
+                .map(|v| v.value().to_string());
+            match (format, repo) {
+                (None, None) => {
+                    meta.insert("format", CACHE_FORMAT)
+                        .map_err(|e| db_err(path, e))?;
+                    meta.insert("repository_id", repository_id)
+                        .map_err(|e| db_err(path, e))?;
+                    let mut domains = txn.open_table(DOMAINS).map_err(|e| db_err(path, e))?;
+                    domains.insert("", 0).map_err(|e| db_err(path, e))?;
+                    for t in [PACK_BLOCKS] {
+                        txn.open_table(t).map_err(|e| db_err(path, e))?;
+                    }
+                    txn.open_table(BLOCKS).map_err(|e| db_err(path, e))?;
+                    txn.open_table(PACKS).map_err(|e| db_err(path, e))?;
+                    txn.open_table(PACK_NUMBERS).map_err(|e| db_err(path, e))?;
+                    txn.open_table(PACK_INDEXES).map_err(|e| db_err(path, e))?;
+                    txn.open_table(INDEX_OBJECTS).map_err(|e| db_err(path, e))?;
+                    txn.open_table(NEXT_PACK).map_err(|e| db_err(path, e))?;
+                }
+                (Some(f), Some(r)) if f == CACHE_FORMAT && r == repository_id => {}
+                _ => return Ok(None),
+            }
+        }
+        txn.commit().map_err(|e| db_err(path, e))?;
+        Ok(Some(db))
     }
 
-    /// Adds a pack that takes over its blocks from wherever they were (a rewritten pack):
-    /// unlike [`BlockIndex::add`], existing locations are replaced.
-    pub fn relocate(&mut self, section: &PackSection) {
-        let pack = self.pack_number(section.pack, section.salt);
-        for (id, loc) in &section.blocks {
-            let entry = Entry {
-                id: id.0,
-                pack,
-                offset: loc.offset,
-                len: loc.len,
-                plain_len: loc.plain_len,
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        db_err(&self.path, e)
+    }
+
+    /// Brings the cache up to date with the index objects in `store`: reads those it does
+    /// not hold yet and forgets those that no longer exist. Returns the index objects that
+    /// could not be read, with the reason (their blocks count as missing); storage errors
+    /// fail.
+    pub fn sync(
+        &self,
+        store: &dyn ObjectStore,
+        master: &MasterKey,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let listed: Vec<String> = store.list("index/")?;
+        let held: HashSet<String> = {
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let t = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
+            let mut held = HashSet::new();
+            for row in t.iter().map_err(|e| self.err(e))? {
+                let (k, _) = row.map_err(|e| self.err(e))?;
+                held.insert(k.value().to_string());
+            }
+            held
+        };
+        let listed_set: HashSet<&str> = listed.iter().map(String::as_str).collect();
+        let vanished: Vec<&String> = held
+            .iter()
+            .filter(|k| !listed_set.contains(k.as_str()))
+            .collect();
+        if !vanished.is_empty() {
+            let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| self.err(e))?;
+            for key in &vanished {
+                self.forget_index_object(&txn, key)?;
+            }
+            txn.commit().map_err(|e| self.err(e))?;
+        }
+        let mut damaged = Vec::new();
+        let mut read = 0usize;
+        for key in &listed {
+            if held.contains(key) {
+                continue;
+            }
+            let named_by_id = key
+                .strip_prefix("index/")
+                .is_some_and(|id| id.parse::<PackId>().is_ok());
+            if !named_by_id {
+                damaged.push((key.clone(), "not an index object name".to_string()));
+                continue;
+            }
+            // Deleted since the listing (a concurrent index merge): its blocks are elsewhere.
+            let Some(sealed) = store.get(key)? else {
+                continue;
             };
-            match self.sorted.binary_search_by(|e| e.id.cmp(&id.0)) {
-                Ok(i) => self.sorted[i] = entry,
-                Err(_) => {
-                    self.recent.insert(id.0, entry);
+            let sections = open_object(master, key, &sealed)
+                .map_err(|e| sealed_error(key, e))
+                .and_then(|(_, plain)| decode(&plain, key));
+            match sections {
+                Ok(sections) => {
+                    self.add_sections(key, &sections, false, redb::Durability::None)?;
+                    read += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(object = %key, error = %e, "ignoring unreadable index object");
+                    let reason = match e {
+                        Error::Corrupt { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    damaged.push((key.clone(), reason));
                 }
             }
         }
+        // One durable commit makes everything above durable.
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        tracing::debug!(
+            cache = %self.path.display(),
+            index_objects_read = read,
+            index_objects_forgotten = vanished.len(),
+            "block index cache synchronized"
+        );
+        Ok(damaged)
+    }
+
+    /// The number of a domain in this cache, allocated on first use.
+    pub fn domain_number(&self, domain: &Domain) -> Result<u32, Error> {
+        {
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let t = txn.open_table(DOMAINS).map_err(|e| self.err(e))?;
+            if let Some(n) = t.get(domain.as_str()).map_err(|e| self.err(e))? {
+                return Ok(n.value());
+            }
+        }
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let n = self.domain_number_in(&txn, domain)?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
+    fn domain_number_in(&self, txn: &WriteTransaction, domain: &Domain) -> Result<u32, Error> {
+        let mut t = txn.open_table(DOMAINS).map_err(|e| self.err(e))?;
+        if let Some(n) = t.get(domain.as_str()).map_err(|e| self.err(e))? {
+            return Ok(n.value());
+        }
+        let n = t.len().map_err(|e| self.err(e))? as u32;
+        t.insert(domain.as_str(), n).map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
+    /// The domain a domain number stands for.
+    fn domain_name(&self, number: u32) -> Result<Option<Domain>, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(DOMAINS).map_err(|e| self.err(e))?;
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            if v.value() == number {
+                return Ok(Domain::parse(k.value()).ok());
+            }
+        }
+        Ok(None)
+    }
+
+    /// Adds the packs of index object `key` (just written, or read from the store). A block
+    /// already located keeps its location unless `relocate` (a rewritten pack takes over).
+    pub fn add_sections(
+        &self,
+        key: &str,
+        sections: &[PackSection],
+        relocate: bool,
+        durability: redb::Durability,
+    ) -> Result<(), Error> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(durability).map_err(|e| self.err(e))?;
+        {
+            let mut numbers_of_object = Vec::with_capacity(sections.len() * 4);
+            let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
+            let mut packs = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+            let mut pack_numbers = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
+            let mut pack_blocks = txn.open_table(PACK_BLOCKS).map_err(|e| self.err(e))?;
+            let mut pack_indexes = txn.open_table(PACK_INDEXES).map_err(|e| self.err(e))?;
+            let mut next = txn.open_table(NEXT_PACK).map_err(|e| self.err(e))?;
+            for s in sections {
+                let domain = self.domain_number_in(&txn, &s.domain)?;
+                let existing = pack_numbers
+                    .get(s.pack.as_bytes())
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value());
+                let n = match existing {
+                    Some(n) => n,
+                    None => {
+                        let n = next.get(()).map_err(|e| self.err(e))?.map_or(0, |v| v.value());
+                        next.insert((), n + 1).map_err(|e| self.err(e))?;
+                        pack_numbers
+                            .insert(s.pack.as_bytes(), n)
+                            .map_err(|e| self.err(e))?;
+                        packs
+                            .insert(n, pack_bytes(&s.pack, &s.salt, domain))
+                            .map_err(|e| self.err(e))?;
+                        n
+                    }
+                };
+                numbers_of_object.extend_from_slice(&n.to_be_bytes());
+                let mut ids = Vec::with_capacity(s.blocks.len() * 32);
+                for (id, loc) in &s.blocks {
+                    ids.extend_from_slice(id.as_bytes());
+                    let keep = !relocate
+                        && blocks
+                            .get(id.as_bytes())
+                            .map_err(|e| self.err(e))?
+                            .is_some();
+                    if !keep {
+                        blocks
+                            .insert(id.as_bytes(), entry_bytes(domain, n, loc))
+                            .map_err(|e| self.err(e))?;
+                    }
+                }
+                pack_blocks
+                    .insert(n, ids.as_slice())
+                    .map_err(|e| self.err(e))?;
+                let keys = pack_indexes
+                    .get(n)
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value().to_string());
+                let keys = match keys {
+                    Some(k) if k.lines().any(|l| l == key) => k,
+                    Some(k) => format!("{k}\n{key}"),
+                    None => key.to_string(),
+                };
+                pack_indexes
+                    .insert(n, keys.as_str())
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut objects = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
+            objects
+                .insert(key, numbers_of_object.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Forgets an index object and every pack it names.
+    fn forget_index_object(&self, txn: &WriteTransaction, key: &str) -> Result<(), Error> {
+        let numbers: Vec<u32> = {
+            let t = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
+            let v = t.get(key).map_err(|e| self.err(e))?;
+            v.map(|v| v.value().chunks_exact(4).map(be32).collect())
+                .unwrap_or_default()
+        };
+        for n in numbers {
+            self.forget_pack_number(txn, n)?;
+        }
+        let mut t = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
+        t.remove(key).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Forgets pack `n`: the blocks still located in it, and the index objects naming it
+    /// (so that one that still exists is read again at the next [`sync`](Self::sync)).
+    fn forget_pack_number(&self, txn: &WriteTransaction, n: u32) -> Result<(), Error> {
+        let ids: Vec<u8> = {
+            let mut t = txn.open_table(PACK_BLOCKS).map_err(|e| self.err(e))?;
+            let v = t.remove(n).map_err(|e| self.err(e))?;
+            v.map(|v| v.value().to_vec()).unwrap_or_default()
+        };
+        {
+            let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
+            for id in ids.chunks_exact(32) {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(id);
+                let here = blocks
+                    .get(&a)
+                    .map_err(|e| self.err(e))?
+                    .is_some_and(|v| parse_entry(&v.value()).1 == n);
+                if here {
+                    blocks.remove(&a).map_err(|e| self.err(e))?;
+                }
+            }
+        }
+        let pack = {
+            let mut t = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+            let v = t.remove(n).map_err(|e| self.err(e))?;
+            v.map(|v| parse_pack(&v.value()).0)
+        };
+        if let Some(p) = pack {
+            let mut t = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
+            t.remove(p.id.as_bytes()).map_err(|e| self.err(e))?;
+        }
+        let keys = {
+            let mut t = txn.open_table(PACK_INDEXES).map_err(|e| self.err(e))?;
+            let v = t.remove(n).map_err(|e| self.err(e))?;
+            v.map(|v| v.value().to_string()).unwrap_or_default()
+        };
+        let mut objects = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
+        for k in keys.lines() {
+            objects.remove(k).map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Forgets every block located in pack `id` (the pack is being deleted).
-    pub fn remove_pack(&mut self, id: &PackId) {
-        let Some(&n) = self.pack_numbers.get(id) else {
-            return;
+    pub fn remove_pack(&self, id: &PackId) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let n = {
+            let t = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
+            t.get(id.as_bytes())
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value())
         };
-        self.sorted.retain(|e| e.pack != n);
-        self.recent.retain(|_, e| e.pack != n);
+        if let Some(n) = n {
+            self.forget_pack_number(&txn, n)?;
+        }
+        txn.commit().map_err(|e| self.err(e))
     }
 
-    pub fn pack_count(&self) -> usize {
-        self.packs.len()
+    /// Where each block is, if it is stored in `domain` (a block of another domain is not
+    /// found).
+    pub fn locate_many(&self, domain: u32, ids: &[BlockId]) -> Result<Vec<Option<Located>>, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
+        let packs = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+        let mut pack_cache: std::collections::HashMap<u32, PackInfo> =
+            std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(v) = blocks.get(id.as_bytes()).map_err(|e| self.err(e))? else {
+                out.push(None);
+                continue;
+            };
+            let (d, n, loc) = parse_entry(&v.value());
+            if d != domain {
+                out.push(None);
+                continue;
+            }
+            let pack = match pack_cache.get(&n) {
+                Some(p) => p.clone(),
+                None => {
+                    let Some(p) = packs.get(n).map_err(|e| self.err(e))? else {
+                        out.push(None);
+                        continue;
+                    };
+                    let (info, _) = parse_pack(&p.value());
+                    pack_cache.insert(n, info.clone());
+                    info
+                }
+            };
+            out.push(Some(Located { pack, loc }));
+        }
+        Ok(out)
+    }
+
+    /// Whether each block is stored in `domain`.
+    pub fn contains_many(&self, domain: u32, ids: &[BlockId]) -> Result<Vec<bool>, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
+        ids.iter()
+            .map(|id| {
+                Ok(blocks
+                    .get(id.as_bytes())
+                    .map_err(|e| self.err(e))?
+                    .is_some_and(|v| parse_entry(&v.value()).0 == domain))
+            })
+            .collect()
+    }
+
+    /// The dedup domain of pack `id`, if the cache holds it.
+    pub fn pack_domain(&self, id: &PackId) -> Result<Option<Domain>, Error> {
+        let number = {
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let numbers = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
+            let Some(n) = numbers.get(id.as_bytes()).map_err(|e| self.err(e))? else {
+                return Ok(None);
+            };
+            let packs = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+            let Some(p) = packs.get(n.value()).map_err(|e| self.err(e))? else {
+                return Ok(None);
+            };
+            parse_pack(&p.value()).1
+        };
+        self.domain_name(number)
+    }
+
+    /// How many distinct blocks are stored.
+    pub fn len(&self) -> Result<u64, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
+        t.len().map_err(|e| self.err(e))
+    }
+
+    pub fn pack_count(&self) -> Result<u64, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+        t.len().map_err(|e| self.err(e))
     }
 }
 
@@ -278,10 +716,11 @@ impl BlockIndex {
 mod tests {
     use super::*;
 
-    fn section(pack: u8, n: u8) -> PackSection {
+    fn section(pack: u8, n: u8, domain: Domain) -> PackSection {
         PackSection {
             pack: PackId([pack; 32]),
             salt: [pack ^ 0xff; 32],
+            domain,
             blocks: (0..n)
                 .map(|i| {
                     (
@@ -299,46 +738,92 @@ mod tests {
 
     #[test]
     fn index_encoding_roundtrips_and_rejects_damage() {
-        let sections = vec![section(1, 3), section(2, 0), section(3, 5)];
-        let bytes = encode(&sections);
+        let legacy = vec![
+            section(1, 3, Domain::legacy()),
+            section(2, 0, Domain::legacy()),
+            section(3, 5, Domain::legacy()),
+        ];
+        let bytes = encode(&legacy);
+        assert_eq!(&bytes[..8], MAGIC_V1);
         assert_eq!(bytes.len(), 12 + 3 * 68 + 8 * ENTRY_LEN);
-        assert_eq!(decode(&bytes, "i").unwrap(), sections);
-        assert!(decode(&bytes[..bytes.len() - 1], "i").is_err());
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(decode(&longer, "i").is_err());
-        let mut bad = bytes.clone();
-        bad[0] ^= 1;
-        assert!(decode(&bad, "i").is_err());
+        assert_eq!(decode(&bytes, "i").unwrap(), legacy);
+        let mixed = vec![
+            section(1, 3, Domain::cluster("a").unwrap()),
+            section(2, 2, Domain::legacy()),
+        ];
+        let v2 = encode(&mixed);
+        assert_eq!(&v2[..8], MAGIC_V2);
+        assert_eq!(decode(&v2, "i").unwrap(), mixed);
+        for bytes in [bytes, v2] {
+            assert!(decode(&bytes[..bytes.len() - 1], "i").is_err());
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(decode(&longer, "i").is_err());
+            let mut bad = bytes.clone();
+            bad[0] ^= 1;
+            assert!(decode(&bad, "i").is_err());
+        }
     }
 
     #[test]
-    fn entry_is_48_bytes() {
-        assert_eq!(std::mem::size_of::<Entry>(), 48);
+    fn index_v2_refuses_an_invalid_domain() {
+        let mut bytes = encode(&[section(1, 1, Domain::cluster("a").unwrap())]);
+        // "cluster/a" -> "cluster/A"
+        let at = 8 + 4 + 2 + "cluster/".len();
+        bytes[at] = b'A';
+        let e = decode(&bytes, "index/x").unwrap_err().to_string();
+        assert!(e.contains("index/x") && e.contains("invalid domain"), "{e}");
     }
 
     #[test]
-    fn block_index_finds_loaded_and_added_blocks() {
-        let mut idx = BlockIndex::default();
-        idx.load(vec![section(1, 3)]);
-        idx.seal();
-        let mut s = section(2, 5);
+    fn block_index_finds_blocks_only_in_their_domain() {
+        let idx = BlockIndex::open(None, "r1").unwrap();
+        let a = Domain::cluster("a").unwrap();
+        let b = Domain::cluster("b").unwrap();
+        let (da, db) = (
+            idx.domain_number(&a).unwrap(),
+            idx.domain_number(&b).unwrap(),
+        );
+        assert_eq!(idx.domain_number(&Domain::legacy()).unwrap(), 0);
+        idx.add_sections("index/1", &[section(1, 3, a.clone())], false, redb::Durability::Immediate)
+            .unwrap();
+        let mut s = section(2, 5, a.clone());
         s.blocks.retain(|(id, _)| id.0[0] >= 2);
-        idx.add(&s);
-        assert_eq!(idx.len(), 5);
-        assert_eq!(idx.pack_count(), 2);
+        idx.add_sections("index/2", &[s], false, redb::Durability::Immediate)
+            .unwrap();
+        assert_eq!(idx.len().unwrap(), 5);
+        assert_eq!(idx.pack_count().unwrap(), 2);
+        let ids: Vec<BlockId> = (0..6).map(|i| BlockId([i; 32])).collect();
+        let found = idx.locate_many(da, &ids).unwrap();
         // block 2 was in pack 1 first: that location is kept
+        assert_eq!(found[2].as_ref().unwrap().pack.id, PackId([1; 32]));
+        assert_eq!(found[4].as_ref().unwrap().pack.id, PackId([2; 32]));
+        assert!(found[5].is_none());
         assert_eq!(
-            idx.locate(&BlockId([2; 32])).unwrap().pack.id,
-            PackId([1; 32])
+            idx.contains_many(db, &ids).unwrap(),
+            vec![false; 6],
+            "another domain sees nothing"
         );
+        assert_eq!(idx.pack_domain(&PackId([2; 32])).unwrap(), Some(a.clone()));
+        idx.remove_pack(&PackId([1; 32])).unwrap();
         assert_eq!(
-            idx.locate(&BlockId([4; 32])).unwrap().pack.id,
-            PackId([2; 32])
+            idx.contains_many(da, &ids).unwrap(),
+            vec![false, false, false, true, true, false]
         );
-        assert!(!idx.contains(&BlockId([9; 32])));
-        idx.seal();
-        assert_eq!(idx.len(), 5);
-        assert!(idx.contains(&BlockId([4; 32])));
+    }
+
+    #[test]
+    fn block_index_cache_of_another_repository_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.redb");
+        {
+            let idx = BlockIndex::open(Some(&path), "r1").unwrap();
+            idx.add_sections("index/1", &[section(1, 3, Domain::legacy())], false, redb::Durability::Immediate)
+                .unwrap();
+        }
+        assert_eq!(BlockIndex::open(Some(&path), "r1").unwrap().len().unwrap(), 3);
+        assert_eq!(BlockIndex::open(Some(&path), "r2").unwrap().len().unwrap(), 0);
+        std::fs::write(&path, b"not a database").unwrap();
+        assert_eq!(BlockIndex::open(Some(&path), "r2").unwrap().len().unwrap(), 0);
     }
 }

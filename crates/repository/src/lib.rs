@@ -31,7 +31,7 @@ pub mod testing;
 mod tests;
 
 pub use gc::{DeadPack, GcPlan, GcReport, REPACK_DEAD_SHARE, Repack};
-pub use ids::{BackupId, BlockId, BlocklistId, PackId, validate_cluster_name};
+pub use ids::{BackupId, BlockId, BlocklistId, Domain, PackId, validate_cluster_name};
 pub use manifest::{FileEntry, FileKind, Manifest};
 pub use pack::{BlockPayload, PackStats, PackWriter};
 pub use repository::{
@@ -152,6 +152,18 @@ pub enum Error {
         "the repository in \"{location}\" was not created for this server's repository: their block id keys differ\nHINT: point Tier 2 at an empty bucket prefix, or at the prefix this server's repository was copied to"
     )]
     IdKeyMismatch { location: String },
+    #[error(
+        "invalid dedup domain \"{0}\"\nHINT: a domain is \"cluster/<cluster name>\" or \"shared/<name>\" with a name like a cluster name"
+    )]
+    InvalidDomain(String),
+    #[error(
+        "block {block} is not in dedup domain \"{domain}\"\nHINT: blocks are only shared inside one domain; upload the block in this backup"
+    )]
+    ForeignBlock { block: BlockId, domain: Domain },
+    #[error(
+        "the block index cache \"{path}\" failed: {reason}\nHINT: the cache is rebuilt from the repository's index objects; remove the file if it is damaged and restart"
+    )]
+    IndexCache { path: String, reason: String },
     #[error("invalid repository option {option}: {reason}")]
     InvalidOption {
         option: &'static str,
@@ -181,7 +193,10 @@ impl Error {
     /// Whether retrying the same operation later could succeed (I/O trouble, as opposed to
     /// missing or corrupt data and invalid input).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { .. } | Error::CreateDirectory { .. })
+        matches!(
+            self,
+            Error::Io { .. } | Error::CreateDirectory { .. } | Error::IndexCache { .. }
+        )
     }
 }
 

@@ -4,7 +4,9 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BackupId, BlockId, BlocklistId, Error, MAX_BLOCK_SIZE, validate_cluster_name};
+use crate::{
+    BackupId, BlockId, BlocklistId, Domain, Error, MAX_BLOCK_SIZE, validate_cluster_name,
+};
 
 pub(crate) const FORMAT: &str = "klio-manifest/1";
 
@@ -15,6 +17,8 @@ pub struct Manifest {
     pub backup_id: BackupId,
     /// Owned by the backup engine (start and stop LSN, timeline, labels...); stored as is.
     pub metadata: serde_json::Value,
+    /// The dedup domain of every block and blocklist the manifest names.
+    pub domain: Domain,
     pub files: Vec<FileEntry>,
 }
 
@@ -60,6 +64,9 @@ struct ManifestDoc {
     cluster: String,
     backup_id: BackupId,
     metadata: serde_json::Value,
+    /// Absent in manifests written before dedup domains: the legacy domain.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    domain: String,
     files: Vec<FileEntry>,
 }
 
@@ -125,6 +132,7 @@ impl Manifest {
             cluster: self.cluster.clone(),
             backup_id: self.backup_id.clone(),
             metadata: self.metadata.clone(),
+            domain: self.domain.as_str().to_string(),
             files: self.files.clone(),
         };
         serde_json::to_vec(&doc).map_err(|e| Error::InvalidManifest {
@@ -143,10 +151,14 @@ impl Manifest {
                 format!("unsupported manifest format \"{}\"", doc.format),
             ));
         }
+        let domain = Domain::parse(&doc.domain).map_err(|_| {
+            Error::corrupt(object, format!("invalid dedup domain \"{}\"", doc.domain))
+        })?;
         Ok(Manifest {
             cluster: doc.cluster,
             backup_id: doc.backup_id,
             metadata: doc.metadata,
+            domain,
             files: doc.files,
         })
     }

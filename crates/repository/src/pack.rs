@@ -147,7 +147,7 @@ impl PackWriter {
             });
         }
         let pending = self.open.as_ref().is_some_and(|p| p.ids.contains(id));
-        if pending || (!self.relocate && self.repo.has_block(id)) {
+        if pending || (!self.relocate && self.repo.has_block(id)?) {
             self.stats.blocks_deduplicated += 1;
             return Ok(false);
         }
@@ -220,6 +220,7 @@ impl PackWriter {
         let section = PackSection {
             pack: pack.id,
             salt: pack.salt,
+            domain: self.repo.domain().clone(),
             blocks: pack.blocks,
         };
         let index_id = hex::encode(klio_crypto::random_bytes::<32>());
@@ -232,11 +233,7 @@ impl PackWriter {
             self.repo.options().compression_level,
         );
         store.put(&key, &sealed)?;
-        if self.relocate {
-            self.repo.index_relocate(&section);
-        } else {
-            self.repo.index_add(&section);
-        }
+        self.repo.index_add(&key, &section, self.relocate)?;
         self.stats.packs_written += 1;
         self.stats.pack_bytes += pack.buf.len() as u64;
         self.stats.index_bytes += sealed.len() as u64;

@@ -2,12 +2,14 @@
 //! writing of blocks, blocklists and manifests.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use klio_crypto::{MasterKey, ObjectKind, open_object, seal_object};
 use serde::{Deserialize, Serialize};
 
 use crate::index::{self, BlockIndex, PackSection};
+use crate::ids::Domain;
 use crate::pack::{BlockPayload, open_block_frame, open_block_payload, pack_cipher};
 use crate::{
     BackupId, BlockId, BlocklistId, Error, Manifest, ObjectStore, PackId, PackWriter, blocklist,
@@ -28,6 +30,8 @@ const KEY_ENVELOPE_KEY: &str = "keys.json";
 const CONFIG_FORMAT: &str = "klio-repository/1";
 const BLOCK_ID_CONTEXT: &str = "klio repository block id v1";
 const BLOCKLIST_ID_CONTEXT: &str = "klio repository blocklist id v1";
+const DOMAIN_BLOCK_ID_CONTEXT: &str = "klio repository block id v2 (per domain)";
+const DOMAIN_BLOCKLIST_ID_CONTEXT: &str = "klio repository blocklist id v2 (per domain)";
 
 pub(crate) fn pack_name(id: &PackId) -> String {
     format!("pack/{id}")
@@ -59,13 +63,16 @@ fn manifest_name(cluster: &str, backup_id: &BackupId) -> String {
 }
 
 /// Tunables of a [`Repository`] handle (not part of the format: readers need none of them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepositoryOptions {
     /// zstd level for blocks and metadata; `None` stores everything uncompressed. Data is
     /// only stored compressed when that saves at least 64 bytes.
     pub compression_level: Option<i32>,
     /// A pack is written once its stored size reaches this many bytes.
     pub pack_target_size: usize,
+    /// Where the block index cache lives (a redb file, rebuilt from the index objects when
+    /// lost); `None`: a temporary file removed when the repository is dropped.
+    pub index_cache: Option<PathBuf>,
 }
 
 impl Default for RepositoryOptions {
@@ -73,6 +80,7 @@ impl Default for RepositoryOptions {
         RepositoryOptions {
             compression_level: Some(DEFAULT_COMPRESSION_LEVEL),
             pack_target_size: DEFAULT_PACK_TARGET_SIZE,
+            index_cache: None,
         }
     }
 }
@@ -117,10 +125,41 @@ struct Secrets {
 /// The repository's keys, from `config`.
 struct Keys {
     repository_id: String,
-    /// The secret both id keys derive from.
+    /// The secret every id key derives from.
     id: [u8; 32],
+}
+
+/// The id keys of one dedup domain.
+struct DomainKeys {
+    domain: Domain,
+    /// The domain's number in the block index cache.
+    number: u32,
     block: [u8; 32],
     blocklist: [u8; 32],
+}
+
+impl DomainKeys {
+    fn new(id_key: &[u8; 32], domain: Domain, number: u32) -> DomainKeys {
+        let (block, blocklist) = if domain.is_legacy() {
+            (
+                blake3::derive_key(BLOCK_ID_CONTEXT, id_key),
+                blake3::derive_key(BLOCKLIST_ID_CONTEXT, id_key),
+            )
+        } else {
+            let mut material = id_key.to_vec();
+            material.extend_from_slice(domain.as_str().as_bytes());
+            (
+                blake3::derive_key(DOMAIN_BLOCK_ID_CONTEXT, &material),
+                blake3::derive_key(DOMAIN_BLOCKLIST_ID_CONTEXT, &material),
+            )
+        };
+        DomainKeys {
+            domain,
+            number,
+            block,
+            blocklist,
+        }
+    }
 }
 
 struct Inner {
@@ -128,17 +167,21 @@ struct Inner {
     master: MasterKey,
     options: RepositoryOptions,
     keys: Keys,
-    index: RwLock<BlockIndex>,
+    index: BlockIndex,
     /// Index objects that could not be read at open: (key, reason).
     damaged_indexes: Vec<(String, String)>,
     /// Blocklists known to exist (written or read by this handle).
     known_blocklists: Mutex<HashSet<BlocklistId>>,
 }
 
-/// An open repository. Cheap to clone; clones share the block index. `Send + Sync`.
+/// An open repository, working in one dedup [`Domain`]: blocks are named, found, read,
+/// stored and listed only in it ([`in_domain`](Self::in_domain) gives a handle for another
+/// one). Manifests, garbage collection and verification span every domain. Cheap to clone;
+/// clones share the block index. `Send + Sync`.
 #[derive(Clone)]
 pub struct Repository {
     inner: Arc<Inner>,
+    domain: Arc<DomainKeys>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -152,7 +195,9 @@ impl std::fmt::Debug for Repository {
 
 impl Repository {
     /// Opens the repository in `store`: reads `config` (checking that `master` is the key it
-    /// was created with) and loads every index object.
+    /// was created with) and brings the block index cache up to date with the index
+    /// objects (reading only those it does not hold yet). The handle works in the legacy
+    /// domain; see [`in_domain`](Self::in_domain).
     pub fn open(
         store: Arc<dyn ObjectStore>,
         master: MasterKey,
@@ -165,26 +210,46 @@ impl Repository {
                 location: store.location(),
             })?;
         let keys = read_config(store.as_ref(), &master, &raw)?;
-        let (index, damaged_indexes) = load_index(store.as_ref(), &master)?;
+        let index = BlockIndex::open(options.index_cache.as_deref(), &keys.repository_id)?;
+        let damaged_indexes = index.sync(store.as_ref(), &master)?;
         tracing::info!(
             location = %store.location(),
             repository_id = %keys.repository_id,
-            blocks = index.len(),
-            packs = index.pack_count(),
+            blocks = index.len()?,
+            packs = index.pack_count()?,
             damaged_indexes = damaged_indexes.len(),
             "opened repository"
         );
+        let domain = Arc::new(DomainKeys::new(&keys.id, Domain::legacy(), 0));
         Ok(Repository {
             inner: Arc::new(Inner {
                 store,
                 master,
                 options,
                 keys,
-                index: RwLock::new(index),
+                index,
                 damaged_indexes,
                 known_blocklists: Mutex::new(HashSet::new()),
             }),
+            domain,
         })
+    }
+
+    /// A handle on the same repository working in dedup domain `domain`.
+    pub fn in_domain(&self, domain: &Domain) -> Result<Repository, Error> {
+        if *domain == self.domain.domain {
+            return Ok(self.clone());
+        }
+        let number = self.inner.index.domain_number(domain)?;
+        Ok(Repository {
+            inner: self.inner.clone(),
+            domain: Arc::new(DomainKeys::new(&self.inner.keys.id, domain.clone(), number)),
+        })
+    }
+
+    /// The dedup domain this handle works in.
+    pub fn domain(&self) -> &Domain {
+        &self.domain.domain
     }
 
     /// Opens the repository in `store`, first creating it (its `config`, with a new random
@@ -268,36 +333,29 @@ impl Repository {
         self.inner.store.location()
     }
 
-    fn index(&self) -> RwLockReadGuard<'_, BlockIndex> {
-        // The index is only modified by complete, non-panicking operations.
-        self.inner
-            .index
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// Records a pack whose index object `key` was just written; with `relocate` its
+    /// blocks move there from wherever they were (a rewritten pack).
+    pub(crate) fn index_add(
+        &self,
+        key: &str,
+        section: &PackSection,
+        relocate: bool,
+    ) -> Result<(), Error> {
+        self.inner.index.add_sections(
+            key,
+            std::slice::from_ref(section),
+            relocate,
+            redb::Durability::Immediate,
+        )
     }
 
-    pub(crate) fn index_add(&self, section: &PackSection) {
-        self.inner
-            .index
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .add(section);
+    pub(crate) fn index_remove_pack(&self, id: &PackId) -> Result<(), Error> {
+        self.inner.index.remove_pack(id)
     }
 
-    pub(crate) fn index_relocate(&self, section: &PackSection) {
-        self.inner
-            .index
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .relocate(section);
-    }
-
-    pub(crate) fn index_remove_pack(&self, id: &PackId) {
-        self.inner
-            .index
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove_pack(id);
+    /// The dedup domain of a pack, if the block index holds it.
+    pub(crate) fn pack_domain(&self, id: &PackId) -> Result<Option<Domain>, Error> {
+        self.inner.index.pack_domain(id)
     }
 
     pub(crate) fn forget_blocklists(&self, ids: impl Iterator<Item = BlocklistId>) {
@@ -307,14 +365,18 @@ impl Repository {
         }
     }
 
-    pub(crate) fn locate(&self, id: &BlockId) -> Option<index::Located> {
-        self.index().locate(id)
+    /// Where a block of this handle's domain is stored.
+    pub(crate) fn locate(&self, id: &BlockId) -> Result<Option<index::Located>, Error> {
+        Ok(self
+            .inner
+            .index
+            .locate_many(self.domain.number, std::slice::from_ref(id))?
+            .pop()
+            .flatten())
     }
 
-    /// Where a block is stored, or [`Error::BlockNotFound`] naming the index objects that
-    /// could not be read (the block may have been listed in one of them).
-    fn locate_stored(&self, id: &BlockId) -> Result<index::Located, Error> {
-        self.locate(id).ok_or_else(|| Error::BlockNotFound {
+    fn not_found(&self, id: &BlockId) -> Error {
+        Error::BlockNotFound {
             block: *id,
             damaged_indexes: self
                 .inner
@@ -322,7 +384,13 @@ impl Repository {
                 .iter()
                 .map(|(k, _)| k.clone())
                 .collect(),
-        })
+        }
+    }
+
+    /// Where a block is stored, or [`Error::BlockNotFound`] naming the index objects that
+    /// could not be read (the block may have been listed in one of them).
+    fn locate_stored(&self, id: &BlockId) -> Result<index::Located, Error> {
+        self.locate(id)?.ok_or_else(|| self.not_found(id))
     }
 
     /// Index objects that could not be read when the repository was opened, with the
@@ -331,20 +399,26 @@ impl Repository {
         &self.inner.damaged_indexes
     }
 
-    /// The id of a block: keyed BLAKE3 of its plaintext under the repository's block key.
+    /// The id of a block: keyed BLAKE3 of its plaintext under the block key of this
+    /// handle's domain.
     pub fn block_id(&self, plaintext: &[u8]) -> BlockId {
-        BlockId(*blake3::keyed_hash(&self.inner.keys.block, plaintext).as_bytes())
+        BlockId(*blake3::keyed_hash(&self.domain.block, plaintext).as_bytes())
     }
 
-    /// Whether the block is stored (listed by a readable index object, or written by a
-    /// finished pack of this handle).
-    pub fn has_block(&self, id: &BlockId) -> bool {
-        self.index().contains(id)
+    /// Whether the block is stored in this handle's domain (listed by a readable index
+    /// object, or written by a finished pack of this handle).
+    pub fn has_block(&self, id: &BlockId) -> Result<bool, Error> {
+        Ok(self.has_blocks(std::slice::from_ref(id))?[0])
     }
 
-    /// How many distinct blocks are stored.
-    pub fn block_count(&self) -> usize {
-        self.index().len()
+    /// [`has_block`](Self::has_block) of many blocks at once.
+    pub fn has_blocks(&self, ids: &[BlockId]) -> Result<Vec<bool>, Error> {
+        self.inner.index.contains_many(self.domain.number, ids)
+    }
+
+    /// How many distinct blocks are stored, in every domain.
+    pub fn block_count(&self) -> Result<u64, Error> {
+        self.inner.index.len()
     }
 
     /// A writer that adds blocks in new packs.
@@ -388,10 +462,11 @@ impl Repository {
         })
     }
 
-    /// The key of block ids (keyed BLAKE3), handed to authenticated backup clients so they
-    /// can name blocks and ask which are missing without sending them.
+    /// The key of block ids (keyed BLAKE3) of this handle's domain, handed to authenticated
+    /// backup clients of the domain so they can name blocks and ask which are missing
+    /// without sending them.
     pub fn block_id_key(&self) -> [u8; 32] {
-        self.inner.keys.block
+        self.domain.block
     }
 
     /// Reads many blocks, authenticated but still compressed as stored, in the order of
@@ -403,8 +478,11 @@ impl Repository {
     pub fn read_block_payloads(&self, ids: &[BlockId]) -> Result<Vec<BlockPayload>, Error> {
         const MAX_GAP: u64 = 256 << 10;
         let mut located = Vec::with_capacity(ids.len());
-        for id in ids {
-            located.push(self.locate_stored(id)?);
+        for (id, l) in ids
+            .iter()
+            .zip(self.inner.index.locate_many(self.domain.number, ids)?)
+        {
+            located.push(l.ok_or_else(|| self.not_found(id))?);
         }
         let mut order: Vec<usize> = (0..ids.len()).collect();
         // Grouped by pack (a prefix of its random id is enough to group), then by offset.
@@ -474,7 +552,7 @@ impl Repository {
     }
 
     fn blocklist_id(&self, plaintext: &[u8]) -> BlocklistId {
-        BlocklistId(*blake3::keyed_hash(&self.inner.keys.blocklist, plaintext).as_bytes())
+        BlocklistId(*blake3::keyed_hash(&self.domain.blocklist, plaintext).as_bytes())
     }
 
     fn known_blocklists(&self) -> std::sync::MutexGuard<'_, HashSet<BlocklistId>> {
@@ -485,7 +563,7 @@ impl Repository {
     }
 
     /// Stores a list of block ids (content addressed: an identical list is stored once) and
-    /// returns its id. Every block must already be stored.
+    /// returns its id. Every block must already be stored in this handle's domain.
     pub fn put_blocklist(&self, ids: &[BlockId]) -> Result<BlocklistId, Error> {
         if ids.len() > MAX_BLOCKLIST_LEN {
             return Err(Error::BlocklistTooLong {
@@ -493,11 +571,9 @@ impl Repository {
                 max: MAX_BLOCKLIST_LEN,
             });
         }
-        {
-            let index = self.index();
-            if let Some(missing) = ids.iter().find(|id| !index.contains(id)) {
-                return Err(Error::UnstoredBlock { block: *missing });
-            }
+        let stored = self.has_blocks(ids)?;
+        if let Some((missing, _)) = ids.iter().zip(&stored).find(|(_, s)| !**s) {
+            return Err(Error::UnstoredBlock { block: *missing });
         }
         let plaintext = blocklist::encode(ids);
         let id = self.blocklist_id(&plaintext);
@@ -519,7 +595,9 @@ impl Repository {
         Ok(id)
     }
 
-    /// Reads a blocklist, checking its authentication and that its content matches its id.
+    /// Reads a blocklist of this handle's domain, checking its authentication and that its
+    /// content matches its id under the domain's key (a blocklist of another domain is
+    /// refused as not matching).
     pub fn get_blocklist(&self, id: &BlocklistId) -> Result<Vec<BlockId>, Error> {
         let key = blocklist_key(id);
         let sealed = self
@@ -548,18 +626,34 @@ impl Repository {
     }
 
     /// Stores a backup's manifest: the last object of a backup, after all it refers to.
-    /// Refused if the manifest is invalid, refers to a block or blocklist that is not
-    /// stored, or if a backup with the same id exists.
+    /// Refused if the manifest is invalid, is of another domain than this handle's, refers
+    /// to a block or blocklist that is not stored in it, or if a backup with the same id
+    /// exists.
     pub fn put_manifest(&self, manifest: &Manifest) -> Result<(), Error> {
         manifest.validate()?;
+        if manifest.domain != self.domain.domain {
+            return Err(Error::InvalidManifest {
+                cluster: manifest.cluster.clone(),
+                backup_id: manifest.backup_id.to_string(),
+                reason: format!(
+                    "it is of dedup domain \"{}\", the repository handle of \"{}\"",
+                    manifest.domain, self.domain.domain
+                ),
+            });
+        }
         let mut blocklists = HashSet::new();
+        let mut wholes = Vec::new();
         for f in &manifest.files {
             match &f.kind {
-                crate::FileKind::Whole { block } if !self.has_block(block) => {
-                    return Err(Error::UnstoredBlock { block: *block });
-                }
+                crate::FileKind::Whole { block } => wholes.push(*block),
                 crate::FileKind::Blocks { blocklists: b, .. } => blocklists.extend(b.iter()),
                 _ => {}
+            }
+        }
+        for chunk in wholes.chunks(65_536) {
+            let stored = self.has_blocks(chunk)?;
+            if let Some((block, _)) = chunk.iter().zip(&stored).find(|(_, s)| !**s) {
+                return Err(Error::UnstoredBlock { block: *block });
             }
         }
         for id in blocklists {
@@ -701,46 +795,5 @@ fn read_config(store: &dyn ObjectStore, master: &MasterKey, raw: &[u8]) -> Resul
     Ok(Keys {
         repository_id: config.repository_id,
         id: id_key,
-        block: blake3::derive_key(BLOCK_ID_CONTEXT, &id_key),
-        blocklist: blake3::derive_key(BLOCKLIST_ID_CONTEXT, &id_key),
     })
-}
-
-/// Reads every index object. Unreadable ones are returned with the reason (their blocks
-/// count as missing); storage errors fail the open.
-fn load_index(
-    store: &dyn ObjectStore,
-    master: &MasterKey,
-) -> Result<(BlockIndex, Vec<(String, String)>), Error> {
-    let mut index = BlockIndex::default();
-    let mut damaged = Vec::new();
-    for key in store.list("index/")? {
-        let named_by_id = key
-            .strip_prefix("index/")
-            .is_some_and(|id| id.parse::<PackId>().is_ok());
-        if !named_by_id {
-            damaged.push((key, "not an index object name".to_string()));
-            continue;
-        }
-        // Deleted since the listing (a concurrent index merge): its blocks are elsewhere.
-        let Some(sealed) = store.get(&key)? else {
-            continue;
-        };
-        let sections = open_object(master, &key, &sealed)
-            .map_err(|e| sealed_error(&key, e))
-            .and_then(|(_, plain)| index::decode(&plain, &key));
-        match sections {
-            Ok(sections) => index.load(sections),
-            Err(e) => {
-                tracing::warn!(object = %key, error = %e, "ignoring unreadable index object");
-                let reason = match e {
-                    Error::Corrupt { reason, .. } => reason,
-                    other => other.to_string(),
-                };
-                damaged.push((key, reason));
-            }
-        }
-    }
-    index.seal();
-    Ok((index, damaged))
 }

@@ -83,6 +83,17 @@ impl Repository {
     /// corrupt is listed in the report. Storage I/O errors abort with an error.
     pub fn verify(&self, cluster: &str, backup_id: &BackupId) -> Result<VerifyReport, Error> {
         let manifest = self.get_manifest(cluster, backup_id)?;
+        // Blocks and blocklists are read in the manifest's dedup domain.
+        self.in_domain(&manifest.domain)?
+            .verify_manifest(cluster, backup_id, manifest)
+    }
+
+    fn verify_manifest(
+        &self,
+        cluster: &str,
+        backup_id: &BackupId,
+        manifest: crate::Manifest,
+    ) -> Result<VerifyReport, Error> {
         let manifest_key = crate::repository::manifest_key(cluster, backup_id);
         let mut problems = Problems {
             list: Vec::new(),
@@ -102,7 +113,14 @@ impl Repository {
             BTreeMap::new();
         let mut seen_blocks: HashSet<BlockId> = HashSet::new();
         let mut need = |id: &BlockId, len: u64, path: &str, problems: &mut Problems| {
-            let Some(located) = self.locate(id) else {
+            let located = match self.locate(id) {
+                Ok(l) => l,
+                Err(e) => {
+                    problems.add(ProblemKind::Missing, format!("block {id}"), e.to_string());
+                    return;
+                }
+            };
+            let Some(located) = located else {
                 seen_blocks.insert(*id);
                 problems.add(
                     ProblemKind::Missing,

@@ -2,21 +2,31 @@
 //! blocks the repository lacks, the catalog, block reads for restores, and verification.
 //!
 //! A session owns a small pool of [`PackWriter`]s (one per concurrent `PutBlocks` call, so
-//! parallel uploads do not serialize on one pack). `Commit` finishes every writer (packs and
-//! their indexes become durable), stores the blocklists, then the manifest: a backup is in
-//! the catalog exactly when its manifest exists. A session that is abandoned (client killed,
-//! server killed) leaves at worst packs that no manifest references.
+//! parallel uploads do not serialize on one pack) and a spool file of the file entries the
+//! client adds as it goes (`AddFiles`), so that neither side holds the block ids of a whole
+//! database in memory. `Commit` finishes every writer (packs and their indexes become
+//! durable), reads the spool back a bounded batch at a time and stores its blocklists, then
+//! the manifest: a backup is in the catalog exactly when its manifest exists. A session that
+//! is abandoned (client killed, server killed) leaves at worst packs that no manifest
+//! references.
+//!
+//! Every cluster works in its own dedup domain (unless the server puts it in a shared one):
+//! `Missing`, `PutBlocks`, `Commit`, `GetBlocks` and `GetBlocklist` see only the blocks of
+//! the caller's domains, so no cluster learns anything about another's data.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use klio_proto::backup::v1::{self as pb, backup_server::Backup};
 use klio_repository::{
-    BackupId, BlockId, BlocklistId, FileEntry, FileKind, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN,
-    Manifest, PackStats, PackWriter, ProblemKind, Repository,
+    BackupId, BlockId, BlocklistId, Domain, FileEntry, FileKind, MAX_BLOCK_SIZE, Manifest,
+    PackStats, PackWriter, ProblemKind, Repository,
 };
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::Context;
@@ -27,10 +37,145 @@ pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const MAX_IDS_PER_CALL: usize = 65_536;
 /// Largest gRPC message of this service.
 pub const MAX_BACKUP_MESSAGE: usize = 64 << 20;
+/// Block ids per blocklist the server writes: 1 GiB of 8 KiB pages, one default relation
+/// segment file, so an unchanged segment costs one blocklist reference in a new manifest.
+pub const BLOCKLIST_LEN: usize = 131_072;
+/// Block ids a client puts in one `AddFiles` piece at most (what it holds in memory per
+/// reading thread); a multiple of [`BLOCKLIST_LEN`] so pieces cut blocklists the same way.
+pub const MAX_PIECE_IDS: usize = BLOCKLIST_LEN;
+/// Files per `GetManifest` message.
+const MANIFEST_FILES_PER_MESSAGE: usize = 4096;
+/// Block ids of the spool read at once by `Commit` (32 MiB).
+const COMMIT_BATCH_IDS: usize = 1 << 20;
+/// Ids a session lists as protected from garbage collection before it pins the whole
+/// repository instead (collections wait for it), so that its memory stays bounded.
+const MAX_PROTECTED_IDS: usize = 1 << 20;
+
+/// Settings of the base-backup service: dedup domains and per-cluster capacity limits.
+#[derive(Clone, Debug)]
+pub struct BackupSettings {
+    /// Cluster → name of the shared dedup domain it is in (an explicit opt-in; every other
+    /// cluster has its own domain).
+    pub shared_domains: BTreeMap<String, String>,
+    /// Backup sessions one cluster may have open at once (`--max-backup-sessions`).
+    pub max_sessions_per_cluster: usize,
+    /// Bytes one cluster may have uploaded in sessions not yet committed
+    /// (`--max-uncommitted-bytes`).
+    pub max_uncommitted_bytes_per_cluster: u64,
+    /// Where sessions spool their file entries (on the data volume).
+    pub spool_dir: Option<PathBuf>,
+}
+
+impl Default for BackupSettings {
+    fn default() -> BackupSettings {
+        BackupSettings {
+            shared_domains: BTreeMap::new(),
+            max_sessions_per_cluster: 2,
+            max_uncommitted_bytes_per_cluster: 4 << 40,
+            spool_dir: None,
+        }
+    }
+}
+
+impl BackupSettings {
+    /// The dedup domain of a cluster's new backups.
+    pub fn domain_of(&self, cluster: &str) -> Result<Domain, klio_repository::Error> {
+        match self.shared_domains.get(cluster) {
+            Some(shared) => Domain::shared(shared),
+            None => Domain::cluster(cluster),
+        }
+    }
+}
+
+/// The file entries a session was given, spooled to disk: `u32` length (big-endian) then
+/// the protobuf `FileEntry`, one after the other. Removed with the session.
+struct Spool {
+    path: PathBuf,
+    out: Option<BufWriter<std::fs::File>>,
+}
+
+impl Spool {
+    fn create(dir: &Path, session_id: &str) -> std::io::Result<Spool> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{session_id}.files"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(Spool {
+            path,
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+        })
+    }
+
+    fn append(&mut self, entries: &[pb::FileEntry]) -> std::io::Result<()> {
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the spool is closed"))?;
+        for e in entries {
+            let bytes = e.encode_to_vec();
+            out.write_all(&(bytes.len() as u32).to_be_bytes())?;
+            out.write_all(&bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and reopens the spool for reading.
+    fn reader(&mut self) -> std::io::Result<SpoolReader> {
+        if let Some(out) = self.out.take() {
+            out.into_inner().map_err(|e| e.into_error())?;
+        }
+        Ok(SpoolReader {
+            input: std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&self.path)?),
+        })
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct SpoolReader {
+    input: std::io::BufReader<std::fs::File>,
+}
+
+impl SpoolReader {
+    fn next_entry(&mut self) -> Result<Option<pb::FileEntry>, Status> {
+        let mut len = [0u8; 4];
+        match self.input.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(Status::internal(format!("read the session spool: {e}"))),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_BACKUP_MESSAGE {
+            return Err(Status::internal("the session spool is damaged"));
+        }
+        let mut buf = vec![0u8; len];
+        self.input
+            .read_exact(&mut buf)
+            .map_err(|e| Status::internal(format!("read the session spool: {e}")))?;
+        pb::FileEntry::decode(buf.as_slice())
+            .map(Some)
+            .map_err(|e| Status::internal(format!("the session spool is damaged: {e}")))
+    }
+}
 
 struct Session {
     cluster: String,
     backup_id: BackupId,
+    /// The repository in the cluster's dedup domain.
+    repo: Repository,
+    /// File entries added so far.
+    spool: Mutex<Spool>,
+    /// Bytes uploaded (as sent) in this session.
+    uploaded: AtomicU64,
+    /// Set when the protected set outgrew [`MAX_PROTECTED_IDS`]: garbage collection of the
+    /// repository waits for this session.
+    pins_repository: AtomicBool,
     /// Idle writers; a `PutBlocks` call takes one (or makes one) and puts it back.
     writers: Mutex<Vec<PackWriter>>,
     last_used: Mutex<Instant>,
@@ -62,11 +207,35 @@ pub struct BackupService {
     /// garbage collection: a block reported stored cannot be collected before the session
     /// that relies on it has recorded it in its protected set.
     gc_lock: Arc<tokio::sync::RwLock<()>>,
+    settings: Arc<BackupSettings>,
+    /// (cluster, domain) pairs known to be readable by the cluster: the domains of its
+    /// manifests.
+    readable_domains: Arc<Mutex<HashSet<(String, Domain)>>>,
+}
+
+/// Whether an error is the file system being full (or over quota).
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+fn disk_full_status(what: &str, e: &dyn std::fmt::Display) -> Status {
+    Status::resource_exhausted(format!(
+        "the server's data volume is full: could not {what}: {e}\nHINT: free space on the Klio server's volume (or enlarge it); nothing acknowledged was lost, start the backup again"
+    ))
 }
 
 fn repo_status(e: klio_repository::Error) -> Status {
     use klio_repository::Error as E;
+    if let E::Io { source, .. } = &e
+        && is_disk_full(source)
+    {
+        return disk_full_status("store backup data", &e);
+    }
     match e {
+        E::ForeignBlock { .. } | E::InvalidDomain(_) => Status::permission_denied(e.to_string()),
         E::BackupNotFound { .. } => Status::not_found(e.to_string()),
         E::BlockIdMismatch { .. }
         | E::BlockTooLarge { .. }
@@ -136,13 +305,71 @@ impl BackupService {
         repo: Repository,
         gc_lock: Arc<tokio::sync::RwLock<()>>,
         ctx: Context,
+        settings: BackupSettings,
     ) -> BackupService {
+        if let Some(dir) = &settings.spool_dir {
+            // Spools of sessions a previous process left behind.
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         BackupService {
             repo,
             ctx,
             sessions: Arc::default(),
             gc_lock,
+            settings: Arc::new(settings),
+            readable_domains: Arc::default(),
         }
+    }
+
+    /// `repo` in dedup domain `requested` (empty: the cluster's own), if `cluster` may read
+    /// it: its own domain, or the domain of one of its backups.
+    async fn readable(
+        &self,
+        repo: &Repository,
+        cluster: &str,
+        requested: &str,
+    ) -> Result<Repository, Status> {
+        let own = self
+            .settings
+            .domain_of(cluster)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let domain = if requested.is_empty() {
+            own.clone()
+        } else {
+            Domain::parse(requested).map_err(|e| Status::invalid_argument(e.to_string()))?
+        };
+        let known = domain == own
+            || lock(&self.readable_domains).contains(&(cluster.to_string(), domain.clone()));
+        if !known {
+            // The domains of the cluster's backups (a backup taken before the cluster
+            // joined a shared domain, or before domains existed).
+            let (r, c) = (repo.clone(), cluster.to_string());
+            let domains = tokio::task::spawn_blocking(move || -> Result<Vec<Domain>, Status> {
+                let mut out = Vec::new();
+                for id in r.list_manifests(&c).map_err(repo_status)? {
+                    if let Ok(m) = r.get_manifest(&c, &id) {
+                        out.push(m.domain);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(join_error)??;
+            let mut readable = lock(&self.readable_domains);
+            for d in domains {
+                readable.insert((cluster.to_string(), d));
+            }
+            if !readable.contains(&(cluster.to_string(), domain.clone())) {
+                return Err(Status::permission_denied(format!(
+                    "cluster \"{cluster}\" has no backup in dedup domain \"{domain}\""
+                )));
+            }
+        }
+        repo.in_domain(&domain).map_err(repo_status)
     }
 
     /// The repository of `tier` (0 and 1: Tier 1; 2: Tier 2), its garbage-collection lock,
@@ -187,6 +414,17 @@ impl BackupService {
         }
         let (repo, gc_lock, sessions_write_here) = self.tier_repo(tier).await?;
         let _exclusive = gc_lock.write().await;
+        if sessions_write_here
+            && !dry_run
+            && let Some(s) = lock(&self.sessions)
+                .values()
+                .find(|s| s.pins_repository.load(Ordering::Relaxed))
+        {
+            return Err(Status::unavailable(format!(
+                "garbage collection waits for backup {} of cluster \"{}\", which relies on more stored blocks than a session lists\nHINT: it runs again at the next retention run",
+                s.backup_id, s.cluster
+            )));
+        }
         let protected: HashSet<BlockId> = if sessions_write_here {
             lock(&self.sessions)
                 .values()
@@ -263,84 +501,191 @@ impl BackupService {
     }
 }
 
-fn files_to_manifest(
-    repo: &Repository,
-    files: Vec<pb::FileEntry>,
-) -> Result<Vec<FileEntry>, Status> {
-    let mut out = Vec::with_capacity(files.len());
-    // (index in `out`, block ids) of the files whose blocklists are still to be stored.
-    let mut pending_lists: Vec<(usize, Vec<BlockId>)> = Vec::new();
-    for f in files {
+/// A file entry as the manifest will hold it, being assembled from its pieces.
+struct PartialFile {
+    entry: FileEntry,
+    /// Blocks received so far (the index the next piece must start at).
+    next_block: u64,
+    /// Blocks the file has in all.
+    blocks: u64,
+}
+
+/// Builds a manifest's files from `AddFiles` pieces (any order between files, in order
+/// within a file), storing blocklists a bounded batch at a time.
+struct ManifestBuilder<'r> {
+    repo: &'r Repository,
+    files: BTreeMap<String, PartialFile>,
+    /// (path, ids) of pieces whose blocklists are still to be stored, in arrival order.
+    batch: Vec<(String, Vec<BlockId>)>,
+    batch_ids: usize,
+}
+
+impl<'r> ManifestBuilder<'r> {
+    fn new(repo: &'r Repository) -> ManifestBuilder<'r> {
+        ManifestBuilder {
+            repo,
+            files: BTreeMap::new(),
+            batch: Vec::new(),
+            batch_ids: 0,
+        }
+    }
+
+    fn add(&mut self, f: pb::FileEntry) -> Result<(), Status> {
         let bad = |reason: &str| {
             Status::invalid_argument(format!("file \"{}\" in the manifest: {reason}", f.path))
         };
+        if !f.block_ids.len().is_multiple_of(32) {
+            return Err(bad("block ids must be a multiple of 32 bytes"));
+        }
+        let ids = BlockId::list_from_bytes(&f.block_ids);
         let kind = match pb::file_entry::Kind::try_from(f.kind) {
             Ok(pb::file_entry::Kind::Directory) => FileKind::Directory,
             Ok(pb::file_entry::Kind::Symlink) => FileKind::Symlink {
                 target: f.target.clone(),
             },
+            Ok(pb::file_entry::Kind::File) if f.block_size == 0 => {
+                if ids.len() != 1 || f.first_block != 0 {
+                    return Err(bad("a file stored whole has exactly one block"));
+                }
+                FileKind::Whole { block: ids[0] }
+            }
             Ok(pb::file_entry::Kind::File) => {
-                if !f.block_ids.len().is_multiple_of(32) {
-                    return Err(bad("block ids must be a multiple of 32 bytes"));
+                if f.block_size as usize > MAX_BLOCK_SIZE {
+                    return Err(bad("block size too large"));
                 }
-                let ids = BlockId::list_from_bytes(&f.block_ids);
-                if f.block_size == 0 {
-                    if ids.len() != 1 {
-                        return Err(bad("a file stored whole has exactly one block"));
+                let blocks = f.size.div_ceil(u64::from(f.block_size));
+                let partial = match self.files.get_mut(&f.path) {
+                    Some(p) => p,
+                    None if f.first_block == 0 => {
+                        self.files.insert(
+                            f.path.clone(),
+                            PartialFile {
+                                entry: FileEntry {
+                                    path: f.path.clone(),
+                                    size: f.size,
+                                    mode: f.mode,
+                                    mtime: f.mtime,
+                                    kind: FileKind::Blocks {
+                                        block_size: f.block_size,
+                                        blocklists: Vec::new(),
+                                    },
+                                },
+                                next_block: 0,
+                                blocks,
+                            },
+                        );
+                        self.files
+                            .get_mut(&f.path)
+                            .ok_or_else(|| Status::internal("file entry vanished"))?
                     }
-                    FileKind::Whole { block: ids[0] }
-                } else {
-                    if f.block_size as usize > MAX_BLOCK_SIZE {
-                        return Err(bad("block size too large"));
-                    }
-                    if f.size.div_ceil(u64::from(f.block_size)) != ids.len() as u64 {
-                        return Err(bad("the number of blocks does not match the size"));
-                    }
-                    pending_lists.push((out.len(), ids));
-                    FileKind::Blocks {
-                        block_size: f.block_size,
-                        blocklists: Vec::new(),
+                    None => return Err(bad("a piece arrived before the file's first piece")),
+                };
+                // A file read while it grows: each piece says the size read so far.
+                let same_file = matches!(
+                    partial.entry.kind,
+                    FileKind::Blocks { block_size, .. } if block_size == f.block_size
+                ) && partial.entry.size <= f.size;
+                if !same_file || partial.next_block != f.first_block {
+                    return Err(bad(&format!(
+                        "a piece starting at block {} does not continue the file (next block {})",
+                        f.first_block, partial.next_block
+                    )));
+                }
+                partial.entry.size = f.size;
+                partial.blocks = blocks;
+                if partial.next_block + ids.len() as u64 > partial.blocks {
+                    return Err(bad("the number of blocks does not match the size"));
+                }
+                partial.next_block += ids.len() as u64;
+                if !ids.is_empty() {
+                    self.batch_ids += ids.len();
+                    self.batch.push((f.path.clone(), ids));
+                    if self.batch_ids >= COMMIT_BATCH_IDS {
+                        self.store_batch()?;
                     }
                 }
+                return Ok(());
             }
             _ => return Err(bad("unknown kind")),
         };
-        out.push(FileEntry {
-            path: f.path,
+        let entry = FileEntry {
+            path: f.path.clone(),
             size: f.size,
             mode: f.mode,
             mtime: f.mtime,
             kind,
-        });
-    }
-    let lists = put_blocklists(repo, &pending_lists)?;
-    for ((i, _), lists) in pending_lists.iter().zip(lists) {
-        if let FileKind::Blocks { blocklists, .. } = &mut out[*i].kind {
-            *blocklists = lists;
+        };
+        let previous = self.files.insert(
+            f.path.clone(),
+            PartialFile {
+                entry,
+                next_block: 0,
+                blocks: 0,
+            },
+        );
+        if previous.is_some() {
+            return Err(bad("it appears twice"));
         }
+        Ok(())
     }
-    Ok(out)
+
+    /// Stores the blocklists of the pieces gathered so far and appends them to their files.
+    fn store_batch(&mut self) -> Result<(), Status> {
+        let pieces = std::mem::take(&mut self.batch);
+        self.batch_ids = 0;
+        let lists = put_blocklists(self.repo, &pieces)?;
+        for ((path, _), lists) in pieces.iter().zip(lists) {
+            if let Some(PartialFile {
+                entry:
+                    FileEntry {
+                        kind: FileKind::Blocks { blocklists, .. },
+                        ..
+                    },
+                ..
+            }) = self.files.get_mut(path)
+            {
+                blocklists.extend(lists);
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest's files, in path order; refused if a file lacks blocks.
+    fn finish(mut self) -> Result<Vec<FileEntry>, Status> {
+        self.store_batch()?;
+        let mut out = Vec::with_capacity(self.files.len());
+        for (path, p) in self.files {
+            if p.next_block != p.blocks {
+                return Err(Status::invalid_argument(format!(
+                    "file \"{path}\" in the manifest: {} of its {} blocks were sent",
+                    p.next_block, p.blocks
+                )));
+            }
+            out.push(p.entry);
+        }
+        Ok(out)
+    }
 }
 
-/// Stores the blocklists of many files with several threads: each is a small durable write
-/// (fsync of file and directory), and concurrent fsyncs share the file system's journal
-/// commits instead of waiting for one each.
+/// Stores the blocklists of many file pieces with several threads: each is a small durable
+/// write (fsync of file and directory), and concurrent fsyncs share the file system's
+/// journal commits instead of waiting for one each.
 fn put_blocklists(
     repo: &Repository,
-    files: &[(usize, Vec<BlockId>)],
+    pieces: &[(String, Vec<BlockId>)],
 ) -> Result<Vec<Vec<BlocklistId>>, Status> {
     const THREADS: usize = 8;
     let next = std::sync::atomic::AtomicUsize::new(0);
     type Slot = Mutex<Option<Result<Vec<BlocklistId>, Status>>>;
-    let results: Vec<Slot> = files.iter().map(|_| Mutex::new(None)).collect();
+    let results: Vec<Slot> = pieces.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
-        for _ in 0..THREADS.min(files.len()) {
+        for _ in 0..THREADS.min(pieces.len()) {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((_, ids)) = files.get(i) else { break };
+                    let Some((_, ids)) = pieces.get(i) else { break };
                     let r = ids
-                        .chunks(MAX_BLOCKLIST_LEN)
+                        .chunks(BLOCKLIST_LEN)
                         .map(|chunk| repo.put_blocklist(chunk).map_err(repo_status))
                         .collect::<Result<Vec<_>, _>>();
                     *lock(&results[i]) = Some(r);
@@ -358,44 +703,35 @@ fn put_blocklists(
         .collect()
 }
 
-fn manifest_to_files(repo: &Repository, m: &Manifest) -> Result<Vec<pb::FileEntry>, Status> {
-    let mut out = Vec::with_capacity(m.files.len());
-    for f in &m.files {
-        let mut e = pb::FileEntry {
-            path: f.path.clone(),
-            size: f.size,
-            mode: f.mode,
-            mtime: f.mtime,
-            ..Default::default()
-        };
-        match &f.kind {
-            FileKind::Directory => e.kind = pb::file_entry::Kind::Directory as i32,
-            FileKind::Symlink { target } => {
-                e.kind = pb::file_entry::Kind::Symlink as i32;
-                e.target = target.clone();
-            }
-            FileKind::Whole { block } => {
-                e.kind = pb::file_entry::Kind::File as i32;
-                e.block_ids = block.0.to_vec().into();
-            }
-            FileKind::Blocks {
-                block_size,
-                blocklists,
-            } => {
-                e.kind = pb::file_entry::Kind::File as i32;
-                e.block_size = *block_size;
-                let mut ids = Vec::new();
-                for l in blocklists {
-                    for id in repo.get_blocklist(l).map_err(repo_status)? {
-                        ids.extend_from_slice(&id.0);
-                    }
-                }
-                e.block_ids = ids.into();
-            }
+/// A manifest entry as sent to a restore: a file cut into blocks names its blocklists.
+fn file_to_pb(f: &FileEntry) -> pb::FileEntry {
+    let mut e = pb::FileEntry {
+        path: f.path.clone(),
+        size: f.size,
+        mode: f.mode,
+        mtime: f.mtime,
+        ..Default::default()
+    };
+    match &f.kind {
+        FileKind::Directory => e.kind = pb::file_entry::Kind::Directory as i32,
+        FileKind::Symlink { target } => {
+            e.kind = pb::file_entry::Kind::Symlink as i32;
+            e.target = target.clone();
         }
-        out.push(e);
+        FileKind::Whole { block } => {
+            e.kind = pb::file_entry::Kind::File as i32;
+            e.block_ids = block.0.to_vec().into();
+        }
+        FileKind::Blocks {
+            block_size,
+            blocklists,
+        } => {
+            e.kind = pb::file_entry::Kind::File as i32;
+            e.block_size = *block_size;
+            e.blocklists = blocklists.iter().map(|l| l.0.to_vec().into()).collect();
+        }
     }
-    Ok(out)
+    e
 }
 
 fn finish_all(writers: Vec<PackWriter>) -> Result<PackStats, klio_repository::Error> {
@@ -433,27 +769,69 @@ impl Backup for BackupService {
         Self::authorize(&request, &cluster)?;
         klio_repository::validate_cluster_name(&cluster)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let domain = self
+            .settings
+            .domain_of(&cluster)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let limit = self.settings.max_sessions_per_cluster;
+        let open = lock(&self.sessions)
+            .values()
+            .filter(|s| s.cluster == cluster)
+            .count();
+        if open >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "cluster \"{cluster}\" already has {open} backup sessions open, the limit (max-backup-sessions, --max-backup-sessions) is {limit}\nHINT: wait for the running backups to finish, or abort them"
+            )));
+        }
         let tier2 = request.get_ref().tier2_backup;
         self.ctx.declare_tier2_backup(&cluster, tier2, false)?;
         let repo = self.repo.clone();
         let c = cluster.clone();
-        let existing = tokio::task::spawn_blocking(move || repo.list_manifests(&c))
-            .await
-            .map_err(join_error)?
-            .map_err(repo_status)?;
+        let (existing, repo) = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let existing = repo.list_manifests(&c).map_err(repo_status)?;
+            Ok((existing, repo.in_domain(&domain).map_err(repo_status)?))
+        })
+        .await
+        .map_err(join_error)??;
+        let session_id = hex::encode(klio_crypto::random_bytes::<16>());
+        let spool_dir = self
+            .settings
+            .spool_dir
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("this server takes no backups"))?;
+        let spool = Spool::create(&spool_dir, &session_id).map_err(|e| {
+            if is_disk_full(&e) {
+                disk_full_status("create the session spool", &e)
+            } else {
+                Status::internal(format!(
+                    "create the session spool in \"{}\": {e}",
+                    spool_dir.display()
+                ))
+            }
+        })?;
         let mut sessions = lock(&self.sessions);
+        let open = sessions.values().filter(|s| s.cluster == cluster).count();
+        if open >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "cluster \"{cluster}\" already has {open} backup sessions open, the limit (max-backup-sessions, --max-backup-sessions) is {limit}"
+            )));
+        }
         let backup_id = new_backup_id(|id| {
             existing.contains(id)
                 || sessions
                     .values()
                     .any(|s| s.cluster == cluster && s.backup_id == *id)
         })?;
-        let session_id = hex::encode(klio_crypto::random_bytes::<16>());
+        let block_id_key = repo.block_id_key();
         sessions.insert(
             session_id.clone(),
             Arc::new(Session {
                 cluster: cluster.clone(),
                 backup_id: backup_id.clone(),
+                repo,
+                spool: Mutex::new(spool),
+                uploaded: AtomicU64::new(0),
+                pins_repository: AtomicBool::new(false),
                 writers: Mutex::new(Vec::new()),
                 last_used: Mutex::new(Instant::now()),
                 protected: Mutex::new(HashSet::new()),
@@ -464,7 +842,7 @@ impl Backup for BackupService {
         Ok(Response::new(pb::BeginResponse {
             session_id,
             backup_id: backup_id.to_string(),
-            block_id_key: self.repo.block_id_key().to_vec().into(),
+            block_id_key: block_id_key.to_vec().into(),
             max_block_size: MAX_BLOCK_SIZE as u32,
         }))
     }
@@ -477,14 +855,21 @@ impl Backup for BackupService {
         let session = self.session(&request, &request.get_ref().session_id)?;
         let ids = parse_ids(&request.get_ref().ids)?;
         let _shared = self.gc_lock.read().await;
+        let s = session.clone();
+        let stored = tokio::task::spawn_blocking(move || s.repo.has_blocks(&ids).map(|r| (ids, r)))
+            .await
+            .map_err(join_error)?
+            .map_err(repo_status)?;
+        let (ids, stored) = stored;
         let pending = lock(&session.writers);
         let mut protected = lock(&session.protected);
         let missing: Vec<u8> = ids
             .iter()
-            .map(|id| {
-                let stored = self.repo.has_block(id) || pending.iter().any(|w| w.contains(id));
+            .zip(stored)
+            .map(|(id, in_repo)| {
+                let stored = in_repo || pending.iter().any(|w| w.contains(id));
                 if stored {
-                    protected.insert(*id);
+                    protect(&session, &mut protected, *id);
                 }
                 u8::from(!stored)
             })
@@ -501,18 +886,24 @@ impl Backup for BackupService {
         self.ctx.writable("backups")?;
         let session = self.session(&request, &request.get_ref().session_id)?;
         let blocks = request.into_inner().blocks;
-        let _shared = self.gc_lock.read().await;
-        {
-            let mut protected = lock(&session.protected);
-            for b in &blocks {
-                if let Ok(id) = <[u8; 32]>::try_from(b.id.as_ref()) {
-                    protected.insert(BlockId(id));
-                }
-            }
+        let bytes: u64 = blocks.iter().map(|b| b.data.len() as u64).sum();
+        let limit = self.settings.max_uncommitted_bytes_per_cluster;
+        let in_flight: u64 = lock(&self.sessions)
+            .values()
+            .filter(|s| s.cluster == session.cluster)
+            .map(|s| s.uploaded.load(Ordering::Relaxed))
+            .sum();
+        if in_flight.saturating_add(bytes) > limit {
+            return Err(Status::resource_exhausted(format!(
+                "cluster \"{}\" has {in_flight} bytes uploaded in backups not committed yet; the limit (max-uncommitted-bytes, --max-uncommitted-bytes) is {limit}\nHINT: raise --max-uncommitted-bytes on the server, or run fewer backups of the cluster at once",
+                session.cluster
+            )));
         }
+        session.uploaded.fetch_add(bytes, Ordering::Relaxed);
+        let _shared = self.gc_lock.read().await;
         let mut writer = lock(&session.writers)
             .pop()
-            .unwrap_or_else(|| self.repo.pack_writer());
+            .unwrap_or_else(|| session.repo.pack_writer());
         let s = session.clone();
         let (writer, result) = tokio::task::spawn_blocking(move || {
             let result = store_blocks(&mut writer, blocks);
@@ -521,8 +912,42 @@ impl Backup for BackupService {
         .await
         .map_err(join_error)?;
         lock(&s.writers).push(writer);
-        let new = result?;
+        let (new, ids) = result?;
+        // Only blocks that were checked and stored are protected.
+        let mut protected = lock(&s.protected);
+        for id in ids {
+            protect(&s, &mut protected, id);
+        }
         Ok(Response::new(pb::PutBlocksResponse { blocks_new: new }))
+    }
+
+    async fn add_files(
+        &self,
+        request: Request<pb::AddFilesRequest>,
+    ) -> Result<Response<pb::AddFilesResponse>, Status> {
+        self.ctx.writable("backups")?;
+        let session = self.session(&request, &request.get_ref().session_id)?;
+        let files = request.into_inner().files;
+        for f in &files {
+            if f.path.is_empty() || f.block_ids.len() / 32 > MAX_PIECE_IDS.max(1) {
+                return Err(Status::invalid_argument(format!(
+                    "file \"{}\": an empty path, or more than {MAX_PIECE_IDS} block ids in one piece",
+                    f.path
+                )));
+            }
+        }
+        let s = session.clone();
+        tokio::task::spawn_blocking(move || lock(&s.spool).append(&files))
+            .await
+            .map_err(join_error)?
+            .map_err(|e| {
+                if is_disk_full(&e) {
+                    disk_full_status("spool the backup's file list", &e)
+                } else {
+                    Status::internal(format!("spool the backup's file list: {e}"))
+                }
+            })?;
+        Ok(Response::new(pb::AddFilesResponse {}))
     }
 
     async fn commit(
@@ -544,13 +969,23 @@ impl Backup for BackupService {
         // Nobody else uses the session from here on.
         lock(&self.sessions).remove(&session_id);
         let writers = std::mem::take(&mut *lock(&session.writers));
-        let repo = self.repo.clone();
         let s = session.clone();
         let metadata = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, Status> {
+            let repo = &s.repo;
             let t0 = Instant::now();
             let stats = finish_all(writers).map_err(repo_status)?;
             let t1 = Instant::now();
-            let files = files_to_manifest(&repo, req.files)?;
+            let mut builder = ManifestBuilder::new(repo);
+            let mut reader = lock(&s.spool)
+                .reader()
+                .map_err(|e| Status::internal(format!("read the session spool: {e}")))?;
+            while let Some(f) = reader.next_entry()? {
+                builder.add(f)?;
+            }
+            for f in req.files {
+                builder.add(f)?;
+            }
+            let files = builder.finish()?;
             tracing::info!(
                 packs_ms = (t1 - t0).as_millis() as u64,
                 blocklists_ms = t1.elapsed().as_millis() as u64,
@@ -563,11 +998,13 @@ impl Backup for BackupService {
                 obj.insert("blocks_new".into(), stats.blocks_added.into());
                 obj.insert("plain_bytes_new".into(), stats.plain_bytes_added.into());
                 obj.insert("packs_new".into(), stats.packs_written.into());
+                obj.insert("dedup_domain".into(), repo.domain().to_string().into());
             }
             let manifest = Manifest {
                 cluster: s.cluster.clone(),
                 backup_id: s.backup_id.clone(),
                 metadata: metadata.clone(),
+                domain: repo.domain().clone(),
                 files,
             };
             repo.put_manifest(&manifest).map_err(repo_status)?;
@@ -649,10 +1086,14 @@ impl Backup for BackupService {
         Ok(Response::new(pb::ListResponse { backups }))
     }
 
+    type GetManifestStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::GetManifestResponse, Status>> + Send>,
+    >;
+
     async fn get_manifest(
         &self,
         request: Request<pb::GetManifestRequest>,
-    ) -> Result<Response<pb::GetManifestResponse>, Status> {
+    ) -> Result<Response<Self::GetManifestStream>, Status> {
         let cluster = request.get_ref().cluster.clone();
         Self::authorize(&request, &cluster)?;
         let backup_id = parse_backup_id(&request.get_ref().backup_id)?;
@@ -668,14 +1109,15 @@ impl Backup for BackupService {
                 }
             }
         }
-        let (metadata, files, block_id_key, tier) =
+        let c = cluster.clone();
+        let (manifest, block_id_key, tier) =
             tokio::task::spawn_blocking(move || -> Result<_, Status> {
                 let mut last = None;
                 for (repo, tier) in sources {
-                    match repo.get_manifest(&cluster, &backup_id) {
+                    match repo.get_manifest(&c, &backup_id) {
                         Ok(m) => {
-                            let files = manifest_to_files(&repo, &m)?;
-                            return Ok((m.metadata, files, repo.block_id_key(), tier));
+                            let key = repo.in_domain(&m.domain).map_err(repo_status)?.block_id_key();
+                            return Ok((m, key, tier));
                         }
                         Err(e @ klio_repository::Error::BackupNotFound { .. }) => last = Some(e),
                         Err(e) => return Err(repo_status(e)),
@@ -683,31 +1125,80 @@ impl Backup for BackupService {
                 }
                 Err(repo_status(last.unwrap_or(
                     klio_repository::Error::BackupNotFound {
-                        cluster: cluster.clone(),
+                        cluster: c.clone(),
                         backup_id: backup_id.clone(),
                     },
                 )))
             })
             .await
             .map_err(join_error)??;
-        Ok(Response::new(pb::GetManifestResponse {
+        lock(&self.readable_domains).insert((cluster, manifest.domain.clone()));
+        let first = pb::GetManifestResponse {
             backup_id: request.get_ref().backup_id.clone(),
-            metadata_json: serde_json::to_vec(&metadata)
+            metadata_json: serde_json::to_vec(&manifest.metadata)
                 .map_err(|e| Status::internal(e.to_string()))?
                 .into(),
-            files,
+            files: Vec::new(),
             block_id_key: block_id_key.to_vec().into(),
             tier,
-        }))
+            domain: manifest.domain.as_str().to_string(),
+        };
+        // Built lazily, one message at a time, as the client reads.
+        let files = manifest.files;
+        let rest = (0..files.len().div_ceil(MANIFEST_FILES_PER_MESSAGE)).map(move |i| {
+            let end = ((i + 1) * MANIFEST_FILES_PER_MESSAGE).min(files.len());
+            pb::GetManifestResponse {
+                files: files[i * MANIFEST_FILES_PER_MESSAGE..end]
+                    .iter()
+                    .map(file_to_pb)
+                    .collect(),
+                ..Default::default()
+            }
+        });
+        let stream = futures::stream::iter(std::iter::once(first).chain(rest).map(Ok));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_blocklist(
+        &self,
+        request: Request<pb::GetBlocklistRequest>,
+    ) -> Result<Response<pb::GetBlocklistResponse>, Status> {
+        let cluster = request.get_ref().cluster.clone();
+        Self::authorize(&request, &cluster)?;
+        let id = <[u8; 32]>::try_from(request.get_ref().id.as_ref())
+            .map(BlocklistId)
+            .map_err(|_| Status::invalid_argument("a blocklist id has 32 bytes"))?;
+        let (repo, _, _) = self.tier_repo(request.get_ref().tier).await?;
+        let repo = self
+            .readable(&repo, &cluster, &request.get_ref().domain)
+            .await?;
+        let ids = tokio::task::spawn_blocking(move || repo.get_blocklist(&id))
+            .await
+            .map_err(join_error)?
+            .map_err(|e| match e {
+                klio_repository::Error::BlocklistNotFound(_) => Status::not_found(e.to_string()),
+                // A blocklist of another domain does not match its id under this one's key.
+                klio_repository::Error::Corrupt { .. } => Status::data_loss(e.to_string()),
+                other => repo_status(other),
+            })?;
+        let mut out = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            out.extend_from_slice(id.as_bytes());
+        }
+        Ok(Response::new(pb::GetBlocklistResponse { ids: out.into() }))
     }
 
     async fn get_blocks(
         &self,
         request: Request<pb::GetBlocksRequest>,
     ) -> Result<Response<pb::GetBlocksResponse>, Status> {
-        Self::authorize(&request, &request.get_ref().cluster)?;
+        let cluster = request.get_ref().cluster.clone();
+        Self::authorize(&request, &cluster)?;
         let ids = parse_ids(&request.get_ref().ids)?;
         let (repo, gc_lock, _) = self.tier_repo(request.get_ref().tier).await?;
+        let repo = self
+            .readable(&repo, &cluster, &request.get_ref().domain)
+            .await?;
         // A collection may move blocks between packs: it waits for reads in progress.
         let _shared = gc_lock.read().await;
         let payloads = tokio::task::spawn_blocking(move || repo.read_block_payloads(&ids))
@@ -1149,8 +1640,12 @@ fn first_segment(name: &str, segment_size: u64) -> Result<klio_pg::SegmentNo, St
 }
 
 /// Checks and stores uploaded blocks; returns how many were new.
-fn store_blocks(writer: &mut PackWriter, blocks: Vec<pb::Block>) -> Result<u64, Status> {
+fn store_blocks(
+    writer: &mut PackWriter,
+    blocks: Vec<pb::Block>,
+) -> Result<(u64, Vec<BlockId>), Status> {
     let mut new = 0;
+    let mut stored = Vec::with_capacity(blocks.len());
     // One decompression context for the call: making one per block cost more than the
     // decompression itself.
     let mut dctx = zstd::bulk::Decompressor::new()
@@ -1194,6 +1689,21 @@ fn store_blocks(writer: &mut PackWriter, blocks: Vec<pb::Block>) -> Result<u64, 
         }
         .map_err(repo_status)?;
         new += u64::from(added);
+        stored.push(id);
     }
-    Ok(new)
+    Ok((new, stored))
+}
+
+/// Adds a block to a session's protected set, or pins the repository once the set is full.
+fn protect(session: &Session, protected: &mut HashSet<BlockId>, id: BlockId) {
+    if session.pins_repository.load(Ordering::Relaxed) {
+        return;
+    }
+    if protected.len() >= MAX_PROTECTED_IDS {
+        session.pins_repository.store(true, Ordering::Relaxed);
+        protected.clear();
+        protected.shrink_to_fit();
+        return;
+    }
+    protected.insert(id);
 }

@@ -28,7 +28,10 @@ use klio_repository::{LocalStore, Repository, RepositoryOptions};
 use klio_wal_store::WalStore;
 use tokio_util::sync::CancellationToken;
 
-pub use backup_service::{BackupService, MAX_BACKUP_MESSAGE, SESSION_IDLE_TIMEOUT};
+pub use backup_service::{
+    BLOCKLIST_LEN, BackupService, BackupSettings, MAX_BACKUP_MESSAGE, MAX_PIECE_IDS,
+    SESSION_IDLE_TIMEOUT,
+};
 pub use context::{Context, read_only_status};
 pub use status::store_status;
 pub use tier2::Tier2Config;
@@ -71,6 +74,11 @@ pub struct ServerConfig {
     pub retention_interval: Duration,
     /// Backoff and attempts of failing tasks.
     pub retry: RetryPolicy,
+    /// Dedup domains and per-cluster limits of backups.
+    pub backups: BackupSettings,
+    /// Where the block index caches live (default `<data-dir>/cache`; a read-only server
+    /// without one uses a temporary directory).
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Opens everything, binds the listeners and serves until `shutdown` fires. A wrong key
@@ -92,7 +100,7 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
         .await
         .with_context(|| format!("listen on {} for the base-backup service", cfg.base_listen))?;
     tracing::info!(address = %wal_listener.local_addr()?, mode = ?cfg.mode, "WAL service listening");
-    tracing::info!(address = %base_listener.local_addr()?, blocks = backup.repo().block_count(), "base-backup service listening");
+    tracing::info!(address = %base_listener.local_addr()?, blocks = backup.repo().block_count().unwrap_or_default(), "base-backup service listening");
 
     let mut background = tokio::task::JoinSet::new();
     if let Some(queue) = ctx.queue.clone() {
@@ -178,6 +186,7 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
     let master =
         tokio::task::spawn_blocking(move || KeyEnvelope::load_or_create(&key_path, &passphrase))
             .await??;
+    let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| data_dir.join("cache"));
     let store = WalStore::open(
         &data_dir.join("wal"),
         master.clone(),
@@ -201,7 +210,11 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
     // A new Tier 1 adopts the id key of the repository Tier 2 already holds (a server whose
     // volume was replaced), so that the two tiers keep sharing block ids.
     let mut tier2_found = None;
-    if let Some(t2cfg) = &cfg.tier2
+    let t2cfg_cached = cfg.tier2.clone().map(|mut c| {
+        c.index_cache = Some(cache_dir.join("tier2-index.redb"));
+        c
+    });
+    if let Some(t2cfg) = &t2cfg_cached
         && !root.join("config").exists()
     {
         let (c, rt) = (t2cfg.clone(), tokio::runtime::Handle::current());
@@ -216,12 +229,16 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
     let id_key = tier2_found.as_ref().map(|t| t.repo.id_key());
     let repo = {
         let key_file = data_dir.join("keys.json");
+        let options = RepositoryOptions {
+            index_cache: Some(cache_dir.join("tier1-index.redb")),
+            ..RepositoryOptions::default()
+        };
         tokio::task::spawn_blocking(move || -> anyhow::Result<Repository> {
             let store = LocalStore::open(&root)?;
             let repo = Repository::open_or_init_with_id_key(
                 Arc::new(store),
                 master,
-                RepositoryOptions::default(),
+                options,
                 id_key,
             )?;
             // The repository carries its own copy of the key envelope, so that it can be
@@ -241,7 +258,7 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
         .await??
     };
 
-    let tier2 = match (&cfg.tier2, tier2_found) {
+    let tier2 = match (&t2cfg_cached, tier2_found) {
         (None, _) => None,
         (Some(c), Some(found)) => Some(Arc::new(tier2::Tier2Handle::opened(c.clone(), found))),
         (Some(c), None) => {
@@ -282,15 +299,23 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
         queue_backend: backend,
         progress: Some(relay::Progress::open(data_dir.join("tier2-progress"))?),
     };
-    let backup = BackupService::new(repo, Arc::default(), ctx.clone());
+    let backups = BackupSettings {
+        spool_dir: Some(data_dir.join("sessions")),
+        ..cfg.backups.clone()
+    };
+    let backup = BackupService::new(repo, Arc::default(), ctx.clone(), backups);
     Ok((ctx, backup))
 }
 
 /// Tier 2 only.
 async fn open_read_only(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupService)> {
-    let t2cfg = cfg.tier2.clone().context(
+    let mut t2cfg = cfg.tier2.clone().context(
         "--mode read-only serves Tier 2 and needs it: give --tier2-s3-bucket (and --tier2-s3-endpoint for an S3-compatible server)",
     )?;
+    t2cfg.index_cache = cfg
+        .cache_dir
+        .as_ref()
+        .map(|d| d.join("tier2-index.redb"));
     let (c, rt) = (t2cfg.clone(), tokio::runtime::Handle::current());
     let t2 = tokio::task::spawn_blocking(move || tier2::Tier2::open(&c, rt, None, false))
         .await?
@@ -305,6 +330,10 @@ async fn open_read_only(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSe
         queue_backend: "none".to_string(),
         progress: None,
     };
-    let backup = BackupService::new(repo, gc_lock, ctx.clone());
+    let backups = BackupSettings {
+        spool_dir: None,
+        ..cfg.backups.clone()
+    };
+    let backup = BackupService::new(repo, gc_lock, ctx.clone(), backups);
     Ok((ctx, backup))
 }

@@ -331,22 +331,26 @@ fn copy_backup(
         }
         Err(e) => return Err(e.into()),
     };
+    // Both tiers hold the backup's blocks in its dedup domain.
+    let t1 = &t1.in_domain(&manifest.domain)?;
+    let t2_repo = &t2.repo.in_domain(&manifest.domain)?;
     let mut lists = Vec::new();
     let mut needed = Vec::new();
     let mut seen = HashSet::new();
-    let mut want = |b: BlockId, needed: &mut Vec<BlockId>| {
-        if seen.insert(b) && !t2.repo.has_block(&b) {
+    let mut want = |b: BlockId, needed: &mut Vec<BlockId>| -> anyhow::Result<()> {
+        if seen.insert(b) && !t2_repo.has_block(&b)? {
             needed.push(b);
         }
+        Ok(())
     };
     for f in &manifest.files {
         match &f.kind {
-            FileKind::Whole { block } => want(*block, &mut needed),
+            FileKind::Whole { block } => want(*block, &mut needed)?,
             FileKind::Blocks { blocklists, .. } => {
                 for l in blocklists {
                     let ids = t1.get_blocklist(l)?;
                     for b in &ids {
-                        want(*b, &mut needed);
+                        want(*b, &mut needed)?;
                     }
                     lists.push((*l, ids));
                 }
@@ -360,7 +364,7 @@ fn copy_backup(
     let results: Vec<anyhow::Result<(u64, u64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = needed
             .chunks(per_job)
-            .map(|chunk| s.spawn(move || copy_blocks(t1, t1_gc, t2, chunk)))
+            .map(|chunk| s.spawn(move || copy_blocks(t1, t1_gc, t2_repo, chunk)))
             .collect();
         handles
             .into_iter()
@@ -384,7 +388,7 @@ fn copy_backup(
                         let Some((l, ids)) = lists.get(i) else {
                             return Ok(());
                         };
-                        let stored = t2.repo.put_blocklist(ids)?;
+                        let stored = t2_repo.put_blocklist(ids)?;
                         anyhow::ensure!(
                             stored == *l,
                             "blocklist {l} gets another id in Tier 2: the tiers' id keys differ"
@@ -405,17 +409,17 @@ fn copy_backup(
     if let Some(e) = failures.into_iter().next() {
         return Err(e);
     }
-    t2.repo.put_manifest(&manifest)?;
+    t2_repo.put_manifest(&manifest)?;
     Ok(Some((blocks, bytes)))
 }
 
 fn copy_blocks(
     t1: &Repository,
     t1_gc: &tokio::sync::RwLock<()>,
-    t2: &Tier2,
+    t2: &Repository,
     ids: &[BlockId],
 ) -> anyhow::Result<(u64, u64)> {
-    let mut writer = t2.repo.pack_writer();
+    let mut writer = t2.pack_writer();
     let mut dctx = zstd::bulk::Decompressor::new()?;
     for batch in ids.chunks(RELAY_BATCH) {
         let payloads = {

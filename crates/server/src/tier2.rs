@@ -33,6 +33,8 @@ pub struct Tier2Config {
     pub s3: S3Config,
     /// The Tier 2 passphrase file (Tier 1's when none is given).
     pub key_file: std::path::PathBuf,
+    /// The block index cache of the Tier 2 repository (a temporary file when `None`).
+    pub index_cache: Option<std::path::PathBuf>,
 }
 
 /// An open Tier 2.
@@ -132,15 +134,14 @@ impl Tier2 {
                 cfg.key_file.display()
             )
         })?;
+        let options = RepositoryOptions {
+            index_cache: cfg.index_cache.clone(),
+            ..RepositoryOptions::default()
+        };
         let repo = if create {
-            Repository::open_or_init_with_id_key(
-                store,
-                master.clone(),
-                RepositoryOptions::default(),
-                id_key,
-            )?
+            Repository::open_or_init_with_id_key(store, master.clone(), options, id_key)?
         } else {
-            Repository::open(store, master.clone(), RepositoryOptions::default())?
+            Repository::open(store, master.clone(), options)?
         };
         let wal = S3Store::open(&sub(&cfg.s3, "wal"), runtime)?;
         Ok(Some(Tier2 {
@@ -399,7 +400,7 @@ impl Tier2Handle {
                     Tier2::open(&cfg, runtime, id_key, create)
                 })
                 .await??;
-                tracing::info!(location = %t.location(), blocks = t.repo.block_count(), "Tier 2 open");
+                tracing::info!(location = %t.location(), blocks = t.repo.block_count().unwrap_or_default(), "Tier 2 open");
                 Ok::<_, anyhow::Error>(Arc::new(t))
             })
             .await

@@ -21,6 +21,7 @@ fn small_packs() -> RepositoryOptions {
     RepositoryOptions {
         compression_level: Some(3),
         pack_target_size: 64 << 10,
+        index_cache: None,
     }
 }
 
@@ -94,6 +95,7 @@ fn backup(repo: &Repository, cluster: &str, id: &BackupId, files: &[(&str, Vec<u
         });
     }
     repo.put_manifest(&Manifest {
+        domain: klio_repository::Domain::legacy(),
         cluster: cluster.to_string(),
         backup_id: id.clone(),
         metadata: json!({"start_lsn": "0/3000028", "timeline": 1}),
@@ -115,14 +117,14 @@ fn repository_on_s3_reopens_with_everything_written_and_verifies() {
     assert_eq!(repo.location(), "s3://backups/klio/repo1");
     backup(&repo, "c1", &backup_id(12), &files);
     backup(&repo, "c2", &backup_id(13), &sample_files(20));
-    let count = repo.block_count();
+    let count = repo.block_count().unwrap();
     assert!(count > 10, "{count} blocks");
     drop(repo);
 
     // A new handle sees only what is in the bucket.
     let store: Arc<dyn ObjectStore> = Arc::new(open(&moto, &rt, "backups", "klio/repo1"));
     let repo = Repository::open(store.clone(), master.clone(), small_packs()).unwrap();
-    assert_eq!(repo.block_count(), count);
+    assert_eq!(repo.block_count().unwrap(), count);
     assert!(repo.damaged_indexes().is_empty());
     assert_eq!(
         repo.list_clusters().unwrap(),
