@@ -156,7 +156,11 @@ struct ServerArgs {
     /// Puts clusters that trust each other in one dedup domain: NAME=CLUSTER[,CLUSTER...]
     /// (repeatable; ';'-separated in the environment). Every other cluster has its own
     /// domain: no cluster can find, read or reference another's blocks
-    #[arg(long = "shared-dedup-domain", env = "KLIO_SHARED_DEDUP_DOMAINS", value_delimiter = ';')]
+    #[arg(
+        long = "shared-dedup-domain",
+        env = "KLIO_SHARED_DEDUP_DOMAINS",
+        value_delimiter = ';'
+    )]
     shared_dedup_domains: Vec<String>,
     /// Backup sessions one cluster may have open at once
     #[arg(long, env = "KLIO_MAX_BACKUP_SESSIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]

@@ -669,9 +669,14 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         chosen.id,
         if chosen.in_tier1 { "" } else { " from Tier 2" }
     );
-    let (m, files) = read_manifest(&mut client, &cluster, &chosen.id, args.client.tier2_recovery)
-        .await
-        .map_err(|s| status_error(&format!("read the manifest of backup {}", chosen.id), s))?;
+    let (m, files) = read_manifest(
+        &mut client,
+        &cluster,
+        &chosen.id,
+        args.client.tier2_recovery,
+    )
+    .await
+    .map_err(|s| status_error(&format!("read the manifest of backup {}", chosen.id), s))?;
     let meta: Value = serde_json::from_slice(&m.metadata_json)?;
     let key: [u8; 32] = m
         .block_id_key

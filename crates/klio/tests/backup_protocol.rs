@@ -225,3 +225,186 @@ async fn server_recomputes_ids_and_refuses_lies() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
 }
+
+/// Begins a backup of `cluster`; returns the session id and the block id key.
+async fn begin(c: &mut BackupClient<Channel>, cluster: &str) -> (String, [u8; 32]) {
+    let b = c
+        .begin(pb::BeginRequest {
+            cluster: cluster.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (b.session_id, b.block_id_key.as_ref().try_into().unwrap())
+}
+
+fn raw_block(id: [u8; 32], data: &[u8]) -> pb::Block {
+    pb::Block {
+        id: id.to_vec().into(),
+        plain_len: data.len() as u32,
+        compressed: false,
+        data: data.to_vec().into(),
+    }
+}
+
+/// Cluster b stores a small secret file. With cluster a's certificate: `Missing` reports b's
+/// block as missing (whether named by b's id or by a's id of the same content), `GetBlocks`
+/// cannot read it (nor name b's domain), and a commit that names it is refused. b still
+/// reads its block.
+#[tokio::test]
+async fn tenants_cannot_probe_read_or_reference_each_others_blocks() {
+    let k = Klio::start(&["a", "b"]).unwrap();
+    let secret = b"password = 4711\n".to_vec();
+
+    let mut b = connect(&k, "b", "client-b").await;
+    let (sb, key_b) = begin(&mut b, "b").await;
+    let id_b = *blake3::keyed_hash(&key_b, &secret).as_bytes();
+    b.put_blocks(pb::PutBlocksRequest {
+        session_id: sb.clone(),
+        blocks: vec![raw_block(id_b, &secret)],
+    })
+    .await
+    .unwrap();
+    b.commit(pb::CommitRequest {
+        session_id: sb,
+        metadata_json: b"{}".to_vec().into(),
+        files: vec![file("secret.conf", secret.len() as u64, &[id_b], 0)],
+    })
+    .await
+    .unwrap();
+
+    let mut a = connect(&k, "a", "client-a").await;
+    let (sa, key_a) = begin(&mut a, "a").await;
+    assert_ne!(key_a, key_b, "each cluster has its own block id key");
+    let id_a = *blake3::keyed_hash(&key_a, &secret).as_bytes();
+    let m = a
+        .missing(pb::MissingRequest {
+            session_id: sa.clone(),
+            ids: [id_b, id_a].concat().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.missing.as_ref(), &[1u8, 1], "b's block is invisible to a");
+
+    let err = a
+        .get_blocks(pb::GetBlocksRequest {
+            cluster: "a".into(),
+            ids: id_b.to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("not in the repository"), "{err:?}");
+    let err = a
+        .get_blocks(pb::GetBlocksRequest {
+            cluster: "a".into(),
+            ids: id_b.to_vec().into(),
+            domain: "cluster/b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    let err = a
+        .commit(pb::CommitRequest {
+            session_id: sa,
+            metadata_json: b"{}".to_vec().into(),
+            files: vec![file("stolen.conf", secret.len() as u64, &[id_b], 0)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let list = a
+        .list(pb::ListRequest {
+            cluster: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.backups.is_empty(), "the refused commit listed nothing");
+
+    let got = b
+        .get_blocks(pb::GetBlocksRequest {
+            cluster: "b".into(),
+            ids: id_b.to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.blocks[0].data.as_ref(), secret.as_slice());
+}
+
+/// `--max-backup-sessions 1` and `--max-uncommitted-bytes 100K`: cluster a's second session
+/// and the upload that crosses its byte budget are refused with RESOURCE_EXHAUSTED naming
+/// the limit; cluster b is unaffected.
+#[tokio::test]
+async fn capacity_limits_refuse_the_next_session_or_upload_of_that_cluster_only() {
+    let k = Klio::start_with(
+        &["a", "b"],
+        vec![
+            "--max-backup-sessions".into(),
+            "1".into(),
+            "--max-uncommitted-bytes".into(),
+            "100K".into(),
+        ],
+    )
+    .unwrap();
+    let mut a = connect(&k, "a", "client-a").await;
+    let (sa, key_a) = begin(&mut a, "a").await;
+    let err = a
+        .begin(pb::BeginRequest {
+            cluster: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-backup-sessions"), "{err:?}");
+
+    let blocks = |key: &[u8; 32], seed: u8| -> Vec<pb::Block> {
+        (0..8u8)
+            .map(|i| {
+                let data = vec![seed.wrapping_add(i); 8192];
+                raw_block(*blake3::keyed_hash(key, &data).as_bytes(), &data)
+            })
+            .collect()
+    };
+    a.put_blocks(pb::PutBlocksRequest {
+        session_id: sa.clone(),
+        blocks: blocks(&key_a, 0),
+    })
+    .await
+    .unwrap();
+    let err = a
+        .put_blocks(pb::PutBlocksRequest {
+            session_id: sa.clone(),
+            blocks: blocks(&key_a, 100),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-uncommitted-bytes"), "{err:?}");
+
+    let mut b = connect(&k, "b", "client-b").await;
+    let (sb, key_b) = begin(&mut b, "b").await;
+    b.put_blocks(pb::PutBlocksRequest {
+        session_id: sb.clone(),
+        blocks: blocks(&key_b, 0),
+    })
+    .await
+    .unwrap();
+    // A's session ends: a new one may start and its budget is free again.
+    a.abort(pb::AbortRequest { session_id: sa }).await.unwrap();
+    let (sa2, _) = begin(&mut a, "a").await;
+    a.put_blocks(pb::PutBlocksRequest {
+        session_id: sa2,
+        blocks: blocks(&key_a, 100),
+    })
+    .await
+    .unwrap();
+}

@@ -506,7 +506,10 @@ impl BlockIndex {
                 let n = match existing {
                     Some(n) => n,
                     None => {
-                        let n = next.get(()).map_err(|e| self.err(e))?.map_or(0, |v| v.value());
+                        let n = next
+                            .get(())
+                            .map_err(|e| self.err(e))?
+                            .map_or(0, |v| v.value());
                         next.insert((), n + 1).map_err(|e| self.err(e))?;
                         pack_numbers
                             .insert(s.pack.as_bytes(), n)
@@ -680,6 +683,20 @@ impl BlockIndex {
             .collect()
     }
 
+    /// The keys of the index objects naming pack `id`.
+    pub fn pack_index_keys(&self, id: &PackId) -> Result<Vec<String>, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let numbers = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
+        let Some(n) = numbers.get(id.as_bytes()).map_err(|e| self.err(e))? else {
+            return Ok(Vec::new());
+        };
+        let t = txn.open_table(PACK_INDEXES).map_err(|e| self.err(e))?;
+        let keys = t.get(n.value()).map_err(|e| self.err(e))?;
+        Ok(keys
+            .map(|k| k.value().lines().map(str::to_string).collect())
+            .unwrap_or_default())
+    }
+
     /// The dedup domain of pack `id`, if the cache holds it.
     pub fn pack_domain(&self, id: &PackId) -> Result<Option<Domain>, Error> {
         let number = {
@@ -785,8 +802,13 @@ mod tests {
             idx.domain_number(&b).unwrap(),
         );
         assert_eq!(idx.domain_number(&Domain::legacy()).unwrap(), 0);
-        idx.add_sections("index/1", &[section(1, 3, a.clone())], false, redb::Durability::Immediate)
-            .unwrap();
+        idx.add_sections(
+            "index/1",
+            &[section(1, 3, a.clone())],
+            false,
+            redb::Durability::Immediate,
+        )
+        .unwrap();
         let mut s = section(2, 5, a.clone());
         s.blocks.retain(|(id, _)| id.0[0] >= 2);
         idx.add_sections("index/2", &[s], false, redb::Durability::Immediate)
@@ -818,12 +840,26 @@ mod tests {
         let path = dir.path().join("cache.redb");
         {
             let idx = BlockIndex::open(Some(&path), "r1").unwrap();
-            idx.add_sections("index/1", &[section(1, 3, Domain::legacy())], false, redb::Durability::Immediate)
-                .unwrap();
+            idx.add_sections(
+                "index/1",
+                &[section(1, 3, Domain::legacy())],
+                false,
+                redb::Durability::Immediate,
+            )
+            .unwrap();
         }
-        assert_eq!(BlockIndex::open(Some(&path), "r1").unwrap().len().unwrap(), 3);
-        assert_eq!(BlockIndex::open(Some(&path), "r2").unwrap().len().unwrap(), 0);
+        assert_eq!(
+            BlockIndex::open(Some(&path), "r1").unwrap().len().unwrap(),
+            3
+        );
+        assert_eq!(
+            BlockIndex::open(Some(&path), "r2").unwrap().len().unwrap(),
+            0
+        );
         std::fs::write(&path, b"not a database").unwrap();
-        assert_eq!(BlockIndex::open(Some(&path), "r2").unwrap().len().unwrap(), 0);
+        assert_eq!(
+            BlockIndex::open(Some(&path), "r2").unwrap().len().unwrap(),
+            0
+        );
     }
 }

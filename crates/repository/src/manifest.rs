@@ -4,9 +4,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    BackupId, BlockId, BlocklistId, Domain, Error, MAX_BLOCK_SIZE, validate_cluster_name,
-};
+use crate::{BackupId, BlockId, BlocklistId, Domain, Error, MAX_BLOCK_SIZE, validate_cluster_name};
 
 pub(crate) const FORMAT: &str = "klio-manifest/1";
 

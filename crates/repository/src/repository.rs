@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use klio_crypto::{MasterKey, ObjectKind, open_object, seal_object};
 use serde::{Deserialize, Serialize};
 
-use crate::index::{self, BlockIndex, PackSection};
 use crate::ids::Domain;
+use crate::index::{self, BlockIndex, PackSection};
 use crate::pack::{BlockPayload, open_block_frame, open_block_payload, pack_cipher};
 use crate::{
     BackupId, BlockId, BlocklistId, Error, Manifest, ObjectStore, PackId, PackWriter, blocklist,
@@ -351,6 +351,11 @@ impl Repository {
 
     pub(crate) fn index_remove_pack(&self, id: &PackId) -> Result<(), Error> {
         self.inner.index.remove_pack(id)
+    }
+
+    /// The keys of the index objects naming a pack, as the block index recorded them.
+    pub(crate) fn pack_index_keys(&self, id: &PackId) -> Result<Vec<String>, Error> {
+        self.inner.index.pack_index_keys(id)
     }
 
     /// The dedup domain of a pack, if the block index holds it.

@@ -148,7 +148,7 @@ fn backup(
         },
     });
     let manifest = Manifest {
-        domain: Domain::legacy(),
+        domain: repo.domain().clone(),
         cluster: cluster.to_string(),
         backup_id: id.clone(),
         metadata: json!({"start_lsn": "0/3000028", "timeline": 1}),
@@ -1312,4 +1312,116 @@ fn a_mirror_created_with_the_id_key_gives_blocks_the_same_ids() {
     .unwrap_err();
     assert!(matches!(err, Error::IdKeyMismatch { .. }), "{err}");
     assert!(err.to_string().contains("memory"), "{err}");
+}
+
+#[test]
+fn domains_isolate_blocks_blocklists_and_manifests() {
+    let (store, master, legacy) = mem_repo(small_packs());
+    let a = legacy.in_domain(&Domain::cluster("a").unwrap()).unwrap();
+    let b = legacy.in_domain(&Domain::cluster("b").unwrap()).unwrap();
+    let data = page(7, 8192);
+    assert_ne!(
+        a.block_id(&data),
+        b.block_id(&data),
+        "ids are keyed per domain"
+    );
+    assert_ne!(a.block_id(&data), legacy.block_id(&data));
+    let m = backup(&a, "a", &backup_id(1), &sample_files(1), 8192);
+    assert_eq!(m.domain, Domain::cluster("a").unwrap());
+
+    // Nothing of a's is visible through b or the legacy domain, even by a's own ids.
+    let again = reopen(&store, &master);
+    let (a2, b2) = (
+        again.in_domain(&Domain::cluster("a").unwrap()).unwrap(),
+        again.in_domain(&Domain::cluster("b").unwrap()).unwrap(),
+    );
+    let got = again.get_manifest("a", &backup_id(1)).unwrap();
+    assert_eq!(got.domain, m.domain, "the manifest records its domain");
+    for f in &got.files {
+        match &f.kind {
+            FileKind::Whole { block } => {
+                assert!(a2.has_block(block).unwrap());
+                assert!(!b2.has_block(block).unwrap());
+                assert!(!again.has_block(block).unwrap());
+                assert!(matches!(
+                    b2.read_block(block),
+                    Err(Error::BlockNotFound { .. })
+                ));
+            }
+            FileKind::Blocks { blocklists, .. } => {
+                for l in blocklists {
+                    assert!(a2.get_blocklist(l).is_ok());
+                    assert!(b2.get_blocklist(l).is_err(), "another domain's blocklist");
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        again
+            .verify("a", &backup_id(1))
+            .unwrap()
+            .problems
+            .is_empty()
+    );
+    // A manifest of one domain cannot be written through another's handle.
+    let mut foreign = got.clone();
+    foreign.backup_id = backup_id(2);
+    let err = b2.put_manifest(&foreign).unwrap_err();
+    assert!(matches!(err, Error::InvalidManifest { .. }), "{err}");
+    // b cannot list a's blocks in its own manifest either.
+    foreign.domain = b2.domain().clone();
+    let err = b2.put_manifest(&foreign).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnstoredBlock { .. } | Error::BlocklistNotFound(_)
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn repository_written_before_domains_still_restores() {
+    // A repository of the previous format: legacy domain, version 1 index objects,
+    // manifests without a domain.
+    let (store, master, legacy) = mem_repo(small_packs());
+    let files = sample_files(4);
+    backup(&legacy, "old", &backup_id(3), &files, 8192);
+    for k in keys(store.as_ref(), "index/") {
+        let (_, plain) =
+            klio_crypto::open_object(&master, &k, &store.get(&k).unwrap().unwrap()).unwrap();
+        assert_eq!(&plain[..8], b"KLIOIDX1");
+    }
+    let m = keys(store.as_ref(), "manifests/").remove(0);
+    let (_, plain) = klio_crypto::open_object(
+        &master,
+        "manifest/old/backup-20250314093003",
+        &store.get(&m).unwrap().unwrap(),
+    )
+    .unwrap();
+    assert!(!String::from_utf8_lossy(&plain).contains("\"domain\""));
+
+    let again = reopen(&store, &master);
+    let got = again.get_manifest("old", &backup_id(3)).unwrap();
+    assert!(got.domain.is_legacy());
+    let repo = again.in_domain(&got.domain).unwrap();
+    for (path, data) in &files {
+        let f = got.files.iter().find(|f| f.path == *path).unwrap();
+        assert_eq!(&crate::testing::read_file(&repo, f), data, "{path}");
+    }
+    assert!(
+        again
+            .verify("old", &backup_id(3))
+            .unwrap()
+            .problems
+            .is_empty()
+    );
+    // The cluster's own domain starts empty: its first backup after the change uploads
+    // everything again.
+    let own = again.in_domain(&Domain::cluster("old").unwrap()).unwrap();
+    let f = got.files.iter().find(|f| f.path == files[0].0).unwrap();
+    if let FileKind::Whole { block } = &f.kind {
+        assert!(!own.has_block(block).unwrap());
+    }
 }

@@ -1116,7 +1116,10 @@ impl Backup for BackupService {
                 for (repo, tier) in sources {
                     match repo.get_manifest(&c, &backup_id) {
                         Ok(m) => {
-                            let key = repo.in_domain(&m.domain).map_err(repo_status)?.block_id_key();
+                            let key = repo
+                                .in_domain(&m.domain)
+                                .map_err(repo_status)?
+                                .block_id_key();
                             return Ok((m, key, tier));
                         }
                         Err(e @ klio_repository::Error::BackupNotFound { .. }) => last = Some(e),

@@ -186,7 +186,10 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
     let master =
         tokio::task::spawn_blocking(move || KeyEnvelope::load_or_create(&key_path, &passphrase))
             .await??;
-    let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| data_dir.join("cache"));
+    let cache_dir = cfg
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("cache"));
     let store = WalStore::open(
         &data_dir.join("wal"),
         master.clone(),
@@ -312,10 +315,7 @@ async fn open_read_only(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSe
     let mut t2cfg = cfg.tier2.clone().context(
         "--mode read-only serves Tier 2 and needs it: give --tier2-s3-bucket (and --tier2-s3-endpoint for an S3-compatible server)",
     )?;
-    t2cfg.index_cache = cfg
-        .cache_dir
-        .as_ref()
-        .map(|d| d.join("tier2-index.redb"));
+    t2cfg.index_cache = cfg.cache_dir.as_ref().map(|d| d.join("tier2-index.redb"));
     let (c, rt) = (t2cfg.clone(), tokio::runtime::Handle::current());
     let t2 = tokio::task::spawn_blocking(move || tier2::Tier2::open(&c, rt, None, false))
         .await?
