@@ -104,10 +104,7 @@ impl PgMajor {
                     self.number()
                 )
             };
-            bail!(
-                "{self} is not installed: no \"{}\"\n{hint}",
-                path.display()
-            );
+            bail!("{self} is not installed: no \"{}\"\n{hint}", path.display());
         }
         Ok(path)
     }

@@ -15,6 +15,18 @@ use anyhow::{Context, bail};
 use klio_pg::Lsn;
 use klio_test_support::{ChildGuard, PgCluster, ScratchDir, free_port, scratch_dir, wait_until};
 
+mod load;
+mod restored;
+mod tier2;
+
+// Each test file uses some of these helpers only.
+#[allow(unused_imports)]
+pub use load::*;
+#[allow(unused_imports)]
+pub use restored::*;
+#[allow(unused_imports)]
+pub use tier2::*;
+
 pub const KLIO: &str = env!("CARGO_BIN_EXE_klio");
 
 /// Seconds of pgbench load in the long tests (`KLIO_TEST_LOAD_SECS`, default 40).
@@ -422,6 +434,15 @@ impl Klio {
             .collect();
         format!("{KLIO} wal-get {} {extra} %f %p", args.join(" ")).replace('\'', "\"")
     }
+}
+
+/// `e` with the tails of the streamer's and the server's logs, to see why a backup failed.
+pub fn with_logs(e: anyhow::Error, k: &Klio, streamer: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{e:#}\n--- streamer log ---\n{}\n--- server log ---\n{}",
+        tail(&k.log(streamer), 40),
+        tail(&k.server_log(), 80)
+    )
 }
 
 /// The last `n` lines of `text`, for failure messages.
