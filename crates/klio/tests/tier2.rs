@@ -30,10 +30,6 @@ use serde_json::Value;
 
 const BUCKET: &str = "klio-tier2";
 
-fn walfile_now(pg: &PgCluster) -> anyhow::Result<String> {
-    pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
-}
-
 /// The restore checks: `marker` holds 'before' and not 'after', and `pgbench_accounts`
 /// matches `expected`.
 fn check_restored(pg: &PgCluster, expected: &str, what: &str) -> anyhow::Result<()> {

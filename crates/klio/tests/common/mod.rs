@@ -481,6 +481,11 @@ pub fn current_lsn(pg: &PgCluster) -> anyhow::Result<(u32, Lsn)> {
     Ok((u32::from_str_radix(&f[..8], 16)?, l.parse()?))
 }
 
+/// The name of the WAL segment `pg` is writing.
+pub fn walfile_now(pg: &PgCluster) -> anyhow::Result<String> {
+    pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+}
+
 /// Switches to a new segment and returns the position after the switch.
 pub fn switch_wal(pg: &PgCluster) -> anyhow::Result<Lsn> {
     pg.psql("SELECT pg_switch_wal()")?;
