@@ -29,6 +29,15 @@ use klio_test_support::{Moto, NatsServer, PgCluster, PgMajor, PgOptions, scratch
 
 const BUCKET: &str = "klio-matrix";
 
+/// `initdb`'s default WAL segment size, which every cluster here uses.
+const WAL_SEGMENT_SIZE: u64 = 16 << 20;
+
+/// The segment number of a WAL file name's last 16 hex digits (log and segment-in-log
+/// numbers) read as one `u64`.
+fn segno_of(log_and_seg: u64) -> u64 {
+    (log_and_seg >> 32) * (0x1_0000_0000 / WAL_SEGMENT_SIZE) + (log_and_seg & 0xFFFF_FFFF)
+}
+
 /// The work queue of the Tier 2 relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Queue {
@@ -184,11 +193,14 @@ fn journey(c: Combination) -> anyhow::Result<()> {
     let end = switch_wal(&pg)?;
     k.wait_archived(&cluster, 1, end, Duration::from_secs(60))
         .map_err(|e| with_logs(e, &k, "streamer"))?;
-    let current = walfile_now(&pg)?;
+    // Segments before the one holding `end` are complete (`end` is where the switch left
+    // the insert position, the first byte of a new segment).
+    let end_segno = end.0 / WAL_SEGMENT_SIZE;
     let files: Vec<String> = k
         .archived_files(&cluster)?
         .into_iter()
-        .filter(|f| f.len() == 24 && f.as_str() < current.as_str())
+        .filter(|f| f.len() == 24 && f.starts_with("00000001"))
+        .filter(|f| u64::from_str_radix(&f[8..], 16).is_ok_and(|n| segno_of(n) < end_segno))
         .collect();
     assert!(
         files.contains(&switched),
@@ -196,7 +208,7 @@ fn journey(c: Combination) -> anyhow::Result<()> {
     );
     let segnos: Vec<u64> = files
         .iter()
-        .map(|f| u64::from_str_radix(&f[16..], 16).unwrap())
+        .map(|f| segno_of(u64::from_str_radix(&f[8..], 16).unwrap()))
         .collect();
     for w in segnos.windows(2) {
         assert_eq!(w[1], w[0] + 1, "hole in the archive between {w:?}");
@@ -320,8 +332,8 @@ fn journey(c: Combination) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A restored cluster runs the same major and holds exactly the source's tables at the
-/// target ('before' but not 'after' in `marker`), pgbench's balances add up, the tablespace
+/// A restored cluster runs the same major, stopped recovery at the target and holds exactly
+/// the source's tables there ('before' but not 'after' in `marker`), pgbench's balances add up, the tablespace
 /// (if any) is at its mapped location, and `pg_amcheck` finds nothing.
 fn check_at_target(
     c: &Combination,
@@ -331,6 +343,11 @@ fn check_at_target(
     what: &str,
 ) -> anyhow::Result<()> {
     assert_eq!(pg.major(), c.major, "{what}");
+    assert!(
+        pg.log_contents().contains("recovery stopping"),
+        "{what}: recovery must stop at the target:\n{}",
+        tail(&pg.log_contents(), 40)
+    );
     let version_num: u32 = pg.psql("SHOW server_version_num")?.parse()?;
     assert_eq!(version_num / 10000, c.major.number(), "{what}");
     assert_eq!(
