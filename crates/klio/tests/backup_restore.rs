@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use common::*;
 use klio_pg::Lsn;
-use klio_test_support::{
-    ChildGuard, PgCluster, PgOptions, ScratchDir, postgres_command, scratch_dir, wait_until,
-};
+use klio_test_support::{ChildGuard, PgCluster, PgOptions, ScratchDir, scratch_dir, wait_until};
 use serde_json::Value;
 
 /// `initdb`'s default WAL segment size, which every cluster here uses.
@@ -31,69 +29,6 @@ const WAL_SEGMENT_SIZE: u64 = 16 << 20;
 
 // ---------------------------------------------------------------------------------------
 // Load
-
-/// pgbench (TPC-B, 2 clients) for at most `secs` seconds, in the background. `-n`: no
-/// vacuum step, which would truncate `pgbench_history`; so the balances keep adding up (see
-/// [`check_pgbench_balanced`]).
-fn pgbench_background(pg: &PgCluster, secs: u64) -> anyhow::Result<ChildGuard> {
-    let mut cmd = pg.client_command("pgbench");
-    cmd.arg("-h").arg(pg.socket_dir());
-    cmd.args([
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-        "-n",
-        "-c",
-        "2",
-        "-T",
-        &secs.to_string(),
-        "postgres",
-    ]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    ChildGuard::spawn(&mut cmd)
-}
-
-/// A burst of pgbench transactions, run to completion: nothing is written once it returns.
-fn pgbench_burst(pg: &PgCluster) -> anyhow::Result<()> {
-    pg.pgbench(&["-n", "-c", "2", "-t", "250"])?;
-    Ok(())
-}
-
-/// Waits until the sessions of a killed pgbench are gone (their transactions rolled back).
-fn wait_no_pgbench(pg: &PgCluster) -> anyhow::Result<()> {
-    wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        "the killed pgbench's sessions to end",
-        || {
-            Ok(pg
-                .psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbench'")?
-                == "0")
-        },
-    )
-}
-
-/// pgbench's invariant in every committed state: each transaction adds the same delta to an
-/// account, its teller and its branch and records it in the history, all starting from 0.
-/// A restore that mixes states from different moments breaks it.
-fn check_pgbench_balanced(pg: &PgCluster, what: &str) -> anyhow::Result<()> {
-    let out = pg.psql(
-        "SELECT (SELECT coalesce(sum(abalance), 0) FROM pgbench_accounts), \
-                (SELECT coalesce(sum(tbalance), 0) FROM pgbench_tellers), \
-                (SELECT coalesce(sum(bbalance), 0) FROM pgbench_branches), \
-                (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
-    )?;
-    let sums: Vec<&str> = out.split('|').collect();
-    assert_eq!(sums.len(), 4, "{what}: unexpected psql output {out:?}");
-    assert!(
-        sums.iter().all(|s| *s == sums[0]),
-        "{what}: pgbench's balances do not add up (accounts|tellers|branches|history): {out}"
-    );
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------------------
 // Backups
@@ -173,15 +108,6 @@ fn check_backup_json(b: &Value, cluster: &str) {
     );
 }
 
-/// `e` with the tails of the streamer's and the server's logs, to see why a backup failed.
-fn with_logs(e: anyhow::Error, k: &Klio, streamer: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{e:#}\n--- streamer log ---\n{}\n--- server log ---\n{}",
-        tail(&k.log(streamer), 40),
-        tail(&k.server_log(), 80)
-    )
-}
-
 /// Waits until `child` exits, at most `timeout`.
 fn wait_exit(child: &mut ChildGuard, timeout: Duration, what: &str) -> anyhow::Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
@@ -209,62 +135,6 @@ struct Restored {
     _dirs: ScratchDir,
 }
 
-/// Whether `extra` asks `klio restore` for a recovery target.
-fn has_target(extra: &[&str]) -> bool {
-    extra
-        .iter()
-        .any(|a| a.starts_with("--target-") && *a != "--target-timeline")
-}
-
-/// Runs `klio restore` into `pgdata` and fails with its output unless it succeeds; checks
-/// that it wrote a data directory set up for archive recovery, and returns what it printed.
-fn restore_ok(k: &Klio, cluster: &str, pgdata: &Path, extra: &[&str]) -> anyhow::Result<String> {
-    let out = k.restore(cluster, pgdata, extra)?;
-    let text = output_text(&out);
-    if !out.status.success() {
-        bail!("klio restore {extra:?} failed with {}:\n{text}", out.status);
-    }
-    eprintln!("klio restore {extra:?}:\n{}", text.trim_end());
-    for f in [
-        "PG_VERSION",
-        "global/pg_control",
-        "backup_label",
-        "recovery.signal",
-    ] {
-        assert!(pgdata.join(f).exists(), "restore wrote no {f}:\n{text}");
-    }
-    assert!(
-        !pgdata.join("standby.signal").exists(),
-        "a restore recovers and promotes; it must not make a standby"
-    );
-    let auto = fs::read_to_string(pgdata.join("postgresql.auto.conf"))
-        .context("read the restored postgresql.auto.conf")?;
-    assert!(
-        auto.contains("restore_command") && auto.contains("wal-get"),
-        "postgresql.auto.conf has no restore_command running klio wal-get:\n{auto}"
-    );
-    if has_target(extra) {
-        assert!(
-            auto.contains("recovery_target") && auto.contains("recovery_target_action"),
-            "postgresql.auto.conf lacks the recovery target of {extra:?}:\n{auto}"
-        );
-    }
-    Ok(text)
-}
-
-/// Starts PostgreSQL on a restored data directory (giving it, and its tablespaces, to the
-/// `postgres` user) and waits until recovery has ended: the target reached, or the end of
-/// the archive, then promotion.
-fn start_restored(pgdata: &Path) -> anyhow::Result<PgCluster> {
-    let opts = PgOptions {
-        start_timeout: Duration::from_secs(300),
-        ..PgOptions::default()
-    };
-    let pg = PgCluster::from_data_path(pgdata, opts)?;
-    pg.wait_for_recovery_end(Duration::from_secs(300))?;
-    Ok(pg)
-}
-
 /// `klio restore` into a fresh directory, then [`start_restored`].
 fn restore_and_start(k: &Klio, cluster: &str, extra: &[&str]) -> anyhow::Result<Restored> {
     let dirs = scratch_dir();
@@ -276,47 +146,6 @@ fn restore_and_start(k: &Klio, cluster: &str, extra: &[&str]) -> anyhow::Result<
         output,
         _dirs: dirs,
     })
-}
-
-/// `pg_amcheck --all --heapallindexed` (installing amcheck where missing) against `pg`.
-fn run_pg_amcheck(pg: &PgCluster) -> anyhow::Result<()> {
-    let mut cmd = pg.client_command("pg_amcheck");
-    cmd.arg("-h").arg(pg.socket_dir());
-    cmd.args([
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-        "--all",
-        "--install-missing",
-        "--heapallindexed",
-    ]);
-    cmd.stdin(Stdio::null());
-    let out = cmd.output().context("run pg_amcheck")?;
-    if !out.status.success() {
-        bail!(
-            "pg_amcheck failed with {}:\n{}",
-            out.status,
-            output_text(&out)
-        );
-    }
-    Ok(())
-}
-
-/// `pg_checksums --check` of a cleanly stopped data directory.
-fn run_pg_checksums(data_dir: &Path) -> anyhow::Result<()> {
-    let mut cmd = postgres_command("pg_checksums");
-    cmd.arg("--check").arg("-D").arg(data_dir);
-    cmd.stdin(Stdio::null());
-    let out = cmd.output().context("run pg_checksums")?;
-    if !out.status.success() {
-        bail!(
-            "pg_checksums --check failed with {}:\n{}",
-            out.status,
-            output_text(&out)
-        );
-    }
-    Ok(())
 }
 
 /// Judges a restored, running cluster: its tables equal `expected` (when known), pgbench's

@@ -17,7 +17,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,104 +29,6 @@ use klio_test_support::{
 use serde_json::Value;
 
 const BUCKET: &str = "klio-tier2";
-
-fn tier2_flags(endpoint: &str, bucket: &str, key_file: &Path) -> Vec<String> {
-    vec![
-        "--tier2-s3-bucket".into(),
-        bucket.into(),
-        "--tier2-s3-prefix".into(),
-        "dr".into(),
-        "--tier2-s3-endpoint".into(),
-        endpoint.into(),
-        "--tier2-s3-region".into(),
-        "us-east-1".into(),
-        "--tier2-encryption-key-file".into(),
-        key_file.display().to_string(),
-        "--tier2-relay-interval".into(),
-        "0.5".into(),
-        "--queue-max-backoff".into(),
-        "2".into(),
-    ]
-}
-
-/// A Tier 2 passphrase different from Tier 1's.
-fn tier2_key(dir: &ScratchDir, name: &str, passphrase: &str) -> std::path::PathBuf {
-    let p = dir.path().join(name);
-    std::fs::write(&p, passphrase).unwrap();
-    p
-}
-
-fn admin(k: &Klio, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    let p = |f: &str| k.pki.join(f).display().to_string();
-    let mut cmd = klio();
-    cmd.arg("admin")
-        .arg("queue")
-        .args(args)
-        .args(["--server-address", "127.0.0.1"])
-        .args(["--base-port", &k.base_port.to_string()])
-        .args(["--client-cert", &p("admin.crt")])
-        .args(["--client-key", &p("admin.key")])
-        .args(["--server-ca", &p("ca.crt")]);
-    cmd.output().context("run klio admin queue")
-}
-
-fn queue_status(k: &Klio) -> anyhow::Result<Value> {
-    let out = admin(k, &["status", "--json"])?;
-    if !out.status.success() {
-        bail!("klio admin queue status failed:\n{}", output_text(&out));
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-fn last_wal_relayed(status: &Value, cluster: &str) -> String {
-    status["relay"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|r| r["cluster"] == cluster)
-        .and_then(|r| r["last_wal_relayed"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// Backups as `klio backups list --tier2-recovery --json` shows them.
-fn backups_both_tiers(k: &Klio, cluster: &str) -> anyhow::Result<Vec<Value>> {
-    let mut cmd = k.client_command(&["backups", "list", "--tier2-recovery", "--json"], cluster);
-    let out = run_ok(&mut cmd)?;
-    Ok(serde_json::from_slice::<Vec<Value>>(&out.stdout)?)
-}
-
-/// Waits until Tier 2 holds backup `id` and the WAL up to `segment`, and the queue is empty.
-fn wait_relayed(k: &Klio, cluster: &str, id: &str, segment: &str) -> anyhow::Result<()> {
-    let what = format!("Tier 2 to hold backup {id} and WAL up to {segment}");
-    wait_until(
-        Duration::from_secs(180),
-        Duration::from_millis(500),
-        &what,
-        || {
-            // A failed look (S3 just came back) is a "not yet".
-            let look = || -> anyhow::Result<bool> {
-                let backups = backups_both_tiers(k, cluster)?;
-                let has_backup = backups
-                    .iter()
-                    .any(|b| b["backup_id"] == id && b["in_tier2"] == true);
-                let status = queue_status(k)?;
-                Ok(has_backup
-                    && last_wal_relayed(&status, cluster).as_str() >= segment
-                    && status["pending"] == 0)
-            };
-            Ok(look().unwrap_or_else(|e| {
-                eprintln!("not yet: {e:#}");
-                false
-            }))
-        },
-    )
-    .map_err(|e| e.context(format!("server log:\n{}", tail(&k.server_log(), 60))))
-}
-
-fn walfile_now(pg: &PgCluster) -> anyhow::Result<String> {
-    pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
-}
 
 /// The restore checks: `marker` holds 'before' and not 'after', and `pgbench_accounts`
 /// matches `expected`.

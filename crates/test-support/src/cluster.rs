@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::major::PgMajor;
 use crate::process::{chown_to_postgres, chown_tree_to_postgres, postgres_command, run};
 use crate::scratch::ScratchDir;
 use crate::wait::wait_until;
@@ -79,6 +80,10 @@ pub struct PgOptions {
     pub initdb_args: Vec<String>,
     /// How long `pg_ctl start -w` may wait (archive recovery of a restored cluster can be slow).
     pub start_timeout: Duration,
+    /// The PostgreSQL major to run. `None`: 15 for [`PgCluster::start`], the primary's for
+    /// [`PgCluster::standby_of`], the one `PG_VERSION` names for [`PgCluster::from_data_dir`]
+    /// (where `Some` must agree with `PG_VERSION`).
+    pub major: Option<PgMajor>,
 }
 
 impl Default for PgOptions {
@@ -88,6 +93,7 @@ impl Default for PgOptions {
             extra_conf: Vec::new(),
             initdb_args: Vec::new(),
             start_timeout: Duration::from_secs(120),
+            major: None,
         }
     }
 }
@@ -100,6 +106,12 @@ impl PgOptions {
 
     pub fn with_conf(mut self, line: impl Into<String>) -> Self {
         self.extra_conf.push(line.into());
+        self
+    }
+
+    /// Runs PostgreSQL `major` (see [`PgOptions::major`]).
+    pub fn with_major(mut self, major: PgMajor) -> Self {
+        self.major = Some(major);
         self
     }
 }
@@ -243,6 +255,8 @@ pub struct PgCluster {
     log_file: PathBuf,
     port: u16,
     auth: Auth,
+    /// Whose `initdb`, `pg_ctl` and `postgres` run it.
+    major: PgMajor,
     extra_conf: Vec<String>,
     start_timeout: Duration,
     running: bool,
@@ -259,8 +273,12 @@ impl PgCluster {
         data_dir: PathBuf,
         data_owner: Option<ScratchDir>,
         auth: Auth,
+        major: PgMajor,
         opts: &PgOptions,
     ) -> anyhow::Result<PgCluster> {
+        // Fails, naming the installer, when this major's server is not installed.
+        major.server_bin("postgres")?;
+        major.server_bin("pg_ctl")?;
         let socket_dir = scratch.subdir("sock")?;
         let log_file = scratch.path().join("postgres.log");
         Ok(PgCluster {
@@ -269,6 +287,7 @@ impl PgCluster {
             log_file,
             port: 0,
             auth,
+            major,
             extra_conf: opts.extra_conf.clone(),
             start_timeout: opts.start_timeout,
             running: false,
@@ -278,13 +297,16 @@ impl PgCluster {
     }
 
     /// Creates a new cluster (`initdb -k -U postgres`, C locale, UTF8) with the test settings
-    /// and `pg_hba.conf` for `opts.auth`, and starts it.
+    /// and `pg_hba.conf` for `opts.auth`, and starts it; PostgreSQL 15 unless `opts.major`
+    /// says otherwise.
     pub fn start(opts: PgOptions) -> anyhow::Result<PgCluster> {
+        let major = opts.major.unwrap_or(PgMajor::V15);
         let scratch = ScratchDir::new()?;
         let data_dir = scratch.path().join("data");
-        let mut cluster = PgCluster::new_in(scratch, data_dir, None, opts.auth.clone(), &opts)?;
+        let mut cluster =
+            PgCluster::new_in(scratch, data_dir, None, opts.auth.clone(), major, &opts)?;
 
-        let mut cmd = postgres_command("initdb");
+        let mut cmd = postgres_command(major.server_bin("initdb")?);
         cmd.arg("-D").arg(&cluster.data_dir);
         cmd.args([
             "-U",
@@ -320,12 +342,18 @@ impl PgCluster {
 
     /// Creates a hot standby of `primary` (`pg_basebackup -R -X stream -c fast`) and starts it.
     /// It streams from the primary without a slot and keeps the primary's authentication; `opts`
-    /// contributes its `extra_conf` and `start_timeout`.
+    /// contributes its `extra_conf` and `start_timeout`. It runs the primary's major, which
+    /// needs a `pg_basebackup` of that major (the npm builds of 16 and later have none).
     pub fn standby_of(primary: &PgCluster, opts: PgOptions) -> anyhow::Result<PgCluster> {
+        let major = primary.major;
+        if let Some(asked) = opts.major.filter(|&m| m != major) {
+            bail!("a standby of a {major} primary cannot run {asked}");
+        }
+        let mut cmd = primary.pg_basebackup_command()?;
         let scratch = ScratchDir::new()?;
         let data_dir = scratch.path().join("data");
-        let mut cluster = PgCluster::new_in(scratch, data_dir, None, primary.auth.clone(), &opts)?;
-        let mut cmd = postgres_command("pg_basebackup");
+        let mut cluster =
+            PgCluster::new_in(scratch, data_dir, None, primary.auth.clone(), major, &opts)?;
         cmd.arg("-D").arg(&cluster.data_dir);
         cmd.args([
             "-R",
@@ -366,15 +394,17 @@ impl PgCluster {
         owner: Option<ScratchDir>,
         opts: PgOptions,
     ) -> anyhow::Result<PgCluster> {
-        let scratch = ScratchDir::new()?;
-        let mut cluster = PgCluster::new_in(scratch, data_dir, owner, opts.auth.clone(), &opts)?;
-        let data_dir = &cluster.data_dir;
-        if !data_dir.join("PG_VERSION").exists() {
+        let major = PgMajor::of_data_dir(&data_dir)?;
+        if let Some(asked) = opts.major.filter(|&m| m != major) {
             bail!(
-                "\"{}\" is not a PostgreSQL data directory (no PG_VERSION)",
+                "\"{}\" holds a {major} data directory, not {asked}",
                 data_dir.display()
             );
         }
+        let scratch = ScratchDir::new()?;
+        let mut cluster =
+            PgCluster::new_in(scratch, data_dir, owner, opts.auth.clone(), major, &opts)?;
+        let data_dir = &cluster.data_dir;
         chown_tree_to_postgres(data_dir)?;
         chown_tablespaces_to_postgres(data_dir)?;
         fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
@@ -479,8 +509,10 @@ impl PgCluster {
         String::from_utf8_lossy(&log[start..]).into_owned()
     }
 
+    /// `pg_ctl` of the cluster's major (checked to exist when the cluster was made); it runs
+    /// the `postgres` beside it.
     fn pg_ctl(&self, action: &str) -> Command {
-        let mut cmd = postgres_command("pg_ctl");
+        let mut cmd = postgres_command(self.major.bin_dir().join("pg_ctl"));
         cmd.arg(action).arg("-D").arg(&self.data_dir);
         cmd
     }
@@ -607,6 +639,11 @@ impl PgCluster {
         self.port
     }
 
+    /// The PostgreSQL major the cluster runs.
+    pub fn major(&self) -> PgMajor {
+        self.major
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
@@ -662,9 +699,14 @@ impl PgCluster {
     }
 
     /// A command for a client binary (`psql`, `pgbench`, ...) run as `postgres`, with
-    /// `PGPASSWORD` set when the cluster uses a password.
+    /// `PGPASSWORD` set when the cluster uses a password. The binary is the cluster's major's
+    /// when its directory has one, else PostgreSQL 15's (see [`PgMajor::has_own`]).
     pub fn client_command(&self, program: &str) -> Command {
-        let mut cmd = postgres_command(program);
+        let mut cmd = if self.major.has_own(program) {
+            postgres_command(self.major.bin_dir().join(program))
+        } else {
+            postgres_command(program)
+        };
         if let Some(password) = self.auth.password() {
             cmd.env("PGPASSWORD", password);
         }
@@ -735,12 +777,28 @@ impl PgCluster {
     /// `postgres`, like a [`ScratchDir`]): `pg_basebackup -Fp -c fast -N` plus `extra_args`
     /// (for example `["-X", "none"]`; pg_basebackup's default is `-X stream`).
     pub fn basebackup(&self, dest: impl AsRef<Path>, extra_args: &[&str]) -> anyhow::Result<()> {
-        let mut cmd = postgres_command("pg_basebackup");
+        let mut cmd = self.pg_basebackup_command()?;
         cmd.arg("-D").arg(dest.as_ref());
         cmd.args(["-Fp", "-c", "fast", "-N", "-d", &self.dsn()]);
         cmd.args(extra_args);
         run(cmd, &format!("pg_basebackup from port {}", self.port), None)?;
         Ok(())
+    }
+
+    /// `pg_basebackup` for this cluster: PostgreSQL 15's streams from 15 only ("incompatible
+    /// server version" from newer servers), so a newer major needs its own.
+    fn pg_basebackup_command(&self) -> anyhow::Result<Command> {
+        if self.major != PgMajor::V15 && !self.major.has_own("pg_basebackup") {
+            bail!(
+                "pg_basebackup of {} is needed to copy this cluster and \"{}\" has none \
+                 (PostgreSQL 15's refuses newer servers)\n\
+                 hint: take the copy with klio backup and restore, or set KLIO_PG_{}_BIN to a full installation",
+                self.major,
+                self.major.bin_dir().display(),
+                self.major.number()
+            );
+        }
+        Ok(self.client_command("pg_basebackup"))
     }
 
     /// For every user table in `dbname` (schemas other than `pg_catalog` and

@@ -21,7 +21,11 @@
 //!   [`PgReceiveWal::wait_for_segment`].
 //! - [`ScratchDir`] / [`scratch_dir`]: temporary directories the `postgres` user can use.
 //! - [`ChildGuard`]: a child process killed and reaped on drop (for `klio` processes).
-//! - [`pg_bin`], [`postgres_command`]: PostgreSQL binaries (directory overridable with
+//! - [`PgMajor`]: the PostgreSQL major a cluster runs ([`PgOptions::with_major`]; 15 unless
+//!   a test asks for 16, 17 or 18, which `scripts/install-pg-majors.sh` installs under
+//!   [`DEFAULT_PG_MAJORS_DIR`]). A test asking for a major that is not installed fails,
+//!   naming the script; it is never skipped.
+//! - [`pg_bin`], [`postgres_command`]: PostgreSQL 15 binaries (directory overridable with
 //!   `KLIO_PG_BIN`, default [`DEFAULT_PG_BIN`]) run as the right user.
 //! - [`free_port`], [`wait_until`], [`wait_until_async`].
 //!
@@ -44,10 +48,12 @@
 //! # }
 //! ```
 //!
-//! Environment: `KLIO_PG_BIN` (binaries), `KLIO_TEST_TMPDIR` (where scratch directories go),
+//! Environment: `KLIO_PG_BIN` (PostgreSQL 15 binaries), `KLIO_PG_MAJORS_DIR` (where 16 and
+//! later are installed), `KLIO_PG_<major>_BIN` (one major's binaries), `KLIO_TEST_TMPDIR` (where scratch directories go),
 //! `KLIO_KEEP_SCRATCH=1` (keep scratch directories for inspection).
 
 mod cluster;
+mod major;
 mod process;
 mod receivewal;
 mod scratch;
@@ -55,6 +61,7 @@ mod services;
 mod wait;
 
 pub use cluster::{Auth, PgCluster, PgOptions, free_port};
+pub use major::{DEFAULT_PG_MAJORS_DIR, PgMajor};
 pub use process::{ChildGuard, DEFAULT_PG_BIN, pg_bin, postgres_command, running_as_root};
 pub use receivewal::PgReceiveWal;
 pub use scratch::{ScratchDir, scratch_dir};

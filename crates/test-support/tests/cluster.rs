@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use klio_test_support::{Auth, PgCluster, PgOptions, PgReceiveWal, scratch_dir, wait_until};
+use klio_test_support::{
+    Auth, PgCluster, PgMajor, PgOptions, PgReceiveWal, scratch_dir, wait_until,
+};
 
 #[test]
 fn cluster_trust_kill9_then_start_again_keeps_committed_rows() -> anyhow::Result<()> {
@@ -132,5 +134,54 @@ fn basebackup_restores_with_from_data_dir_and_receivewal_completes_segments() ->
     assert_ne!(restored.port(), primary.port());
     assert!(!restored.is_in_recovery()?);
     assert_eq!(restored.table_checksums("postgres")?, expected);
+    Ok(())
+}
+
+/// Every major runs its own server (initdb, pg_ctl, postgres of that version), clients from
+/// PostgreSQL 15 work against it, and a stopped data directory is adopted with the major
+/// `PG_VERSION` names. Fails (naming `scripts/install-pg-majors.sh`) when a major is missing.
+#[test]
+fn each_major_initdb_start_and_adopt_run_that_majors_server() -> anyhow::Result<()> {
+    for major in PgMajor::ALL {
+        let mut pg = PgCluster::start(PgOptions::default().with_major(major))?;
+        assert_eq!(pg.major(), major);
+        let version_num: u32 = pg.psql("SHOW server_version_num")?.parse()?;
+        assert_eq!(version_num / 10000, major.number(), "{major}");
+        assert_eq!(pg.psql("SHOW data_checksums")?, "on", "{major}");
+        pg.pgbench_init(1)?;
+        pg.stop()?;
+        let copy = scratch_dir();
+        let data = copy.path().join("data");
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(pg.data_dir())
+            .arg(&data)
+            .status()?;
+        assert!(status.success());
+        let wrong = PgMajor::ALL.into_iter().find(|&m| m != major).unwrap();
+        let e = PgCluster::from_data_path(&data, PgOptions::default().with_major(wrong))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&major.to_string()), "{e}");
+        let adopted = PgCluster::from_data_path(&data, PgOptions::default())?;
+        assert_eq!(adopted.major(), major);
+        assert_eq!(adopted.psql("SELECT count(*) FROM pgbench_branches")?, "1");
+    }
+    Ok(())
+}
+
+/// PostgreSQL 15's pg_basebackup refuses newer servers: copying a cluster of a major whose
+/// directory has no pg_basebackup fails early and says what to do instead.
+#[test]
+fn standby_of_a_newer_major_without_its_pg_basebackup_fails_clearly() -> anyhow::Result<()> {
+    let major = PgMajor::V18;
+    if major.has_own("pg_basebackup") {
+        return Ok(()); // a full installation: standby_of works
+    }
+    let primary = PgCluster::start(PgOptions::default().with_major(major))?;
+    let e = PgCluster::standby_of(&primary, PgOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pg_basebackup of PostgreSQL 18"), "{e}");
     Ok(())
 }

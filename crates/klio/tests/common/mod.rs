@@ -15,6 +15,18 @@ use anyhow::{Context, bail};
 use klio_pg::Lsn;
 use klio_test_support::{ChildGuard, PgCluster, ScratchDir, free_port, scratch_dir, wait_until};
 
+mod load;
+mod restored;
+mod tier2;
+
+// Each test file uses some of these helpers only.
+#[allow(unused_imports)]
+pub use load::*;
+#[allow(unused_imports)]
+pub use restored::*;
+#[allow(unused_imports)]
+pub use tier2::*;
+
 pub const KLIO: &str = env!("CARGO_BIN_EXE_klio");
 
 /// Seconds of pgbench load in the long tests (`KLIO_TEST_LOAD_SECS`, default 40).
@@ -424,6 +436,15 @@ impl Klio {
     }
 }
 
+/// `e` with the tails of the streamer's and the server's logs, to see why a backup failed.
+pub fn with_logs(e: anyhow::Error, k: &Klio, streamer: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{e:#}\n--- streamer log ---\n{}\n--- server log ---\n{}",
+        tail(&k.log(streamer), 40),
+        tail(&k.server_log(), 80)
+    )
+}
+
 /// The last `n` lines of `text`, for failure messages.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -458,6 +479,11 @@ pub fn current_lsn(pg: &PgCluster) -> anyhow::Result<(u32, Lsn)> {
     let out = pg.psql("SELECT pg_walfile_name(l), l FROM (SELECT pg_current_wal_lsn() AS l) s")?;
     let (f, l) = out.split_once('|').context("parse position")?;
     Ok((u32::from_str_radix(&f[..8], 16)?, l.parse()?))
+}
+
+/// The name of the WAL segment `pg` is writing.
+pub fn walfile_now(pg: &PgCluster) -> anyhow::Result<String> {
+    pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
 }
 
 /// Switches to a new segment and returns the position after the switch.
