@@ -24,6 +24,87 @@ use klio_crypto::open_object;
 use crate::repository::pack_key;
 use crate::{BlockId, BlocklistId, Error, FileKind, PackId, Repository, index, sealed_error};
 
+/// The blocks some manifest (or the caller) needs, in a temporary on-disk table, so that a
+/// collection's memory does not grow with the repository.
+pub(crate) struct LiveSet {
+    db: redb::Database,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const LIVE: redb::TableDefinition<[u8; 32], ()> = redb::TableDefinition::new("live");
+
+impl LiveSet {
+    fn new() -> Result<LiveSet, Error> {
+        let dir = tempfile::Builder::new()
+            .prefix("klio-gc-")
+            .tempdir()
+            .map_err(|e| live_err(std::path::Path::new("<temporary directory>"), &e))?;
+        let path = dir.path().join("live.redb");
+        let db = redb::Database::builder()
+            .set_cache_size(16 << 20)
+            .create(&path)
+            .map_err(|e| live_err(&path, &e))?;
+        Ok(LiveSet {
+            db,
+            path,
+            _dir: dir,
+        })
+    }
+
+    fn insert(&self, ids: &[BlockId]) -> Result<(), Error> {
+        let e = |e: &dyn std::fmt::Display| live_err(&self.path, e);
+        let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|x| e(&x))?;
+        {
+            let mut t = txn.open_table(LIVE).map_err(|x| e(&x))?;
+            for id in ids {
+                t.insert(id.as_bytes(), ()).map_err(|x| e(&x))?;
+            }
+        }
+        txn.commit().map_err(|x| e(&x))
+    }
+
+    fn contains_many(&self, ids: &[BlockId]) -> Result<Vec<bool>, Error> {
+        use redb::ReadableDatabase;
+        let e = |e: &dyn std::fmt::Display| live_err(&self.path, e);
+        let txn = self.db.begin_read().map_err(|x| e(&x))?;
+        let t = match txn.open_table(LIVE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![false; ids.len()]),
+            Err(x) => return Err(e(&x)),
+        };
+        ids.iter()
+            .map(|id| Ok(t.get(id.as_bytes()).map_err(|x| e(&x))?.is_some()))
+            .collect()
+    }
+
+    fn len(&self) -> Result<u64, Error> {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let e = |e: &dyn std::fmt::Display| live_err(&self.path, e);
+        let txn = self.db.begin_read().map_err(|x| e(&x))?;
+        match txn.open_table(LIVE) {
+            Ok(t) => t.len().map_err(|x| e(&x)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(x) => Err(e(&x)),
+        }
+    }
+}
+
+fn live_err(path: &std::path::Path, e: &dyn std::fmt::Display) -> Error {
+    Error::IndexCache {
+        path: path.display().to_string(),
+        reason: format!("garbage collection's live set: {e}"),
+    }
+}
+
+impl std::fmt::Debug for LiveSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveSet").field("path", &self.path).finish()
+    }
+}
+
 /// What a collection would delete.
 #[derive(Clone, Debug, Default)]
 pub struct GcPlan {
@@ -42,6 +123,8 @@ pub struct GcPlan {
     pub mixed_dead_bytes: u64,
     /// Bytes of the block frames the plan deletes (packs it deletes entirely).
     pub reclaimable_bytes: u64,
+    /// The live blocks, for rewriting mixed packs.
+    live: Option<std::sync::Arc<LiveSet>>,
 }
 
 /// A pack whose blocks are all dead.
@@ -59,7 +142,8 @@ pub struct Repack {
     pub pack: String,
     pub indexes: Vec<String>,
     pub pack_id: PackId,
-    pub live: Vec<BlockId>,
+    /// How many of its blocks are live (and will be moved).
+    pub live_blocks: usize,
     pub dead_bytes: u64,
 }
 
@@ -86,39 +170,49 @@ impl Repository {
             .delete(&crate::repository::manifest_key(cluster, backup_id))
     }
 
-    /// Plans a collection. `protected` blocks are kept as if a manifest named them.
+    /// Plans a collection. `protected` blocks are kept as if a manifest named them. Memory
+    /// does not grow with the repository: the live blocks go to a temporary on-disk table,
+    /// index objects are read one at a time.
     pub fn gc_plan(&self, protected: &HashSet<BlockId>) -> Result<GcPlan, Error> {
-        let mut live: HashSet<BlockId> = protected.clone();
+        let live = LiveSet::new()?;
+        let protected: Vec<BlockId> = protected.iter().copied().collect();
+        live.insert(&protected)?;
         let mut live_lists: HashSet<BlocklistId> = HashSet::new();
         for cluster in self.list_clusters()? {
             for id in self.list_manifests(&cluster)? {
                 // An unreadable manifest stops the collection: what it needs is unknown.
                 let m = self.get_manifest(&cluster, &id)?;
                 let repo = self.in_domain(&m.domain)?;
+                let mut wholes = Vec::new();
                 for f in &m.files {
                     match &f.kind {
-                        FileKind::Whole { block } => {
-                            live.insert(*block);
-                        }
+                        FileKind::Whole { block } => wholes.push(*block),
                         FileKind::Blocks { blocklists, .. } => {
                             for l in blocklists {
                                 if live_lists.insert(*l) {
-                                    live.extend(repo.get_blocklist(l)?);
+                                    live.insert(&repo.get_blocklist(l)?)?;
                                 }
                             }
                         }
                         _ => {}
                     }
                 }
+                live.insert(&wholes)?;
             }
         }
         let mut plan = GcPlan {
-            live_blocks: live.len(),
+            live_blocks: live.len()? as usize,
             ..GcPlan::default()
         };
 
-        // Which index objects name which packs, and the blocks of each pack.
-        let mut named: HashMap<PackId, (Vec<String>, HashSet<BlockId>, u64)> = HashMap::new();
+        // Per pack: the index objects naming it, its blocks, live blocks and frame bytes.
+        struct PackStat {
+            indexes: Vec<String>,
+            blocks: usize,
+            live: usize,
+            bytes: u64,
+        }
+        let mut named: HashMap<PackId, PackStat> = HashMap::new();
         for key in self.store().list("index/")? {
             let Some(sealed) = self.store().get(&key)? else {
                 continue;
@@ -127,39 +221,43 @@ impl Repository {
                 .map_err(|e| sealed_error(&key, e))
                 .and_then(|(_, plain)| index::decode(&plain, &key))?;
             for s in sections {
-                let e = named.entry(s.pack).or_default();
-                e.0.push(key.clone());
-                for (id, loc) in &s.blocks {
-                    if e.1.insert(*id) {
-                        e.2 += u64::from(loc.len);
-                    }
+                if let Some(stat) = named.get_mut(&s.pack) {
+                    // Another index object naming the same pack: the same blocks.
+                    stat.indexes.push(key.clone());
+                    continue;
                 }
+                let ids: Vec<BlockId> = s.blocks.iter().map(|(id, _)| *id).collect();
+                let alive = live.contains_many(&ids)?.into_iter().filter(|l| *l).count();
+                named.insert(
+                    s.pack,
+                    PackStat {
+                        indexes: vec![key.clone()],
+                        blocks: ids.len(),
+                        live: alive,
+                        bytes: s.blocks.iter().map(|(_, l)| u64::from(l.len)).sum(),
+                    },
+                );
             }
         }
-        for (pack_id, (indexes, blocks, bytes)) in &named {
-            let live_here: Vec<BlockId> = blocks
-                .iter()
-                .filter(|b| live.contains(b))
-                .copied()
-                .collect();
-            if live_here.is_empty() {
-                plan.reclaimable_bytes += bytes;
+        for (pack_id, stat) in &named {
+            if stat.live == 0 {
+                plan.reclaimable_bytes += stat.bytes;
                 plan.dead_packs.push(DeadPack {
                     pack: pack_key(pack_id),
-                    indexes: indexes.clone(),
+                    indexes: stat.indexes.clone(),
                     pack_id: *pack_id,
-                    bytes: *bytes,
+                    bytes: stat.bytes,
                 });
-            } else if live_here.len() < blocks.len() {
-                let dead_share = 1.0 - live_here.len() as f64 / blocks.len() as f64;
-                let dead_bytes = (*bytes as f64 * dead_share) as u64;
+            } else if stat.live < stat.blocks {
+                let dead_share = 1.0 - stat.live as f64 / stat.blocks as f64;
+                let dead_bytes = (stat.bytes as f64 * dead_share) as u64;
                 if dead_share >= REPACK_DEAD_SHARE {
                     plan.reclaimable_bytes += dead_bytes;
                     plan.repack.push(Repack {
                         pack: pack_key(pack_id),
-                        indexes: indexes.clone(),
+                        indexes: stat.indexes.clone(),
                         pack_id: *pack_id,
-                        live: live_here,
+                        live_blocks: stat.live,
                         dead_bytes,
                     });
                 } else {
@@ -168,6 +266,7 @@ impl Repository {
                 }
             }
         }
+        plan.live = Some(std::sync::Arc::new(live));
         plan.dead_packs.sort_by(|a, b| a.pack.cmp(&b.pack));
         for key in self.store().list("packs/")? {
             let id = key
@@ -210,16 +309,38 @@ impl Repository {
             // A pack holds the blocks of one dedup domain; so does each rewritten pack.
             let mut writers: std::collections::BTreeMap<crate::Domain, crate::PackWriter> =
                 std::collections::BTreeMap::new();
+            let live = plan.live.as_ref().ok_or_else(|| {
+                live_err(
+                    std::path::Path::new("<gc plan>"),
+                    &"a plan to rewrite packs carries its live set",
+                )
+            })?;
             for r in &plan.repack {
                 let domain = self.pack_domain(&r.pack_id)?.unwrap_or_default();
                 let repo = self.in_domain(&domain)?;
                 let writer = writers
                     .entry(domain)
                     .or_insert_with(|| crate::PackWriter::relocating(repo.clone()));
-                for id in &r.live {
-                    let plain = repo.read_block(id)?;
-                    writer.add_block(id, &plain)?;
-                    report.blocks_moved += 1;
+                // The pack's blocks, from its first readable index object; the live ones move.
+                let mut ids: Vec<BlockId> = Vec::new();
+                for key in &r.indexes {
+                    let Some(sealed) = self.store().get(key)? else {
+                        continue;
+                    };
+                    let sections = open_object(self.master(), key, &sealed)
+                        .map_err(|e| sealed_error(key, e))
+                        .and_then(|(_, plain)| index::decode(&plain, key))?;
+                    if let Some(s) = sections.into_iter().find(|s| s.pack == r.pack_id) {
+                        ids = s.blocks.into_iter().map(|(id, _)| id).collect();
+                        break;
+                    }
+                }
+                for (id, alive) in ids.iter().zip(live.contains_many(&ids)?) {
+                    if alive {
+                        let plain = repo.read_block(id)?;
+                        writer.add_block(id, &plain)?;
+                        report.blocks_moved += 1;
+                    }
                 }
             }
             // The new packs are durable and the index points to them before anything goes.
