@@ -334,83 +334,127 @@ fn copy_backup(
     // Both tiers hold the backup's blocks in its dedup domain.
     let t1 = &t1.in_domain(&manifest.domain)?;
     let t2_repo = &t2.repo.in_domain(&manifest.domain)?;
-    let mut lists = Vec::new();
-    let mut needed = Vec::new();
-    let mut seen = HashSet::new();
-    let mut want = |b: BlockId, needed: &mut Vec<BlockId>| -> anyhow::Result<()> {
-        if seen.insert(b) && !t2_repo.has_block(&b)? {
-            needed.push(b);
-        }
+    // Copied a bounded batch at a time (blocks, then the blocklists naming them), so memory
+    // does not grow with the size of the backup.
+    let mut batch = RelayBatch::default();
+    let (mut blocks, mut bytes) = (0, 0);
+    let mut flush = |batch: &mut RelayBatch| -> anyhow::Result<()> {
+        let (b, n) = batch.copy(t1, t1_gc, t2_repo, jobs)?;
+        blocks += b;
+        bytes += n;
         Ok(())
     };
     for f in &manifest.files {
         match &f.kind {
-            FileKind::Whole { block } => want(*block, &mut needed)?,
+            FileKind::Whole { block } => batch.want(t2_repo, std::slice::from_ref(block))?,
             FileKind::Blocks { blocklists, .. } => {
                 for l in blocklists {
                     let ids = t1.get_blocklist(l)?;
-                    for b in &ids {
-                        want(*b, &mut needed)?;
+                    batch.want(t2_repo, &ids)?;
+                    batch.listed += ids.len();
+                    batch.lists.push((*l, ids));
+                    if batch.listed >= RELAY_BATCH_IDS {
+                        flush(&mut batch)?;
                     }
-                    lists.push((*l, ids));
                 }
             }
             FileKind::Symlink { .. } | FileKind::Directory => {}
         }
     }
-    // Each job fills its own packs: at least a pack's worth of 8 KiB pages per job, so a
-    // small backup is not spread over many small packs.
-    let per_job = needed.len().div_ceil(jobs).max(MIN_BLOCKS_PER_JOB);
-    let results: Vec<anyhow::Result<(u64, u64)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = needed
-            .chunks(per_job)
-            .map(|chunk| s.spawn(move || copy_blocks(t1, t1_gc, t2_repo, chunk)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    let (mut blocks, mut bytes) = (0, 0);
-    for r in results {
-        let (b, n) = r?;
-        blocks += b;
-        bytes += n;
-    }
-    // Blocklists are small objects, one per file: written `jobs` at a time.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failures: Vec<anyhow::Error> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..jobs.min(lists.len()))
-            .map(|_| {
-                s.spawn(|| -> anyhow::Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((l, ids)) = lists.get(i) else {
-                            return Ok(());
-                        };
-                        let stored = t2_repo.put_blocklist(ids)?;
-                        anyhow::ensure!(
-                            stored == *l,
-                            "blocklist {l} gets another id in Tier 2: the tiers' id keys differ"
-                        );
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| {
-                h.join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-                    .err()
-            })
-            .collect()
-    });
-    if let Some(e) = failures.into_iter().next() {
-        return Err(e);
-    }
+    flush(&mut batch)?;
     t2_repo.put_manifest(&manifest)?;
     Ok(Some((blocks, bytes)))
+}
+
+/// Block ids listed by the blocklists of one relay batch.
+const RELAY_BATCH_IDS: usize = 1 << 20;
+
+/// What one batch of a backup relay copies: the blocks Tier 2 lacks, then the blocklists.
+#[derive(Default)]
+struct RelayBatch {
+    needed: Vec<BlockId>,
+    seen: HashSet<BlockId>,
+    lists: Vec<(klio_repository::BlocklistId, Vec<BlockId>)>,
+    listed: usize,
+}
+
+impl RelayBatch {
+    /// Adds the blocks of `ids` that Tier 2 lacks.
+    fn want(&mut self, t2: &Repository, ids: &[BlockId]) -> anyhow::Result<()> {
+        for (id, stored) in ids.iter().zip(t2.has_blocks(ids)?) {
+            if !stored && self.seen.insert(*id) {
+                self.needed.push(*id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the batch's blocks (`jobs` streams), then writes its blocklists to Tier 2;
+    /// returns (blocks copied, bytes of their packs) and empties the batch.
+    fn copy(
+        &mut self,
+        t1: &Repository,
+        t1_gc: &tokio::sync::RwLock<()>,
+        t2: &Repository,
+        jobs: usize,
+    ) -> anyhow::Result<(u64, u64)> {
+        let needed = std::mem::take(&mut self.needed);
+        let lists = std::mem::take(&mut self.lists);
+        self.seen.clear();
+        self.listed = 0;
+        // Each job fills its own packs: at least a pack's worth of 8 KiB pages per job, so a
+        // small backup is not spread over many small packs.
+        let per_job = needed.len().div_ceil(jobs).max(MIN_BLOCKS_PER_JOB);
+        let results: Vec<anyhow::Result<(u64, u64)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = needed
+                .chunks(per_job)
+                .map(|chunk| s.spawn(move || copy_blocks(t1, t1_gc, t2, chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let (mut blocks, mut bytes) = (0, 0);
+        for r in results {
+            let (b, n) = r?;
+            blocks += b;
+            bytes += n;
+        }
+        // Blocklists are small objects: written `jobs` at a time.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failures: Vec<anyhow::Error> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..jobs.min(lists.len()))
+                .map(|_| {
+                    s.spawn(|| -> anyhow::Result<()> {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some((l, ids)) = lists.get(i) else {
+                                return Ok(());
+                            };
+                            let stored = t2.put_blocklist(ids)?;
+                            anyhow::ensure!(
+                                stored == *l,
+                                "blocklist {l} gets another id in Tier 2: the tiers' id keys differ"
+                            );
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                        .err()
+                })
+                .collect()
+        });
+        if let Some(e) = failures.into_iter().next() {
+            return Err(e);
+        }
+        Ok((blocks, bytes))
+    }
 }
 
 fn copy_blocks(
