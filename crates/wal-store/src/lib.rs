@@ -732,6 +732,30 @@ impl ClusterWal {
         Ok(true)
     }
 
+    /// How many history and `.backup` files (what [`ClusterWal::put_file`] stores) the
+    /// archive holds, and whether `name` is one of them.
+    pub fn put_files(&self, name: &str) -> Result<(usize, bool), Error> {
+        let size = self.segment_size()?;
+        let mut count = 0;
+        let mut found = false;
+        for sub in ["history", "other"] {
+            let d = self.dir.join(sub);
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("list archived files", &d)(e)),
+            };
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if WalFileName::parse(&n, size).is_ok() {
+                    count += 1;
+                    found |= n == name;
+                }
+            }
+        }
+        Ok((count, found))
+    }
+
     /// Seals complete segments that a crash left as in-progress files, on every timeline
     /// (the server calls this at start; writers do it for their own timeline).
     pub fn recover(&self) -> Result<(), Error> {
