@@ -30,6 +30,30 @@ async fn wal_client(k: &Klio, cluster: &str) -> WalClient<tonic::transport::Chan
         .max_decoding_message_size(64 << 20)
 }
 
+/// A WAL client with HTTP/2's small default flow-control windows (64 KiB), so that the
+/// server cannot push a whole segment into a stream nobody reads.
+async fn small_window_client(k: &Klio, cluster: &str) -> WalClient<tonic::transport::Channel> {
+    klio_tls::install_crypto_provider();
+    let p = |f: String| k.pki.join(f);
+    let tls = klio_tls::client_tls(
+        &p("ca.crt".into()),
+        &p(format!("client-{cluster}.crt")),
+        &p(format!("client-{cluster}.key")),
+        "localhost",
+    )
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", k.port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    WalClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
 /// Inserts rows and waits until `cluster`'s archive holds the WAL they wrote.
 fn write_and_archive(k: &Klio, cluster: &str, pg: &PgCluster, rows: u32) -> anyhow::Result<Lsn> {
     pg.psql(&format!(
@@ -166,29 +190,29 @@ fn wal_limits_refuse_the_next_stream_or_file_and_spare_other_clusters() -> anyho
     let k = Klio::start_with(&["a", "b"], flags.iter().map(|s| s.to_string()).collect())?;
     let pg = PgCluster::start(PgOptions::default())?;
     let _streamer = k.spawn_streamer("a", &pg, "a", &[])?;
-    // WAL that compresses badly: a sealed segment much larger than HTTP/2's flow-control
-    // windows, so that a Get stream nobody reads cannot finish.
+    // WAL that compresses badly: a sealed segment much larger than what the flow-control
+    // windows and the server's buffers hold, so that a Get stream nobody reads cannot
+    // finish.
     k.wait_archived("a", 1, Lsn(1), Duration::from_secs(60))?;
     pg.psql(
         "CREATE TABLE r AS SELECT md5(random()::text) || md5(random()::text) AS x FROM generate_series(1, 400000)",
     )?;
     let end = switch_wal(&pg)?;
     k.wait_archived("a", 1, end, Duration::from_secs(120))?;
-    let seg = k
-        .archived_files("a")?
-        .into_iter()
-        .filter(|f| f.len() == 24)
-        .max()
-        .unwrap();
-    let sealed = k.data.join("wal/a/00000001").join(&seg);
-    wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        "the segment to be sealed",
-        || Ok(sealed.exists()),
-    )?;
-    let sealed_len = std::fs::metadata(&sealed)?.len();
-    assert!(sealed_len > 8 << 20, "segment {seg} has only {sealed_len} bytes");
+    let dir = k.data.join("wal/a/00000001");
+    let mut sealed = Vec::new();
+    for f in k.archived_files("a")?.into_iter().filter(|f| f.len() == 24) {
+        let path = dir.join(&f);
+        wait_until(
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            "the segment to be sealed",
+            || Ok(path.exists()),
+        )?;
+        sealed.push((std::fs::metadata(&path)?.len(), f));
+    }
+    let (sealed_len, seg) = sealed.into_iter().max().unwrap();
+    assert!(sealed_len > 6 << 20, "segment {seg} has only {sealed_len} bytes");
 
     let rt = runtime();
     rt.block_on(async {
@@ -218,9 +242,14 @@ fn wal_limits_refuse_the_next_stream_or_file_and_spare_other_clusters() -> anyho
             assert!(s.message().contains(flag), "{}", s.message());
         };
 
-        // Get streams: two held open unread, the third refused.
-        let g1 = a.get(get("a", &seg)).await.unwrap();
-        let g2 = a.get(get("a", &seg)).await.unwrap();
+        // Get streams: two held open unread (each on its own connection, whose window
+        // they fill), the third refused.
+        let (mut c1, mut c2) = (
+            small_window_client(&k, "a").await,
+            small_window_client(&k, "a").await,
+        );
+        let g1 = c1.get(get("a", &seg)).await.unwrap();
+        let g2 = c2.get(get("a", &seg)).await.unwrap();
         resource_exhausted(
             a.get(get("a", &seg)).await.map(|_| ()),
             "--wal-max-get-streams",
@@ -259,7 +288,7 @@ fn wal_limits_refuse_the_next_stream_or_file_and_spare_other_clusters() -> anyho
         }
 
         // Closing the held streams gives their permits back.
-        drop((g1, g2));
+        drop((g1, g2, c1, c2));
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             match a.get(get("a", &seg)).await {
