@@ -161,7 +161,10 @@ fn damaged_open_segment_refuses_only_its_cluster_and_the_server_starts() -> anyh
         "a's streamer must be told which file is damaged:\n{}",
         tail(&k.log("a2"), 10)
     );
-    assert!(streamer_a.is_running(), "a's streamer retries, it does not give up");
+    assert!(
+        streamer_a.is_running(),
+        "a's streamer retries, it does not give up"
+    );
 
     // The operator moves the file aside, as the hint says: a streams again.
     let aside = PathBuf::from(format!("{}.damaged", open.display()));
@@ -212,7 +215,10 @@ fn wal_limits_refuse_the_next_stream_or_file_and_spare_other_clusters() -> anyho
         sealed.push((std::fs::metadata(&path)?.len(), f));
     }
     let (sealed_len, seg) = sealed.into_iter().max().unwrap();
-    assert!(sealed_len > 6 << 20, "segment {seg} has only {sealed_len} bytes");
+    assert!(
+        sealed_len > 6 << 20,
+        "segment {seg} has only {sealed_len} bytes"
+    );
 
     let rt = runtime();
     rt.block_on(async {
@@ -237,7 +243,7 @@ fn wal_limits_refuse_the_next_stream_or_file_and_spare_other_clusters() -> anyho
             content: vec![b'1'; len].into(),
         };
         let resource_exhausted = |r: Result<_, tonic::Status>, flag: &str| {
-            let s: tonic::Status = r.err().expect("refused");
+            let s: tonic::Status = r.expect_err("refused");
             assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
             assert!(s.message().contains(flag), "{}", s.message());
         };
@@ -263,10 +269,18 @@ fn wal_limits_refuse_the_next_stream_or_file_and_spare_other_clusters() -> anyho
             "--wal-max-put-file-bytes",
         );
         for n in ["00000002.history", "00000003.history"] {
-            assert!(a.put_file(put("a", n, 1000)).await.unwrap().into_inner().created);
+            assert!(
+                a.put_file(put("a", n, 1000))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .created
+            );
         }
         resource_exhausted(
-            a.put_file(put("a", "00000004.history", 10)).await.map(|_| ()),
+            a.put_file(put("a", "00000004.history", 10))
+                .await
+                .map(|_| ()),
             "--wal-max-put-files",
         );
         // A file already stored is no new file.
@@ -283,7 +297,11 @@ fn wal_limits_refuse_the_next_stream_or_file_and_spare_other_clusters() -> anyho
             b.put_file(put("b", n, 1000)).await.unwrap();
         }
         for _ in 0..3 {
-            let mut s = b.get(get("b", "00000002.history")).await.unwrap().into_inner();
+            let mut s = b
+                .get(get("b", "00000002.history"))
+                .await
+                .unwrap()
+                .into_inner();
             while s.message().await.unwrap().is_some() {}
         }
 
@@ -379,8 +397,7 @@ fn slot_flushed(pg: &PgCluster) -> anyhow::Result<Lsn> {
 /// server keeps serving reads, nothing acknowledged is lost, and once space is freed
 /// archiving resumes by itself, without a hole.
 #[test]
-fn disk_full_is_resource_exhausted_and_archiving_resumes_losing_nothing() -> anyhow::Result<()>
-{
+fn disk_full_is_resource_exhausted_and_archiving_resumes_losing_nothing() -> anyhow::Result<()> {
     if !klio_test_support::running_as_root() {
         eprintln!("skipped: mounting a small filesystem needs root");
         return Ok(());
@@ -398,9 +415,7 @@ fn disk_full_is_resource_exhausted_and_archiving_resumes_losing_nothing() -> any
     let filler = k.data.join("filler");
     fill(&filler)?;
     // However much room the server still had, this WAL does not fit.
-    pg.psql(
-        "CREATE TABLE big AS SELECT md5(random()::text) AS x FROM generate_series(1, 400000)",
-    )?;
+    pg.psql("CREATE TABLE big AS SELECT md5(random()::text) AS x FROM generate_series(1, 400000)")?;
     wait_until(
         Duration::from_secs(120),
         Duration::from_millis(200),
@@ -426,7 +441,12 @@ fn disk_full_is_resource_exhausted_and_archiving_resumes_losing_nothing() -> any
         .find(|f| f.len() == 24)
         .unwrap();
     let scratch = klio_test_support::scratch_dir();
-    let o = k.wal_get("full", &first, &scratch.path().join("seg"), &["--prefetch", "0"])?;
+    let o = k.wal_get(
+        "full",
+        &first,
+        &scratch.path().join("seg"),
+        &["--prefetch", "0"],
+    )?;
     assert!(o.status.success(), "{}", output_text(&o));
 
     // Space comes back: archiving resumes by itself and catches up.
