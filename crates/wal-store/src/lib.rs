@@ -102,7 +102,7 @@ pub enum Error {
     #[error("sealing a completed segment failed earlier: {0}")]
     SealFailed(Box<Error>),
     #[error(
-        "in-progress segment \"{path}\" of cluster \"{cluster}\" is damaged: {reason}\nHINT: the WAL of cluster \"{cluster}\" is refused until the damaged file is moved out of the way: keep it for inspection (mv \"{path}\" \"{path}.damaged\"); streaming then resumes from the end of the last sealed segment if PostgreSQL still has that WAL, otherwise wal-stream reports the gap and a new base backup is needed"
+        "in-progress segment \"{path}\" of cluster \"{cluster}\" is damaged: {reason}\nHINT: the WAL of cluster \"{cluster}\" is refused until the damaged file is moved out of the way: keep it for inspection (mv \"{path}\" \"{path}.damaged\"); the archive then continues where its remaining files end, with WAL PostgreSQL still has; if WAL only this file held is gone from PostgreSQL too, the archive has a gap there and a new base backup is needed"
     )]
     Damaged {
         cluster: String,
