@@ -4,8 +4,10 @@
 //! - [`WalStore`]: the store under `<data-dir>/wal`, holding the [`MasterKey`];
 //! - [`ClusterWal`]: one cluster's archive (its identity, status, files);
 //! - [`WalWriter`]: appends streamed WAL durably as sealed frames (`.open` files), seals
-//!   each completed segment in the background, and turns the last segment of a finished
-//!   timeline into a `.partial`;
+//!   each completed segment in the background (one [`SealQueue`] per cluster), and turns
+//!   the last segment of a finished timeline into a `.partial`;
+//! - [`ClusterWal::check_usable`]: a cluster with a damaged in-progress segment is
+//!   refused ([`Error::Damaged`]) until the file is moved aside; other clusters go on;
 //! - [`WalFileData`]: a stored file's verified, decrypted frames, ready to send.
 //!
 //! The layout and the crash-safety argument are in `docs/formats/wal-store.md`.
