@@ -121,6 +121,12 @@ pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
         }
         tonic::Code::Unauthenticated => "\nHINT: the server did not accept the client certificate",
         tonic::Code::Unavailable => "\nHINT: is the Klio server running and reachable?",
+        tonic::Code::ResourceExhausted if !s.message().contains("HINT:") => {
+            "\nHINT: the server is out of space or over one of its limits (RESOURCE_EXHAUSTED)"
+        }
+        tonic::Code::DataLoss if !s.message().contains("HINT:") => {
+            "\nHINT: the server found damaged data (DATA_LOSS); see its log"
+        }
         _ => "",
     };
     anyhow::anyhow!("could not {what}: {}{hint}", s.message())

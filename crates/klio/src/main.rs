@@ -172,6 +172,16 @@ struct ServerArgs {
     /// without it uses a temporary directory)
     #[arg(long, env = "KLIO_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// WAL Get streams (wal-get, restores) one cluster may have open at once; more are
+    /// refused with RESOURCE_EXHAUSTED
+    #[arg(long, env = "KLIO_WAL_MAX_GET_STREAMS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    wal_max_get_streams: u32,
+    /// Largest history or .backup file a cluster may store through PutFile, in bytes
+    #[arg(long, env = "KLIO_WAL_MAX_PUT_FILE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
+    wal_max_put_file_bytes: u32,
+    /// History and .backup files one cluster's WAL archive may hold
+    #[arg(long, env = "KLIO_WAL_MAX_PUT_FILES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    wal_max_put_files: u32,
 }
 
 /// Parses a byte count with an optional K, M, G or T suffix (powers of 1024).
@@ -296,6 +306,11 @@ impl ServerArgs {
                 spool_dir: None,
             },
             cache_dir: self.cache_dir,
+            wal_limits: klio_server::WalLimits {
+                max_get_streams: self.wal_max_get_streams as usize,
+                max_put_file_bytes: self.wal_max_put_file_bytes as usize,
+                max_put_files: self.wal_max_put_files as usize,
+            },
         })
     }
 }

@@ -35,7 +35,7 @@ pub use backup_service::{
 pub use context::{Context, read_only_status};
 pub use status::store_status;
 pub use tier2::Tier2Config;
-pub use wal_service::{ASYNC_FLUSH_INTERVAL, MAX_MESSAGE, WalService};
+pub use wal_service::{ASYNC_FLUSH_INTERVAL, MAX_MESSAGE, WalLimits, WalService};
 
 /// `--mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +79,8 @@ pub struct ServerConfig {
     /// Where the block index caches live (default `<data-dir>/cache`; a read-only server
     /// without one uses a temporary directory).
     pub cache_dir: Option<PathBuf>,
+    /// Per-cluster limits of the WAL service.
+    pub wal_limits: WalLimits,
 }
 
 /// Opens everything, binds the listeners and serves until `shutdown` fires. A wrong key
@@ -136,9 +138,13 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
         });
     }
 
-    let wal_svc = WalServer::new(WalService::new(ctx.clone(), shutdown.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let wal_svc = WalServer::new(WalService::new(
+        ctx.clone(),
+        shutdown.clone(),
+        cfg.wal_limits,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
     let backup_svc = BackupServer::new(backup)
         .max_decoding_message_size(MAX_BACKUP_MESSAGE)
         .max_encoding_message_size(MAX_BACKUP_MESSAGE);
@@ -197,16 +203,12 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
     )?;
     {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            for name in store.clusters()? {
-                store
-                    .cluster(&name)?
-                    .recover()
-                    .with_context(|| format!("recover the WAL archive of cluster \"{name}\""))?;
-            }
-            Ok(())
-        })
-        .await??;
+        // A cluster whose archive cannot be recovered does not keep the others down: it
+        // is refused (DATA_LOSS or the error's own kind) until the fault is repaired.
+        let failed = tokio::task::spawn_blocking(move || store.recover_all()).await??;
+        for (name, e) in failed {
+            tracing::error!(cluster = %name, error = %e, "could not recover the WAL archive of the cluster; its WAL calls fail until this is repaired, other clusters are served");
+        }
     }
 
     let root = data_dir.join("repository");

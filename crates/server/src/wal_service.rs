@@ -5,10 +5,15 @@
 //! the old connection is dead); the old stream's writer stops before the new one opens.
 //! Writes run on a blocking thread that applies every request already queued, fsyncs once
 //! (group commit) and only then sends the acknowledgement.
+//!
+//! Faults and limits are per cluster: a cluster whose archive is damaged gets `DATA_LOSS`
+//! naming the file (see [`ClusterWal::check_usable`]), a cluster over one of its
+//! [`WalLimits`] gets `RESOURCE_EXHAUSTED` naming the limit; other clusters go on.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, Stream};
@@ -16,7 +21,7 @@ use klio_pg::{Lsn, SegmentSize, TimeLineId};
 use klio_proto::wal::v1 as pb;
 use klio_proto::wal::v1::wal_server::Wal;
 use klio_wal_store::{ClusterWal, WalStore};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -26,6 +31,29 @@ use crate::status::store_status;
 
 /// Largest WAL payload accepted per request (the client sends at most 4 MiB).
 pub const MAX_MESSAGE: usize = 32 << 20;
+
+/// Per-cluster limits of the WAL service; each is a `klio server` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalLimits {
+    /// `Get` streams of one cluster open at once (`--wal-max-get-streams`). Each pins the
+    /// file it serves in memory until the client has read it.
+    pub max_get_streams: usize,
+    /// Largest history or `.backup` file one `PutFile` stores (`--wal-max-put-file-bytes`).
+    pub max_put_file_bytes: usize,
+    /// History and `.backup` files one cluster's archive holds (`--wal-max-put-files`); a
+    /// `PutFile` of a file already stored does not count.
+    pub max_put_files: usize,
+}
+
+impl Default for WalLimits {
+    fn default() -> WalLimits {
+        WalLimits {
+            max_get_streams: 32,
+            max_put_file_bytes: 1 << 20,
+            max_put_files: 10_000,
+        }
+    }
+}
 
 struct ClusterSlot {
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -38,15 +66,48 @@ pub struct WalService {
     ctx: Context,
     slots: Arc<Mutex<HashMap<String, ClusterSlot>>>,
     shutdown: CancellationToken,
+    limits: WalLimits,
+    /// Per cluster: permits for open `Get` streams.
+    gets: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
 }
 
 impl WalService {
-    pub fn new(ctx: Context, shutdown: CancellationToken) -> WalService {
+    pub fn new(ctx: Context, shutdown: CancellationToken, limits: WalLimits) -> WalService {
         WalService {
             ctx,
             slots: Arc::default(),
             shutdown,
+            limits,
+            gets: Arc::default(),
         }
+    }
+
+    /// A permit for one more `Get` stream of `cluster`, or `RESOURCE_EXHAUSTED`.
+    fn get_permit(&self, cluster: &str) -> Result<OwnedSemaphorePermit, Status> {
+        let max = self.limits.max_get_streams;
+        let sem = self
+            .gets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cluster.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(max)))
+            .clone();
+        sem.try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "cluster \"{cluster}\" already has {max} WAL Get streams open, the limit --wal-max-get-streams\nHINT: let them finish (or lower wal-get --prefetch), or raise --wal-max-get-streams (KLIO_WAL_MAX_GET_STREAMS)"
+            ))
+        })
+    }
+
+    /// Refuses a `PutFile` of `len` bytes over `--wal-max-put-file-bytes`.
+    fn check_put_file_size(&self, cluster: &str, name: &str, len: usize) -> Result<(), Status> {
+        let max = self.limits.max_put_file_bytes;
+        if len > max {
+            return Err(Status::resource_exhausted(format!(
+                "file \"{name}\" of cluster \"{cluster}\" has {len} bytes, more than the limit --wal-max-put-file-bytes ({max})\nHINT: history and .backup files are small; if this one is genuine, raise --wal-max-put-file-bytes (KLIO_WAL_MAX_PUT_FILE_BYTES)"
+            )));
+        }
+        Ok(())
     }
 
     /// Tier 1's archive; a read-only server has none and refuses `what`.
@@ -121,6 +182,7 @@ impl Wal for WalService {
         self.ctx
             .declare_tier2_backup(&r.cluster, r.tier2_backup, true)?;
         let status = tokio::task::spawn_blocking(move || {
+            cluster.check_usable()?;
             cluster.register(r.system_id, size)?;
             cluster.status()
         })
@@ -166,10 +228,13 @@ impl Wal for WalService {
             .declare_tier2_backup(&open.cluster, open.tier2_backup, true)?;
         let meta = {
             let c = cluster.clone();
-            tokio::task::spawn_blocking(move || c.require_meta())
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(store_status)?
+            tokio::task::spawn_blocking(move || {
+                c.check_usable()?;
+                c.require_meta()
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?
         };
         if meta.system_id != open.system_id {
             return Err(store_status(klio_wal_store::Error::SystemIdMismatch {
@@ -206,10 +271,21 @@ impl Wal for WalService {
     ) -> Result<Response<pb::PutFileResponse>, Status> {
         let cluster = self.cluster_for(&req, &req.get_ref().cluster)?;
         let r = req.into_inner();
-        let created = tokio::task::spawn_blocking(move || cluster.put_file(&r.name, &r.content))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(store_status)?;
+        self.check_put_file_size(&r.cluster, &r.name, r.content.len())?;
+        let max_files = self.limits.max_put_files;
+        let created = tokio::task::spawn_blocking(move || -> Result<bool, Status> {
+            cluster.check_usable().map_err(store_status)?;
+            let (count, exists) = cluster.put_files(&r.name).map_err(store_status)?;
+            if !exists && count >= max_files {
+                return Err(Status::resource_exhausted(format!(
+                    "the archive of cluster \"{}\" already holds {count} history and .backup files, the limit --wal-max-put-files; \"{}\" is refused\nHINT: retention removes old .backup files; or raise --wal-max-put-files (KLIO_WAL_MAX_PUT_FILES)",
+                    r.cluster, r.name
+                )));
+            }
+            cluster.put_file(&r.name, &r.content).map_err(store_status)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(pb::PutFileResponse { created }))
     }
 
@@ -219,11 +295,14 @@ impl Wal for WalService {
         Self::authorize(&req, &req.get_ref().cluster)?;
         let r = req.into_inner();
         let name = r.name.clone();
+        // Held until the response stream is dropped (sent completely, or the client left).
+        let permit = self.get_permit(&r.cluster)?;
         let mut found = None;
         if let Some(store) = &self.ctx.wal {
             let cluster = store.cluster(&r.cluster).map_err(store_status)?;
             let (n, partial) = (r.name.clone(), r.allow_partial);
             let tier1 = tokio::task::spawn_blocking(move || {
+                cluster.check_usable()?;
                 let meta = cluster.require_meta()?;
                 cluster
                     .read(&n, partial)
@@ -290,7 +369,10 @@ impl Wal for WalService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(Permitted {
+            inner: ReceiverStream::new(rx),
+            _permit: permit,
+        })))
     }
 
     async fn list(
@@ -304,6 +386,7 @@ impl Wal for WalService {
             let cluster = store.cluster(&r.cluster).map_err(store_status)?;
             let tier1 = tokio::task::spawn_blocking(
                 move || -> Result<pb::ListResponse, klio_wal_store::Error> {
+                    cluster.check_usable()?;
                     let meta = cluster.require_meta()?;
                     let status = cluster.status()?;
                     let files = cluster.list_files()?;
@@ -374,6 +457,23 @@ impl Wal for WalService {
             store_status(klio_wal_store::Error::UnknownCluster(r.cluster.clone()))
         })?;
         Ok(Response::new(resp))
+    }
+}
+
+/// A response stream that holds a limit's permit for as long as it lives.
+struct Permitted<S> {
+    inner: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S: Stream + Unpin> Stream for Permitted<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<S::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
     }
 }
 

@@ -4,8 +4,10 @@
 //! - [`WalStore`]: the store under `<data-dir>/wal`, holding the [`MasterKey`];
 //! - [`ClusterWal`]: one cluster's archive (its identity, status, files);
 //! - [`WalWriter`]: appends streamed WAL durably as sealed frames (`.open` files), seals
-//!   each completed segment in the background, and turns the last segment of a finished
-//!   timeline into a `.partial`;
+//!   each completed segment in the background (one [`SealQueue`] per cluster), and turns
+//!   the last segment of a finished timeline into a `.partial`;
+//! - [`ClusterWal::check_usable`]: a cluster with a damaged in-progress segment is
+//!   refused ([`Error::Damaged`]) until the file is moved aside; other clusters go on;
 //! - [`WalFileData`]: a stored file's verified, decrypted frames, ready to send.
 //!
 //! The layout and the crash-safety argument are in `docs/formats/wal-store.md`.
@@ -13,9 +15,10 @@
 mod layout;
 mod writer;
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use klio_crypto::{FrameCipher, MasterKey, ObjectHeader, ObjectKind, OpenedFrame, open_object};
 use klio_pg::{Lsn, SegmentNo, SegmentSize, TimeLineId, WalFileName};
@@ -99,7 +102,38 @@ pub enum Error {
         timeline: TimeLineId,
     },
     #[error("sealing a completed segment failed earlier: {0}")]
-    SealFailed(String),
+    SealFailed(Box<Error>),
+    #[error(
+        "in-progress segment \"{path}\" of cluster \"{cluster}\" is damaged: {reason}\nHINT: the WAL of cluster \"{cluster}\" is refused until the damaged file is moved out of the way: keep it for inspection (mv \"{path}\" \"{path}.damaged\"); the archive then continues where its remaining files end, with WAL PostgreSQL still has; if WAL only this file held is gone from PostgreSQL too, the archive has a gap there and a new base backup is needed"
+    )]
+    Damaged {
+        cluster: String,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+impl Error {
+    /// The error as it was, or as [`Error::Damaged`] when it says that the in-progress file
+    /// at `path` does not authenticate or decode.
+    pub(crate) fn damaged_open_file(self, cluster: &str, path: &Path) -> Error {
+        match self {
+            Error::Crypto(e) => Error::Damaged {
+                cluster: cluster.to_string(),
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            },
+            other => other,
+        }
+    }
+
+    /// The error behind a [`Error::SealFailed`] wrapper.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::SealFailed(inner) => inner.root(),
+            other => other,
+        }
+    }
 }
 
 pub(crate) fn io_err(
@@ -223,7 +257,15 @@ struct StoreInner {
     root: PathBuf,
     master: MasterKey,
     level: i32,
-    sealer: SealQueue,
+    /// One seal queue (and thread) per cluster: a slow or failing seal of one cluster
+    /// never delays or fails another's stream.
+    sealers: Mutex<HashMap<String, SealQueue>>,
+    /// Clusters with a damaged in-progress file: the file and why it does not open.
+    broken: Mutex<HashMap<String, (PathBuf, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl WalStore {
@@ -231,13 +273,13 @@ impl WalStore {
     pub fn open(root: &Path, master: MasterKey, level: i32) -> Result<WalStore, Error> {
         klio_durable::create_dir_all_durable(root)
             .map_err(io_err("create WAL store directory", root))?;
-        let sealer = SealQueue::start();
         Ok(WalStore {
             inner: Arc::new(StoreInner {
                 root: root.to_path_buf(),
                 master,
                 level,
-                sealer,
+                sealers: Mutex::default(),
+                broken: Mutex::default(),
             }),
         })
     }
@@ -271,9 +313,42 @@ impl WalStore {
         Ok(out)
     }
 
-    /// Waits until every queued segment seal has finished (used by tests and shutdown).
+    /// Waits until every queued segment seal of every cluster has finished (used by tests
+    /// and shutdown); reports the first failure.
     pub fn flush_seals(&self) -> Result<(), Error> {
-        self.inner.sealer.flush()
+        let queues: Vec<SealQueue> = lock(&self.inner.sealers).values().cloned().collect();
+        let mut first = Ok(());
+        for q in queues {
+            if let Err(e) = q.flush()
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+
+    /// Runs [`ClusterWal::recover`] for every cluster. A cluster that fails does not stop
+    /// the others: its error is returned with its name (and a damaged in-progress file
+    /// marks the cluster broken, see [`ClusterWal::check_usable`]).
+    pub fn recover_all(&self) -> Result<Vec<(String, Error)>, Error> {
+        let mut failed = Vec::new();
+        for name in self.clusters()? {
+            if let Err(e) = self.cluster(&name)?.recover() {
+                failed.push((name, e));
+            }
+        }
+        Ok(failed)
+    }
+
+    /// The clusters marked broken, with the damaged file of each.
+    pub fn broken_clusters(&self) -> Vec<(String, PathBuf)> {
+        let mut v: Vec<_> = lock(&self.inner.broken)
+            .iter()
+            .map(|(c, (p, _))| (c.clone(), p.clone()))
+            .collect();
+        v.sort();
+        v
     }
 }
 
@@ -296,6 +371,62 @@ impl ClusterWal {
 
     pub(crate) fn object_name(&self, file: &str) -> String {
         sealed_name(&self.name, file)
+    }
+
+    /// This cluster's seal queue, started on first use.
+    pub(crate) fn sealer(&self) -> SealQueue {
+        lock(&self.store.inner.sealers)
+            .entry(self.name.clone())
+            .or_insert_with(|| SealQueue::start(&self.name))
+            .clone()
+    }
+
+    /// Marks the cluster broken when `e` is an [`Error::Damaged`] of its own.
+    pub(crate) fn note_damage(&self, e: &Error) {
+        if let Error::Damaged { path, reason, .. } = e.root() {
+            let mut broken = lock(&self.store.inner.broken);
+            if broken.get(&self.name).is_none_or(|(p, _)| p != path) {
+                tracing::error!(
+                    cluster = %self.name,
+                    path = %path.display(),
+                    %reason,
+                    "the cluster's WAL archive has a damaged in-progress segment; its WAL calls are refused with DATA_LOSS until the file is moved aside (mv \"{}\" \"{}.damaged\")",
+                    path.display(),
+                    path.display(),
+                );
+            }
+            broken.insert(self.name.clone(), (path.clone(), reason.clone()));
+        }
+    }
+
+    fn noted<T>(&self, r: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &r {
+            self.note_damage(e);
+        }
+        r
+    }
+
+    /// Refuses the cluster while it is broken: while its damaged in-progress file is still
+    /// in place, with [`Error::Damaged`]. Once the operator has moved the file aside, the
+    /// archive is recovered again and, if that succeeds, the cluster is usable again.
+    pub fn check_usable(&self) -> Result<(), Error> {
+        let Some((path, reason)) = lock(&self.store.inner.broken).get(&self.name).cloned() else {
+            return Ok(());
+        };
+        if path.exists() {
+            return Err(Error::Damaged {
+                cluster: self.name.clone(),
+                path,
+                reason,
+            });
+        }
+        self.recover()?;
+        let mut broken = lock(&self.store.inner.broken);
+        if broken.get(&self.name).is_some_and(|(p, _)| *p == path) {
+            broken.remove(&self.name);
+            tracing::info!(cluster = %self.name, moved = %path.display(), "the damaged in-progress segment was moved aside; the cluster's WAL archive is usable again");
+        }
+        Ok(())
     }
 
     /// The recorded identity, or None if the cluster never made contact.
@@ -603,6 +734,30 @@ impl ClusterWal {
         Ok(true)
     }
 
+    /// How many history and `.backup` files (what [`ClusterWal::put_file`] stores) the
+    /// archive holds, and whether `name` is one of them.
+    pub fn put_files(&self, name: &str) -> Result<(usize, bool), Error> {
+        let size = self.segment_size()?;
+        let mut count = 0;
+        let mut found = false;
+        for sub in ["history", "other"] {
+            let d = self.dir.join(sub);
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("list archived files", &d)(e)),
+            };
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if WalFileName::parse(&n, size).is_ok() {
+                    count += 1;
+                    found |= n == name;
+                }
+            }
+        }
+        Ok((count, found))
+    }
+
     /// Seals complete segments that a crash left as in-progress files, on every timeline
     /// (the server calls this at start; writers do it for their own timeline).
     pub fn recover(&self) -> Result<(), Error> {
@@ -611,7 +766,7 @@ impl ClusterWal {
         }
         let size = self.segment_size()?;
         for tli in layout::timelines(&self.dir)? {
-            writer::finish_interrupted_seals(self, tli, size)?;
+            self.noted(writer::finish_interrupted_seals(self, tli, size))?;
         }
         Ok(())
     }
@@ -730,13 +885,13 @@ impl ClusterWal {
     /// The caller guarantees that only one writer per cluster exists at a time.
     pub fn writer(&self, timeline: TimeLineId, start: Lsn) -> Result<WalWriter, Error> {
         let size = self.segment_size()?;
-        WalWriter::open(
+        self.noted(WalWriter::open(
             self.clone(),
             timeline,
             start,
             size,
-            self.store.inner.sealer.clone(),
-        )
+            self.sealer(),
+        ))
     }
 
     pub(crate) fn dir(&self) -> &Path {

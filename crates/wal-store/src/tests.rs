@@ -369,3 +369,136 @@ fn reseal_under_another_key_keeps_the_content_and_binds_the_name() {
     bad[at] ^= 1;
     assert!(open_sealed(&other, &shown, &bad).is_err());
 }
+
+/// Writes `n` bytes for `c` from LSN 0 in `chunks` writes of one frame each, syncs, and
+/// returns the path of its in-progress file.
+fn write_open(c: &ClusterWal, n: usize, chunks: usize) -> std::path::PathBuf {
+    let mut w = c.writer(TimeLineId(1), Lsn(0)).unwrap();
+    let data = wal_bytes(0, n);
+    let step = n.div_ceil(chunks);
+    for (i, chunk) in data.chunks(step).enumerate() {
+        w.write(Lsn((i * step) as u64), chunk).unwrap();
+    }
+    w.sync().unwrap();
+    c.dir()
+        .join("00000001")
+        .join("000000010000000000000000.open")
+}
+
+fn flip_byte(path: &std::path::Path, at: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at] ^= 0x40;
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn seal_failure_of_one_cluster_is_reported_to_that_cluster_only() {
+    let (_d, s, size) = store();
+    let a = s.cluster("a").unwrap();
+    let b = s.cluster("b").unwrap();
+    a.register(1, size).unwrap();
+    b.register(2, size).unwrap();
+    let mut wa = a.writer(TimeLineId(1), Lsn(0)).unwrap();
+    let mut wb = b.writer(TimeLineId(1), Lsn(0)).unwrap();
+    // A directory where a's sealed segment must go: its seal cannot rename onto it.
+    let obstacle = a.dir().join("00000001").join("000000010000000000000000");
+    std::fs::create_dir_all(&obstacle).unwrap();
+    wa.write(Lsn(0), &wal_bytes(0, MIB as usize)).unwrap();
+    wa.sync().unwrap();
+    a.sealer().drain();
+
+    // b streams on, across a segment and its seal, and never sees a's failure.
+    for i in 0..3u64 {
+        let at = i * MIB / 2;
+        wb.write(Lsn(at), &wal_bytes(at, (MIB / 2) as usize))
+            .unwrap();
+        wb.sync().unwrap();
+    }
+    b.sealer().flush().unwrap();
+    assert!(b.read("000000010000000000000000", false).unwrap().is_some());
+    drop(wb);
+    let mut wb = b.writer(TimeLineId(1), Lsn(3 * MIB / 2)).unwrap();
+    wb.write(Lsn(3 * MIB / 2), &wal_bytes(3 * MIB / 2, 100))
+        .unwrap();
+    assert_eq!(wb.sync().unwrap(), Lsn(3 * MIB / 2 + 100));
+
+    // a's writer gets a's failure, naming the file it could not write.
+    let e = wa.write(Lsn(MIB), &wal_bytes(MIB, 10)).unwrap_err();
+    assert!(matches!(e, Error::SealFailed(_)), "{e}");
+    assert!(
+        matches!(e.root(), Error::Io { path, .. } if *path == obstacle),
+        "{e}"
+    );
+    // Reported once, and to nobody else.
+    s.flush_seals().unwrap();
+    // a's WAL is all still there, in its in-progress file.
+    std::fs::remove_dir(&obstacle).unwrap();
+    let d = a.read("000000010000000000000000", false).unwrap().unwrap();
+    assert_eq!(plaintext(&d), wal_bytes(0, MIB as usize));
+}
+
+#[test]
+fn damaged_open_segment_breaks_only_its_cluster_until_moved_aside() {
+    let (_d, s, size) = store();
+    let a = s.cluster("a").unwrap();
+    let b = s.cluster("b").unwrap();
+    a.register(1, size).unwrap();
+    b.register(2, size).unwrap();
+    let open = write_open(&a, 30_000, 3);
+    write_open(&b, 30_000, 3);
+    // A byte in the ciphertext of the first of three frames (the header is about 100
+    // bytes, each frame 10 kB).
+    flip_byte(&open, 2000);
+
+    let failed = s.recover_all().unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, "a");
+    assert!(
+        matches!(&failed[0].1, Error::Damaged { path, .. } if *path == open),
+        "{}",
+        failed[0].1
+    );
+    assert_eq!(s.broken_clusters(), vec![("a".to_string(), open.clone())]);
+    let e = a.check_usable().unwrap_err();
+    assert!(matches!(e, Error::Damaged { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&open.display().to_string()) && msg.contains("HINT"),
+        "{msg}"
+    );
+    // The damaged file is neither sealed nor truncated, and a writer is refused.
+    assert!(matches!(
+        a.writer(TimeLineId(1), Lsn(30_000)),
+        Err(Error::Damaged { .. })
+    ));
+    assert!(open.exists());
+
+    // b is untouched.
+    b.check_usable().unwrap();
+    let mut wb = b.writer(TimeLineId(1), Lsn(30_000)).unwrap();
+    wb.write(Lsn(30_000), &wal_bytes(30_000, 10)).unwrap();
+    assert_eq!(wb.sync().unwrap(), Lsn(30_010));
+
+    // The operator moves the file aside: a is usable again, its archive starts over.
+    std::fs::rename(&open, open.with_extension("open.damaged")).unwrap();
+    a.check_usable().unwrap();
+    assert!(s.broken_clusters().is_empty());
+    assert_eq!(a.status().unwrap().latest, None);
+    a.writer(TimeLineId(1), Lsn(0)).unwrap();
+}
+
+#[test]
+fn complete_last_frame_that_does_not_authenticate_is_refused_not_dropped() {
+    let (_d, s, size) = store();
+    let a = s.cluster("a").unwrap();
+    a.register(1, size).unwrap();
+    let open = write_open(&a, 20_000, 2);
+    let len = std::fs::metadata(&open).unwrap().len() as usize;
+    flip_byte(&open, len - 100);
+    let Err(e) = a.writer(TimeLineId(1), Lsn(20_000)) else {
+        panic!("a writer opened over a damaged last frame");
+    };
+    assert!(matches!(e, Error::Damaged { .. }), "{e}");
+    assert_eq!(std::fs::metadata(&open).unwrap().len() as usize, len);
+    assert_eq!(s.broken_clusters().len(), 1);
+}

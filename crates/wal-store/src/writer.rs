@@ -4,11 +4,16 @@
 //! one authenticated, encrypted frame per write. [`WalWriter::sync`] makes every write so
 //! far durable (fdatasync; new files also fsync their directory), and only then may the
 //! caller acknowledge. When a segment is complete its `.open` file is synced and handed to
-//! the [`SealQueue`], which rewrites it as one compact sealed segment (temp file, fsync,
+//! the cluster's [`SealQueue`], which rewrites it as one compact sealed segment (temp file, fsync,
 //! rename, fsync directory) and then removes the `.open` file. A crash at any point leaves
 //! either the `.open` file, the sealed segment, or both; [`WalWriter::open`] finishes the
 //! job on the next start.
+//!
+//! Every cluster has its own seal queue and thread: a slow seal of one cluster never holds
+//! up another cluster's writes or stream start, and a failed seal is reported to the
+//! cluster whose segment failed, and to no other.
 
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -52,7 +57,9 @@ impl WalWriter {
         size: SegmentSize,
         sealer: SealQueue,
     ) -> Result<WalWriter, Error> {
-        sealer.flush()?;
+        // An earlier seal failure of this cluster was logged and reported to the writer of
+        // that time; the `.open` file it left is sealed again just below.
+        let _ = sealer.flush();
         let scan = layout::scan_timeline(cluster.dir(), timeline, size)?;
         let current = finish_interrupted_seals(&cluster, timeline, size)?;
         let end = cluster.timeline_end(timeline, size)?;
@@ -237,7 +244,11 @@ pub(crate) fn finish_interrupted_seals(
                 .map_err(io_err("remove sealed in-progress file", &p))?;
             continue;
         }
-        let (frames, _) = cluster.scan_open_file(timeline, segno, size)?;
+        let path = layout::open_path(cluster.dir(), timeline, segno, size);
+        let (frames, valid) = cluster
+            .scan_open_file(timeline, segno, size)
+            .map_err(|e| e.damaged_open_file(cluster.name(), &path))?;
+        refuse_complete_bad_tail(cluster, &path, valid)?;
         let len: u64 = frames.iter().map(|f| u64::from(f.plain_len)).sum();
         if len == size.bytes() {
             seal_segment(cluster, timeline, segno, size, ObjectKind::WalSegment)?;
@@ -288,13 +299,16 @@ fn reopen_segment(
         return create_segment(cluster, tli, segno, size);
     }
     let path = layout::open_path(cluster.dir(), tli, segno, size);
-    let (_, valid, cipher) = cluster.scan_open_with_cipher(tli, segno, size)?;
+    let (_, valid, cipher) = cluster
+        .scan_open_with_cipher(tli, segno, size)
+        .map_err(|e| e.damaged_open_file(cluster.name(), &path))?;
     let Some(cipher) = cipher else {
         return create_segment(cluster, tli, segno, size);
     };
     let mut file =
         AppendFile::open(&path, 0o600).map_err(io_err("open in-progress segment", &path))?;
     if file.len() != valid {
+        refuse_complete_bad_tail(cluster, &path, valid)?;
         tracing::warn!(path = %path.display(), valid, found = file.len(), "dropping a torn, unacknowledged tail");
         file.truncate(valid)
             .map_err(io_err("truncate in-progress segment", &path))?;
@@ -307,6 +321,40 @@ fn reopen_segment(
     })
 }
 
+/// A write cut short (a crash, a full disk) leaves a last frame shorter than its length
+/// prefix says: that tail was never acknowledged and is dropped. A last frame that is
+/// complete but does not authenticate was written in full, and may have been acknowledged:
+/// it is damage, and refused rather than dropped.
+fn refuse_complete_bad_tail(cluster: &ClusterWal, path: &Path, valid: u64) -> Result<(), Error> {
+    /// ct_len, flags, offset, plain_len, nonce.
+    const FRAME_HEADER: u64 = 4 + 1 + 8 + 4 + 12;
+    let len = std::fs::metadata(path)
+        .map_err(io_err("read in-progress segment", path))?
+        .len();
+    if len <= valid {
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).map_err(io_err("read in-progress segment", path))?;
+    let tail = bytes.get(valid as usize..).unwrap_or_default();
+    let Some(ct_len) = tail
+        .get(..4)
+        .map(|b| u64::from(u32::from_be_bytes(b.try_into().expect("4 bytes"))))
+    else {
+        return Ok(());
+    };
+    if tail.len() as u64 >= FRAME_HEADER + ct_len {
+        return Err(Error::Damaged {
+            cluster: cluster.name().to_string(),
+            path: path.to_path_buf(),
+            reason: format!(
+                "its last frame (at byte {valid}, {} bytes) is complete but does not authenticate",
+                tail.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Rewrites `<segment>.open` as a sealed segment (or `.partial`) and removes the `.open`.
 fn seal_segment(
     cluster: &ClusterWal,
@@ -315,11 +363,17 @@ fn seal_segment(
     size: SegmentSize,
     kind: ObjectKind,
 ) -> Result<(), Error> {
-    let (frames, _) = cluster.scan_open_file(tli, segno, size)?;
+    let open = layout::open_path(cluster.dir(), tli, segno, size);
+    let (frames, _) = cluster
+        .scan_open_file(tli, segno, size)
+        .map_err(|e| e.damaged_open_file(cluster.name(), &open))?;
     let open_name = cluster.object_name(&layout::open_file_name(tli, segno, size));
     let mut plain = Vec::with_capacity(size.bytes() as usize);
     for f in &frames {
-        plain.extend_from_slice(&f.plaintext(&open_name)?);
+        plain.extend_from_slice(
+            &f.plaintext(&open_name)
+                .map_err(|e| Error::from(e).damaged_open_file(cluster.name(), &open))?,
+        );
     }
     let (file_name, path) = match kind {
         ObjectKind::WalPartial => (
@@ -345,7 +399,6 @@ fn seal_segment(
     );
     klio_durable::write_atomic(&path, &sealed, 0o600)
         .map_err(io_err("write sealed segment", &path))?;
-    let open = layout::open_path(cluster.dir(), tli, segno, size);
     klio_durable::remove_durable(&open).map_err(io_err("remove in-progress segment", &open))
 }
 
@@ -361,23 +414,24 @@ enum Job {
     Flush(mpsc::Sender<()>),
 }
 
-/// A background thread that seals completed segments, so that acknowledgements never wait
-/// for recompression. Bounded: a writer that outpaces it waits.
+/// The background thread of one cluster that seals its completed segments, so that
+/// acknowledgements never wait for recompression. Bounded: a writer that outpaces it waits
+/// (only for its own cluster's seals).
 #[derive(Clone)]
 pub struct SealQueue {
     tx: SyncSender<Job>,
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Mutex<Option<Error>>>,
 }
 
 impl SealQueue {
-    pub(crate) fn start() -> SealQueue {
+    pub(crate) fn start(cluster: &str) -> SealQueue {
         let (tx, rx) = mpsc::sync_channel::<Job>(4);
         let failure = Arc::new(Mutex::new(None));
         let f = failure.clone();
         std::thread::Builder::new()
-            .name("klio-wal-sealer".into())
+            .name(format!("klio-seal-{cluster}"))
             .spawn(move || run_sealer(rx, f))
-            .expect("spawn the WAL sealer thread");
+            .expect("spawn a WAL sealer thread");
         SealQueue { tx, failure }
     }
 
@@ -387,24 +441,30 @@ impl SealQueue {
         let _ = self.tx.send(Job::Seal(job));
     }
 
+    /// Reports (once) a seal of this cluster that failed since the last check.
     fn check(&self) -> Result<(), Error> {
         match self.failure.lock().map(|mut f| f.take()) {
-            Ok(Some(msg)) => Err(Error::SealFailed(msg)),
+            Ok(Some(e)) => Err(Error::SealFailed(Box::new(e))),
             _ => Ok(()),
         }
     }
 
     /// Waits until every queued seal is done; reports an earlier failure.
     pub fn flush(&self) -> Result<(), Error> {
+        self.drain();
+        self.check()
+    }
+
+    /// Waits until every queued seal is done.
+    pub(crate) fn drain(&self) {
         let (tx, rx) = mpsc::channel();
         if self.tx.send(Job::Flush(tx)).is_ok() {
             let _ = rx.recv();
         }
-        self.check()
     }
 }
 
-fn run_sealer(rx: Receiver<Job>, failure: Arc<Mutex<Option<String>>>) {
+fn run_sealer(rx: Receiver<Job>, failure: Arc<Mutex<Option<Error>>>) {
     for job in rx {
         match job {
             Job::Flush(done) => {
@@ -418,9 +478,10 @@ fn run_sealer(rx: Receiver<Job>, failure: Arc<Mutex<Option<String>>>) {
                     j.size,
                     ObjectKind::WalSegment,
                 ) {
-                    tracing::error!(cluster = j.cluster.name(), error = %e, "sealing a completed segment failed; it stays as an in-progress file and is sealed on the next start");
+                    tracing::error!(cluster = j.cluster.name(), error = %e, "sealing a completed segment failed; it stays as an in-progress file and is sealed when the next stream of the cluster starts");
+                    j.cluster.note_damage(&e);
                     if let Ok(mut f) = failure.lock() {
-                        *f = Some(e.to_string());
+                        *f = Some(e);
                     }
                 }
             }
