@@ -398,10 +398,10 @@ fn slot_flushed(pg: &PgCluster) -> anyhow::Result<Lsn> {
 /// archiving resumes by itself, without a hole.
 #[test]
 fn disk_full_is_resource_exhausted_and_archiving_resumes_losing_nothing() -> anyhow::Result<()> {
-    if !klio_test_support::running_as_root() {
-        eprintln!("skipped: mounting a small filesystem needs root");
-        return Ok(());
-    }
+    anyhow::ensure!(
+        klio_test_support::running_as_root(),
+        "this test mounts a small filesystem and must run as root"
+    );
     let pg = PgCluster::start(PgOptions::default())?;
     pg.pgbench_init(1)?;
     let mut k = Klio::start(&["full"])?;
@@ -449,6 +449,13 @@ fn disk_full_is_resource_exhausted_and_archiving_resumes_losing_nothing() -> any
     )?;
     assert!(o.status.success(), "{}", output_text(&o));
 
+    // A backup meanwhile fails on the full volume, clearly, and leaves no backup listed.
+    let out = k.backup_command("full", &pg, &[]).output()?;
+    let text = output_text(&out);
+    assert!(!out.status.success(), "a backup onto a full volume: {text}");
+    assert!(text.contains("data volume is full"), "{text}");
+    assert!(k.backups_list("full")?.is_empty(), "{text}");
+
     // Space comes back: archiving resumes by itself and catches up.
     std::fs::remove_file(&filler)?;
     wait_until(
@@ -477,6 +484,9 @@ fn disk_full_is_resource_exhausted_and_archiving_resumes_losing_nothing() -> any
         assert_eq!(w[1], w[0] + 1, "hole in the archive between {w:?}");
     }
     assert!(end >= acked);
+    // And backups work again.
+    k.backup("full", &pg, &["--no-retention"])?;
+    assert_eq!(k.backups_list("full")?.len(), 1);
     streamer.kill()?;
     k.kill_server()?;
     Ok(())

@@ -96,6 +96,7 @@ fn live_err(path: &std::path::Path, e: &dyn std::fmt::Display) -> Error {
     Error::IndexCache {
         path: path.display().to_string(),
         reason: format!("garbage collection's live set: {e}"),
+        disk_full: false,
     }
 }
 

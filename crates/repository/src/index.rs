@@ -205,10 +205,13 @@ const CACHE_FORMAT: &str = "klio-index-cache/1";
 /// redb's page cache: what the block index may keep in memory, whatever its size on disk.
 const CACHE_BYTES: usize = 32 << 20;
 
-fn db_err(path: &Path, e: impl std::fmt::Display) -> Error {
+fn db_err(path: &Path, e: impl Into<redb::Error>) -> Error {
+    let e: redb::Error = e.into();
+    let disk_full = matches!(&e, redb::Error::Io(io) if crate::is_disk_full(io));
     Error::IndexCache {
         path: path.display().to_string(),
         reason: e.to_string(),
+        disk_full,
     }
 }
 
@@ -263,10 +266,29 @@ fn parse_pack(v: &[u8; 68]) -> (PackInfo, u32) {
     )
 }
 
+/// A read guard on an open database.
+struct DbGuard<'a>(std::sync::RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbGuard<'_> {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        // Checked when the guard was made.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("checked by BlockIndex::db"))
+    }
+}
+
 /// The block index: an on-disk cache of the repository's index objects (see the module
 /// documentation). Memory use is bounded by its page cache, not by the repository's size.
 pub(crate) struct BlockIndex {
-    db: Database,
+    /// `None` while it is being reopened (or could not be).
+    db: std::sync::RwLock<Option<Database>>,
+    /// Set by an I/O error: redb refuses further use of a database after one, so the next
+    /// operation reopens it (a full disk must not disable the cache until a restart).
+    broken: std::sync::atomic::AtomicBool,
+    repository_id: String,
     path: PathBuf,
     /// Holds a cache that lives only as long as this handle (no path configured).
     _temp: Option<tempfile::TempDir>,
@@ -301,12 +323,17 @@ impl BlockIndex {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(db_err(&path, e)),
                 }
-                Self::open_db(&path, repository_id)?
-                    .ok_or_else(|| db_err(&path, "a new cache could not be initialized"))?
+                Self::open_db(&path, repository_id)?.ok_or_else(|| Error::IndexCache {
+                    path: path.display().to_string(),
+                    reason: "a new cache could not be initialized".to_string(),
+                    disk_full: false,
+                })?
             }
         };
         Ok(BlockIndex {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
+            broken: std::sync::atomic::AtomicBool::new(false),
+            repository_id: repository_id.to_string(),
             path,
             _temp: temp,
         })
@@ -355,8 +382,46 @@ impl BlockIndex {
         Ok(Some(db))
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> Error {
+    fn err(&self, e: impl Into<redb::Error>) -> Error {
+        let e: redb::Error = e.into();
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         db_err(&self.path, e)
+    }
+
+    /// The database, reopened first if an I/O error broke it.
+    fn db(&self) -> Result<DbGuard<'_>, Error> {
+        use std::sync::PoisonError;
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Relaxed) {
+            let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+            if self.broken.load(Ordering::Relaxed) {
+                // Closed before it is opened again: redb holds a lock on the file.
+                *slot = None;
+                let db = Self::open_db(&self.path, &self.repository_id)?.ok_or_else(|| {
+                    Error::IndexCache {
+                        path: self.path.display().to_string(),
+                        reason: "it changed while it was reopened".to_string(),
+                        disk_full: false,
+                    }
+                })?;
+                *slot = Some(db);
+                self.broken.store(false, Ordering::Relaxed);
+                tracing::info!(cache = %self.path.display(), "reopened the block index cache after an I/O error");
+            }
+        }
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        if guard.is_none() {
+            self.broken.store(true, Ordering::Relaxed);
+            return Err(Error::IndexCache {
+                path: self.path.display().to_string(),
+                reason: "it could not be reopened after an I/O error".to_string(),
+                disk_full: false,
+            });
+        }
+        Ok(DbGuard(guard))
     }
 
     /// Brings the cache up to date with the index objects in `store`: reads those it does
@@ -370,7 +435,7 @@ impl BlockIndex {
     ) -> Result<Vec<(String, String)>, Error> {
         let listed: Vec<String> = store.list("index/")?;
         let held: HashSet<String> = {
-            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
             let t = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
             let mut held = HashSet::new();
             for row in t.iter().map_err(|e| self.err(e))? {
@@ -385,7 +450,7 @@ impl BlockIndex {
             .filter(|k| !listed_set.contains(k.as_str()))
             .collect();
         if !vanished.is_empty() {
-            let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+            let mut txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| self.err(e))?;
             for key in &vanished {
@@ -429,7 +494,7 @@ impl BlockIndex {
             }
         }
         // One durable commit makes everything above durable.
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))?;
         tracing::debug!(
             cache = %self.path.display(),
@@ -443,13 +508,13 @@ impl BlockIndex {
     /// The number of a domain in this cache, allocated on first use.
     pub fn domain_number(&self, domain: &Domain) -> Result<u32, Error> {
         {
-            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
             let t = txn.open_table(DOMAINS).map_err(|e| self.err(e))?;
             if let Some(n) = t.get(domain.as_str()).map_err(|e| self.err(e))? {
                 return Ok(n.value());
             }
         }
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
         let n = self.domain_number_in(&txn, domain)?;
         txn.commit().map_err(|e| self.err(e))?;
         Ok(n)
@@ -467,7 +532,7 @@ impl BlockIndex {
 
     /// The domain a domain number stands for.
     fn domain_name(&self, number: u32) -> Result<Option<Domain>, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
         let t = txn.open_table(DOMAINS).map_err(|e| self.err(e))?;
         for row in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
@@ -487,7 +552,7 @@ impl BlockIndex {
         relocate: bool,
         durability: redb::Durability,
     ) -> Result<(), Error> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(durability).map_err(|e| self.err(e))?;
         {
             let mut numbers_of_object = Vec::with_capacity(sections.len() * 4);
@@ -620,7 +685,7 @@ impl BlockIndex {
 
     /// Forgets every block located in pack `id` (the pack is being deleted).
     pub fn remove_pack(&self, id: &PackId) -> Result<(), Error> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
         let n = {
             let t = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
             t.get(id.as_bytes())
@@ -636,7 +701,7 @@ impl BlockIndex {
     /// Where each block is, if it is stored in `domain` (a block of another domain is not
     /// found).
     pub fn locate_many(&self, domain: u32, ids: &[BlockId]) -> Result<Vec<Option<Located>>, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
         let blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
         let packs = txn.open_table(PACKS).map_err(|e| self.err(e))?;
         let mut pack_cache: std::collections::HashMap<u32, PackInfo> =
@@ -671,7 +736,7 @@ impl BlockIndex {
 
     /// Whether each block is stored in `domain`.
     pub fn contains_many(&self, domain: u32, ids: &[BlockId]) -> Result<Vec<bool>, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
         let blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
         ids.iter()
             .map(|id| {
@@ -685,7 +750,7 @@ impl BlockIndex {
 
     /// The keys of the index objects naming pack `id`.
     pub fn pack_index_keys(&self, id: &PackId) -> Result<Vec<String>, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
         let numbers = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
         let Some(n) = numbers.get(id.as_bytes()).map_err(|e| self.err(e))? else {
             return Ok(Vec::new());
@@ -700,7 +765,7 @@ impl BlockIndex {
     /// The dedup domain of pack `id`, if the cache holds it.
     pub fn pack_domain(&self, id: &PackId) -> Result<Option<Domain>, Error> {
         let number = {
-            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
             let numbers = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
             let Some(n) = numbers.get(id.as_bytes()).map_err(|e| self.err(e))? else {
                 return Ok(None);
@@ -716,13 +781,13 @@ impl BlockIndex {
 
     /// How many distinct blocks are stored.
     pub fn len(&self) -> Result<u64, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
         let t = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
         t.len().map_err(|e| self.err(e))
     }
 
     pub fn pack_count(&self) -> Result<u64, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
         let t = txn.open_table(PACKS).map_err(|e| self.err(e))?;
         t.len().map_err(|e| self.err(e))
     }

@@ -163,7 +163,12 @@ pub enum Error {
     #[error(
         "the block index cache \"{path}\" failed: {reason}\nHINT: the cache is rebuilt from the repository's index objects; remove the file if it is damaged and restart"
     )]
-    IndexCache { path: String, reason: String },
+    IndexCache {
+        path: String,
+        reason: String,
+        /// The file system is full (or over quota).
+        disk_full: bool,
+    },
     #[error("invalid repository option {option}: {reason}")]
     InvalidOption {
         option: &'static str,
@@ -190,6 +195,18 @@ impl Error {
         }
     }
 
+    /// Whether the error is a full file system (or quota): the caller can say so, and
+    /// retrying once space is freed succeeds.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::Io { source, .. } | Error::CreateDirectory { source, .. } => {
+                is_disk_full(source)
+            }
+            Error::IndexCache { disk_full, .. } => *disk_full,
+            _ => false,
+        }
+    }
+
     /// Whether retrying the same operation later could succeed (I/O trouble, as opposed to
     /// missing or corrupt data and invalid input).
     pub fn is_retryable(&self) -> bool {
@@ -198,6 +215,16 @@ impl Error {
             Error::Io { .. } | Error::CreateDirectory { .. } | Error::IndexCache { .. }
         )
     }
+}
+
+/// Whether an I/O error is a full file system or an exceeded quota.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(ENOSPC) | Some(EDQUOT))
 }
 
 /// Converts a sealed-object error into a repository error naming the object by its key.

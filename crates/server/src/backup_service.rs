@@ -213,13 +213,7 @@ pub struct BackupService {
     readable_domains: Arc<Mutex<HashSet<(String, Domain)>>>,
 }
 
-/// Whether an error is the file system being full (or over quota).
-fn is_disk_full(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-    ) || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
-}
+use klio_repository::is_disk_full;
 
 fn disk_full_status(what: &str, e: &dyn std::fmt::Display) -> Status {
     Status::resource_exhausted(format!(
@@ -229,9 +223,7 @@ fn disk_full_status(what: &str, e: &dyn std::fmt::Display) -> Status {
 
 fn repo_status(e: klio_repository::Error) -> Status {
     use klio_repository::Error as E;
-    if let E::Io { source, .. } = &e
-        && is_disk_full(source)
-    {
+    if e.is_disk_full() {
         return disk_full_status("store backup data", &e);
     }
     match e {
