@@ -364,9 +364,7 @@ impl BlockIndex {
                         .map_err(|e| db_err(path, e))?;
                     let mut domains = txn.open_table(DOMAINS).map_err(|e| db_err(path, e))?;
                     domains.insert("", 0).map_err(|e| db_err(path, e))?;
-                    for t in [PACK_BLOCKS] {
-                        txn.open_table(t).map_err(|e| db_err(path, e))?;
-                    }
+                    txn.open_table(PACK_BLOCKS).map_err(|e| db_err(path, e))?;
                     txn.open_table(BLOCKS).map_err(|e| db_err(path, e))?;
                     txn.open_table(PACKS).map_err(|e| db_err(path, e))?;
                     txn.open_table(PACK_NUMBERS).map_err(|e| db_err(path, e))?;
