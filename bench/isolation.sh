@@ -33,6 +33,8 @@ cleanup() {
 trap cleanup EXIT
 
 "$KLIO" pki init "$WORK/pki" --cluster origin --cluster clone >/dev/null
+# A restored cluster runs klio wal-get as postgres.
+chown -R postgres:postgres "$WORK/pki"
 head -c 32 /dev/urandom | base64 > "$WORK/key"
 
 start_pg() { # DIR PORT

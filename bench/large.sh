@@ -51,6 +51,8 @@ trap cleanup EXIT
 
 echo "== setup: PostgreSQL 15 with a table of $GIB GiB, Klio server and streamer" >&2
 "$KLIO" pki init "$WORK/pki" --cluster large >/dev/null
+# The restored cluster runs klio wal-get as postgres.
+chown -R postgres:postgres "$WORK/pki"
 head -c 32 /dev/urandom | base64 > "$WORK/key"
 WAL_PORT=$(free_port); BASE_PORT=$(free_port); PG_PORT=$(free_port)
 CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --base-port "$BASE_PORT" --cluster large
@@ -106,7 +108,8 @@ for f in "$WORK/pg/$REL"*; do
 done
 sed -i "s/^port = .*/port = $(free_port)/" "$WORK/restored/postgresql.conf"
 chown -R postgres:postgres "$WORK/restored"
-as_pg "$PG_BIN/pg_ctl" -D "$WORK/restored" -l "$WORK/restored.log" -w -t 300 start >/dev/null
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/restored" -l "$WORK/restored.log" -w -t 300 start >/dev/null || {
+  tail -20 "$WORK/restored.log" >&2; exit 1; }
 RPORT=$(awk '/^port = / {print $3}' "$WORK/restored/postgresql.conf" | tail -1)
 for _ in $(seq 1 120); do
   R=$("$PG_BIN/psql" -X -At -h "$WORK" -p "$RPORT" -U postgres -d postgres -c "SELECT NOT pg_is_in_recovery()" 2>/dev/null || true)

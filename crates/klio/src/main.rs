@@ -168,7 +168,7 @@ struct ServerArgs {
     /// Bytes one cluster may have uploaded in backups not yet committed (suffixes K, M, G, T)
     #[arg(long, env = "KLIO_MAX_UNCOMMITTED_BYTES", default_value = "4T", value_parser = parse_bytes)]
     max_uncommitted_bytes: u64,
-    /// Directory of the block index caches (default: <data-dir>/cache; a read-only server
+    /// Directory of the block index caches (default: `<data-dir>/cache`; a read-only server
     /// without it uses a temporary directory)
     #[arg(long, env = "KLIO_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
