@@ -190,8 +190,12 @@ const BLOCKS: TableDefinition<[u8; 32], [u8; 20]> = TableDefinition::new("blocks
 /// pack number → pack id | salt | domain number
 const PACKS: TableDefinition<u32, [u8; 68]> = TableDefinition::new("packs");
 const PACK_NUMBERS: TableDefinition<[u8; 32], u32> = TableDefinition::new("pack_numbers");
-/// pack number → the ids of its blocks, concatenated (to forget a pack without a scan)
-const PACK_BLOCKS: TableDefinition<u32, &[u8]> = TableDefinition::new("pack_blocks");
+/// (pack number, chunk) → the ids of up to [`CHUNK`] of its blocks, concatenated (to forget
+/// a pack without a scan)
+const PACK_BLOCKS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("pack_blocks");
+/// Blocks added or removed per write transaction: what a transaction holds in memory is
+/// bounded, however many blocks a pack has.
+const CHUNK: usize = 16_384;
 /// pack number → the keys of the index objects naming it, one per line
 const PACK_INDEXES: TableDefinition<u32, &str> = TableDefinition::new("pack_indexes");
 /// domain name → domain number (the legacy domain, "", is 0)
@@ -201,7 +205,7 @@ const INDEX_OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("index_
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const NEXT_PACK: TableDefinition<(), u32> = TableDefinition::new("next_pack");
 
-const CACHE_FORMAT: &str = "klio-index-cache/1";
+const CACHE_FORMAT: &str = "klio-index-cache/2";
 /// redb's page cache: what the block index may keep in memory, whatever its size on disk.
 const CACHE_BYTES: usize = 32 << 20;
 
@@ -447,14 +451,8 @@ impl BlockIndex {
             .iter()
             .filter(|k| !listed_set.contains(k.as_str()))
             .collect();
-        if !vanished.is_empty() {
-            let mut txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| self.err(e))?;
-            for key in &vanished {
-                self.forget_index_object(&txn, key)?;
-            }
-            txn.commit().map_err(|e| self.err(e))?;
+        for key in &vanished {
+            self.forget_index_object(key)?;
         }
         let mut damaged = Vec::new();
         let mut read = 0usize;
@@ -543,6 +541,9 @@ impl BlockIndex {
 
     /// Adds the packs of index object `key` (just written, or read from the store). A block
     /// already located keeps its location unless `relocate` (a rewritten pack takes over).
+    /// The blocks go in transactions of [`CHUNK`]; the last one records the index object
+    /// with `durability` (a crash before it leaves blocks the next [`sync`](Self::sync)
+    /// adds again, which changes nothing).
     pub fn add_sections(
         &self,
         key: &str,
@@ -550,59 +551,62 @@ impl BlockIndex {
         relocate: bool,
         durability: redb::Durability,
     ) -> Result<(), Error> {
+        let mut numbers = Vec::with_capacity(sections.len());
+        for s in sections {
+            let mut n = None;
+            let chunks = s.blocks.chunks(CHUNK);
+            // A pack without blocks still gets its number.
+            let chunks: Vec<&[(BlockId, BlockLocation)]> = if s.blocks.is_empty() {
+                vec![&[]]
+            } else {
+                chunks.collect()
+            };
+            for (c, chunk) in chunks.into_iter().enumerate() {
+                let mut txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
+                txn.set_durability(redb::Durability::None)
+                    .map_err(|e| self.err(e))?;
+                let domain = self.domain_number_in(&txn, &s.domain)?;
+                let number = match n {
+                    Some(n) => n,
+                    None => self.pack_number_in(&txn, s, domain)?,
+                };
+                n = Some(number);
+                {
+                    let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
+                    let mut ids = Vec::with_capacity(chunk.len() * 32);
+                    for (id, loc) in chunk {
+                        ids.extend_from_slice(id.as_bytes());
+                        let keep = !relocate
+                            && blocks
+                                .get(id.as_bytes())
+                                .map_err(|e| self.err(e))?
+                                .is_some();
+                        if !keep {
+                            blocks
+                                .insert(id.as_bytes(), entry_bytes(domain, number, loc))
+                                .map_err(|e| self.err(e))?;
+                        }
+                    }
+                    let mut pack_blocks = txn.open_table(PACK_BLOCKS).map_err(|e| self.err(e))?;
+                    pack_blocks
+                        .insert((number, c as u32), ids.as_slice())
+                        .map_err(|e| self.err(e))?;
+                }
+                txn.commit().map_err(|e| self.err(e))?;
+            }
+            if let Some(n) = n {
+                numbers.push(n);
+            }
+        }
         let mut txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(durability).map_err(|e| self.err(e))?;
         {
-            let mut numbers_of_object = Vec::with_capacity(sections.len() * 4);
-            let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
-            let mut packs = txn.open_table(PACKS).map_err(|e| self.err(e))?;
-            let mut pack_numbers = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
-            let mut pack_blocks = txn.open_table(PACK_BLOCKS).map_err(|e| self.err(e))?;
             let mut pack_indexes = txn.open_table(PACK_INDEXES).map_err(|e| self.err(e))?;
-            let mut next = txn.open_table(NEXT_PACK).map_err(|e| self.err(e))?;
-            for s in sections {
-                let domain = self.domain_number_in(&txn, &s.domain)?;
-                let existing = pack_numbers
-                    .get(s.pack.as_bytes())
-                    .map_err(|e| self.err(e))?
-                    .map(|v| v.value());
-                let n = match existing {
-                    Some(n) => n,
-                    None => {
-                        let n = next
-                            .get(())
-                            .map_err(|e| self.err(e))?
-                            .map_or(0, |v| v.value());
-                        next.insert((), n + 1).map_err(|e| self.err(e))?;
-                        pack_numbers
-                            .insert(s.pack.as_bytes(), n)
-                            .map_err(|e| self.err(e))?;
-                        packs
-                            .insert(n, pack_bytes(&s.pack, &s.salt, domain))
-                            .map_err(|e| self.err(e))?;
-                        n
-                    }
-                };
+            let mut numbers_of_object = Vec::with_capacity(numbers.len() * 4);
+            for n in &numbers {
                 numbers_of_object.extend_from_slice(&n.to_be_bytes());
-                let mut ids = Vec::with_capacity(s.blocks.len() * 32);
-                for (id, loc) in &s.blocks {
-                    ids.extend_from_slice(id.as_bytes());
-                    let keep = !relocate
-                        && blocks
-                            .get(id.as_bytes())
-                            .map_err(|e| self.err(e))?
-                            .is_some();
-                    if !keep {
-                        blocks
-                            .insert(id.as_bytes(), entry_bytes(domain, n, loc))
-                            .map_err(|e| self.err(e))?;
-                    }
-                }
-                pack_blocks
-                    .insert(n, ids.as_slice())
-                    .map_err(|e| self.err(e))?;
                 let keys = pack_indexes
-                    .get(n)
+                    .get(*n)
                     .map_err(|e| self.err(e))?
                     .map(|v| v.value().to_string());
                 let keys = match keys {
@@ -611,7 +615,7 @@ impl BlockIndex {
                     None => key.to_string(),
                 };
                 pack_indexes
-                    .insert(n, keys.as_str())
+                    .insert(*n, keys.as_str())
                     .map_err(|e| self.err(e))?;
             }
             let mut objects = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
@@ -622,78 +626,139 @@ impl BlockIndex {
         txn.commit().map_err(|e| self.err(e))
     }
 
+    /// The number of pack `s`, allocated (with its record) on first sight.
+    fn pack_number_in(
+        &self,
+        txn: &WriteTransaction,
+        s: &PackSection,
+        domain: u32,
+    ) -> Result<u32, Error> {
+        let mut pack_numbers = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
+        if let Some(n) = pack_numbers
+            .get(s.pack.as_bytes())
+            .map_err(|e| self.err(e))?
+        {
+            return Ok(n.value());
+        }
+        let mut next = txn.open_table(NEXT_PACK).map_err(|e| self.err(e))?;
+        let n = next
+            .get(())
+            .map_err(|e| self.err(e))?
+            .map_or(0, |v| v.value());
+        next.insert((), n + 1).map_err(|e| self.err(e))?;
+        pack_numbers
+            .insert(s.pack.as_bytes(), n)
+            .map_err(|e| self.err(e))?;
+        let mut packs = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+        packs
+            .insert(n, pack_bytes(&s.pack, &s.salt, domain))
+            .map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
     /// Forgets an index object and every pack it names.
-    fn forget_index_object(&self, txn: &WriteTransaction, key: &str) -> Result<(), Error> {
+    fn forget_index_object(&self, key: &str) -> Result<(), Error> {
         let numbers: Vec<u32> = {
+            let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
             let t = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
             let v = t.get(key).map_err(|e| self.err(e))?;
             v.map(|v| v.value().chunks_exact(4).map(be32).collect())
                 .unwrap_or_default()
         };
         for n in numbers {
-            self.forget_pack_number(txn, n)?;
+            self.forget_pack_number(n)?;
         }
-        let mut t = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
-        t.remove(key).map_err(|e| self.err(e))?;
-        Ok(())
+        let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
+            t.remove(key).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
     }
 
-    /// Forgets pack `n`: the blocks still located in it, and the index objects naming it
-    /// (so that one that still exists is read again at the next [`sync`](Self::sync)).
-    fn forget_pack_number(&self, txn: &WriteTransaction, n: u32) -> Result<(), Error> {
-        let ids: Vec<u8> = {
-            let mut t = txn.open_table(PACK_BLOCKS).map_err(|e| self.err(e))?;
-            let v = t.remove(n).map_err(|e| self.err(e))?;
-            v.map(|v| v.value().to_vec()).unwrap_or_default()
-        };
+    /// Forgets pack `n`: first the index objects naming it (so that one that still exists is
+    /// read again at the next [`sync`](Self::sync), should a crash interrupt what follows),
+    /// then the blocks still located in it, [`CHUNK`] per transaction, then the pack.
+    fn forget_pack_number(&self, n: u32) -> Result<(), Error> {
+        let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
         {
-            let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
-            for id in ids.chunks_exact(32) {
-                let mut a = [0u8; 32];
-                a.copy_from_slice(id);
-                let here = blocks
-                    .get(&a)
-                    .map_err(|e| self.err(e))?
-                    .is_some_and(|v| parse_entry(&v.value()).1 == n);
-                if here {
-                    blocks.remove(&a).map_err(|e| self.err(e))?;
-                }
+            let keys = {
+                let mut t = txn.open_table(PACK_INDEXES).map_err(|e| self.err(e))?;
+                let v = t.remove(n).map_err(|e| self.err(e))?;
+                v.map(|v| v.value().to_string()).unwrap_or_default()
+            };
+            let mut objects = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
+            for k in keys.lines() {
+                objects.remove(k).map_err(|e| self.err(e))?;
             }
         }
-        let pack = {
-            let mut t = txn.open_table(PACKS).map_err(|e| self.err(e))?;
-            let v = t.remove(n).map_err(|e| self.err(e))?;
-            v.map(|v| parse_pack(&v.value()).0)
-        };
-        if let Some(p) = pack {
-            let mut t = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
-            t.remove(p.id.as_bytes()).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        loop {
+            let mut txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| self.err(e))?;
+            let done = {
+                let mut pack_blocks = txn.open_table(PACK_BLOCKS).map_err(|e| self.err(e))?;
+                let first = pack_blocks
+                    .range((n, 0)..=(n, u32::MAX))
+                    .map_err(|e| self.err(e))?
+                    .next()
+                    .transpose()
+                    .map_err(|e| self.err(e))?
+                    .map(|(k, v)| (k.value(), v.value().to_vec()));
+                match first {
+                    None => true,
+                    Some((chunk_key, ids)) => {
+                        pack_blocks.remove(chunk_key).map_err(|e| self.err(e))?;
+                        let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
+                        for id in ids.chunks_exact(32) {
+                            let mut a = [0u8; 32];
+                            a.copy_from_slice(id);
+                            let here = blocks
+                                .get(&a)
+                                .map_err(|e| self.err(e))?
+                                .is_some_and(|v| parse_entry(&v.value()).1 == n);
+                            if here {
+                                blocks.remove(&a).map_err(|e| self.err(e))?;
+                            }
+                        }
+                        false
+                    }
+                }
+            };
+            txn.commit().map_err(|e| self.err(e))?;
+            if done {
+                break;
+            }
         }
-        let keys = {
-            let mut t = txn.open_table(PACK_INDEXES).map_err(|e| self.err(e))?;
-            let v = t.remove(n).map_err(|e| self.err(e))?;
-            v.map(|v| v.value().to_string()).unwrap_or_default()
-        };
-        let mut objects = txn.open_table(INDEX_OBJECTS).map_err(|e| self.err(e))?;
-        for k in keys.lines() {
-            objects.remove(k).map_err(|e| self.err(e))?;
+        let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
+        {
+            let pack = {
+                let mut t = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+                let v = t.remove(n).map_err(|e| self.err(e))?;
+                v.map(|v| parse_pack(&v.value()).0)
+            };
+            if let Some(p) = pack {
+                let mut t = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
+                t.remove(p.id.as_bytes()).map_err(|e| self.err(e))?;
+            }
         }
-        Ok(())
+        txn.commit().map_err(|e| self.err(e))
     }
 
     /// Forgets every block located in pack `id` (the pack is being deleted).
     pub fn remove_pack(&self, id: &PackId) -> Result<(), Error> {
-        let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
         let n = {
+            let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
             let t = txn.open_table(PACK_NUMBERS).map_err(|e| self.err(e))?;
             t.get(id.as_bytes())
                 .map_err(|e| self.err(e))?
                 .map(|v| v.value())
         };
-        if let Some(n) = n {
-            self.forget_pack_number(&txn, n)?;
+        match n {
+            Some(n) => self.forget_pack_number(n),
+            None => Ok(()),
         }
-        txn.commit().map_err(|e| self.err(e))
     }
 
     /// Where each block is, if it is stored in `domain` (a block of another domain is not
@@ -895,6 +960,43 @@ mod tests {
             idx.contains_many(da, &ids).unwrap(),
             vec![false, false, false, true, true, false]
         );
+    }
+
+    #[test]
+    fn block_index_adds_and_forgets_a_pack_larger_than_a_transaction_chunk() {
+        let idx = BlockIndex::open(None, "r1").unwrap();
+        let n = CHUNK * 2 + 5;
+        let blocks: Vec<(BlockId, BlockLocation)> = (0..n)
+            .map(|i| {
+                let mut id = [0u8; 32];
+                id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                let loc = BlockLocation {
+                    offset: i as u32 * 60,
+                    len: 60,
+                    plain_len: 8,
+                };
+                (BlockId(id), loc)
+            })
+            .collect();
+        let ids: Vec<BlockId> = blocks.iter().map(|(id, _)| *id).collect();
+        let s = PackSection {
+            pack: PackId([7; 32]),
+            salt: [1; 32],
+            domain: Domain::legacy(),
+            blocks,
+        };
+        idx.add_sections("index/7", &[s], false, redb::Durability::Immediate)
+            .unwrap();
+        assert_eq!(idx.len().unwrap(), n as u64);
+        assert!(idx.contains_many(0, &ids).unwrap().iter().all(|c| *c));
+        assert_eq!(
+            idx.pack_index_keys(&PackId([7; 32])).unwrap(),
+            vec!["index/7"]
+        );
+        idx.remove_pack(&PackId([7; 32])).unwrap();
+        assert_eq!(idx.len().unwrap(), 0);
+        assert_eq!(idx.pack_count().unwrap(), 0);
+        assert!(idx.pack_index_keys(&PackId([7; 32])).unwrap().is_empty());
     }
 
     #[test]

@@ -49,7 +49,7 @@ const MANIFEST_FILES_PER_MESSAGE: usize = 4096;
 const COMMIT_BATCH_IDS: usize = 1 << 20;
 /// Ids a session lists as protected from garbage collection before it pins the whole
 /// repository instead (collections wait for it), so that its memory stays bounded.
-const MAX_PROTECTED_IDS: usize = 1 << 20;
+const MAX_PROTECTED_IDS: usize = 1 << 18;
 
 /// Settings of the base-backup service: dedup domains and per-cluster capacity limits.
 #[derive(Clone, Debug)]
