@@ -541,9 +541,9 @@ impl BlockIndex {
 
     /// Adds the packs of index object `key` (just written, or read from the store). A block
     /// already located keeps its location unless `relocate` (a rewritten pack takes over).
-    /// The blocks go in transactions of [`CHUNK`]; the last one records the index object
-    /// with `durability` (a crash before it leaves blocks the next [`sync`](Self::sync)
-    /// adds again, which changes nothing).
+    /// The blocks go in durable transactions of [`CHUNK`]; the last one records the index
+    /// object with `durability` (a crash before it leaves blocks the next
+    /// [`sync`](Self::sync) adds again, which changes nothing).
     pub fn add_sections(
         &self,
         key: &str,
@@ -562,9 +562,9 @@ impl BlockIndex {
                 chunks.collect()
             };
             for (c, chunk) in chunks.into_iter().enumerate() {
-                let mut txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
-                txn.set_durability(redb::Durability::None)
-                    .map_err(|e| self.err(e))?;
+                // Durable: redb keeps the pages of non-durable commits in memory until the
+                // next durable one, which would let a large sync grow without bound.
+                let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
                 let domain = self.domain_number_in(&txn, &s.domain)?;
                 let number = match n {
                     Some(n) => n,
@@ -694,9 +694,7 @@ impl BlockIndex {
         }
         txn.commit().map_err(|e| self.err(e))?;
         loop {
-            let mut txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| self.err(e))?;
+            let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
             let done = {
                 let mut pack_blocks = txn.open_table(PACK_BLOCKS).map_err(|e| self.err(e))?;
                 let first = pack_blocks
