@@ -98,10 +98,11 @@ impl Spool {
     fn create(dir: &Path, session_id: &str) -> std::io::Result<Spool> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{session_id}.files"));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create_new(true),
+            0o600,
+        )
+        .open(&path)?;
         Ok(Spool {
             path,
             out: Some(BufWriter::with_capacity(1 << 20, file)),
