@@ -109,7 +109,7 @@ sys.exit(0 if lsn(sys.argv[1]) >= lsn(sys.argv[2]) else 1)
 PY
   sleep 0.2
 done
-"$KLIO" wal-list "${CLIENT[@]}" | head -8
+"$KLIO" wal-list "${CLIENT[@]}" | sed -n '1,8p'
 
 step "restore to $TARGET (klio restore; recovery fetches WAL with klio wal-get)"
 "$KLIO" restore "${CLIENT[@]}" --pgdata "$WORK/restored" --target-time "$TARGET"

@@ -404,7 +404,27 @@ async fn wal_list(args: WalListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Output piped into a reader that stopped reading (`klio wal-list | head`) ends the
+/// process quietly with the shell's status for SIGPIPE, as other tools do, instead of a
+/// panic report.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     init_logging();
     klio_tls::install_crypto_provider();
