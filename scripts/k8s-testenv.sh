@@ -320,7 +320,7 @@ ENV
 }
 
 # The controllers a test may need without a kubelet or a cloud.
-default_controllers=namespace,garbage-collector,serviceaccount,serviceaccount-token,statefulset,job,cronjob,replicaset,deployment,daemonset,endpoints,endpointslice,endpointslice-mirroring,resourcequota,disruption,clusterrole-aggregation,root-ca-certificate-publisher,ttl-after-finished,persistentvolume-binder
+default_controllers=namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,statefulset-controller,job-controller,cronjob-controller,replicaset-controller,deployment-controller,daemonset-controller,endpoints-controller,endpointslice-controller,endpointslice-mirroring-controller,resourcequota-controller,disruption-controller,clusterrole-aggregation-controller,root-ca-certificate-publisher-controller,ttl-after-finished-controller,persistentvolume-binder-controller,service-cidr-controller
 
 cmd_down() {
 	local dir=${1:?usage: $0 down DIR} name pid i
