@@ -112,21 +112,20 @@ cmd_build() {
 service_cidr=${KLIO_K8S_SERVICE_CIDR:-198.51.100.0/24}
 kubernetes_service_ip=${service_cidr%.*}.1
 
-free_port() { # a TCP port nobody listens on, not one we already took
-	local p
+taken_ports=" "
+free_port() { # sets $port: a TCP port nobody listens on, not one we already took
 	while :; do
-		p=$((20000 + RANDOM % 30000))
-		[[ " ${taken_ports:-} " == *" $p "* ]] && continue
-		[[ -z $(ss -Htln "sport = :$p") ]] && break
+		port=$((20000 + RANDOM % 30000))
+		[[ $taken_ports == *" $port "* ]] && continue
+		[[ -z $(ss -Htln "sport = :$port") ]] && break
 	done
-	taken_ports="${taken_ports:-} $p"
-	echo "$p"
+	taken_ports+="$port "
 }
 
 # pki/: one cluster CA (serving and client certs), a front-proxy CA for the
 # aggregation layer, and the service-account signing key pair.
 gen_pki() {
-	local pki=$1 apiserver_port=$2
+	local pki=$1
 	mkdir -p "$pki"
 	(
 		cd "$pki"
@@ -231,11 +230,12 @@ cmd_up() {
 	trap 'log "up failed; stopping what was started"; cmd_down "$dir" || true' EXIT
 
 	local etcd_port etcd_peer_port apiserver_port kcm_port
-	etcd_port=$(free_port)
-	etcd_peer_port=$(free_port)
-	apiserver_port=$(free_port)
-	kcm_port=$(free_port)
-	gen_pki "$dir/pki" "$apiserver_port"
+	local port
+	free_port; etcd_port=$port
+	free_port; etcd_peer_port=$port
+	free_port; apiserver_port=$port
+	free_port; kcm_port=$port
+	gen_pki "$dir/pki"
 	write_kubeconfig "$dir/kubeconfig" "$apiserver_port" admin "$dir/pki"
 	write_kubeconfig "$dir/kube-controller-manager.kubeconfig" "$apiserver_port" kube-controller-manager "$dir/pki"
 
