@@ -130,11 +130,12 @@ gen_pki() {
 	(
 		cd "$pki"
 		umask 077
+		exec 2>"$pki/openssl.log"
 		ca() { # name, CN
 			openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
 				-keyout "$1.key" -out "$1.crt" -days 3650 -subj "/CN=$2" \
 				-addext basicConstraints=critical,CA:TRUE \
-				-addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature 2>/dev/null
+				-addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature
 		}
 		leaf() { # name, CA, subject, extendedKeyUsage, [subjectAltName]
 			local ext="basicConstraints=critical,CA:FALSE
@@ -143,9 +144,9 @@ extendedKeyUsage=$4"
 			[[ -n ${5:-} ]] && ext+="
 subjectAltName=$5"
 			openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-				-keyout "$1.key" -out "$1.csr" -subj "$3" 2>/dev/null
+				-keyout "$1.key" -out "$1.csr" -subj "$3"
 			openssl x509 -req -in "$1.csr" -CA "$2.crt" -CAkey "$2.key" -CAcreateserial \
-				-days 3650 -out "$1.crt" -extfile <(echo "$ext") 2>/dev/null
+				-days 3650 -out "$1.crt" -extfile <(echo "$ext")
 			rm -f "$1.csr"
 		}
 		ca ca klio-test-ca
@@ -156,7 +157,7 @@ subjectAltName=$5"
 		leaf admin ca "/O=system:masters/CN=klio-test-admin" clientAuth
 		leaf kube-controller-manager ca /CN=system:kube-controller-manager clientAuth
 		leaf front-proxy-client front-proxy-ca /CN=front-proxy-client clientAuth
-		openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkey -out sa.key
+		openssl ecparam -name prime256v1 -genkey -noout | openssl pkey -out sa.key
 		openssl pkey -in sa.key -pubout -out sa.pub
 		rm -f ./*.srl
 	)
@@ -219,6 +220,7 @@ cmd_up() {
 	dir=${1:?usage: $0 up DIR}
 	mkdir -p "$dir"
 	dir=$(cd "$dir" && pwd)
+	[[ $dir != *[[:space:]]* ]] || die "DIR must not contain whitespace: '$dir'"
 	[[ ! -f $dir/run/kube-apiserver.pid ]] || ! kill -0 "$(cat "$dir/run/kube-apiserver.pid")" 2>/dev/null ||
 		die "a control plane is already running in $dir (run: $0 down $dir)"
 	local b
@@ -227,7 +229,7 @@ cmd_up() {
 	done
 	rm -rf "$dir/pki" "$dir/etcd" "$dir/run" "$dir/logs"
 	mkdir -p "$dir/run" "$dir/logs"
-	trap 'log "up failed; stopping what was started"; cmd_down "$dir" || true' EXIT
+	trap 'log "up failed (exit $?); stopping what was started; logs in $dir/logs, $dir/pki/openssl.log"; cmd_down "$dir" || true' EXIT
 
 	local etcd_port etcd_peer_port apiserver_port kcm_port
 	local port

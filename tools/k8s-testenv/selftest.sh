@@ -36,8 +36,10 @@ kubeconfig=$("$testenv" up "$dir")
 step "up took $((SECONDS - start))s; kubeconfig $kubeconfig"
 trap '"$testenv" down "$dir"' EXIT
 export KUBECONFIG=$kubeconfig
+set -a # DIR/env is plain KEY=value lines
 # shellcheck disable=SC1091
 . "$dir/env"
+set +a
 [[ $KUBECONFIG == "$kubeconfig" ]] || fail "$dir/env names another kubeconfig"
 
 step "kubectl get --raw /readyz"
@@ -106,7 +108,9 @@ step "helm version"
 
 step "down"
 trap - EXIT
+start=$SECONDS
 "$testenv" down "$dir"
+step "down took $((SECONDS - start))s"
 for pid in "$ETCD_PID" "$KUBE_APISERVER_PID" "$KUBE_CONTROLLER_MANAGER_PID"; do
 	kill -0 "$pid" 2>/dev/null && fail "process $pid still running after down"
 done
