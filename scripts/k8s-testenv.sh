@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # A real Kubernetes control plane for tests: etcd, kube-apiserver and
 # kube-controller-manager on loopback, built from their Go modules.
 #

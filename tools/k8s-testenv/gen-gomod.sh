@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Regenerate the wrapper modules' go.mod/go.sum from the upstream versions.
 #
 #   tools/k8s-testenv/gen-gomod.sh            # uses the versions in versions.env

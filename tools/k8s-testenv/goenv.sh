@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced: Go environment for building the test control plane.
 # Everything Go fetches or caches lives outside the work tree.
 export PATH=/usr/local/go/bin:$PATH
