@@ -4,7 +4,8 @@
 //! `cargo run --release -p klio-repository --example synthetic_repository -- DATA_DIR KEY_FILE N`
 //!
 //! The blocks are 8-byte counters in the legacy domain (the format every Klio version
-//! reads), so the same directory can be opened by a server from before the on-disk index.
+//! reads), so the same directory can be opened by a server from before the on-disk index;
+//! packs hold about as many blocks as packs of real pages do.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +31,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         master,
         RepositoryOptions {
             index_cache: Some(scratch.path().join("index.redb")),
+            // About 20,000 blocks per pack, as many as a 32 MiB pack of compressed 8 KiB
+            // pages holds: the index objects have the size real ones have.
+            pack_target_size: 1 << 20,
             ..RepositoryOptions::default()
         },
     )?;
