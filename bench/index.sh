@@ -37,7 +37,7 @@ PIDS=()
 cleanup() {
   set +e
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  [ -f "$WORK/pg/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" stop -m immediate >/dev/null 2>&1
+  for d in "$WORK"/pg-*; do [ -f "$d/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1; done
   wait 2>/dev/null
   rm -rf "$WORK"
 }
@@ -50,48 +50,53 @@ T0=$(now)
 "$SYNTH" "$WORK/synth" "$WORK/key" "$N" >&2
 echo "built in $(elapsed "$T0") s; repository $(du -sh "$WORK/synth/repository" | cut -f1)" >&2
 
-PG_PORT=$(free_port)
-as_pg "$PG_BIN/initdb" -D "$WORK/pg" -k -U postgres -A trust >/dev/null
-cat >> "$WORK/pg/postgresql.conf" <<CONF
+# A fresh small database per run, so that runs do not share a replication slot.
+new_pg() {
+  PG_DIR="$WORK/pg-$1"; PG_PORT=$(free_port)
+  as_pg "$PG_BIN/initdb" -D "$PG_DIR" -k -U postgres -A trust >/dev/null
+  cat >> "$PG_DIR/postgresql.conf" <<CONF
 port = $PG_PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$WORK'
 wal_level = replica
 max_wal_senders = 10
 CONF
-as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w start >/dev/null
-as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -i -q -s 10 postgres >/dev/null 2>&1
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" -l "$PG_DIR.log" -w start >/dev/null
+  as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -i -q -s 10 postgres >/dev/null 2>&1
+}
 
 # run LABEL BINARY DATA_DIR: starts the server, waits until it serves, backs up the database.
 run() {
-  local label=$1 bin=$2 data=$3
+  local label=$1 bin=$2 data=$3 n=$4
   local wal_port base_port t0 server streamer ready_rss ready_s
+  new_pg "$n"
   wal_port=$(free_port); base_port=$(free_port)
   t0=$(now)
   "$bin" server --data-dir "$data" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
     --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$wal_port" \
-    --base-listen "127.0.0.1:$base_port" 2> "$WORK/server-$label.log" &
+    --base-listen "127.0.0.1:$base_port" 2> "$WORK/server-$n.log" &
   server=$!; PIDS+=($server)
-  until grep -q "base-backup service listening" "$WORK/server-$label.log"; do
-    kill -0 "$server" 2>/dev/null || { cat "$WORK/server-$label.log" >&2; exit 1; }
+  until grep -q "base-backup service listening" "$WORK/server-$n.log"; do
+    kill -0 "$server" 2>/dev/null || { cat "$WORK/server-$n.log" >&2; exit 1; }
     sleep 0.2
   done
   ready_s=$(elapsed "$t0"); ready_rss=$(rss_mb "$server")
   local client=(--server-address 127.0.0.1 --wal-port "$wal_port" --base-port "$base_port" --cluster bench
     --client-cert "$WORK/pki/client-bench.crt" --client-key "$WORK/pki/client-bench.key" --server-ca "$WORK/pki/ca.crt")
-  "$bin" wal-stream "${client[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2> "$WORK/stream-$label.log" &
+  "$bin" wal-stream "${client[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2> "$WORK/stream-$n.log" &
   streamer=$!; PIDS+=($streamer)
   "$bin" backup "${client[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" \
-    --pgdata "$WORK/pg" --no-retention --json > /dev/null 2> "$WORK/backup-$label.err" || { cat "$WORK/backup-$label.err" >&2; exit 1; }
+    --pgdata "$PG_DIR" --no-retention --json > /dev/null 2> "$WORK/backup-$n.err" || {
+    cat "$WORK/backup-$n.err" >&2; tail -20 "$WORK/stream-$n.log" >&2; exit 1; }
   printf '%-40s %10s %14s %18s\n' "$label" "$ready_s" "$ready_rss MB" "$(peak_rss_mb "$server") MB"
   kill "$streamer" "$server"; wait "$streamer" "$server" 2>/dev/null || true
-  "$PG_BIN/psql" -X -At -h "$WORK" -p "$PG_PORT" -U postgres -d postgres -c "SELECT pg_drop_replication_slot('klio')" >/dev/null 2>&1 || true
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" stop -m fast >/dev/null
 }
 
 cp -a "$WORK/synth" "$WORK/old"
 cp -a "$WORK/synth" "$WORK/new"
 echo
 printf '%-40s %10s %14s %18s\n' "server ($N blocks in the repository)" "ready (s)" "RSS at ready" "peak during backup"
-run "before (in-memory index, $OLD_COMMIT)" "$OLD_KLIO" "$WORK/old"
-run "after, first start (builds the cache)" "$KLIO" "$WORK/new"
-run "after, next start (cache up to date)" "$KLIO" "$WORK/new"
+run "before (in-memory index, $OLD_COMMIT)" "$OLD_KLIO" "$WORK/old" 1
+run "after, first start (builds the cache)" "$KLIO" "$WORK/new" 2
+run "after, next start (cache up to date)" "$KLIO" "$WORK/new" 3
