@@ -44,7 +44,7 @@ cleanup() {
 trap cleanup EXIT
 
 head -c 32 /dev/urandom | base64 > "$WORK/key"
-"$KLIO" pki init "$WORK/pki" --cluster bench >/dev/null
+"$KLIO" pki init "$WORK/pki" --cluster bench1 --cluster bench2 --cluster bench3 >/dev/null
 echo "== building a repository of $N blocks" >&2
 T0=$(now)
 "$SYNTH" "$WORK/synth" "$WORK/key" "$N" >&2
@@ -81,8 +81,9 @@ run() {
     sleep 0.2
   done
   ready_s=$(elapsed "$t0"); ready_rss=$(rss_mb "$server")
-  local client=(--server-address 127.0.0.1 --wal-port "$wal_port" --base-port "$base_port" --cluster bench
-    --client-cert "$WORK/pki/client-bench.crt" --client-key "$WORK/pki/client-bench.key" --server-ca "$WORK/pki/ca.crt")
+  # One cluster name per run: each run backs up a database of its own.
+  local client=(--server-address 127.0.0.1 --wal-port "$wal_port" --base-port "$base_port" --cluster "bench$n"
+    --client-cert "$WORK/pki/client-bench$n.crt" --client-key "$WORK/pki/client-bench$n.key" --server-ca "$WORK/pki/ca.crt")
   "$bin" wal-stream "${client[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2> "$WORK/stream-$n.log" &
   streamer=$!; PIDS+=($streamer)
   "$bin" backup "${client[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" \
