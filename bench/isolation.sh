@@ -26,7 +26,7 @@ PIDS=()
 cleanup() {
   set +e
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  for d in "$WORK"/origin "$WORK"/clone-*; do [ -f "$d/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1; done
+  for d in "$WORK"/origin-* "$WORK"/clone-*; do [ -f "$d/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1; done
   wait 2>/dev/null
   rm -rf "$WORK"
 }
@@ -56,16 +56,17 @@ wait_primary() { # PORT
   echo "PostgreSQL on port $1 did not finish recovery" >&2; return 1
 }
 
-ORIGIN_PORT=$(free_port)
-as_pg "$PG_BIN/initdb" -D "$WORK/origin" -k -U postgres -A trust >/dev/null
-start_pg "$WORK/origin" "$ORIGIN_PORT"
-as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$ORIGIN_PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
-"$PG_BIN/psql" -X -At -h "$WORK" -p "$ORIGIN_PORT" -U postgres -d postgres -c "VACUUM (FREEZE)" -c CHECKPOINT >/dev/null
-
 # mode LABEL [server flags...]: prints the bytes the origin's and the clone's backups added.
 mode() {
   local label=$1; shift
-  local data="$WORK/klio-$label" wal_port base_port server clone_port
+  local data="$WORK/klio-$label" wal_port base_port server clone_port origin_stream clone_stream
+  # A fresh origin per mode (same pgbench data), so that no slot or archive is shared.
+  local origin="$WORK/origin-$label"
+  ORIGIN_PORT=$(free_port)
+  as_pg "$PG_BIN/initdb" -D "$origin" -k -U postgres -A trust >/dev/null
+  start_pg "$origin" "$ORIGIN_PORT"
+  as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$ORIGIN_PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
+  "$PG_BIN/psql" -X -At -h "$WORK" -p "$ORIGIN_PORT" -U postgres -d postgres -c "VACUUM (FREEZE)" -c CHECKPOINT >/dev/null
   wal_port=$(free_port); base_port=$(free_port)
   "$KLIO" server --data-dir "$data" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
     --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$wal_port" \
@@ -76,11 +77,11 @@ mode() {
     --client-cert "$WORK/pki/client-$1.crt" --client-key "$WORK/pki/client-$1.key" --server-ca "$WORK/pki/ca.crt"; }
   # shellcheck disable=SC2046
   "$KLIO" wal-stream $(client origin) --pg-dsn "host=127.0.0.1 port=$ORIGIN_PORT user=postgres dbname=postgres" 2> "$WORK/stream-origin-$label.log" &
-  PIDS+=($!)
+  origin_stream=$!; PIDS+=($origin_stream)
   local r0 r1 r2
   r0=$(du_b "$data/repository")
   # shellcheck disable=SC2046
-  "$KLIO" backup $(client origin) --pg-dsn "host=127.0.0.1 port=$ORIGIN_PORT user=postgres dbname=postgres" --pgdata "$WORK/origin" --jobs 2 --no-retention --json >/dev/null
+  "$KLIO" backup $(client origin) --pg-dsn "host=127.0.0.1 port=$ORIGIN_PORT user=postgres dbname=postgres" --pgdata "$origin" --jobs 2 --no-retention --json >/dev/null 2>> "$WORK/backup-$label.log"
   r1=$(du_b "$data/repository")
   # shellcheck disable=SC2046
   "$KLIO" restore $(client origin) --pgdata "$WORK/clone-$label" --target-immediate >/dev/null 2>&1
@@ -89,11 +90,13 @@ mode() {
   wait_primary "$clone_port"
   # shellcheck disable=SC2046
   "$KLIO" wal-stream $(client clone) --pg-dsn "host=127.0.0.1 port=$clone_port user=postgres dbname=postgres" 2> "$WORK/stream-clone-$label.log" &
-  PIDS+=($!)
+  clone_stream=$!; PIDS+=($clone_stream)
   # shellcheck disable=SC2046
-  "$KLIO" backup $(client clone) --pg-dsn "host=127.0.0.1 port=$clone_port user=postgres dbname=postgres" --pgdata "$WORK/clone-$label" --jobs 2 --no-retention --json >/dev/null
+  "$KLIO" backup $(client clone) --pg-dsn "host=127.0.0.1 port=$clone_port user=postgres dbname=postgres" --pgdata "$WORK/clone-$label" --jobs 2 --no-retention --json >/dev/null 2>> "$WORK/backup-$label.log"
   r2=$(du_b "$data/repository")
+  kill "$origin_stream" "$clone_stream" "$server"; wait "$origin_stream" "$clone_stream" "$server" 2>/dev/null || true
   as_pg "$PG_BIN/pg_ctl" -D "$WORK/clone-$label" stop -m fast >/dev/null
+  as_pg "$PG_BIN/pg_ctl" -D "$origin" stop -m fast >/dev/null
   printf '%-34s %16s %16s\n' "$label" "$(mb $((r1 - r0)))" "$(mb $((r2 - r1)))"
   echo $((r2 - r1)) > "$WORK/clone-bytes-$label"
 }
