@@ -98,24 +98,13 @@ async fn server_recomputes_ids_and_refuses_lies() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
     // A manifest naming a block never stored is refused; nothing appears in the catalog.
-    let err = c
-        .commit(pb::CommitRequest {
-            session_id: begin.session_id.clone(),
-            metadata_json: b"{}".to_vec().into(),
-            files: vec![file("base/1/1234", 8192, &[id], 8192)],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
-    let list = c
-        .list(pb::ListRequest {
-            cluster: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(list.backups.is_empty(), "{:?}", list.backups);
+    commit_is_refused_and_nothing_listed(
+        &mut c,
+        &begin.session_id,
+        "a",
+        file("base/1/1234", 8192, &[id], 8192),
+    )
+    .await;
 
     // An honest session: the true block, then a commit that names it.
     let begin = c
@@ -226,6 +215,34 @@ async fn server_recomputes_ids_and_refuses_lies() {
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
 }
 
+/// A commit of `f` is refused (FAILED_PRECONDITION: it names a block the session's domain
+/// does not hold) and `cluster` lists no backup.
+async fn commit_is_refused_and_nothing_listed(
+    c: &mut BackupClient<Channel>,
+    session_id: &str,
+    cluster: &str,
+    f: pb::FileEntry,
+) {
+    let err = c
+        .commit(pb::CommitRequest {
+            session_id: session_id.into(),
+            metadata_json: b"{}".to_vec().into(),
+            files: vec![f],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let list = c
+        .list(pb::ListRequest {
+            cluster: cluster.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.backups.is_empty(), "{:?}", list.backups);
+}
+
 /// Begins a backup of `cluster`; returns the session id and the block id key.
 async fn begin(c: &mut BackupClient<Channel>, cluster: &str) -> (String, [u8; 32]) {
     let b = c
@@ -308,24 +325,8 @@ async fn tenants_cannot_probe_read_or_reference_each_others_blocks() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
-    let err = a
-        .commit(pb::CommitRequest {
-            session_id: sa,
-            metadata_json: b"{}".to_vec().into(),
-            files: vec![file("stolen.conf", secret.len() as u64, &[id_b], 0)],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
-    let list = a
-        .list(pb::ListRequest {
-            cluster: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(list.backups.is_empty(), "the refused commit listed nothing");
+    let stolen = file("stolen.conf", secret.len() as u64, &[id_b], 0);
+    commit_is_refused_and_nothing_listed(&mut a, &sa, "a", stolen).await;
 
     let got = b
         .get_blocks(pb::GetBlocksRequest {

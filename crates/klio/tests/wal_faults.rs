@@ -15,7 +15,7 @@ use common::*;
 use klio_pg::Lsn;
 use klio_proto::wal::v1 as pb;
 use klio_proto::wal::v1::wal_client::WalClient;
-use klio_test_support::{ChildGuard, PgCluster, PgOptions, wait_until};
+use klio_test_support::{PgCluster, PgOptions, wait_until};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -366,25 +366,6 @@ fn fill(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn pgbench(pg: &PgCluster, secs: u64) -> anyhow::Result<ChildGuard> {
-    let mut cmd = pg.client_command("pgbench");
-    cmd.arg("-h").arg(pg.socket_dir());
-    cmd.args([
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-        "-c",
-        "2",
-        "-T",
-        &secs.to_string(),
-        "postgres",
-    ]);
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    ChildGuard::spawn(&mut cmd)
-}
-
 /// What the `klio` slot says the archive acknowledged (a physical slot's restart_lsn is
 /// the flush position its client reported).
 fn slot_flushed(pg: &PgCluster) -> anyhow::Result<Lsn> {
@@ -410,7 +391,7 @@ fn disk_full_is_resource_exhausted_and_archiving_resumes_losing_nothing() -> any
     k.start_server()?;
     let mut streamer = k.spawn_streamer("full", &pg, "streamer", &[])?;
     write_and_archive(&k, "full", &pg, 1000)?;
-    let mut load = pgbench(&pg, 30)?;
+    let mut load = pgbench_background(&pg, 30)?;
 
     let filler = k.data.join("filler");
     fill(&filler)?;
