@@ -117,7 +117,7 @@ fn sidecar_containers(_: &mut SchemaGenerator) -> Schema {
                     "rule": "self.name in ['klio-plugin', 'klio-wal', 'klio-restore']",
                     "message": "spec.containers[].name must be one of klio-plugin, klio-wal, klio-restore",
                     "fieldPath": ".name",
-                    "reason": "FieldValueNotSupported"
+                    "reason": "FieldValueInvalid"
                 }
             ]
         }
