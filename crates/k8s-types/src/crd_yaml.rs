@@ -3,8 +3,8 @@
 //! Regenerate with `cargo run -p klio-k8s-types --example crd-yaml`; the test
 //! `checked_in_yaml_matches_types` fails when a file differs from what the types generate.
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 use crate::{PluginConfiguration, Server};
 

@@ -34,10 +34,27 @@ pub const SIDECAR_CONTAINER_NAMES: [&str; 3] = ["klio-plugin", "klio-wal", "klio
     status = "PluginConfigurationStatus",
     category = "klio",
     doc = "How the Klio plugin of a CloudNativePG cluster connects to a Klio server, its mode, retention and sidecar containers",
-    printcolumn(name = "ServerAddress", type_ = "string", json_path = ".spec.serverAddress"),
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode", description = "standard or read-only"),
-    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "ServerAddress",
+        type_ = "string",
+        json_path = ".spec.serverAddress"
+    ),
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        json_path = ".spec.mode",
+        description = "standard or read-only"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -190,4 +207,140 @@ pub struct PluginConfigurationStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::conditions")]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use kube::CustomResourceExt;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn crd() -> Value {
+        serde_json::to_value(PluginConfiguration::crd()).unwrap()
+    }
+
+    fn spec_schema() -> Value {
+        crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+    }
+
+    #[test]
+    fn crd_names_scope_version_status_and_columns() {
+        let crd = crd();
+        assert_eq!(
+            crd["metadata"]["name"],
+            "pluginconfigurations.klio.enterprisedb.io"
+        );
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], crate::VERSION);
+        assert_eq!(version["subresources"]["status"], json!({}));
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["ServerAddress", "Mode", "Ready", "Age"]);
+        let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert!(status["properties"]["observedGeneration"].is_object());
+        assert_eq!(
+            status["properties"]["conditions"]["x-kubernetes-list-map-keys"],
+            json!(["type"])
+        );
+    }
+
+    #[test]
+    fn read_only_rules_name_their_fields() {
+        let spec = spec_schema();
+        let rules = spec["x-kubernetes-validations"].as_array().unwrap();
+        let paths: Vec<&str> = rules
+            .iter()
+            .map(|r| r["fieldPath"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [".tier2.enableRecovery", ".tier1", ".tier2.enableBackup"]
+        );
+        for rule in rules {
+            let field = rule["fieldPath"].as_str().unwrap();
+            let message = rule["message"].as_str().unwrap();
+            assert!(message.starts_with(&format!("spec{field} ")), "{rule}");
+            assert!(message.ends_with("when spec.mode is read-only"), "{rule}");
+        }
+        assert!(spec["properties"]["mode"]["x-kubernetes-validations"].is_null());
+    }
+
+    #[test]
+    fn containers_are_a_map_list_of_klio_sidecars() {
+        let containers = &spec_schema()["properties"]["containers"];
+        assert_eq!(containers["x-kubernetes-list-type"], "map");
+        assert_eq!(containers["x-kubernetes-list-map-keys"], json!(["name"]));
+        let rule = &containers["items"]["x-kubernetes-validations"][0];
+        for name in SIDECAR_CONTAINER_NAMES {
+            assert!(rule["rule"].as_str().unwrap().contains(name), "{rule}");
+            assert!(rule["message"].as_str().unwrap().contains(name), "{rule}");
+        }
+        assert!(
+            rule["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("spec.containers[].name ")
+        );
+        assert_eq!(
+            containers["items"]["x-kubernetes-preserve-unknown-fields"],
+            true
+        );
+    }
+
+    #[test]
+    fn retention_counts_are_non_negative_int32() {
+        let retention =
+            &spec_schema()["properties"]["tier2"]["properties"]["retention"]["properties"];
+        for key in [
+            "keepLatest",
+            "keepHourly",
+            "keepDaily",
+            "keepWeekly",
+            "keepMonthly",
+            "keepAnnual",
+        ] {
+            assert_eq!(retention[key]["format"], "int32", "{key}");
+            assert_eq!(retention[key]["minimum"].as_f64(), Some(0.0), "{key}");
+        }
+    }
+
+    #[test]
+    fn seed_manifests_deserialize_into_the_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let basic: PluginConfiguration =
+            serde_yaml::from_str(&read("pluginconfiguration-basic.yaml")).unwrap();
+        assert_eq!(basic.spec.server_address, "klio-server.default");
+        assert_eq!(basic.spec.mode, Mode::Standard);
+        let retention: PluginConfiguration =
+            serde_yaml::from_str(&read("pluginconfiguration-retention.yaml")).unwrap();
+        let tier2 = retention.spec.tier2.unwrap();
+        assert!(tier2.enable_backup && tier2.enable_recovery);
+        assert_eq!(tier2.retention.unwrap().keep_daily, Some(30));
+        assert_eq!(
+            retention.spec.tier1.unwrap().retention.unwrap().keep_hourly,
+            Some(12)
+        );
+        let dr: PluginConfiguration =
+            serde_yaml::from_str(&read("pluginconfiguration-read-only.yaml")).unwrap();
+        assert_eq!(dr.spec.mode, Mode::ReadOnly);
+        assert!(!dr.spec.tier2.unwrap().enable_backup);
+        let containers: PluginConfiguration =
+            serde_yaml::from_str(&read("pluginconfiguration-containers.yaml")).unwrap();
+        let names: Vec<&str> = containers
+            .spec
+            .containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["klio-plugin", "klio-wal"]);
+    }
 }

@@ -29,10 +29,28 @@ use crate::{LocalObjectReference, Mode, SecretKeySelector};
     status = "ServerStatus",
     category = "klio",
     doc = "A Klio server: receives base backups and WAL from PostgreSQL clusters and keeps them in Tier 1 (local volumes) and Tier 2 (object storage)",
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode", description = "standard or read-only"),
-    printcolumn(name = "Image", type_ = "string", json_path = ".spec.image", priority = 1),
-    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        json_path = ".spec.mode",
+        description = "standard or read-only"
+    ),
+    printcolumn(
+        name = "Image",
+        type_ = "string",
+        json_path = ".spec.image",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -193,4 +211,131 @@ pub struct ServerStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::conditions")]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use kube::CustomResourceExt;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn crd() -> Value {
+        serde_json::to_value(Server::crd()).unwrap()
+    }
+
+    fn spec_schema() -> Value {
+        crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+    }
+
+    fn rules(schema: &Value) -> Vec<(String, String)> {
+        schema["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["rule"].as_str().unwrap().to_string(),
+                    r["message"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn crd_names_scope_version_and_status_subresource() {
+        let crd = crd();
+        assert_eq!(crd["metadata"]["name"], "servers.klio.enterprisedb.io");
+        assert_eq!(crd["spec"]["group"], crate::GROUP);
+        assert_eq!(crd["spec"]["names"]["kind"], "Server");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], crate::VERSION);
+        assert_eq!(version["subresources"]["status"], json!({}));
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["Mode", "Image", "Ready", "Age"]);
+    }
+
+    #[test]
+    fn spec_rules_guard_tiers_and_queue_by_mode() {
+        let spec = spec_schema();
+        let rules = rules(&spec);
+        let messages: Vec<&str> = rules.iter().map(|(_, m)| m.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "spec.tier2 is required when spec.mode is read-only",
+                "spec.tier1 is not allowed when spec.mode is read-only",
+                "spec.queue is not allowed when spec.mode is read-only",
+                "spec.tier1 is required when spec.mode is standard",
+                "spec.queue is required when spec.mode is standard",
+            ]
+        );
+        // Each rule points at the field its message names.
+        for rule in spec["x-kubernetes-validations"].as_array().unwrap() {
+            let field = rule["fieldPath"].as_str().unwrap();
+            assert!(
+                rule["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("spec{field} ")),
+                "{rule}"
+            );
+        }
+    }
+
+    #[test]
+    fn mode_defaults_to_standard_and_is_immutable() {
+        let mode = &spec_schema()["properties"]["mode"];
+        assert_eq!(mode["default"], "standard");
+        assert_eq!(mode["enum"], json!(["standard", "read-only"]));
+        assert_eq!(
+            rules(mode),
+            [(
+                "self == oldSelf".to_string(),
+                "spec.mode is immutable".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn template_is_kept_as_given_and_pvc_templates_are_checked() {
+        let spec = spec_schema();
+        assert_eq!(
+            spec["properties"]["template"]["x-kubernetes-preserve-unknown-fields"],
+            true
+        );
+        let data = &spec["properties"]["tier1"]["properties"]["data"]["properties"]["pvcTemplate"];
+        assert!(data["properties"]["accessModes"].is_object(), "{data}");
+        assert_eq!(
+            spec["properties"]["tier2"]["properties"]["s3"]["required"],
+            json!(["bucketName"])
+        );
+        assert_eq!(
+            spec["required"],
+            json!(["caSecretName", "image", "tlsSecretName"])
+        );
+    }
+
+    #[test]
+    fn seed_manifests_deserialize_into_the_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let server: Server = serde_yaml::from_str(&read("server.yaml")).unwrap();
+        assert_eq!(server.spec.mode, Mode::Standard);
+        let tier1 = server.spec.tier1.unwrap();
+        assert_eq!(tier1.encryption_key.key, "encryptionKey");
+        let s3 = server.spec.tier2.unwrap().s3;
+        assert_eq!(s3.custom_ca_bundle.unwrap().name, "rustfs-tls");
+        let dr: Server = serde_yaml::from_str(&read("server-read-only.yaml")).unwrap();
+        assert_eq!(dr.spec.mode, Mode::ReadOnly);
+        assert!(dr.spec.tier1.is_none() && dr.spec.queue.is_none());
+    }
 }

@@ -164,7 +164,8 @@ fn crds_examples_accepted_and_printed_with_columns() {
         "{servers}"
     );
     assert!(
-        rows.iter().any(|r| r[0] == "my-server" && r[1] == "standard"),
+        rows.iter()
+            .any(|r| r[0] == "my-server" && r[1] == "standard"),
         "{servers}"
     );
     let wide = env.kubectl_ok(&["get", "servers", "-n", &ns, "-o", "wide"], None);
@@ -235,7 +236,10 @@ fn crds_examples_accepted_and_printed_with_columns() {
         ],
         None,
     );
-    let line = env.kubectl_ok(&["get", "server", "my-server", "-n", &ns, "--no-headers"], None);
+    let line = env.kubectl_ok(
+        &["get", "server", "my-server", "-n", &ns, "--no-headers"],
+        None,
+    );
     let row: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(row[..3], ["my-server", "standard", "True"], "{line}");
 }

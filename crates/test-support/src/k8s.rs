@@ -69,7 +69,12 @@ impl K8sTestEnv {
             String::from_utf8_lossy(&bindir.stderr)
         );
         let bindir = PathBuf::from(String::from_utf8_lossy(&bindir.stdout).trim());
-        for binary in ["etcd", "kube-apiserver", "kube-controller-manager", "kubectl"] {
+        for binary in [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kubectl",
+        ] {
             assert!(
                 bindir.join(binary).is_file(),
                 "the Kubernetes test binaries are missing: no \"{}\"\n{BUILD_HINT}",
