@@ -25,6 +25,9 @@ pub const SIDECAR_CONTAINER_NAMES: [&str; 3] = ["klio-plugin", "klio-wal", "klio
 
 /// The plugin's configuration, referenced by a CloudNativePG `Cluster` through the plugin
 /// parameter `pluginConfigurationRef`.
+// clippy's duplicated_attributes mistakes the repeated `type_ = "string"` of separate
+// `printcolumn(...)` lists for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "klio.enterprisedb.io",

@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::{LocalObjectReference, Mode, SecretKeySelector};
 
 /// The desired state of a Klio server: a StatefulSet running `klio server` with its volumes.
+// clippy's duplicated_attributes mistakes the repeated `type_ = "string"` of separate
+// `printcolumn(...)` lists for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "klio.enterprisedb.io",
