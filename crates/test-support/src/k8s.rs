@@ -89,8 +89,13 @@ impl K8sTestEnv {
             .arg("up")
             .arg(&dir)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap_or_else(|e| panic!("cannot run \"{}\": {e}", script.display()));
+        // Started at once, so that a test process killed while `up` runs leaves nothing behind.
+        let guardian = spawn_guardian(&script, &dir, up.id());
+        let up = up.wait_with_output().unwrap();
         assert!(
             up.status.success(),
             "\"{} up {}\" failed ({}):\n{}",
@@ -102,10 +107,9 @@ impl K8sTestEnv {
         // From here on, Drop runs `down`.
         let mut env = K8sTestEnv {
             env: BTreeMap::new(),
-            guardian: None,
+            guardian: Some(guardian),
             scratch,
         };
-        env.guardian = Some(spawn_guardian(&script, &dir));
         let text = std::fs::read_to_string(dir.join("env"))
             .unwrap_or_else(|e| panic!("read \"{}\": {e}", dir.join("env").display()));
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -206,19 +210,23 @@ impl K8sTestEnv {
     }
 }
 
-/// `setsid sh`: waits for this process to exit, then runs `down DIR`. Its own session, so a
-/// signal to the test's process group does not take it down first.
-fn spawn_guardian(script: &Path, dir: &Path) -> ChildGuard {
+/// `setsid sh`: waits for this process to exit, then for `up` (pid `up_pid`) to finish, then
+/// runs `down DIR`. Its own session, so a signal to the test's process group does not take it
+/// down first.
+fn spawn_guardian(script: &Path, dir: &Path, up_pid: u32) -> ChildGuard {
     let mut cmd = Command::new("setsid");
     cmd.args([
         "sh",
         "-c",
-        r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec bash "$2" down "$3""#,
+        r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
+while kill -0 "$4" 2>/dev/null; do sleep 1; done
+exec bash "$2" down "$3""#,
         "k8s-testenv-guardian",
     ])
     .arg(std::process::id().to_string())
     .arg(script)
     .arg(dir)
+    .arg(up_pid.to_string())
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
@@ -227,8 +235,6 @@ fn spawn_guardian(script: &Path, dir: &Path) -> ChildGuard {
 
 impl Drop for K8sTestEnv {
     fn drop(&mut self) {
-        // The guardian is no longer needed: this process runs `down` itself.
-        self.guardian.take();
         let dir = self.dir();
         if std::thread::panicking() {
             eprintln!(
@@ -236,21 +242,29 @@ impl Drop for K8sTestEnv {
                 dir.display()
             );
         }
-        let down = Command::new("bash")
-            .arg(k8s_testenv_script())
-            .arg("down")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .output();
+        // Output to a file, not a pipe: if this process dies meanwhile, `down` goes on (a pipe
+        // would kill it with SIGPIPE), and the guardian, still alive, runs it again.
+        let log = dir.join("down.log");
+        let down = std::fs::File::create(&log).and_then(|out| {
+            Command::new("bash")
+                .arg(k8s_testenv_script())
+                .arg("down")
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .status()
+        });
         match down {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "\"k8s-testenv.sh down {}\" failed ({}):\n{}",
+            Ok(status) if status.success() => {}
+            Ok(status) => eprintln!(
+                "\"k8s-testenv.sh down {}\" failed ({status}):\n{}",
                 dir.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
+                std::fs::read_to_string(&log).unwrap_or_default()
             ),
             Err(e) => eprintln!("cannot run k8s-testenv.sh down {}: {e}", dir.display()),
         }
+        // Everything is stopped: the guardian is no longer needed.
+        self.guardian.take();
     }
 }
