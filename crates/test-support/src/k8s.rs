@@ -69,18 +69,7 @@ impl K8sTestEnv {
             String::from_utf8_lossy(&bindir.stderr)
         );
         let bindir = PathBuf::from(String::from_utf8_lossy(&bindir.stdout).trim());
-        for binary in [
-            "etcd",
-            "kube-apiserver",
-            "kube-controller-manager",
-            "kubectl",
-        ] {
-            assert!(
-                bindir.join(binary).is_file(),
-                "the Kubernetes test binaries are missing: no \"{}\"\n{BUILD_HINT}",
-                bindir.join(binary).display()
-            );
-        }
+        check_binaries(&bindir);
 
         let scratch = crate::scratch_dir();
         let dir = scratch.path().join("k8s");
@@ -210,6 +199,23 @@ impl K8sTestEnv {
     }
 }
 
+/// Panics, naming `scripts/k8s-testenv.sh build`, unless `bindir` has the control plane's
+/// binaries.
+fn check_binaries(bindir: &Path) {
+    for binary in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kubectl",
+    ] {
+        assert!(
+            bindir.join(binary).is_file(),
+            "the Kubernetes test binaries are missing: no \"{}\"\n{BUILD_HINT}",
+            bindir.join(binary).display()
+        );
+    }
+}
+
 /// `setsid sh`: waits for this process to exit, then for `up` (pid `up_pid`) to finish, then
 /// runs `down DIR`. Its own session, so a signal to the test's process group does not take it
 /// down first.
@@ -266,5 +272,17 @@ impl Drop for K8sTestEnv {
         }
         // Everything is stopped: the guardian is no longer needed.
         self.guardian.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "HINT: build them with \"bash scripts/k8s-testenv.sh build\"")]
+    fn check_binaries_missing_fails_naming_the_build_command() {
+        let empty = tempfile::tempdir().unwrap();
+        check_binaries(empty.path());
     }
 }
