@@ -37,12 +37,19 @@ if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
     || python3 -m pip install -q --break-system-packages 'moto[server]==5.2.1'
 fi
 
+# The Kubernetes control plane of the CRD and operator tests (etcd, kube-apiserver,
+# kube-controller-manager, kubectl, helm), built from Go modules into /var/tmp/klio-k8s
+# (KLIO_K8S_ROOT): about 13 min cold, instant when cached. See docs/k8s-testenv.md.
+bash scripts/k8s-testenv.sh build
+
 echo "== format, lints, docs"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 echo "== tests"
+# The generated CRD YAML (deploy/charts/klio/crds) is checked for drift by the unit test
+# crd_yaml::tests::checked_in_yaml_matches_types of klio-k8s-types, part of the run below.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast --failure-output final
 else

@@ -27,6 +27,10 @@
 //!   naming the script; it is never skipped.
 //! - [`pg_bin`], [`postgres_command`]: PostgreSQL 15 binaries (directory overridable with
 //!   `KLIO_PG_BIN`, default [`DEFAULT_PG_BIN`]) run as the right user.
+//! - [`K8sTestEnv`]: a real Kubernetes control plane (etcd, kube-apiserver,
+//!   kube-controller-manager on loopback) from `scripts/k8s-testenv.sh`, shared by the tests of
+//!   a test binary ([`K8sTestEnv::shared`]); `kubectl` helpers and fresh namespaces. Missing
+//!   binaries fail the test, naming `scripts/k8s-testenv.sh build`.
 //! - [`free_port`], [`wait_until`], [`wait_until_async`].
 //!
 //! Cluster defaults: data checksums, C locale, UTF8, `wal_level = replica`,
@@ -53,6 +57,7 @@
 //! `KLIO_KEEP_SCRATCH=1` (keep scratch directories for inspection).
 
 mod cluster;
+mod k8s;
 mod major;
 mod process;
 mod receivewal;
@@ -61,6 +66,7 @@ mod services;
 mod wait;
 
 pub use cluster::{Auth, PgCluster, PgOptions, free_port};
+pub use k8s::{K8sTestEnv, k8s_testenv_script};
 pub use major::{DEFAULT_PG_MAJORS_DIR, PgMajor};
 pub use process::{ChildGuard, DEFAULT_PG_BIN, pg_bin, postgres_command, running_as_root};
 pub use receivewal::PgReceiveWal;
