@@ -43,6 +43,9 @@ pub const BLOCKLIST_LEN: usize = 131_072;
 /// Block ids a client puts in one `AddFiles` piece at most (what it holds in memory per
 /// reading thread); a multiple of [`BLOCKLIST_LEN`] so pieces cut blocklists the same way.
 pub const MAX_PIECE_IDS: usize = BLOCKLIST_LEN;
+/// File entries (pieces included) one backup may add: what the server holds per file at
+/// commit is small, but not nothing.
+pub const MAX_FILE_ENTRIES: u64 = 10_000_000;
 /// Files per `GetManifest` message.
 const MANIFEST_FILES_PER_MESSAGE: usize = 4096;
 /// Block ids of the spool read at once by `Commit` (32 MiB).
@@ -92,6 +95,8 @@ impl BackupSettings {
 struct Spool {
     path: PathBuf,
     out: Option<BufWriter<std::fs::File>>,
+    /// Entries written so far.
+    entries: u64,
 }
 
 impl Spool {
@@ -106,6 +111,7 @@ impl Spool {
         Ok(Spool {
             path,
             out: Some(BufWriter::with_capacity(1 << 20, file)),
+            entries: 0,
         })
     }
 
@@ -119,6 +125,7 @@ impl Spool {
             out.write_all(&(bytes.len() as u32).to_be_bytes())?;
             out.write_all(&bytes)?;
         }
+        self.entries += entries.len() as u64;
         Ok(())
     }
 
@@ -928,6 +935,13 @@ impl Backup for BackupService {
                     f.path
                 )));
             }
+        }
+        let count = lock(&session.spool).entries + files.len() as u64;
+        if count > MAX_FILE_ENTRIES {
+            return Err(Status::resource_exhausted(format!(
+                "backup {} of cluster \"{}\" has more than {MAX_FILE_ENTRIES} file entries, the limit of one backup",
+                session.backup_id, session.cluster
+            )));
         }
         let s = session.clone();
         tokio::task::spawn_blocking(move || lock(&s.spool).append(&files))
