@@ -76,7 +76,7 @@ run() {
     --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$wal_port" \
     --base-listen "127.0.0.1:$base_port" 2> "$WORK/server-$n.log" &
   server=$!; PIDS+=($server)
-  until grep -q "base-backup service listening" "$WORK/server-$n.log"; do
+  until grep -qs "base-backup service listening" "$WORK/server-$n.log"; do
     kill -0 "$server" 2>/dev/null || { cat "$WORK/server-$n.log" >&2; exit 1; }
     sleep 0.2
   done
