@@ -24,6 +24,7 @@ pub mod plugin_configuration;
 mod references;
 mod schema;
 pub mod server;
+mod status;
 
 pub use mode::Mode;
 pub use plugin_configuration::{
@@ -34,6 +35,7 @@ pub use references::{LocalObjectReference, SecretKeySelector};
 pub use server::{
     PvcTemplate, QueueSpec, S3Spec, Server, ServerSpec, ServerStatus, ServerTier1, ServerTier2,
 };
+pub use status::ResourceStatus;
 
 /// The API group of Klio's resources.
 pub const GROUP: &str = "klio.enterprisedb.io";

@@ -13,7 +13,6 @@
 //! `containers` is a map list keyed by `name`, so a name appears at most once.
 
 use k8s_openapi::api::core::v1::Container;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
@@ -200,17 +199,7 @@ pub struct Retention {
 }
 
 /// The observed state of a `PluginConfiguration`, written through the status subresource.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PluginConfigurationStatus {
-    /// The `metadata.generation` this status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// Standard conditions, one per type (`Ready`, ...).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(schema_with = "crate::schema::conditions")]
-    pub conditions: Vec<Condition>,
-}
+pub type PluginConfigurationStatus = crate::status::ResourceStatus;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,6 @@
 //! | `spec.mode` never changes (transition rule) | `spec.mode is immutable` |
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaimSpec, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -204,17 +203,7 @@ pub struct S3Spec {
 }
 
 /// The observed state of a `Server`, written by the operator through the status subresource.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ServerStatus {
-    /// The `metadata.generation` this status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// Standard conditions, one per type (`Ready`, ...).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(schema_with = "crate::schema::conditions")]
-    pub conditions: Vec<Condition>,
-}
+pub type ServerStatus = crate::status::ResourceStatus;
 
 #[cfg(test)]
 mod tests {
