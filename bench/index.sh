@@ -26,12 +26,8 @@ if [ -z "${OLD_KLIO:-}" ]; then
   OLD_KLIO=/var/tmp/klio-bench-old-target/release/klio
 fi
 
-as_pg() { runuser -u postgres -- "$@"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-peak_rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-rss_mb() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-now() { date +%s.%N; }
-elapsed() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 PIDS=()
 cleanup() {
@@ -53,14 +49,7 @@ echo "built in $(elapsed "$T0") s; repository $(du -sh "$WORK/synth/repository" 
 # A fresh small database per run, so that runs do not share a replication slot.
 new_pg() {
   PG_DIR="$WORK/pg-$1"; PG_PORT=$(free_port)
-  as_pg "$PG_BIN/initdb" -D "$PG_DIR" -k -U postgres -A trust >/dev/null
-  cat >> "$PG_DIR/postgresql.conf" <<CONF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-wal_level = replica
-max_wal_senders = 10
-CONF
+  init_pg "$PG_DIR" "$PG_PORT"
   as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" -l "$PG_DIR.log" -w start >/dev/null
   as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -i -q -s 10 postgres >/dev/null 2>&1
 }
@@ -75,7 +64,7 @@ run() {
   "$bin" server --data-dir "$data" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
     --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$wal_port" \
     --base-listen "127.0.0.1:$base_port" 2> "$WORK/server-$n.log" &
-  server=$!; PIDS+=($server)
+  server=$!; PIDS+=("$server")
   until grep -qs "base-backup service listening" "$WORK/server-$n.log"; do
     kill -0 "$server" 2>/dev/null || { cat "$WORK/server-$n.log" >&2; exit 1; }
     sleep 0.2
@@ -85,7 +74,7 @@ run() {
   local client=(--server-address 127.0.0.1 --wal-port "$wal_port" --base-port "$base_port" --cluster "bench$n"
     --client-cert "$WORK/pki/client-bench$n.crt" --client-key "$WORK/pki/client-bench$n.key" --server-ca "$WORK/pki/ca.crt")
   "$bin" wal-stream "${client[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2> "$WORK/stream-$n.log" &
-  streamer=$!; PIDS+=($streamer)
+  streamer=$!; PIDS+=("$streamer")
   "$bin" backup "${client[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" \
     --pgdata "$PG_DIR" --no-retention --json > /dev/null 2> "$WORK/backup-$n.err" || {
     cat "$WORK/backup-$n.err" >&2; tail -20 "$WORK/stream-$n.log" >&2; exit 1; }

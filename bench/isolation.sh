@@ -17,10 +17,8 @@ chown postgres:postgres "$WORK"
 cargo build --release --locked --bin klio >&2
 KLIO="$CARGO_TARGET_DIR/release/klio"
 
-as_pg() { runuser -u postgres -- "$@"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-du_b() { du -sb "$1" | cut -f1; }
-mb() { python3 -c "print(f'{$1/1e6:,.1f} MB')"; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 PIDS=()
 cleanup() {
@@ -38,13 +36,7 @@ chown -R postgres:postgres "$WORK/pki"
 head -c 32 /dev/urandom | base64 > "$WORK/key"
 
 start_pg() { # DIR PORT
-  cat >> "$1/postgresql.conf" <<CONF
-port = $2
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-wal_level = replica
-max_wal_senders = 10
-CONF
+  pg_conf "$1" "$2"
   chown -R postgres:postgres "$1"
   as_pg "$PG_BIN/pg_ctl" -D "$1" -l "$1.log" -w -t 300 start >/dev/null
 }
@@ -63,21 +55,22 @@ mode() {
   # A fresh origin per mode (same pgbench data), so that no slot or archive is shared.
   local origin="$WORK/origin-$label"
   ORIGIN_PORT=$(free_port)
-  as_pg "$PG_BIN/initdb" -D "$origin" -k -U postgres -A trust >/dev/null
-  start_pg "$origin" "$ORIGIN_PORT"
+  init_pg "$origin" "$ORIGIN_PORT"
+  chown -R postgres:postgres "$origin"
+  as_pg "$PG_BIN/pg_ctl" -D "$origin" -l "$origin.log" -w -t 300 start >/dev/null
   as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$ORIGIN_PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
   "$PG_BIN/psql" -X -At -h "$WORK" -p "$ORIGIN_PORT" -U postgres -d postgres -c "VACUUM (FREEZE)" -c CHECKPOINT >/dev/null
   wal_port=$(free_port); base_port=$(free_port)
   "$KLIO" server --data-dir "$data" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
     --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$wal_port" \
     --base-listen "127.0.0.1:$base_port" "$@" 2> "$WORK/server-$label.log" &
-  server=$!; PIDS+=($server)
+  server=$!; PIDS+=("$server")
   sleep 1
   client() { echo --server-address 127.0.0.1 --wal-port "$wal_port" --base-port "$base_port" --cluster "$1" \
     --client-cert "$WORK/pki/client-$1.crt" --client-key "$WORK/pki/client-$1.key" --server-ca "$WORK/pki/ca.crt"; }
   # shellcheck disable=SC2046
   "$KLIO" wal-stream $(client origin) --pg-dsn "host=127.0.0.1 port=$ORIGIN_PORT user=postgres dbname=postgres" 2> "$WORK/stream-origin-$label.log" &
-  origin_stream=$!; PIDS+=($origin_stream)
+  origin_stream=$!; PIDS+=("$origin_stream")
   local r0 r1 r2
   r0=$(du_b "$data/repository")
   # shellcheck disable=SC2046
@@ -90,7 +83,7 @@ mode() {
   wait_primary "$clone_port"
   # shellcheck disable=SC2046
   "$KLIO" wal-stream $(client clone) --pg-dsn "host=127.0.0.1 port=$clone_port user=postgres dbname=postgres" 2> "$WORK/stream-clone-$label.log" &
-  clone_stream=$!; PIDS+=($clone_stream)
+  clone_stream=$!; PIDS+=("$clone_stream")
   # shellcheck disable=SC2046
   "$KLIO" backup $(client clone) --pg-dsn "host=127.0.0.1 port=$clone_port user=postgres dbname=postgres" --pgdata "$WORK/clone-$label" --jobs 2 --no-retention --json >/dev/null 2>> "$WORK/backup-$label.log"
   r2=$(du_b "$data/repository")

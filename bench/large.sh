@@ -24,12 +24,8 @@ chown postgres:postgres "$WORK"
 cargo build --release --locked --bin klio >&2
 KLIO="$CARGO_TARGET_DIR/release/klio"
 
-as_pg() { runuser -u postgres -- "$@"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-peak_rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-rss_mb() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-now() { date +%s.%N; }
-elapsed() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 # Runs a command, prints its wall time in seconds; its peak RSS (KiB) goes to $WORK/rss.
 timed() {
   local t0; t0=$(now)
@@ -57,14 +53,7 @@ head -c 32 /dev/urandom | base64 > "$WORK/key"
 WAL_PORT=$(free_port); BASE_PORT=$(free_port); PG_PORT=$(free_port)
 CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --base-port "$BASE_PORT" --cluster large
   --client-cert "$WORK/pki/client-large.crt" --client-key "$WORK/pki/client-large.key" --server-ca "$WORK/pki/ca.crt")
-as_pg "$PG_BIN/initdb" -D "$WORK/pg" -k -U postgres -A trust >/dev/null
-cat >> "$WORK/pg/postgresql.conf" <<CONF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-wal_level = replica
-max_wal_senders = 10
-CONF
+init_pg "$WORK/pg" "$PG_PORT"
 as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w start >/dev/null
 PSQL=("$PG_BIN/psql" -X -At -h "$WORK" -p "$PG_PORT" -U postgres -d postgres)
 "${PSQL[@]}" -c "CREATE TABLE big (id int, payload text); INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 1000) g; CHECKPOINT" >/dev/null
@@ -82,9 +71,9 @@ echo "table big: $ROWS rows, relation files $(python3 -c "print(f'{$REL_BYTES/2*
 "$KLIO" server --data-dir "$WORK/klio" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
   --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$WAL_PORT" \
   --base-listen "127.0.0.1:$BASE_PORT" 2> "$WORK/server.log" &
-SERVER=$!; PIDS+=($SERVER)
+SERVER=$!; PIDS+=("$SERVER")
 "$KLIO" wal-stream "${CLIENT[@]}" --pg-dsn "host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres" 2> "$WORK/wal-stream.log" &
-PIDS+=($!)
+PIDS+=("$!")
 sleep 2
 SERVER_START_RSS=$(rss_mb "$SERVER")
 
