@@ -19,10 +19,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use klio_crypto::open_object;
-
 use crate::repository::pack_key;
-use crate::{BlockId, BlocklistId, Error, FileKind, PackId, Repository, index, sealed_error};
+use crate::{BlockId, BlocklistId, Error, FileKind, PackId, Repository, index};
 
 /// The blocks some manifest (or the caller) needs, in a temporary on-disk table, so that a
 /// collection's memory does not grow with the repository.
@@ -215,12 +213,9 @@ impl Repository {
         }
         let mut named: HashMap<PackId, PackStat> = HashMap::new();
         for key in self.store().list("index/")? {
-            let Some(sealed) = self.store().get(&key)? else {
+            let Some(sections) = index::read_object(self.store(), self.master(), &key)? else {
                 continue;
             };
-            let sections = open_object(self.master(), &key, &sealed)
-                .map_err(|e| sealed_error(&key, e))
-                .and_then(|(_, plain)| index::decode(&plain, &key))?;
             for s in sections {
                 if let Some(stat) = named.get_mut(&s.pack) {
                     // Another index object naming the same pack: the same blocks.
@@ -325,12 +320,10 @@ impl Repository {
                 // The pack's blocks, from its first readable index object; the live ones move.
                 let mut ids: Vec<BlockId> = Vec::new();
                 for key in &r.indexes {
-                    let Some(sealed) = self.store().get(key)? else {
+                    let Some(sections) = index::read_object(self.store(), self.master(), key)?
+                    else {
                         continue;
                     };
-                    let sections = open_object(self.master(), key, &sealed)
-                        .map_err(|e| sealed_error(key, e))
-                        .and_then(|(_, plain)| index::decode(&plain, key))?;
                     if let Some(s) = sections.into_iter().find(|s| s.pack == r.pack_id) {
                         ids = s.blocks.into_iter().map(|(id, _)| id).collect();
                         break;

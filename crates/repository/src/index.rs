@@ -171,6 +171,20 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error
     Ok(sections)
 }
 
+/// Reads and decodes index object `key`: `None` if it does not exist (any more); a damaged
+/// one is [`Error::Corrupt`] naming it; storage errors are returned as they are.
+pub(crate) fn read_object(
+    store: &dyn ObjectStore,
+    master: &MasterKey,
+    key: &str,
+) -> Result<Option<Vec<PackSection>>, Error> {
+    let Some(sealed) = store.get(key)? else {
+        return Ok(None);
+    };
+    let (_, plain) = open_object(master, key, &sealed).map_err(|e| sealed_error(key, e))?;
+    decode(&plain, key).map(Some)
+}
+
 /// A pack known to the index.
 #[derive(Clone, Debug)]
 pub(crate) struct PackInfo {
@@ -467,26 +481,19 @@ impl BlockIndex {
                 damaged.push((key.clone(), "not an index object name".to_string()));
                 continue;
             }
-            // Deleted since the listing (a concurrent index merge): its blocks are elsewhere.
-            let Some(sealed) = store.get(key)? else {
-                continue;
-            };
-            let sections = open_object(master, key, &sealed)
-                .map_err(|e| sealed_error(key, e))
-                .and_then(|(_, plain)| decode(&plain, key));
-            match sections {
-                Ok(sections) => {
+            match read_object(store, master, key) {
+                Ok(Some(sections)) => {
                     self.add_sections(key, &sections, false, redb::Durability::None)?;
                     read += 1;
                 }
-                Err(e) => {
-                    tracing::warn!(object = %key, error = %e, "ignoring unreadable index object");
-                    let reason = match e {
-                        Error::Corrupt { reason, .. } => reason,
-                        other => other.to_string(),
-                    };
+                // Deleted since the listing (a concurrent index merge): its blocks are
+                // elsewhere.
+                Ok(None) => {}
+                Err(Error::Corrupt { reason, .. }) => {
+                    tracing::warn!(object = %key, %reason, "ignoring unreadable index object");
                     damaged.push((key.clone(), reason));
                 }
+                Err(e) => return Err(e),
             }
         }
         // One durable commit makes everything above durable.

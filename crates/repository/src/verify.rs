@@ -229,20 +229,14 @@ impl Repository {
     /// and list the pack.
     fn verify_pack_indexes(&self, pack_id: &PackId, problems: &mut Problems) -> Result<(), Error> {
         for key in self.pack_index_keys(pack_id)? {
-            let Some(sealed) = self.store().get(&key)? else {
-                problems.add(
+            match crate::index::read_object(self.store(), self.master(), &key) {
+                Ok(None) => problems.add(
                     ProblemKind::Missing,
                     key,
                     format!("index object of pack {pack_id}"),
-                );
-                continue;
-            };
-            let sections = klio_crypto::open_object(self.master(), &key, &sealed)
-                .map_err(|e| crate::sealed_error(&key, e))
-                .and_then(|(_, plain)| crate::index::decode(&plain, &key));
-            match sections {
-                Ok(s) if s.iter().any(|s| s.pack == *pack_id) => {}
-                Ok(_) => problems.add(
+                ),
+                Ok(Some(s)) if s.iter().any(|s| s.pack == *pack_id) => {}
+                Ok(Some(_)) => problems.add(
                     ProblemKind::Corrupt,
                     key,
                     format!("it does not list pack {pack_id}"),
