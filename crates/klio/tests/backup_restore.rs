@@ -191,17 +191,7 @@ fn pitr_targets_backup_under_load_restores_each_target_exactly() -> anyhow::Resu
     k.wait_archived("pitr", 1, Lsn(1), Duration::from_secs(60))?;
     let db_size: u64 = pg.psql("SELECT pg_database_size('postgres')")?.parse()?;
 
-    let mut load = pgbench_background(&pg, 600)?;
-    std::thread::sleep(Duration::from_secs(1));
-    let backup = k
-        .backup("pitr", &pg, &["--jobs", "2"])
-        .map_err(|e| with_logs(e, &k, "streamer"))?;
-    assert!(
-        load.is_running(),
-        "pgbench stopped before the backup ended: the backup was not taken under load"
-    );
-    load.kill()?;
-    wait_no_pgbench(&pg)?;
+    let backup = backup_under_load(&k, "pitr", &pg, &["--jobs", "2"])?;
     eprintln!("backup under load: {backup}");
     check_backup_json(&backup, "pitr");
     let id = backup_id(&backup);

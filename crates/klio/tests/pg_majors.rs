@@ -228,19 +228,9 @@ fn journey(c: Combination) -> anyhow::Result<()> {
     eprintln!("{}: streaming checked after {:?}", c.major, t0.elapsed());
 
     // A base backup under pgbench load.
-    let mut load = pgbench_background(&pg, 600)?;
-    std::thread::sleep(Duration::from_secs(1));
     let mut backup_flags = vec!["--jobs", "2"];
     backup_flags.extend(tier2_flag);
-    let backup = k
-        .backup(&cluster, &pg, &backup_flags)
-        .map_err(|e| with_logs(e, &k, "streamer"))?;
-    assert!(
-        load.is_running(),
-        "pgbench stopped before the backup ended: the backup was not taken under load"
-    );
-    load.kill()?;
-    wait_no_pgbench(&pg)?;
+    let backup = backup_under_load(&k, &cluster, &pg, &backup_flags)?;
     let id = backup["backup_id"].as_str().unwrap().to_string();
     let spcs = backup["tablespaces"].as_array().context("no tablespaces")?;
     assert_eq!(spcs.len(), usize::from(c.tablespace), "{backup}");

@@ -5,6 +5,31 @@ use std::time::Duration;
 
 use klio_test_support::{ChildGuard, PgCluster, wait_until};
 
+use super::{Klio, with_logs};
+
+/// `klio backup` of `pg` for `cluster` with `flags`, taken while pgbench writes (checked:
+/// the load still runs when the backup ends); then the load is stopped and its sessions
+/// are gone. Returns the backup's JSON.
+pub fn backup_under_load(
+    k: &Klio,
+    cluster: &str,
+    pg: &PgCluster,
+    flags: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut load = pgbench_background(pg, 600)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let backup = k
+        .backup(cluster, pg, flags)
+        .map_err(|e| with_logs(e, k, "streamer"))?;
+    assert!(
+        load.is_running(),
+        "pgbench stopped before the backup ended: the backup was not taken under load"
+    );
+    load.kill()?;
+    wait_no_pgbench(pg)?;
+    Ok(backup)
+}
+
 /// pgbench (TPC-B, 2 clients) for at most `secs` seconds, in the background. `-n`: no
 /// vacuum step, which would truncate `pgbench_history`; so the balances keep adding up (see
 /// [`check_pgbench_balanced`]).
