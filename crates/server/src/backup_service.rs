@@ -325,6 +325,22 @@ impl BackupService {
         }
     }
 
+    /// Refuses a new session of `cluster` once it has `--max-backup-sessions` open.
+    fn check_session_limit(
+        &self,
+        sessions: &HashMap<String, Arc<Session>>,
+        cluster: &str,
+    ) -> Result<(), Status> {
+        let limit = self.settings.max_sessions_per_cluster;
+        let open = sessions.values().filter(|s| s.cluster == cluster).count();
+        if open >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "cluster \"{cluster}\" already has {open} backup sessions open, the limit (max-backup-sessions, --max-backup-sessions) is {limit}\nHINT: wait for the running backups to finish, or abort them"
+            )));
+        }
+        Ok(())
+    }
+
     /// `repo` in dedup domain `requested` (empty: the cluster's own), if `cluster` may read
     /// it: its own domain, or the domain of one of its backups.
     async fn readable(
@@ -773,16 +789,8 @@ impl Backup for BackupService {
             .settings
             .domain_of(&cluster)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let limit = self.settings.max_sessions_per_cluster;
-        let open = lock(&self.sessions)
-            .values()
-            .filter(|s| s.cluster == cluster)
-            .count();
-        if open >= limit {
-            return Err(Status::resource_exhausted(format!(
-                "cluster \"{cluster}\" already has {open} backup sessions open, the limit (max-backup-sessions, --max-backup-sessions) is {limit}\nHINT: wait for the running backups to finish, or abort them"
-            )));
-        }
+        // Checked before any work, and again when the session is added.
+        self.check_session_limit(&lock(&self.sessions), &cluster)?;
         let tier2 = request.get_ref().tier2_backup;
         self.ctx.declare_tier2_backup(&cluster, tier2, false)?;
         let repo = self.repo.clone();
@@ -810,12 +818,7 @@ impl Backup for BackupService {
             }
         })?;
         let mut sessions = lock(&self.sessions);
-        let open = sessions.values().filter(|s| s.cluster == cluster).count();
-        if open >= limit {
-            return Err(Status::resource_exhausted(format!(
-                "cluster \"{cluster}\" already has {open} backup sessions open, the limit (max-backup-sessions, --max-backup-sessions) is {limit}"
-            )));
-        }
+        self.check_session_limit(&sessions, &cluster)?;
         let backup_id = new_backup_id(|id| {
             existing.contains(id)
                 || sessions
