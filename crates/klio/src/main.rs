@@ -16,6 +16,7 @@ mod admin;
 mod backup;
 mod catalog;
 mod client;
+mod operator;
 mod restore;
 mod wal_get;
 mod wal_stream;
@@ -70,6 +71,8 @@ enum Command {
     /// Development certificates
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Run the Kubernetes operator: reconciles Server resources into StatefulSets
+    Operator(operator::OperatorArgs),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +175,13 @@ struct ServerArgs {
     /// without it uses a temporary directory)
     #[arg(long, env = "KLIO_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Directory of Tier 2's block index cache (default: --cache-dir), e.g. its own volume
+    #[arg(long, env = "KLIO_TIER2_CACHE_DIR")]
+    tier2_cache_dir: Option<PathBuf>,
+    /// Directory of the embedded work queue (default: `<data-dir>/queue`), e.g. its own volume;
+    /// standard mode without --queue-nats-url only
+    #[arg(long, env = "KLIO_QUEUE_DIR")]
+    queue_dir: Option<PathBuf>,
     /// WAL Get streams (wal-get, restores) one cluster may have open at once; more are
     /// refused with RESOURCE_EXHAUSTED
     #[arg(long, env = "KLIO_WAL_MAX_GET_STREAMS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -250,6 +260,11 @@ impl ServerArgs {
                 "the server needs --data-dir and --encryption-key-file (or --mode read-only with Tier 2)"
             );
         }
+        if self.queue_dir.is_some() && (read_only || self.queue_nats_url.is_some()) {
+            anyhow::bail!(
+                "--queue-dir is the embedded queue's directory: a read-only server or one using --queue-nats-url has none"
+            );
+        }
         let tier2 = match self.tier2_s3_bucket {
             None => {
                 if self.tier2_encryption_key_file.is_some() || self.tier2_s3_endpoint.is_some() {
@@ -306,6 +321,8 @@ impl ServerArgs {
                 spool_dir: None,
             },
             cache_dir: self.cache_dir,
+            tier2_cache_dir: self.tier2_cache_dir,
+            queue_dir: self.queue_dir,
             wal_limits: klio_server::WalLimits {
                 max_get_streams: self.wal_max_get_streams as usize,
                 max_put_file_bytes: self.wal_max_put_file_bytes as usize,
@@ -432,7 +449,7 @@ fn main() -> ExitCode {
     // cross-thread wake-ups that dominated their CPU profile, and leaves the cores to
     // PostgreSQL. The server serves many clients and uses every core.
     let mut builder = match cli.command {
-        Command::Server(_) | Command::Backup(_) | Command::Restore(_) => {
+        Command::Server(_) | Command::Backup(_) | Command::Restore(_) | Command::Operator(_) => {
             tokio::runtime::Builder::new_multi_thread()
         }
         _ => tokio::runtime::Builder::new_current_thread(),
@@ -471,6 +488,9 @@ fn main() -> ExitCode {
             Command::Retention(c) => catalog::retention(c).await.map(|()| ExitCode::SUCCESS),
             Command::Gc(c) => catalog::gc(c).await.map(|()| ExitCode::SUCCESS),
             Command::Admin(c) => admin::run(c).await.map(|()| ExitCode::SUCCESS),
+            Command::Operator(a) => klio_operator::run(a.into_options(), cancel_on_signals())
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Command::Pki(PkiCommand::Init { dir, clusters, dns }) => {
                 let layout = klio_tls::init_dev_pki(&dir, &clusters, &dns)
                     .with_context(|| format!("initialize certificates in \"{}\"", dir.display()))?;

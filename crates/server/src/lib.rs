@@ -79,6 +79,10 @@ pub struct ServerConfig {
     /// Where the block index caches live (default `<data-dir>/cache`; a read-only server
     /// without one uses a temporary directory).
     pub cache_dir: Option<PathBuf>,
+    /// Where Tier 2's block index cache lives (default: `cache_dir`).
+    pub tier2_cache_dir: Option<PathBuf>,
+    /// The embedded queue's directory (default `<data-dir>/queue`).
+    pub queue_dir: Option<PathBuf>,
     /// Per-cluster limits of the WAL service.
     pub wal_limits: WalLimits,
 }
@@ -216,7 +220,8 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
     // volume was replaced), so that the two tiers keep sharing block ids.
     let mut tier2_found = None;
     let t2cfg_cached = cfg.tier2.clone().map(|mut c| {
-        c.index_cache = Some(cache_dir.join("tier2-index.redb"));
+        let dir = cfg.tier2_cache_dir.as_ref().unwrap_or(&cache_dir);
+        c.index_cache = Some(dir.join("tier2-index.redb"));
         c
     });
     if let Some(t2cfg) = &t2cfg_cached
@@ -289,7 +294,11 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
             url.clone(),
         ),
         None => {
-            let (dir, retry) = (data_dir.join("queue"), cfg.retry);
+            let dir = cfg
+                .queue_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("queue"));
+            let retry = cfg.retry;
             let q =
                 tokio::task::spawn_blocking(move || EmbeddedQueue::open(&dir, &retry)).await??;
             (Arc::new(q), "embedded".to_string())
@@ -317,7 +326,9 @@ async fn open_read_only(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSe
     let mut t2cfg = cfg.tier2.clone().context(
         "--mode read-only serves Tier 2 and needs it: give --tier2-s3-bucket (and --tier2-s3-endpoint for an S3-compatible server)",
     )?;
-    t2cfg.index_cache = cfg.cache_dir.as_ref().map(|d| d.join("tier2-index.redb"));
+    t2cfg.index_cache = (cfg.tier2_cache_dir.as_ref())
+        .or(cfg.cache_dir.as_ref())
+        .map(|d| d.join("tier2-index.redb"));
     let (c, rt) = (t2cfg.clone(), tokio::runtime::Handle::current());
     let t2 = tokio::task::spawn_blocking(move || tier2::Tier2::open(&c, rt, None, false))
         .await?
