@@ -9,52 +9,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
 
-use klio_k8s_types::crd_yaml::CRD_DIR;
 use klio_test_support::K8sTestEnv;
 use serde_yaml::Value;
-
-fn repo_file(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(path)
-}
-
-/// The control plane with both CRDs installed and Established (installed once per control
-/// plane; server-side apply makes a second install a no-op anyway).
-fn env_with_crds() -> Arc<K8sTestEnv> {
-    static INSTALLED: OnceLock<String> = OnceLock::new();
-    let env = K8sTestEnv::shared();
-    let server = env.server_url().to_string();
-    if INSTALLED.get() != Some(&server) {
-        for file in ["servers.yaml", "pluginconfigurations.yaml"] {
-            let path = repo_file(&format!("{CRD_DIR}/{file}"));
-            env.kubectl_ok(
-                &[
-                    "apply",
-                    "--server-side",
-                    "--field-manager=klio-test",
-                    "-f",
-                    path.to_str().unwrap(),
-                ],
-                None,
-            );
-        }
-        env.kubectl_ok(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/servers.klio.enterprisedb.io",
-                "crd/pluginconfigurations.klio.enterprisedb.io",
-            ],
-            None,
-        );
-        let _ = INSTALLED.set(server);
-    }
-    env
-}
 
 /// A test-data manifest (`tests/data/<name>`) as YAML.
 fn manifest(name: &str) -> Value {
@@ -117,7 +74,7 @@ fn apply_refused(env: &K8sTestEnv, ns: &str, doc: &Value, field: &str, message: 
 
 #[test]
 fn crds_examples_accepted_and_printed_with_columns() {
-    let env = env_with_crds();
+    let env = K8sTestEnv::with_klio_crds();
     let ns = env.create_namespace("klio-examples");
 
     let mut server = manifest("server.yaml");
@@ -246,7 +203,7 @@ fn crds_examples_accepted_and_printed_with_columns() {
 
 #[test]
 fn server_seed_rule_violations_refused_naming_the_field() {
-    let env = env_with_crds();
+    let env = K8sTestEnv::with_klio_crds();
     let ns = env.create_namespace("klio-server-rules");
     let standard = manifest("server.yaml");
     let read_only = manifest("server-read-only.yaml");
@@ -329,7 +286,7 @@ fn server_seed_rule_violations_refused_naming_the_field() {
 
 #[test]
 fn server_mode_is_immutable() {
-    let env = env_with_crds();
+    let env = K8sTestEnv::with_klio_crds();
     let ns = env.create_namespace("klio-server-mode");
 
     // standard -> read-only, with a spec that is otherwise valid for read-only.
@@ -371,7 +328,7 @@ fn server_mode_is_immutable() {
 
 #[test]
 fn plugin_configuration_seed_rule_violations_refused_naming_the_field() {
-    let env = env_with_crds();
+    let env = K8sTestEnv::with_klio_crds();
     let ns = env.create_namespace("klio-plugin-rules");
     let read_only = manifest("pluginconfiguration-read-only.yaml");
     let retention = manifest("pluginconfiguration-retention.yaml");

@@ -190,6 +190,57 @@ impl K8sTestEnv {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The shared control plane ([`K8sTestEnv::shared`]) with Klio's CRDs (the chart's
+    /// `crds/`) installed and Established; installed once per control plane (server-side
+    /// apply makes a second install a no-op anyway).
+    pub fn with_klio_crds() -> Arc<K8sTestEnv> {
+        static INSTALLED: Mutex<Option<String>> = Mutex::new(None);
+        let env = K8sTestEnv::shared();
+        let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+        if installed.as_deref() != Some(env.server_url()) {
+            env.install_klio_crds();
+            *installed = Some(env.server_url().to_string());
+        }
+        env
+    }
+
+    /// Applies Klio's CRDs (`deploy/charts/klio/crds/`) and waits until they are Established.
+    pub fn install_klio_crds(&self) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/charts/klio/crds");
+        self.kubectl_ok(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=klio-test",
+                "-f",
+                dir.to_str().unwrap(),
+            ],
+            None,
+        );
+        self.kubectl_ok(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/servers.klio.enterprisedb.io",
+                "crd/pluginconfigurations.klio.enterprisedb.io",
+            ],
+            None,
+        );
+    }
+
+    /// `kubectl get <args> -o json` as JSON, or `None` when kubectl fails (e.g. not found).
+    pub fn get_json(&self, args: &[&str]) -> Option<serde_json::Value> {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        let out = self.kubectl(&all, None);
+        if !out.status.success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).unwrap())
+    }
+
     /// Creates a namespace with a name unique in this control plane (`<prefix>-<pid>-<n>`).
     pub fn create_namespace(&self, prefix: &str) -> String {
         let n = NAMESPACES.fetch_add(1, Ordering::Relaxed);
