@@ -575,6 +575,35 @@ fn operator_follows_changes_rotations_deletion_and_restarts_without_writes() {
         hash
     );
 
+    // A claim change the API server refuses (a bound claim's storage class is immutable):
+    // Degraded with the API server's reason, the rest still applied.
+    setup.env.kubectl_ok(
+        &[
+            "patch", "server", "my-server", "-n", &setup.ns, "--type=json", "-p",
+            r#"[{"op":"replace","path":"/spec/tier1/data/pvcTemplate/storageClassName","value":"fast"}]"#,
+        ],
+        None,
+    );
+    let server = setup.wait_for("server/my-server", "Degraded=True ApplyFailed", |s| {
+        s["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Degraded" && c["reason"] == "ApplyFailed")
+        })
+    });
+    let degraded = server["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    let message = degraded["message"].as_str().unwrap();
+    assert!(
+        message.contains("PersistentVolumeClaim \"my-server-klio-data\"")
+            && message.contains("immutable"),
+        "{message}"
+    );
+
     // Deletion: the garbage collector removes the StatefulSet and the Service; the claims stay.
     setup
         .env
