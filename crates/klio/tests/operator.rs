@@ -80,7 +80,11 @@ struct Setup {
 
 impl Setup {
     fn new(prefix: &str) -> Setup {
-        let env = K8sTestEnv::with_klio_crds();
+        Setup::in_env(K8sTestEnv::with_klio_crds(), prefix)
+    }
+
+    /// A new namespace in `env`.
+    fn in_env(env: Arc<K8sTestEnv>, prefix: &str) -> Setup {
         let ns = env.create_namespace(prefix);
         Setup {
             env,
@@ -94,6 +98,30 @@ impl Setup {
         let mut args = vec!["--namespace", self.ns.as_str()];
         args.extend_from_slice(extra);
         Operator::start(self.env.kubeconfig(), &args, self.scratch.path().join(log))
+    }
+
+    /// Runs `helm args...` against this control plane (its state in the scratch directory)
+    /// and returns its output; panics with it if helm fails.
+    fn helm(&self, args: &[&str]) -> String {
+        let home = self.scratch.path().join("helm");
+        let out = Command::new(self.env.bin_dir().join("helm"))
+            .args(args)
+            .env("KUBECONFIG", self.env.kubeconfig())
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "helm {args:?} failed:\n{text}");
+        text
     }
 
     fn get(&self, kind_name: &str) -> Option<Value> {
@@ -115,11 +143,16 @@ impl Setup {
         found.unwrap()
     }
 
-    /// Waits until `kind_name` satisfies `pred`, returning it.
+    /// Waits until `kind_name` (in this namespace) satisfies `pred`, returning it.
     fn wait_for(&self, kind_name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_in(&self.ns, kind_name, what, pred)
+    }
+
+    /// Waits until `kubectl get <what> -n <ns>` satisfies `pred`.
+    fn wait_for_in(&self, ns: &str, what: &str, why: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let mut last = None;
-        let r = wait_until(TIMEOUT, POLL, what, || {
-            last = self.get(kind_name);
+        let r = wait_until(TIMEOUT, POLL, why, || {
+            last = self.env.get_json(&[what, "-n", ns]);
             Ok(last.as_ref().is_some_and(&pred))
         });
         if let Err(e) = r {
@@ -674,4 +707,135 @@ fn operator_replicas_elect_one_leader_and_hand_over_on_shutdown() {
     let lease = setup.get("lease/klio-test").unwrap();
     assert_ne!(lease["spec"]["holderIdentity"].as_str().unwrap(), holder);
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
+}
+
+/// A kubeconfig that authenticates with `token` (a ServiceAccount's), written into `dir`.
+fn token_kubeconfig(env: &K8sTestEnv, token: &str, dir: &Path) -> PathBuf {
+    let path = dir.join("sa-kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: test, user: sa}}\ncurrent-context: sa\n",
+        env.server_url(),
+        env.var("KLIO_K8S_CA").unwrap(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `GET path` on the operator's health port: the status line.
+fn http_status(port: u16, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply)?;
+    Ok(reply.lines().next().unwrap_or_default().to_string())
+}
+
+#[test]
+fn helm_chart_installs_and_its_service_account_runs_the_operator() {
+    // A control plane of its own: the chart installs the CRDs itself.
+    let env = Arc::new(K8sTestEnv::start());
+    let setup = Setup::in_env(env.clone(), "op-helm");
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/charts/klio");
+    let chart = chart.to_str().unwrap();
+    let lint = setup.helm(&["lint", chart]);
+    assert!(
+        !lint.contains("[WARNING]") && !lint.contains("[ERROR]"),
+        "{lint}"
+    );
+    setup.helm(&[
+        "install",
+        "klio",
+        chart,
+        "-n",
+        "klio-system",
+        "--create-namespace",
+        "--set",
+        "image.repository=localhost/klio",
+        "--set",
+        "image.tag=test",
+    ]);
+    env.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servers.klio.enterprisedb.io",
+        ],
+        None,
+    );
+    // The Deployment's pod is created (and stays Pending: no kubelet): its template is valid.
+    let pods = setup.wait_for_in("klio-system", "pods", "the operator pod", |p| {
+        p["items"].as_array().is_some_and(|i| !i.is_empty())
+    });
+    let pod = &pods["items"][0];
+    assert_eq!(pod["spec"]["containers"][0]["image"], "localhost/klio:test");
+    assert_eq!(pod["spec"]["containers"][0]["args"][0], "operator");
+    let sa = pod["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The operator runs with the chart's ServiceAccount and nothing more.
+    let token = env.kubectl_ok(&["create", "token", &sa, "-n", "klio-system"], None);
+    let kubeconfig = token_kubeconfig(&env, token.trim(), setup.scratch.path());
+    let can = |verb: &str, resource: &str| {
+        let out = env.kubectl(
+            &[
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "-n",
+                &setup.ns,
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    assert!(
+        can("create", "statefulsets.apps") && can("patch", "servers.klio.enterprisedb.io/status")
+    );
+    assert!(
+        !can("delete", "persistentvolumeclaims"),
+        "PVCs are never deleted by the operator"
+    );
+    assert!(!can("delete", "secrets") && !can("create", "pods"));
+
+    let port = klio_test_support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _operator = Operator::start(
+        &kubeconfig,
+        &[
+            "--leader-election-namespace",
+            "klio-system",
+            "--health-listen",
+            &listen,
+        ],
+        setup.scratch.path().join("operator.log"),
+    );
+    wait_until(TIMEOUT, POLL, "the health endpoint", || {
+        Ok(http_status(port, "/healthz").is_ok_and(|s| s.contains("200")))
+    })
+    .unwrap();
+    assert!(http_status(port, "/readyz").unwrap().contains("200"));
+    assert!(http_status(port, "/other").unwrap().contains("404"));
+
+    setup.seed_secrets();
+    setup.apply(&seed("server.yaml"));
+    setup.wait_get("statefulset/my-server-klio");
+    setup.wait_get("pvc/my-server-klio-data");
+    check_pod(&setup, "my-server");
+    setup.wait_for("server/my-server", "the status", |s| {
+        s["status"]["observedGeneration"] == s["metadata"]["generation"]
+    });
+    let lease = env
+        .get_json(&["lease/klio-operator", "-n", "klio-system"])
+        .unwrap();
+    assert!(lease["spec"]["holderIdentity"].is_string());
+    setup.helm(&["uninstall", "klio", "-n", "klio-system"]);
+    // Helm keeps the CRDs (and so every Server) on uninstall.
+    assert!(setup.get("server/my-server").is_some());
 }
