@@ -779,24 +779,23 @@ fn helm_chart_installs_and_its_service_account_runs_the_operator() {
     // The operator runs with the chart's ServiceAccount and nothing more.
     let token = env.kubectl_ok(&["create", "token", &sa, "-n", "klio-system"], None);
     let kubeconfig = token_kubeconfig(&env, token.trim(), setup.scratch.path());
+    // `resource` may carry more words, e.g. `--subresource=status`.
     let can = |verb: &str, resource: &str| {
-        let out = env.kubectl(
-            &[
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "auth",
-                "can-i",
-                verb,
-                resource,
-                "-n",
-                &setup.ns,
-            ],
-            None,
-        );
+        let mut args = vec![
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "auth",
+            "can-i",
+            verb,
+        ];
+        args.extend(resource.split_whitespace());
+        args.extend(["-n", setup.ns.as_str()]);
+        let out = env.kubectl(&args, None);
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
     assert!(
-        can("create", "statefulsets.apps") && can("patch", "servers.klio.enterprisedb.io/status")
+        can("create", "statefulsets.apps")
+            && can("patch", "servers.klio.enterprisedb.io --subresource=status")
     );
     assert!(
         !can("delete", "persistentvolumeclaims"),

@@ -485,11 +485,7 @@ fn tcp_probe(port: &str, period: i32, failures: i32) -> Probe {
 /// Klio's container with its required values only.
 fn klio_container(server: &Server, mounts: Vec<VolumeMount>) -> Container {
     let spec = &server.spec;
-    let mut env = vec![EnvVar {
-        name: "KLIO_LOG".to_string(),
-        value: Some("info".to_string()),
-        ..EnvVar::default()
-    }];
+    let mut env = Vec::new();
     if let Some(t2) = &spec.tier2
         && let (Some(id), Some(secret)) = (&t2.s3.access_key_id, &t2.s3.secret_access_key)
     {
@@ -523,9 +519,9 @@ fn container_port(name: &str, port: i32) -> ContainerPort {
 /// Merges the template's customizations (containers named `server`, `base`, `wal`) into
 /// Klio's container, then fills what nobody set with Klio's defaults.
 ///
-/// Klio's values win for the name, image, command, args, ports, its own env variables and
-/// mounts; the user's win for everything else (resources, probes, security context, extra env,
-/// envFrom and mounts). `resources` of several customizations are added up: the seed's `base`
+/// Klio's values win for the name, image, command, args, ports, its own env variables (the S3
+/// credentials) and mounts; the user's win for everything else (resources, probes, security
+/// context, `KLIO_LOG`, extra env, envFrom and mounts). `resources` of several customizations are added up: the seed's `base`
 /// and `wal` containers run as one process here.
 fn merge_customizations(klio: &mut Container, custom: &[Container]) {
     for user in custom {
@@ -574,6 +570,18 @@ fn merge_customizations(klio: &mut Container, custom: &[Container]) {
             volume_devices,
             resize_policy,
             restart_policy
+        );
+    }
+    // The log filter is a default the template may change.
+    let env = klio.env.get_or_insert_with(Vec::new);
+    if !env.iter().any(|e| e.name == "KLIO_LOG") {
+        env.insert(
+            0,
+            EnvVar {
+                name: "KLIO_LOG".to_string(),
+                value: Some("info".to_string()),
+                ..EnvVar::default()
+            },
         );
     }
     klio.security_context
@@ -797,7 +805,8 @@ mod tests {
                 "containers": [
                     {"name": "base", "image": "evil", "args": ["sh"],
                      "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
-                     "env": [{"name": "KLIO_LOG", "value": "debug"}, {"name": "X", "value": "1"}]},
+                     "env": [{"name": "KLIO_LOG", "value": "debug"}, {"name": "X", "value": "1"},
+                             {"name": "AWS_ACCESS_KEY_ID", "value": "mine"}]},
                     {"name": "wal", "resources": {"requests": {"cpu": "1.5", "memory": "512Mi"}}},
                     {"name": "exporter", "image": "exporter:1"}
                 ],
@@ -820,7 +829,17 @@ mod tests {
         assert_eq!(c.args.as_ref().unwrap()[0], "server");
         let env = c.env.as_ref().unwrap();
         let log = env.iter().find(|e| e.name == "KLIO_LOG").unwrap();
-        assert_eq!(log.value.as_deref(), Some("info"), "Klio's env wins");
+        assert_eq!(
+            log.value.as_deref(),
+            Some("debug"),
+            "the log filter is the user's"
+        );
+        let key = env.iter().find(|e| e.name == "AWS_ACCESS_KEY_ID").unwrap();
+        assert!(key.value_from.is_some(), "Klio's credentials win");
+        assert_eq!(
+            env.iter().filter(|e| e.name == "AWS_ACCESS_KEY_ID").count(),
+            1
+        );
         assert!(env.iter().any(|e| e.name == "X"));
         let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
         assert_eq!(requests["cpu"].0, "2");
@@ -829,6 +848,29 @@ mod tests {
         let tls = volumes.iter().find(|v| v.name == "tls").unwrap();
         assert!(tls.secret.is_some(), "Klio's volume wins by name");
         assert!(volumes.iter().any(|v| v.name == "extra"));
+    }
+
+    #[test]
+    fn render_irsa_seed_uses_the_service_account_and_no_static_keys() {
+        let mut server = seed("server.yaml");
+        let fragment: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../k8s-types/tests/data/server-irsa-fragment.yaml"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        server.spec.template =
+            Some(serde_yaml::from_value(fragment["spec"]["template"].clone()).unwrap());
+        let t2 = server.spec.tier2.as_mut().unwrap();
+        t2.s3 = serde_yaml::from_value(fragment["spec"]["tier2"]["s3"].clone()).unwrap();
+        let r = render(&server, "h").unwrap();
+        let spec = r.statefulset.spec.template.spec.clone().unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("klio-s3-access"));
+        let env = container(&r).env.clone().unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["KLIO_LOG"]);
     }
 
     #[test]

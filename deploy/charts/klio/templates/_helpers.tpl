@@ -79,6 +79,12 @@ Shared by the ClusterRole and the namespaced Role. See docs/kubernetes.md.
 - apiGroups: ["klio.enterprisedb.io"]
   resources: ["servers/status"]
   verbs: ["get", "patch", "update"]
+# The StatefulSet and Service carry an owner reference with blockOwnerDeletion; clusters that
+# enforce owner-reference permissions (OwnerReferencesPermissionEnforcement, e.g. OpenShift)
+# require this to set it.
+- apiGroups: ["klio.enterprisedb.io"]
+  resources: ["servers/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch"]
