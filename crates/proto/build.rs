@@ -5,6 +5,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/klio/wal/v1/wal.proto",
         "proto/klio/backup/v1/backup.proto",
+        // CNPG-I (cnpg-i v0.6.0 wire format). In one compilation, so that the files sharing a
+        // package (restore_job in cnpgi.wal.v1, postgres in cnpgi.identity.v1) land in one module.
+        "proto/cnpgi/identity.proto",
+        "proto/cnpgi/operator_lifecycle.proto",
+        "proto/cnpgi/reconciler.proto",
+        "proto/cnpgi/wal.proto",
+        "proto/cnpgi/restore_job.proto",
+        "proto/cnpgi/backup.proto",
+        "proto/cnpgi/postgres.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -4,6 +4,11 @@
 //! - [`backup::v1`]: the base-backup service (`klio.backup.v1.Backup`): sessions that
 //!   upload only missing blocks, the catalog, restore reads and verification.
 //!
+//! - [`cnpgi`]: the CNPG-I services (wire format of cnpg-i v0.6.0) that Klio's CloudNativePG
+//!   plugin serves: identity, operator lifecycle, reconciler hooks (operator side), WAL,
+//!   backup, restore-job hooks and postgres (sidecar side). The package names are CNPG-I's,
+//!   including its two files that reuse another package.
+//!
 //! The `.proto` sources are under `proto/` in this crate and are compiled at build time by
 //! protox, so the generated code always matches them.
 
@@ -18,5 +23,38 @@ pub mod backup {
     pub mod v1 {
         #![allow(clippy::all, missing_docs)]
         tonic::include_proto!("klio.backup.v1");
+    }
+}
+
+pub mod cnpgi {
+    pub mod identity {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("cnpgi.identity.v1");
+        }
+    }
+    pub mod operator_lifecycle {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("cnpgi.operator_lifecycle.v1");
+        }
+    }
+    pub mod reconciler {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("cnpgi.reconciler.v1");
+        }
+    }
+    pub mod wal {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("cnpgi.wal.v1");
+        }
+    }
+    pub mod backup {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("cnpgi.backup.v1");
+        }
     }
 }

@@ -67,8 +67,8 @@ pub use principal::{
     authorize_cluster, principal_from_der, principal_of, validate_cluster_name,
 };
 pub use server::{
-    ALPN_H2, HANDSHAKE_TIMEOUT, ServerTlsStream, TlsIncoming, load_server_config, server_config,
-    tls_incoming,
+    ALPN_H2, ConfigProvider, HANDSHAKE_TIMEOUT, ServerTlsStream, TlsIncoming, load_server_config,
+    server_config, server_config_without_ca_hints, tls_incoming, tls_incoming_reloading,
 };
 
 /// Installs aws-lc-rs as the process-wide rustls crypto provider. Idempotent: when a

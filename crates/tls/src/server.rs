@@ -57,6 +57,25 @@ pub fn server_config(
         parse_key(key_pem, "server private key", None)?,
         parse_certs(client_ca_pem, "client CA certificate", None)?,
         None,
+        true,
+    )
+}
+
+/// Like [`server_config`] for a peer that is not a Klio client (CloudNativePG's operator):
+/// `client_anchors_pem` are the certificates trusted as issuers of the client's (a
+/// self-signed client certificate is its own), and the server advertises no acceptable-CA
+/// names, because Go clients then send their certificate only if its issuer is listed.
+pub fn server_config_without_ca_hints(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_anchors_pem: &[u8],
+) -> Result<Arc<ServerConfig>, Error> {
+    build_server_config(
+        parse_certs(cert_pem, "server certificate", None)?,
+        parse_key(key_pem, "server private key", None)?,
+        parse_certs(client_anchors_pem, "client certificate anchor", None)?,
+        None,
+        false,
     )
 }
 
@@ -74,6 +93,7 @@ pub fn load_server_config(
         parse_key(&read_file(key, KEY)?, KEY, Some(key))?,
         parse_certs(&read_file(client_ca, CA)?, CA, Some(client_ca))?,
         Some(client_ca),
+        true,
     )
 }
 
@@ -82,6 +102,7 @@ fn build_server_config(
     key: PrivateKeyDer<'static>,
     client_cas: Vec<CertificateDer<'static>>,
     client_ca_path: Option<&Path>,
+    root_hints: bool,
 ) -> Result<Arc<ServerConfig>, Error> {
     let provider = crypto_provider();
     let mut roots = RootCertStore::empty();
@@ -94,7 +115,12 @@ fn build_server_config(
             )
         })?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !root_hints {
+        builder = builder.clear_root_hint_subjects();
+    }
+    let verifier = builder
         .build()
         .map_err(|source| Error::ClientVerifier { source })?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -134,7 +160,36 @@ fn build_server_config(
 /// ends on its own and never yields an error. Dropping it stops accepting, closes the
 /// listener and abandons handshakes in progress. Must be called inside a Tokio runtime.
 pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming {
-    TlsIncoming::spawn(listener, config, HANDSHAKE_TIMEOUT)
+    TlsIncoming::spawn(listener, ConfigSource::Fixed(config), HANDSHAKE_TIMEOUT)
+}
+
+/// Gives the configuration for the next handshake (e.g. re-read when certificate files
+/// changed); `None` refuses the connection (the reason is the source's to log).
+pub type ConfigProvider = Arc<dyn Fn() -> Option<Arc<ServerConfig>> + Send + Sync>;
+
+/// Like [`tls_incoming`], asking `provider` for the configuration of every handshake, so
+/// that rotated certificates are used without a restart.
+pub fn tls_incoming_reloading(listener: TcpListener, provider: ConfigProvider) -> TlsIncoming {
+    TlsIncoming::spawn(
+        listener,
+        ConfigSource::Provider(provider),
+        HANDSHAKE_TIMEOUT,
+    )
+}
+
+/// Where the accept loop gets its configuration.
+enum ConfigSource {
+    Fixed(Arc<ServerConfig>),
+    Provider(ConfigProvider),
+}
+
+impl ConfigSource {
+    fn acceptor(&self) -> Option<TlsAcceptor> {
+        match self {
+            ConfigSource::Fixed(c) => Some(TlsAcceptor::from(c.clone())),
+            ConfigSource::Provider(p) => p().map(TlsAcceptor::from),
+        }
+    }
 }
 
 /// The stream [`tls_incoming`] returns.
@@ -146,15 +201,10 @@ pub struct TlsIncoming {
 }
 
 impl TlsIncoming {
-    fn spawn(listener: TcpListener, config: Arc<ServerConfig>, timeout: Duration) -> TlsIncoming {
+    fn spawn(listener: TcpListener, config: ConfigSource, timeout: Duration) -> TlsIncoming {
         let (tx, ready) = mpsc::channel(READY_QUEUE);
         let local_addr = listener.local_addr().ok();
-        let accept_task = tokio::spawn(accept_loop(
-            listener,
-            TlsAcceptor::from(config),
-            timeout,
-            tx,
-        ));
+        let accept_task = tokio::spawn(accept_loop(listener, config, timeout, tx));
         TlsIncoming {
             ready,
             local_addr,
@@ -184,7 +234,7 @@ impl Drop for TlsIncoming {
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    config: ConfigSource,
     timeout: Duration,
     ready: mpsc::Sender<ServerTlsStream>,
 ) {
@@ -214,7 +264,10 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
-        let acceptor = acceptor.clone();
+        let Some(acceptor) = config.acceptor() else {
+            tracing::warn!(%peer, "no usable TLS configuration; connection refused");
+            continue;
+        };
         let ready = ready.clone();
         handshakes.spawn(async move {
             match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -256,5 +309,5 @@ pub(crate) fn tls_incoming_with_timeout(
     config: Arc<ServerConfig>,
     timeout: Duration,
 ) -> TlsIncoming {
-    TlsIncoming::spawn(listener, config, timeout)
+    TlsIncoming::spawn(listener, ConfigSource::Fixed(config), timeout)
 }
