@@ -44,15 +44,18 @@ pub struct TlsFiles {
     pub client_anchors: Vec<PathBuf>,
 }
 
+/// Size and modification time of each certificate file (`None`: unreadable).
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
 /// Rebuilds the TLS configuration when a file's size or modification time changes; keeps
 /// the last good one when a rotation is half-written.
 struct Reloader {
     files: TlsFiles,
-    current: Mutex<Option<(Vec<Option<(SystemTime, u64)>>, Arc<rustls::ServerConfig>)>>,
+    current: Mutex<Option<(Stamp, Arc<rustls::ServerConfig>)>>,
 }
 
 impl Reloader {
-    fn stamp(&self) -> Vec<Option<(SystemTime, u64)>> {
+    fn stamp(&self) -> Stamp {
         let f = &self.files;
         std::iter::once(&f.cert)
             .chain(std::iter::once(&f.key))

@@ -16,6 +16,7 @@ mod admin;
 mod backup;
 mod catalog;
 mod client;
+mod cnpg_plugin;
 mod operator;
 mod restore;
 mod wal_get;
@@ -73,6 +74,8 @@ enum Command {
     Pki(PkiCommand),
     /// Run the Kubernetes operator: reconciles Server resources into StatefulSets
     Operator(operator::OperatorArgs),
+    /// Run the operator side of the CloudNativePG plugin (sidecar injection, hooks)
+    CnpgPlugin(cnpg_plugin::CnpgPluginArgs),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -449,9 +452,11 @@ fn main() -> ExitCode {
     // cross-thread wake-ups that dominated their CPU profile, and leaves the cores to
     // PostgreSQL. The server serves many clients and uses every core.
     let mut builder = match cli.command {
-        Command::Server(_) | Command::Backup(_) | Command::Restore(_) | Command::Operator(_) => {
-            tokio::runtime::Builder::new_multi_thread()
-        }
+        Command::Server(_)
+        | Command::Backup(_)
+        | Command::Restore(_)
+        | Command::Operator(_)
+        | Command::CnpgPlugin(_) => tokio::runtime::Builder::new_multi_thread(),
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let rt = match builder.enable_all().build() {
@@ -488,6 +493,9 @@ fn main() -> ExitCode {
             Command::Retention(c) => catalog::retention(c).await.map(|()| ExitCode::SUCCESS),
             Command::Gc(c) => catalog::gc(c).await.map(|()| ExitCode::SUCCESS),
             Command::Admin(c) => admin::run(c).await.map(|()| ExitCode::SUCCESS),
+            Command::CnpgPlugin(a) => cnpg_plugin::run(a, cancel_on_signals())
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Command::Operator(a) => klio_operator::run(a.into_options(), cancel_on_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS),
