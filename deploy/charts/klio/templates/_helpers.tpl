@@ -101,3 +101,21 @@ Shared by the ClusterRole and the namespaced Role. See docs/kubernetes.md.
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/*
+Labels of the CNPG-I plugin's objects; its pods are selected by another name than the
+operator's, so the two Deployments never select each other's pods.
+*/}}
+{{- define "klio.pluginSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "klio.name" . }}-cnpg-plugin
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "klio.pluginLabels" -}}
+helm.sh/chart: {{ include "klio.chart" . }}
+{{ include "klio.pluginSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: cnpg-plugin
+app.kubernetes.io/part-of: klio
+{{- end }}
