@@ -182,15 +182,20 @@ fn serve(mut client: TcpStream, shared: &Shared) -> anyhow::Result<()> {
         }
     };
     shared.record(format!("CONNECT {authority} -> {target}"));
+    // Registered before the client hears back, so a proxy dropped after that closes this
+    // tunnel too; `stopping` is checked under the same lock `Drop` drains the list with.
+    {
+        let mut open = shared.open.lock().unwrap();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        open.push(client.try_clone()?);
+        open.push(upstream.try_clone()?);
+    }
     client.set_read_timeout(None)?;
     client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
     // Bytes the client sent after the head already belong to the tunnel.
     upstream.write_all(&rest)?;
-    {
-        let mut open = shared.open.lock().unwrap();
-        open.push(client.try_clone()?);
-        open.push(upstream.try_clone()?);
-    }
     let upstream_reader = upstream.try_clone()?;
     let client_writer = client.try_clone()?;
     let down = std::thread::Builder::new()
