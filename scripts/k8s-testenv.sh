@@ -5,12 +5,15 @@
 #
 #   scripts/k8s-testenv.sh build      build (or find) the binaries in the cache
 #   scripts/k8s-testenv.sh bindir     print the cache's bin directory
+#   scripts/k8s-testenv.sh cnpg-dir   print the CloudNativePG operator's directory
+#                                     (bin/cnpg-manager, crds/*.yaml)
 #   scripts/k8s-testenv.sh up DIR     start a control plane, state in DIR
 #   scripts/k8s-testenv.sh down DIR   stop it (DIR is kept)
 #
 # Environment:
 #   KLIO_K8S_CACHE   bin directory (default /var/tmp/klio-k8s/<kube version>/bin)
 #   KLIO_K8S_ROOT    root of Go's caches (default /var/tmp/klio-k8s)
+#   KLIO_K8S_CNPG_DIR  CloudNativePG's directory (default <root>/cnpg-<version>)
 # See docs/k8s-testenv.md.
 set -euo pipefail
 
@@ -21,6 +24,7 @@ tools=$repo/tools/k8s-testenv
 # shellcheck source=../tools/k8s-testenv/goenv.sh
 . "$tools/goenv.sh"
 bin=${KLIO_K8S_CACHE:-$KLIO_K8S_ROOT/$KUBE_VERSION/bin}
+cnpg_dir=${KLIO_K8S_CNPG_DIR:-$KLIO_K8S_ROOT/cnpg-$CNPG_VERSION}
 
 log() { echo "k8s-testenv: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -42,6 +46,12 @@ have() { # name, key, version-command..., expected substring is $want
 	[[ -x $bin/$name && -f $bin/.$name.key && $(cat "$bin/.$name.key") == "$key" ]] || return 1
 	# No pipe into grep -q: with pipefail, the writer's SIGPIPE would count as failure.
 	[[ $("$@" 2>/dev/null) == *"$want"* ]]
+}
+
+have_in() { # dir, then as have: the binary lives in dir, not in the bin directory
+	local bin=$1
+	shift
+	have "$@"
 }
 
 kube_ldflags() {
@@ -93,16 +103,50 @@ build_kube() {
 	for name in "${missing[@]}"; do echo "$key" >"$bin/.$name.key"; done
 }
 
+# The CloudNativePG operator: cmd/manager, a tool of the wrapper module
+# tools/k8s-testenv/cnpg (see gen-gomod.sh for why not `go install pkg@version`),
+# and the module's CRDs next to it.
+build_cnpg() {
+	local module=github.com/cloudnative-pg/cloudnative-pg
+	local pkg=github.com/cloudnative-pg/cloudnative-pg/pkg/versions
+	local crds=$cnpg_dir/crds
+	local ldflags="-s -w -X $pkg.buildVersion=${CNPG_VERSION#v} -X $pkg.buildDate=1970-01-01T00:00:00Z"
+	local key want="Version:${CNPG_VERSION#v} "
+	key=$(key_of cnpg-manager "$tools/cnpg" "$CNPG_VERSION $ldflags")
+	if have_in "$cnpg_dir/bin" cnpg-manager "$key" "$cnpg_dir/bin/cnpg-manager" version &&
+		[[ -f $crds/.key && $(cat "$crds/.key") == "$key" ]]; then
+		return
+	fi
+	log "building cnpg-manager $CNPG_VERSION"
+	mkdir -p "$cnpg_dir/bin"
+	# The commit the version's tag names, as upstream's goreleaser stamps it.
+	local info commit
+	info=$(cd "$tools/cnpg" && go mod download -json "$module@$CNPG_VERSION")
+	commit=$(sed -n 's/^[[:space:]]*"Hash": "\([0-9a-f]*\)".*/\1/p' <<<"$info")
+	(cd "$tools/cnpg" && go build -trimpath -ldflags "$ldflags -X $pkg.buildCommit=${commit:-none}" \
+		-o "$cnpg_dir/bin/cnpg-manager" "$module/cmd/manager")
+	echo "$key" >"$cnpg_dir/bin/.cnpg-manager.key"
+	# The CRDs are in the module zip (config/crd/bases), read-only in the module cache.
+	rm -rf "$crds"
+	mkdir -p "$crds"
+	cp "$(go env GOMODCACHE)/$module@$CNPG_VERSION"/config/crd/bases/*.yaml "$crds/"
+	chmod 644 "$crds"/*.yaml
+	echo "$key" >"$crds/.key"
+}
+
 cmd_build() {
 	mkdir -p "$bin"
-	# Smallest first, so a timeout still leaves something usable.
+	# Smallest first, so a timeout still leaves something usable; the control plane
+	# before CloudNativePG, which only some tests need.
 	build_etcd
 	build_helm
 	build_kube
+	build_cnpg
 	"$bin/kube-apiserver" --version >&2
 	"$bin/etcd" --version >&2
 	"$bin/helm" version --short >&2
-	log "binaries in $bin"
+	"$cnpg_dir/bin/cnpg-manager" version >&2
+	log "binaries in $bin; CloudNativePG in $cnpg_dir"
 }
 
 # ---------------------------------------------------------------- up / down
@@ -353,5 +397,6 @@ build) cmd_build ;;
 up) cmd_up "${2:-}" ;;
 down) cmd_down "${2:-}" ;;
 bindir) echo "$bin" ;;
-*) echo "usage: $0 build|bindir|up DIR|down DIR" >&2; exit 2 ;;
+cnpg-dir) echo "$cnpg_dir" ;;
+*) echo "usage: $0 build|bindir|cnpg-dir|up DIR|down DIR" >&2; exit 2 ;;
 esac

@@ -38,8 +38,9 @@ if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
 fi
 
 # The Kubernetes control plane of the CRD and operator tests (etcd, kube-apiserver,
-# kube-controller-manager, kubectl, helm), built from Go modules into /var/tmp/klio-k8s
-# (KLIO_K8S_ROOT): about 13 min cold, instant when cached. See docs/k8s-testenv.md.
+# kube-controller-manager, kubectl, helm) and the CloudNativePG operator (cnpg-manager and
+# its CRDs), built from Go modules into /var/tmp/klio-k8s (KLIO_K8S_ROOT): about 15 min
+# cold, instant when cached. See docs/k8s-testenv.md.
 bash scripts/k8s-testenv.sh build
 
 echo "== format, lints, docs"

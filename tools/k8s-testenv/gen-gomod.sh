@@ -9,6 +9,9 @@
 # so we copy every such line from that version's go.mod, pointing at the
 # published k8s.io/<name> v0.<minor>.<patch> instead (never hand-copied).
 # etcd/: go.etcd.io/etcd/server/v3 has ../ replaces, so it too needs a wrapper.
+# cnpg/: CloudNativePG has no replaces, but `go install pkg@version` asks the
+# proxy for the module's version list (to look up deprecations), which the
+# proxy here refuses (403); building a tool of a wrapper module does not.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -56,9 +59,26 @@ gen_etcd() {
 	)
 }
 
+gen_cnpg() {
+	local dir=$here/cnpg
+	mkdir -p "$dir"
+	rm -f "$dir/go.mod" "$dir/go.sum"
+	(
+		cd "$dir"
+		go mod init klio.test/k8s-testenv/cnpg
+		go mod edit -go=1.26.0
+		go mod edit -require="github.com/cloudnative-pg/cloudnative-pg@$CNPG_VERSION"
+		# Not `go get -tool`: it would ask the proxy whether cmd/manager is a module
+		# of its own (a version list, refused as above).
+		go mod edit -tool=github.com/cloudnative-pg/cloudnative-pg/cmd/manager
+		go mod tidy
+	)
+}
+
 case "${1:-all}" in
 kube) gen_kube ;;
 etcd) gen_etcd ;;
-all) gen_kube; gen_etcd ;;
-*) echo "usage: $0 [kube|etcd|all]" >&2; exit 2 ;;
+cnpg) gen_cnpg ;;
+all) gen_kube; gen_etcd; gen_cnpg ;;
+*) echo "usage: $0 [kube|etcd|cnpg|all]" >&2; exit 2 ;;
 esac

@@ -31,6 +31,14 @@
 //!   kube-controller-manager on loopback) from `scripts/k8s-testenv.sh`, shared by the tests of
 //!   a test binary ([`K8sTestEnv::shared`]); `kubectl` helpers and fresh namespaces. Missing
 //!   binaries fail the test, naming `scripts/k8s-testenv.sh build`.
+//! - [`CnpgOperator`]: the real CloudNativePG operator (v1.30, `cnpg-manager` from
+//!   `scripts/k8s-testenv.sh build`) against a [`K8sTestEnv`]; installs CloudNativePG's CRDs,
+//!   dials CNPG-I plugins through a [`ConnectProxy`] whose routes the test sets
+//!   ([`CnpgOperator::route`]). [`mark_job_succeeded`] stands in for the kubelet and the Job
+//!   controller; [`wait_for_object`] waits for what the operator creates;
+//!   [`self_signed_tls`] makes certificates for plugin Secrets.
+//! - [`ConnectProxy`]: an HTTP `CONNECT` proxy on loopback mapping `host:port` names to
+//!   loopback addresses, refusing everything else.
 //! - [`free_port`], [`wait_until`], [`wait_until_async`].
 //!
 //! Cluster defaults: data checksums, C locale, UTF8, `wal_level = replica`,
@@ -57,6 +65,8 @@
 //! `KLIO_KEEP_SCRATCH=1` (keep scratch directories for inspection).
 
 mod cluster;
+mod cnpg;
+mod connect_proxy;
 mod k8s;
 mod major;
 mod process;
@@ -66,6 +76,8 @@ mod services;
 mod wait;
 
 pub use cluster::{Auth, PgCluster, PgOptions, free_port};
+pub use cnpg::{CnpgOperator, cnpg_dir, mark_job_succeeded, self_signed_tls, wait_for_object};
+pub use connect_proxy::ConnectProxy;
 pub use k8s::{K8sTestEnv, k8s_testenv_script};
 pub use major::{DEFAULT_PG_MAJORS_DIR, PgMajor};
 pub use process::{ChildGuard, DEFAULT_PG_BIN, pg_bin, postgres_command, running_as_root};
