@@ -42,6 +42,7 @@
 mod client;
 mod error;
 mod pem;
+mod pinned;
 mod pki;
 mod principal;
 mod server;

@@ -106,23 +106,36 @@ fn build_server_config(
 ) -> Result<Arc<ServerConfig>, Error> {
     let provider = crypto_provider();
     let mut roots = RootCertStore::empty();
-    for ca in client_cas {
-        roots.add(ca).map_err(|e| {
-            Error::load(
-                "client CA certificate",
-                client_ca_path,
-                format!("not usable as a trust anchor: {e}"),
-            )
-        })?;
+    for ca in &client_cas {
+        match roots.add(ca.clone()) {
+            Ok(()) => {}
+            // A pinned certificate need not be usable as an anchor.
+            Err(_) if !root_hints => {}
+            Err(e) => {
+                return Err(Error::load(
+                    "client CA certificate",
+                    client_ca_path,
+                    format!("not usable as a trust anchor: {e}"),
+                ));
+            }
+        }
     }
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !root_hints {
         builder = builder.clear_root_hint_subjects();
     }
-    let verifier = builder
+    let chained = builder
         .build()
         .map_err(|source| Error::ClientVerifier { source })?;
+    let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = if root_hints {
+        chained
+    } else {
+        Arc::new(crate::pinned::PinnedOrChained {
+            pinned: client_cas,
+            chained,
+        })
+    };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| Error::TlsConfig {
