@@ -52,6 +52,11 @@ fn helm(env: &K8sTestEnv, home: &Path, args: &[&str]) {
     );
 }
 
+/// `text` indented by four spaces, for a YAML block scalar.
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
 fn names(list: &Value) -> Vec<String> {
     list.as_array()
         .into_iter()
@@ -388,6 +393,48 @@ spec:
     assert!(
         env.get_json(&["job", "orphan-1-initdb", "-n", &ns])
             .is_none()
+    );
+
+    // CloudNativePG's client certificate replaced by one the plugin does not trust: the
+    // plugin refuses the connection, the Cluster says so, nothing is created.
+    let (other_crt, other_key) = self_signed_tls(
+        scratch.path(),
+        "other",
+        "cnpg-operator",
+        "DNS:cnpg-operator",
+    );
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata:\n  name: klio-plugin-client-tls\n  namespace: cnpg-system\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&std::fs::read_to_string(&other_crt).unwrap()),
+        indent(&std::fs::read_to_string(&other_key).unwrap())
+    );
+    apply(&env, &secret);
+    apply(&env, &cluster_yaml(&ns, "stranger", "klio-config"));
+    let refused = wait_until(
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+        "the TLS refusal in the status",
+        || {
+            let c = env.get_json(&["cluster", "stranger", "-n", &ns]);
+            Ok(c.is_some_and(|c| {
+                c["status"]["phaseReason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("tls: unknown certificate"))
+            }))
+        },
+    );
+    if let Err(e) = refused {
+        let c = env.get_json(&["cluster", "stranger", "-n", &ns]);
+        panic!("{e:#}\n{c:#?}\n{}", operator.log_tail(20));
+    }
+    assert!(
+        env.get_json(&["job", "stranger-1-initdb", "-n", &ns])
+            .is_none()
+    );
+    assert!(
+        plugin_log().contains("rejected TLS client"),
+        "{}",
+        plugin_log()
     );
     helm(
         &env,
