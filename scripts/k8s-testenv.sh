@@ -158,11 +158,15 @@ service_cidr=${KLIO_K8S_SERVICE_CIDR:-198.51.100.0/24}
 kubernetes_service_ip=${service_cidr%.*}.1
 
 taken_ports=" "
-free_port() { # sets $port: a TCP port nobody listens on, not one we already took
+# Below the kernel's ephemeral range: a port chosen there can be taken by any outgoing
+# connection (kubectl, the tests' clients) before the server binds it.
+ephemeral_low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+((ephemeral_low > 21000)) || ephemeral_low=32768
+free_port() { # sets $port: a TCP port no socket uses, not one we already took
 	while :; do
-		port=$((20000 + RANDOM % 30000))
+		port=$((20000 + RANDOM % (ephemeral_low - 20000)))
 		[[ $taken_ports == *" $port "* ]] && continue
-		[[ -z $(ss -Htln "sport = :$port") ]] && break
+		[[ -z $(ss -Htan "sport = :$port") ]] && break
 	done
 	taken_ports+="$port "
 }

@@ -174,6 +174,15 @@ where
         .map(tonic::Response::into_inner)
 }
 
+async fn probe(ch: &Channel) -> Result<identity::ProbeResponse, tonic::Status> {
+    call(
+        ch,
+        "/cnpgi.identity.v1.Identity/Probe",
+        identity::ProbeRequest {},
+    )
+    .await
+}
+
 fn cluster(plugins: Value) -> Value {
     json!({
         "metadata": {"name": "pg", "namespace": "db"},
@@ -287,14 +296,7 @@ async fn handshake_names_the_plugin_and_its_capabilities() {
     .unwrap();
     assert_eq!(rc.reconciler_capabilities.len(), 1);
     assert_eq!(rc.reconciler_capabilities[0].kind, 1);
-    let probe: identity::ProbeResponse = call(
-        &ch,
-        "/cnpgi.identity.v1.Identity/Probe",
-        identity::ProbeRequest {},
-    )
-    .await
-    .unwrap();
-    assert!(probe.ready);
+    assert!(probe(&ch).await.unwrap().ready);
 }
 
 #[tokio::test]
@@ -448,13 +450,7 @@ async fn wrong_client_certificate_is_refused_and_rotation_needs_no_restart() {
     let stranger = self_signed("cnpg-operator");
     let refused = match h.channel_with(&h.server.0, &stranger).await {
         Err(_) => true,
-        Ok(ch) => call::<_, identity::ProbeResponse>(
-            &ch,
-            "/cnpgi.identity.v1.Identity/Probe",
-            identity::ProbeRequest {},
-        )
-        .await
-        .is_err(),
+        Ok(ch) => probe(&ch).await.is_err(),
     };
     assert!(
         refused,
@@ -466,12 +462,5 @@ async fn wrong_client_certificate_is_refused_and_rotation_needs_no_restart() {
     write(h.dir.path(), "server.key", &renewed.1);
     write(h.dir.path(), "server.crt", &renewed.0);
     let ch = h.channel_with(&renewed.0, &h.client).await.unwrap();
-    let probe: identity::ProbeResponse = call(
-        &ch,
-        "/cnpgi.identity.v1.Identity/Probe",
-        identity::ProbeRequest {},
-    )
-    .await
-    .unwrap();
-    assert!(probe.ready);
+    assert!(probe(&ch).await.unwrap().ready);
 }

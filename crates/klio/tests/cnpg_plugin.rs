@@ -12,45 +12,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use klio_test_support::{
-    ChildGuard, CnpgOperator, K8sTestEnv, free_port, mark_job_succeeded, scratch_dir,
-    self_signed_tls, wait_for_object, wait_until,
+    ChildGuard, CnpgOperator, K8sTestEnv, free_port, mark_job_succeeded, plugin_tls_secrets,
+    scratch_dir, self_signed_tls, wait_for_object, wait_until,
 };
 use serde_json::Value;
 
 const PLUGIN_AUTHORITY: &str = "klio-plugin.cnpg-system.svc:9090";
-
-fn apply(env: &K8sTestEnv, yaml: &str) {
-    env.kubectl_ok(
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=klio-test",
-            "-f",
-            "-",
-        ],
-        Some(yaml),
-    );
-}
-
-fn helm(env: &K8sTestEnv, home: &Path, args: &[&str]) {
-    let out = Command::new(env.bin_dir().join("helm"))
-        .args(args)
-        .env("KUBECONFIG", env.kubeconfig())
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `text` indented by four spaces, for a YAML block scalar.
 fn indent(text: &str) -> String {
@@ -105,38 +72,10 @@ fn cnpg_operator_discovers_klio_and_gets_its_sidecars_injected() {
     let scratch = scratch_dir();
 
     // The plugin's certificate pair, as cert-manager's selfSigned issuer would make them.
-    let (server_crt, server_key) =
-        self_signed_tls(scratch.path(), "server", "klio-plugin", "DNS:klio-plugin");
-    let (client_crt, client_key) = self_signed_tls(
-        scratch.path(),
-        "client",
-        "cnpg-operator",
-        "DNS:cnpg-operator",
-    );
-    for (name, crt, key) in [
-        ("klio-plugin-server-tls", &server_crt, &server_key),
-        ("klio-plugin-client-tls", &client_crt, &client_key),
-    ] {
-        let crt = format!("--cert={}", crt.display());
-        let key = format!("--key={}", key.display());
-        env.kubectl_ok(
-            &[
-                "create",
-                "secret",
-                "tls",
-                name,
-                "-n",
-                "cnpg-system",
-                &crt,
-                &key,
-            ],
-            None,
-        );
-    }
+    let tls = plugin_tls_secrets(&env, "cnpg-system", scratch.path(), "klio-plugin");
     // The chart: its Service in cnpg-system is what CloudNativePG discovers.
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/charts/klio");
-    helm(
-        &env,
+    env.helm(
         &scratch.path().join("helm"),
         &[
             "install",
@@ -165,11 +104,11 @@ fn cnpg_operator_discovers_klio_and_gets_its_sidecars_injected() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_klio"));
     cmd.args(["cnpg-plugin", "--listen", &listen])
         .arg("--server-cert")
-        .arg(&server_crt)
+        .arg(&tls.server_crt)
         .arg("--server-key")
-        .arg(&server_key)
+        .arg(&tls.server_key)
         .arg("--client-cert")
-        .arg(&client_crt)
+        .arg(&tls.client_crt)
         .args(["--sidecar-image", "localhost/klio:test"])
         .env("KUBECONFIG", env.kubeconfig())
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -182,10 +121,8 @@ fn cnpg_operator_discovers_klio_and_gets_its_sidecars_injected() {
 
     // A PluginConfiguration with container customizations, and a Cluster using it.
     let ns = env.create_namespace("cnpg-klio");
-    apply(
-        &env,
-        &format!(
-            "apiVersion: klio.enterprisedb.io/v1alpha1
+    env.apply(&format!(
+        "apiVersion: klio.enterprisedb.io/v1alpha1
 kind: PluginConfiguration
 metadata:
   name: klio-config
@@ -210,9 +147,8 @@ spec:
         - name: WAL_BUFFER_SIZE
           value: \"8192\"
 "
-        ),
-    );
-    apply(&env, &cluster_yaml(&ns, "pg", "klio-config"));
+    ));
+    env.apply(&cluster_yaml(&ns, "pg", "klio-config"));
 
     // The Cluster lists the plugin with the capabilities the operator side advertised.
     let cluster = wait_until(
@@ -337,10 +273,8 @@ spec:
 
     // A recovery Cluster whose source is a Klio external cluster: full-recovery gets
     // klio-restore.
-    apply(
-        &env,
-        &format!(
-            "apiVersion: postgresql.cnpg.io/v1
+    env.apply(&format!(
+        "apiVersion: postgresql.cnpg.io/v1
 kind: Cluster
 metadata:
   name: restored
@@ -359,8 +293,7 @@ spec:
         parameters:
           pluginConfigurationRef: klio-config
 "
-        ),
-    );
+    ));
     let job = wait_for_object(
         &env,
         &operator,
@@ -372,7 +305,7 @@ spec:
     assert_eq!(restore["args"][0], "cnpg-sidecar");
 
     // A missing PluginConfiguration: the reconcile stops with the reason, nothing is created.
-    apply(&env, &cluster_yaml(&ns, "orphan", "nope"));
+    env.apply(&cluster_yaml(&ns, "orphan", "nope"));
     let reason = wait_until(
         Duration::from_secs(90),
         Duration::from_millis(250),
@@ -408,8 +341,8 @@ spec:
         indent(&std::fs::read_to_string(&other_crt).unwrap()),
         indent(&std::fs::read_to_string(&other_key).unwrap())
     );
-    apply(&env, &secret);
-    apply(&env, &cluster_yaml(&ns, "stranger", "klio-config"));
+    env.apply(&secret);
+    env.apply(&cluster_yaml(&ns, "stranger", "klio-config"));
     let refused = wait_until(
         Duration::from_secs(90),
         Duration::from_millis(250),
@@ -436,8 +369,7 @@ spec:
         "{}",
         plugin_log()
     );
-    helm(
-        &env,
+    env.helm(
         &scratch.path().join("helm"),
         &["uninstall", "klio", "-n", "klio-system"],
     );

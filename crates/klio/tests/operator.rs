@@ -100,28 +100,9 @@ impl Setup {
         Operator::start(self.env.kubeconfig(), &args, self.scratch.path().join(log))
     }
 
-    /// Runs `helm args...` against this control plane (its state in the scratch directory)
-    /// and returns its output; panics with it if helm fails.
+    /// Runs `helm args...` against this control plane, its state in the scratch directory.
     fn helm(&self, args: &[&str]) -> String {
-        let home = self.scratch.path().join("helm");
-        let out = Command::new(self.env.bin_dir().join("helm"))
-            .args(args)
-            .env("KUBECONFIG", self.env.kubeconfig())
-            .env("HELM_CACHE_HOME", home.join("cache"))
-            .env("HELM_CONFIG_HOME", home.join("config"))
-            .env("HELM_DATA_HOME", home.join("data"))
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "helm {args:?} failed:\n{text}");
-        text
+        self.env.helm(&self.scratch.path().join("helm"), args)
     }
 
     fn get(&self, kind_name: &str) -> Option<Value> {
@@ -211,16 +192,7 @@ impl Setup {
     fn apply(&self, doc: &serde_yaml::Value) {
         let mut doc = doc.clone();
         doc["metadata"]["namespace"] = serde_yaml::Value::from(self.ns.as_str());
-        self.env.kubectl_ok(
-            &[
-                "apply",
-                "--server-side",
-                "--field-manager=klio-test",
-                "-f",
-                "-",
-            ],
-            Some(&serde_yaml::to_string(&doc).unwrap()),
-        );
+        self.env.apply(&serde_yaml::to_string(&doc).unwrap());
     }
 
     fn condition(&self, server: &str, type_: &str) -> Option<(String, String)> {
@@ -739,6 +711,9 @@ fn helm_chart_installs_and_its_service_account_runs_the_operator() {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/charts/klio");
     let chart = chart.to_str().unwrap();
     let lint = setup.helm(&["lint", chart]);
+    // The CNPG-I plugin's objects go to CloudNativePG's namespace, which CloudNativePG's
+    // installation creates.
+    env.kubectl_ok(&["create", "namespace", "cnpg-system"], None);
     assert!(
         !lint.contains("[WARNING]") && !lint.contains("[ERROR]"),
         "{lint}"

@@ -116,9 +116,27 @@ impl PgOptions {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound to port 0 and released). Another process may take it
-/// before PostgreSQL binds it; [`PgCluster`] retries with another port when that happens.
+/// A free TCP port on 127.0.0.1: a random one below the kernel's ephemeral range (ports in
+/// that range are handed to outgoing connections, which could take one before the server
+/// binds it) that can be bound now. Another process may still take it before the server binds
+/// it; [`PgCluster`] retries with another port when that happens.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    const LOW: u16 = 20000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&p| p > LOW + 1000)
+        .unwrap_or(32768);
+    for _ in 0..1000 {
+        // RandomState is seeded randomly per instance.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = LOW + (h.finish() % u64::from(ephemeral_low - LOW)) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
     match TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()) {
         Ok(addr) => addr.port(),
         Err(e) => panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"),

@@ -91,18 +91,9 @@ impl CnpgOperator {
     ) -> CnpgOperator {
         let dir = cnpg_dir();
         install_cnpg_crds(env, &dir);
-        env.kubectl_ok(
-            &[
-                "apply",
-                "--server-side",
-                "--field-manager=klio-test",
-                "-f",
-                "-",
-            ],
-            Some(&format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {operator_namespace}\n"
-            )),
-        );
+        env.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {operator_namespace}\n"
+        ));
 
         let proxy = ConnectProxy::start().unwrap_or_else(|e| panic!("{e:#}"));
         for (authority, target) in proxy_targets {
@@ -378,6 +369,46 @@ exec kill -KILL "$2" 2>/dev/null"#,
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     ChildGuard::spawn(&mut cmd).unwrap_or_else(|e| panic!("cannot start the guardian: {e:#}"))
+}
+
+/// The files of a CNPG-I plugin's certificate pair (see [`plugin_tls_secrets`]).
+pub struct PluginTls {
+    pub server_crt: PathBuf,
+    pub server_key: PathBuf,
+    pub client_crt: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// Writes a self-signed server certificate for `service` and one for CloudNativePG's client
+/// into `dir`, and stores them in `namespace` as the `kubernetes.io/tls` Secrets
+/// `klio-plugin-server-tls` and `klio-plugin-client-tls` (the chart's default names).
+pub fn plugin_tls_secrets(
+    env: &K8sTestEnv,
+    namespace: &str,
+    dir: &Path,
+    service: &str,
+) -> PluginTls {
+    let (server_crt, server_key) =
+        self_signed_tls(dir, "server", service, &format!("DNS:{service}"));
+    let (client_crt, client_key) =
+        self_signed_tls(dir, "client", "cnpg-operator", "DNS:cnpg-operator");
+    for (name, crt, key) in [
+        ("klio-plugin-server-tls", &server_crt, &server_key),
+        ("klio-plugin-client-tls", &client_crt, &client_key),
+    ] {
+        let crt = format!("--cert={}", crt.display());
+        let key = format!("--key={}", key.display());
+        env.kubectl_ok(
+            &["create", "secret", "tls", name, "-n", namespace, &crt, &key],
+            None,
+        );
+    }
+    PluginTls {
+        server_crt,
+        server_key,
+        client_crt,
+        client_key,
+    }
 }
 
 /// Marks the Job `namespace/job` succeeded through its status subresource, as the Job

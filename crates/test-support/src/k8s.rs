@@ -241,6 +241,43 @@ impl K8sTestEnv {
         Some(serde_json::from_slice(&out.stdout).unwrap())
     }
 
+    /// `kubectl apply --server-side` of the YAML `manifest` (field manager `klio-test`).
+    pub fn apply(&self, manifest: &str) {
+        self.kubectl_ok(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=klio-test",
+                "-f",
+                "-",
+            ],
+            Some(manifest),
+        );
+    }
+
+    /// Runs `helm args...` against this control plane, its state under `home`; returns its
+    /// output, panics with it when helm fails.
+    pub fn helm(&self, home: &Path, args: &[&str]) -> String {
+        let out = Command::new(self.bin_dir().join("helm"))
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run helm: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "helm {args:?} failed:\n{text}");
+        text
+    }
+
     /// Creates a namespace with a name unique in this control plane (`<prefix>-<pid>-<n>`).
     pub fn create_namespace(&self, prefix: &str) -> String {
         let n = NAMESPACES.fetch_add(1, Ordering::Relaxed);

@@ -76,7 +76,10 @@ mod services;
 mod wait;
 
 pub use cluster::{Auth, PgCluster, PgOptions, free_port};
-pub use cnpg::{CnpgOperator, cnpg_dir, mark_job_succeeded, self_signed_tls, wait_for_object};
+pub use cnpg::{
+    CnpgOperator, PluginTls, cnpg_dir, mark_job_succeeded, plugin_tls_secrets, self_signed_tls,
+    wait_for_object,
+};
 pub use connect_proxy::ConnectProxy;
 pub use k8s::{K8sTestEnv, k8s_testenv_script};
 pub use major::{DEFAULT_PG_MAJORS_DIR, PgMajor};

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use klio_test_support::{
-    CnpgOperator, K8sTestEnv, mark_job_succeeded, scratch_dir, self_signed_tls, wait_for_object,
+    CnpgOperator, K8sTestEnv, mark_job_succeeded, plugin_tls_secrets, scratch_dir, wait_for_object,
     wait_until,
 };
 
@@ -26,16 +26,8 @@ fn cnpg_operator_cluster_creates_initdb_job_then_instance_pod() {
     eprintln!("control plane and operator up after {:?}", t0.elapsed());
 
     let ns = env.create_namespace("cnpg-smoke");
-    env.kubectl_ok(
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=klio-test",
-            "-f",
-            "-",
-        ],
-        Some(&format!(
-            "apiVersion: postgresql.cnpg.io/v1
+    env.apply(&format!(
+        "apiVersion: postgresql.cnpg.io/v1
 kind: Cluster
 metadata:
   name: smoke
@@ -45,8 +37,7 @@ spec:
   storage:
     size: 1Gi
 "
-        )),
-    );
+    ));
 
     let job = wait_for_object(
         &env,
@@ -103,44 +94,9 @@ fn cnpg_operator_cluster_with_plugin_dials_plugin_service_through_proxy() {
     );
 
     let certs = scratch_dir();
-    let (server_crt, server_key) =
-        self_signed_tls(certs.path(), "server", "klio-plugin", "DNS:klio-plugin");
-    let (client_crt, client_key) = self_signed_tls(
-        certs.path(),
-        "client",
-        "klio-plugin-client",
-        "DNS:klio-plugin-client",
-    );
-    for (name, crt, key) in [
-        ("klio-plugin-server-tls", &server_crt, &server_key),
-        ("klio-plugin-client-tls", &client_crt, &client_key),
-    ] {
-        let crt = format!("--cert={}", crt.display());
-        let key = format!("--key={}", key.display());
-        env.kubectl_ok(
-            &[
-                "create",
-                "secret",
-                "tls",
-                name,
-                "-n",
-                "cnpg-system",
-                &crt,
-                &key,
-            ],
-            None,
-        );
-    }
-    env.kubectl_ok(
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=klio-test",
-            "-f",
-            "-",
-        ],
-        Some(
-            "apiVersion: v1
+    plugin_tls_secrets(&env, "cnpg-system", certs.path(), "klio-plugin");
+    env.apply(
+        "apiVersion: v1
 kind: Service
 metadata:
   name: klio-plugin
@@ -157,7 +113,6 @@ spec:
   ports:
   - port: 9090
 ",
-        ),
     );
     // The operator registers the plugin (adding its finalizer to the Service); it dials only
     // when a Cluster uses it.
@@ -177,16 +132,8 @@ spec:
     .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail(40)));
 
     let ns = env.create_namespace("cnpg-plugin");
-    env.kubectl_ok(
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=klio-test",
-            "-f",
-            "-",
-        ],
-        Some(&format!(
-            "apiVersion: postgresql.cnpg.io/v1
+    env.apply(&format!(
+        "apiVersion: postgresql.cnpg.io/v1
 kind: Cluster
 metadata:
   name: withplugin
@@ -198,8 +145,7 @@ spec:
   plugins:
   - name: klio.enterprisedb.io
 "
-        )),
-    );
+    ));
 
     // The operator's TLS ClientHello arrives through the tunnel, naming the Service (SNI).
     let (tx, rx) = std::sync::mpsc::channel();
