@@ -1,5 +1,5 @@
 //! Sidecar injection as pure functions on JSON: a Pod or Job (and the PluginConfiguration)
-//! in, the changed object out; [`json_patch`] turns the difference into the RFC 6902 patch
+//! in, the changed object out; [`json_patch()`] turns the difference into the RFC 6902 patch
 //! the operator applies. Working on JSON keeps every field we do not touch exactly as
 //! CloudNativePG sent it.
 //!

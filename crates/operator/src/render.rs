@@ -405,7 +405,8 @@ fn secret_volume(volume: &str, secret: &str, items: &[(&str, &str)]) -> Volume {
     }
 }
 
-/// The `klio server` arguments of `server`; every file they name is mounted by [`volumes`].
+/// The `klio server` arguments of `server`; every file they name is mounted (see the table
+/// of this module).
 pub fn server_args(server: &Server) -> Vec<String> {
     let spec = &server.spec;
     let mut args: Vec<String> = vec!["server".into(), "--mode".into(), spec.mode.as_str().into()];
