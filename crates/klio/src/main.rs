@@ -12,15 +12,10 @@
 //! Exit status (see `docs/cli.md`): 0 success; 1 failure (for `wal-get`: the file is not
 //! in the archive); 2 invalid command line; 200 `wal-get` failure other than "not found".
 
-mod admin;
-mod backup;
-mod catalog;
-mod client;
 mod cnpg_plugin;
 mod operator;
-mod restore;
-mod wal_get;
-mod wal_stream;
+
+use klio_client::{admin, backup, catalog, client, restore, wal_get, wal_stream};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -12,6 +12,18 @@
 //! The `.proto` sources are under `proto/` in this crate and are compiled at build time by
 //! protox, so the generated code always matches them.
 
+/// Message and piece limits both sides of Klio's own services agree on.
+pub mod limits {
+    /// Largest gRPC message of the WAL service (a client sends at most 4 MiB of WAL per
+    /// request).
+    pub const MAX_WAL_MESSAGE: usize = 32 << 20;
+    /// Largest gRPC message of the base-backup service.
+    pub const MAX_BACKUP_MESSAGE: usize = 64 << 20;
+    /// Block ids a client puts in one `AddFiles` piece at most: 1 GiB of 8 KiB pages, one
+    /// default relation segment file; the server writes blocklists of this length.
+    pub const MAX_PIECE_IDS: usize = 131_072;
+}
+
 pub mod wal {
     pub mod v1 {
         #![allow(clippy::all, missing_docs)]

@@ -36,10 +36,10 @@ pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Most block ids one `Missing` or `GetBlocks` call may name.
 pub const MAX_IDS_PER_CALL: usize = 65_536;
 /// Largest gRPC message of this service.
-pub const MAX_BACKUP_MESSAGE: usize = 64 << 20;
+pub const MAX_BACKUP_MESSAGE: usize = klio_proto::limits::MAX_BACKUP_MESSAGE;
 /// Block ids per blocklist the server writes: 1 GiB of 8 KiB pages, one default relation
 /// segment file, so an unchanged segment costs one blocklist reference in a new manifest.
-pub const BLOCKLIST_LEN: usize = 131_072;
+pub const BLOCKLIST_LEN: usize = klio_proto::limits::MAX_PIECE_IDS;
 /// Block ids a client puts in one `AddFiles` piece at most (what it holds in memory per
 /// reading thread); a multiple of [`BLOCKLIST_LEN`] so pieces cut blocklists the same way.
 pub const MAX_PIECE_IDS: usize = BLOCKLIST_LEN;

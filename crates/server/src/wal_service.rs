@@ -30,7 +30,7 @@ use crate::Context;
 use crate::status::store_status;
 
 /// Largest WAL payload accepted per request (the client sends at most 4 MiB).
-pub const MAX_MESSAGE: usize = 32 << 20;
+pub const MAX_MESSAGE: usize = klio_proto::limits::MAX_WAL_MESSAGE;
 
 /// Per-cluster limits of the WAL service; each is a `klio server` flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

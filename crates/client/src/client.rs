@@ -67,8 +67,8 @@ impl ClientArgs {
     pub async fn wal_client(&self) -> anyhow::Result<WalClient<Channel>> {
         let channel = self.channel(self.wal_port).await?;
         Ok(WalClient::new(channel)
-            .max_decoding_message_size(klio_server::MAX_MESSAGE)
-            .max_encoding_message_size(klio_server::MAX_MESSAGE))
+            .max_decoding_message_size(klio_proto::limits::MAX_WAL_MESSAGE)
+            .max_encoding_message_size(klio_proto::limits::MAX_WAL_MESSAGE))
     }
 
     /// A mutual-TLS HTTP/2 channel to the server's `port`.

@@ -245,7 +245,7 @@ impl Shared {
     fn add_entry(&self, batch: &mut Batch, entry: pb::FileEntry) -> anyhow::Result<()> {
         batch.file_ids += entry.block_ids.len() / 32;
         batch.files.push(entry);
-        if batch.file_ids >= klio_server::MAX_PIECE_IDS || batch.files.len() >= 16_384 {
+        if batch.file_ids >= klio_proto::limits::MAX_PIECE_IDS || batch.files.len() >= 16_384 {
             self.finish(batch)?;
         }
         Ok(())
@@ -287,7 +287,7 @@ impl Shared {
     }
 
     /// Reads one file into blocks and queues its entry, in pieces of at most
-    /// [`klio_server::MAX_PIECE_IDS`] blocks; nothing if it vanished (dropped while we read:
+    /// [`klio_proto::limits::MAX_PIECE_IDS`] blocks; nothing if it vanished (dropped while we read:
     /// the WAL replay recreates whatever state is right).
     fn read_file(&self, entry: &klio_pgdata::Entry, batch: &mut Batch) -> anyhow::Result<()> {
         let mut pb_entry = pb::FileEntry {
@@ -350,7 +350,7 @@ impl Shared {
                 let id = self.add(batch, block.to_vec())?;
                 ids.extend_from_slice(&id);
                 size += block.len() as u64;
-                if ids.len() / 32 >= klio_server::MAX_PIECE_IDS {
+                if ids.len() / 32 >= klio_proto::limits::MAX_PIECE_IDS {
                     // A piece of a large file: its blocks so far, at the size read so far.
                     let piece = pb::FileEntry {
                         size,
@@ -416,8 +416,8 @@ fn label_timeline(label: &str) -> Option<u32> {
 pub async fn backup_client(args: &ClientArgs) -> anyhow::Result<BackupClient<Channel>> {
     let channel = args.channel(args.conn.base_port).await?;
     Ok(BackupClient::new(channel)
-        .max_decoding_message_size(klio_server::MAX_BACKUP_MESSAGE)
-        .max_encoding_message_size(klio_server::MAX_BACKUP_MESSAGE))
+        .max_decoding_message_size(klio_proto::limits::MAX_BACKUP_MESSAGE)
+        .max_encoding_message_size(klio_proto::limits::MAX_BACKUP_MESSAGE))
 }
 
 /// Waits until the archive holds every WAL byte from `start` to `end` on `timeline`.
