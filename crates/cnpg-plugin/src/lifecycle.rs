@@ -284,6 +284,12 @@ fn sidecar(
             tier2.is_some_and(|t| t.enable_recovery).to_string(),
         ),
         ("KLIO_SOCKET_DIR", PLUGINS_DIR.to_string()),
+        // The instance manager's socket directory; peer authentication as postgres (uid 26),
+        // which the Cluster's `local replication all peer` pg_hba line allows for streaming.
+        (
+            "KLIO_PG_DSN",
+            "host=/controller/run user=postgres dbname=postgres".to_string(),
+        ),
     ];
     for (k, v) in settings {
         if !env.iter().any(|e| e["name"] == k) {
@@ -443,6 +449,12 @@ mod tests {
             "/var/lib/postgresql/data/pgdata"
         );
         assert_eq!(env(plugin, "KLIO_CLUSTER").unwrap()["value"], "pg");
+        assert!(
+            env(plugin, "KLIO_PG_DSN").unwrap()["value"]
+                .as_str()
+                .unwrap()
+                .contains("host=/controller/run")
+        );
         assert_eq!(plugin["securityContext"]["runAsUser"], 26);
         let mounts: Vec<&str> = plugin["volumeMounts"]
             .as_array()
