@@ -119,9 +119,13 @@ pub async fn serve<C: Configurations>(
         files: tls,
         current: Mutex::new(None),
     });
-    reloader
+    // Loaded once here, so a bad file stops the start; later handshakes reuse it until a
+    // file changes.
+    let stamp = reloader.stamp();
+    let first = reloader
         .build()
         .context("load the plugin's TLS certificates")?;
+    *reloader.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((stamp, first));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listen on {addr} for CloudNativePG"))?;

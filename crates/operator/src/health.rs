@@ -2,22 +2,17 @@
 //! Both answer 200 while the process runs (a replica waiting for the leader lease is healthy
 //! and ready); anything else is 404. One short request per connection, read with a bound.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Binds `addr` and serves until `shutdown` fires.
-pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listen on {addr} for health probes"))?;
+/// Serves the probes on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
     loop {
         let (mut conn, _) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {

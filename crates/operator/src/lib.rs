@@ -43,16 +43,11 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> anyhow::Resul
     )?;
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = options.health_listen {
-        let token = shutdown.clone();
         // Bound before anything else, so a port in use is reported at once.
-        let listener_check = std::net::TcpListener::bind(addr)
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
             .with_context(|| format!("listen on {addr} for health probes"))?;
-        drop(listener_check);
-        tasks.spawn(async move {
-            if let Err(e) = health::serve(addr, token).await {
-                tracing::error!(error = %format!("{e:#}"), "health probes stopped");
-            }
-        });
+        tasks.spawn(health::serve(listener, shutdown.clone()));
     }
     let lost = CancellationToken::new();
     if let Some(settings) = options.lease.clone() {

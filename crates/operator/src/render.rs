@@ -251,7 +251,7 @@ fn pod_template(
     metadata.namespace = None;
 
     let mut spec = user.spec.unwrap_or_default();
-    let (volumes, mounts) = volumes(server, claims);
+    let (volumes, mounts) = volumes(server, name, claims);
 
     let mut klio = klio_container(server, mounts);
     let (custom, others): (Vec<Container>, Vec<Container>) = std::mem::take(&mut spec.containers)
@@ -305,8 +305,7 @@ fn pod_template(
 }
 
 /// Klio's volumes and the server container's mounts of them.
-fn volumes(server: &Server, claims: &[Claim]) -> (Vec<Volume>, Vec<VolumeMount>) {
-    let name = server.metadata.name.as_deref().unwrap_or_default();
+fn volumes(server: &Server, name: &str, claims: &[Claim]) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     let mut add = |volume: Volume, path: &str, read_only: bool| {
