@@ -25,6 +25,8 @@ mod references;
 mod schema;
 pub mod server;
 mod status;
+#[cfg(test)]
+mod test_crd;
 
 pub use mode::Mode;
 pub use plugin_configuration::{

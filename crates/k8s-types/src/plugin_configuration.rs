@@ -205,22 +205,18 @@ pub type PluginConfigurationStatus = crate::status::ResourceStatus;
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use kube::CustomResourceExt;
-    use serde_json::{Value, json};
+    use serde_json::json;
 
     use super::*;
+    use crate::test_crd::{crd, printer_columns, seed};
 
-    fn crd() -> Value {
-        serde_json::to_value(PluginConfiguration::crd()).unwrap()
-    }
-
-    fn spec_schema() -> Value {
-        crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+    fn spec_schema() -> serde_json::Value {
+        crate::test_crd::spec_schema::<PluginConfiguration>()
     }
 
     #[test]
     fn crd_names_scope_version_status_and_columns() {
-        let crd = crd();
+        let crd = crd::<PluginConfiguration>();
         assert_eq!(
             crd["metadata"]["name"],
             "pluginconfigurations.klio.enterprisedb.io"
@@ -229,13 +225,10 @@ mod tests {
         let version = &crd["spec"]["versions"][0];
         assert_eq!(version["name"], crate::VERSION);
         assert_eq!(version["subresources"]["status"], json!({}));
-        let columns: Vec<&str> = version["additionalPrinterColumns"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(columns, ["ServerAddress", "Mode", "Ready", "Age"]);
+        assert_eq!(
+            printer_columns(&crd),
+            ["ServerAddress", "Mode", "Ready", "Age"]
+        );
         let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"];
         assert!(status["properties"]["observedGeneration"].is_object());
         assert_eq!(
@@ -306,14 +299,10 @@ mod tests {
 
     #[test]
     fn seed_manifests_deserialize_into_the_types() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-        let basic: PluginConfiguration =
-            serde_yaml::from_str(&read("pluginconfiguration-basic.yaml")).unwrap();
+        let basic: PluginConfiguration = seed("pluginconfiguration-basic.yaml");
         assert_eq!(basic.spec.server_address, "klio-server.default");
         assert_eq!(basic.spec.mode, Mode::Standard);
-        let retention: PluginConfiguration =
-            serde_yaml::from_str(&read("pluginconfiguration-retention.yaml")).unwrap();
+        let retention: PluginConfiguration = seed("pluginconfiguration-retention.yaml");
         let tier2 = retention.spec.tier2.unwrap();
         assert!(tier2.enable_backup && tier2.enable_recovery);
         assert_eq!(tier2.retention.unwrap().keep_daily, Some(30));
@@ -321,12 +310,10 @@ mod tests {
             retention.spec.tier1.unwrap().retention.unwrap().keep_hourly,
             Some(12)
         );
-        let dr: PluginConfiguration =
-            serde_yaml::from_str(&read("pluginconfiguration-read-only.yaml")).unwrap();
+        let dr: PluginConfiguration = seed("pluginconfiguration-read-only.yaml");
         assert_eq!(dr.spec.mode, Mode::ReadOnly);
         assert!(!dr.spec.tier2.unwrap().enable_backup);
-        let containers: PluginConfiguration =
-            serde_yaml::from_str(&read("pluginconfiguration-containers.yaml")).unwrap();
+        let containers: PluginConfiguration = seed("pluginconfiguration-containers.yaml");
         let names: Vec<&str> = containers
             .spec
             .containers

@@ -209,36 +209,18 @@ pub type ServerStatus = crate::status::ResourceStatus;
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use kube::CustomResourceExt;
-    use serde_json::{Value, json};
+    use serde_json::json;
 
     use super::*;
+    use crate::test_crd::{crd, printer_columns, rules, seed};
 
-    fn crd() -> Value {
-        serde_json::to_value(Server::crd()).unwrap()
-    }
-
-    fn spec_schema() -> Value {
-        crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
-    }
-
-    fn rules(schema: &Value) -> Vec<(String, String)> {
-        schema["x-kubernetes-validations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r["rule"].as_str().unwrap().to_string(),
-                    r["message"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
+    fn spec_schema() -> serde_json::Value {
+        crate::test_crd::spec_schema::<Server>()
     }
 
     #[test]
     fn crd_names_scope_version_and_status_subresource() {
-        let crd = crd();
+        let crd = crd::<Server>();
         assert_eq!(crd["metadata"]["name"], "servers.klio.enterprisedb.io");
         assert_eq!(crd["spec"]["group"], crate::GROUP);
         assert_eq!(crd["spec"]["names"]["kind"], "Server");
@@ -246,13 +228,7 @@ mod tests {
         let version = &crd["spec"]["versions"][0];
         assert_eq!(version["name"], crate::VERSION);
         assert_eq!(version["subresources"]["status"], json!({}));
-        let columns: Vec<&str> = version["additionalPrinterColumns"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(columns, ["Mode", "Image", "Ready", "Age"]);
+        assert_eq!(printer_columns(&crd), ["Mode", "Image", "Ready", "Age"]);
     }
 
     #[test]
@@ -318,15 +294,13 @@ mod tests {
 
     #[test]
     fn seed_manifests_deserialize_into_the_types() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-        let server: Server = serde_yaml::from_str(&read("server.yaml")).unwrap();
+        let server: Server = seed("server.yaml");
         assert_eq!(server.spec.mode, Mode::Standard);
         let tier1 = server.spec.tier1.unwrap();
         assert_eq!(tier1.encryption_key.key, "encryptionKey");
         let s3 = server.spec.tier2.unwrap().s3;
         assert_eq!(s3.custom_ca_bundle.unwrap().name, "rustfs-tls");
-        let dr: Server = serde_yaml::from_str(&read("server-read-only.yaml")).unwrap();
+        let dr: Server = seed("server-read-only.yaml");
         assert_eq!(dr.spec.mode, Mode::ReadOnly);
         assert!(dr.spec.tier1.is_none() && dr.spec.queue.is_none());
     }

@@ -27,6 +27,13 @@ fn in_namespace(mut doc: Value, ns: &str) -> String {
     serde_yaml::to_string(&doc).unwrap()
 }
 
+/// `base` with `change` applied.
+fn edited(base: &Value, change: impl FnOnce(&mut Value)) -> Value {
+    let mut doc = base.clone();
+    change(&mut doc);
+    doc
+}
+
 fn spec_mut(doc: &mut Value) -> &mut serde_yaml::Mapping {
     doc.get_mut("spec").unwrap().as_mapping_mut().unwrap()
 }
@@ -208,76 +215,66 @@ fn server_seed_rule_violations_refused_naming_the_field() {
     let standard = manifest("server.yaml");
     let read_only = manifest("server-read-only.yaml");
 
-    let mut doc = read_only.clone();
-    spec_mut(&mut doc).remove("tier2");
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier2",
-        "spec.tier2 is required when spec.mode is read-only",
-    );
-
-    let mut doc = read_only.clone();
-    let tier1 = standard["spec"]["tier1"].clone();
-    spec_mut(&mut doc).insert("tier1".into(), tier1);
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier1",
-        "spec.tier1 is not allowed when spec.mode is read-only",
-    );
-
-    let mut doc = read_only.clone();
-    let queue = standard["spec"]["queue"].clone();
-    spec_mut(&mut doc).insert("queue".into(), queue);
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.queue",
-        "spec.queue is not allowed when spec.mode is read-only",
-    );
-
-    let mut doc = standard.clone();
-    spec_mut(&mut doc).remove("tier1");
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier1",
-        "spec.tier1 is required when spec.mode is standard",
-    );
-
-    // An explicit `mode: standard` behaves like the default.
-    let mut doc = standard.clone();
-    spec_mut(&mut doc).remove("queue");
-    spec_mut(&mut doc).insert("mode".into(), "standard".into());
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.queue",
-        "spec.queue is required when spec.mode is standard",
-    );
-
-    let mut doc = standard.clone();
-    spec_mut(&mut doc).insert("mode".into(), "read-write".into());
-    apply_refused(&env, &ns, &doc, "spec.mode", "Unsupported value");
-
-    let mut doc = standard.clone();
-    doc["spec"]["tier2"]["s3"]
-        .as_mapping_mut()
-        .unwrap()
-        .remove("secretAccessKey");
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier2.s3",
-        "spec.tier2.s3.accessKeyId and spec.tier2.s3.secretAccessKey must be set together",
-    );
+    // Each case: the seed changed one way, the field the refusal names, and its message.
+    let cases = [
+        (
+            edited(&read_only, |d| {
+                spec_mut(d).remove("tier2");
+            }),
+            "spec.tier2",
+            "spec.tier2 is required when spec.mode is read-only",
+        ),
+        (
+            edited(&read_only, |d| {
+                spec_mut(d).insert("tier1".into(), standard["spec"]["tier1"].clone());
+            }),
+            "spec.tier1",
+            "spec.tier1 is not allowed when spec.mode is read-only",
+        ),
+        (
+            edited(&read_only, |d| {
+                spec_mut(d).insert("queue".into(), standard["spec"]["queue"].clone());
+            }),
+            "spec.queue",
+            "spec.queue is not allowed when spec.mode is read-only",
+        ),
+        (
+            edited(&standard, |d| {
+                spec_mut(d).remove("tier1");
+            }),
+            "spec.tier1",
+            "spec.tier1 is required when spec.mode is standard",
+        ),
+        // An explicit `mode: standard` behaves like the default.
+        (
+            edited(&standard, |d| {
+                spec_mut(d).remove("queue");
+                spec_mut(d).insert("mode".into(), "standard".into());
+            }),
+            "spec.queue",
+            "spec.queue is required when spec.mode is standard",
+        ),
+        (
+            edited(&standard, |d| {
+                spec_mut(d).insert("mode".into(), "read-write".into());
+            }),
+            "spec.mode",
+            "Unsupported value",
+        ),
+        (
+            edited(&standard, |d| {
+                d["spec"]["tier2"]["s3"]
+                    .as_mapping_mut()
+                    .unwrap()
+                    .remove("secretAccessKey");
+            }),
+            "spec.tier2.s3",
+            "spec.tier2.s3.accessKeyId and spec.tier2.s3.secretAccessKey must be set together",
+        ),
+    ];
+    for (doc, field, message) in &cases {
+        apply_refused(&env, &ns, doc, field, message);
+    }
 
     // Nothing refused was stored.
     let list = env.kubectl_ok(&["get", "servers", "-n", &ns, "-o", "name"], None);
@@ -332,80 +329,71 @@ fn plugin_configuration_seed_rule_violations_refused_naming_the_field() {
     let ns = env.create_namespace("klio-plugin-rules");
     let read_only = manifest("pluginconfiguration-read-only.yaml");
     let retention = manifest("pluginconfiguration-retention.yaml");
+    let containers = manifest("pluginconfiguration-containers.yaml");
 
-    let mut doc = read_only.clone();
-    spec_mut(&mut doc).remove("tier2");
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier2.enableRecovery",
-        "spec.tier2.enableRecovery must be true when spec.mode is read-only",
-    );
-
-    let mut doc = read_only.clone();
-    doc["spec"]["tier2"]["enableRecovery"] = Value::from(false);
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier2.enableRecovery",
-        "spec.tier2.enableRecovery must be true when spec.mode is read-only",
-    );
-
-    let mut doc = read_only.clone();
-    spec_mut(&mut doc).insert("tier1".into(), retention["spec"]["tier1"].clone());
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier1",
-        "spec.tier1 is not allowed when spec.mode is read-only",
-    );
-
-    let mut doc = read_only.clone();
-    doc["spec"]["tier2"]["enableBackup"] = Value::from(true);
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier2.enableBackup",
-        "spec.tier2.enableBackup must be false or omitted when spec.mode is read-only",
-    );
+    // Each case: a seed changed one way, the field the refusal names, and its message.
+    let cases = [
+        (
+            edited(&read_only, |d| {
+                spec_mut(d).remove("tier2");
+            }),
+            "spec.tier2.enableRecovery",
+            "spec.tier2.enableRecovery must be true when spec.mode is read-only",
+        ),
+        (
+            edited(&read_only, |d| {
+                d["spec"]["tier2"]["enableRecovery"] = Value::from(false);
+            }),
+            "spec.tier2.enableRecovery",
+            "spec.tier2.enableRecovery must be true when spec.mode is read-only",
+        ),
+        (
+            edited(&read_only, |d| {
+                spec_mut(d).insert("tier1".into(), retention["spec"]["tier1"].clone());
+            }),
+            "spec.tier1",
+            "spec.tier1 is not allowed when spec.mode is read-only",
+        ),
+        (
+            edited(&read_only, |d| {
+                d["spec"]["tier2"]["enableBackup"] = Value::from(true);
+            }),
+            "spec.tier2.enableBackup",
+            "spec.tier2.enableBackup must be false or omitted when spec.mode is read-only",
+        ),
+        (
+            edited(&containers, |d| {
+                d["spec"]["containers"][1]["name"] = Value::from("postgres");
+            }),
+            "spec.containers[1].name",
+            "spec.containers[].name must be one of klio-plugin, klio-wal, klio-restore",
+        ),
+        // A map list keyed by name: server-side apply refuses the duplicate key itself.
+        (
+            edited(&containers, |d| {
+                d["spec"]["containers"][1]["name"] = Value::from("klio-plugin");
+            }),
+            ".spec.containers",
+            r#"duplicate entries for key [name="klio-plugin"]"#,
+        ),
+        (
+            edited(&retention, |d| {
+                d["spec"]["tier1"]["retention"]["keepDaily"] = Value::from(-1);
+            }),
+            "spec.tier1.retention.keepDaily",
+            "should be greater than or equal to 0",
+        ),
+    ];
+    for (doc, field, message) in &cases {
+        apply_refused(&env, &ns, doc, field, message);
+    }
 
     // `enableBackup: false` is allowed in read-only mode.
-    let mut doc = read_only.clone();
-    doc["spec"]["tier2"]["enableBackup"] = Value::from(false);
-    apply_ok(&env, &ns, &doc);
-
-    let mut doc = manifest("pluginconfiguration-containers.yaml");
-    doc["spec"]["containers"][1]["name"] = Value::from("postgres");
-    apply_refused(
+    apply_ok(
         &env,
         &ns,
-        &doc,
-        "spec.containers[1].name",
-        "spec.containers[].name must be one of klio-plugin, klio-wal, klio-restore",
-    );
-
-    let mut doc = manifest("pluginconfiguration-containers.yaml");
-    doc["spec"]["containers"][1]["name"] = Value::from("klio-plugin");
-    // A map list keyed by name: server-side apply refuses the duplicate key itself.
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        ".spec.containers",
-        r#"duplicate entries for key [name="klio-plugin"]"#,
-    );
-
-    let mut doc = retention.clone();
-    doc["spec"]["tier1"]["retention"]["keepDaily"] = Value::from(-1);
-    apply_refused(
-        &env,
-        &ns,
-        &doc,
-        "spec.tier1.retention.keepDaily",
-        "should be greater than or equal to 0",
+        &edited(&read_only, |d| {
+            d["spec"]["tier2"]["enableBackup"] = Value::from(false);
+        }),
     );
 }

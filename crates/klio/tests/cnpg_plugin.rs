@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -74,22 +73,7 @@ fn cnpg_operator_discovers_klio_and_gets_its_sidecars_injected() {
     // The plugin's certificate pair, as cert-manager's selfSigned issuer would make them.
     let tls = plugin_tls_secrets(&env, "cnpg-system", scratch.path(), "klio-plugin");
     // The chart: its Service in cnpg-system is what CloudNativePG discovers.
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/charts/klio");
-    env.helm(
-        &scratch.path().join("helm"),
-        &[
-            "install",
-            "klio",
-            chart.to_str().unwrap(),
-            "-n",
-            "klio-system",
-            "--create-namespace",
-            "--set",
-            "image.repository=localhost/klio",
-            "--set",
-            "image.tag=test",
-        ],
-    );
+    env.helm_install_klio(&scratch.path().join("helm"));
     let svc = env
         .get_json(&["service", "klio-plugin", "-n", "cnpg-system"])
         .unwrap();

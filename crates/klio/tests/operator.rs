@@ -708,9 +708,8 @@ fn helm_chart_installs_and_its_service_account_runs_the_operator() {
     // A control plane of its own: the chart installs the CRDs itself.
     let env = Arc::new(K8sTestEnv::start());
     let setup = Setup::in_env(env.clone(), "op-helm");
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/charts/klio");
-    let chart = chart.to_str().unwrap();
-    let lint = setup.helm(&["lint", chart]);
+    let chart = klio_test_support::klio_chart_dir();
+    let lint = setup.helm(&["lint", chart.to_str().unwrap()]);
     // The CNPG-I plugin's objects go to CloudNativePG's namespace, which CloudNativePG's
     // installation creates.
     env.kubectl_ok(&["create", "namespace", "cnpg-system"], None);
@@ -718,18 +717,7 @@ fn helm_chart_installs_and_its_service_account_runs_the_operator() {
         !lint.contains("[WARNING]") && !lint.contains("[ERROR]"),
         "{lint}"
     );
-    setup.helm(&[
-        "install",
-        "klio",
-        chart,
-        "-n",
-        "klio-system",
-        "--create-namespace",
-        "--set",
-        "image.repository=localhost/klio",
-        "--set",
-        "image.tag=test",
-    ]);
+    env.helm_install_klio(&setup.scratch.path().join("helm"));
     env.kubectl_ok(
         &[
             "wait",

@@ -17,6 +17,11 @@ pub fn k8s_testenv_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/k8s-testenv.sh")
 }
 
+/// This repository's Helm chart, `deploy/charts/klio`.
+pub fn klio_chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/charts/klio")
+}
+
 const BUILD_HINT: &str = "HINT: build them with \"bash scripts/k8s-testenv.sh build\" (about 13 min cold, instant when cached in /var/tmp/klio-k8s); scripts/test.sh does this before the tests";
 
 /// A control plane started by `scripts/k8s-testenv.sh up` in a scratch directory and stopped by
@@ -276,6 +281,27 @@ impl K8sTestEnv {
         );
         assert!(out.status.success(), "helm {args:?} failed:\n{text}");
         text
+    }
+
+    /// `helm install klio` of this repository's chart into namespace `klio-system` (created),
+    /// with the test image `localhost/klio:test`; helm's state under `home`.
+    pub fn helm_install_klio(&self, home: &Path) -> String {
+        let chart = klio_chart_dir();
+        self.helm(
+            home,
+            &[
+                "install",
+                "klio",
+                chart.to_str().unwrap(),
+                "-n",
+                "klio-system",
+                "--create-namespace",
+                "--set",
+                "image.repository=localhost/klio",
+                "--set",
+                "image.tag=test",
+            ],
+        )
     }
 
     /// Creates a namespace with a name unique in this control plane (`<prefix>-<pid>-<n>`).

@@ -81,7 +81,7 @@ pub use cnpg::{
     wait_for_object,
 };
 pub use connect_proxy::ConnectProxy;
-pub use k8s::{K8sTestEnv, k8s_testenv_script};
+pub use k8s::{K8sTestEnv, k8s_testenv_script, klio_chart_dir};
 pub use major::{DEFAULT_PG_MAJORS_DIR, PgMajor};
 pub use process::{ChildGuard, DEFAULT_PG_BIN, pg_bin, postgres_command, running_as_root};
 pub use receivewal::PgReceiveWal;
