@@ -718,15 +718,7 @@ fn helm_chart_installs_and_its_service_account_runs_the_operator() {
         "{lint}"
     );
     env.helm_install_klio(&setup.scratch.path().join("helm"));
-    env.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/servers.klio.enterprisedb.io",
-        ],
-        None,
-    );
+    env.wait_established(&["servers.klio.enterprisedb.io"]);
     // The Deployment's pod is created (and stays Pending: no kubelet): its template is valid.
     let pods = setup.wait_for_in("klio-system", "pods", "the operator pod", |p| {
         p["items"].as_array().is_some_and(|i| !i.is_empty())

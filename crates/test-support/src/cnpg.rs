@@ -271,16 +271,18 @@ fn install_cnpg_crds(env: &K8sTestEnv, dir: &Path) {
         ],
         None,
     );
-    env.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            crds,
-        ],
-        None,
-    );
+    // Each file is `<group>_<plural>.yaml`, the CRD `<plural>.<group>`.
+    let mut names: Vec<String> = std::fs::read_dir(crds)
+        .unwrap()
+        .filter_map(|e| {
+            let file = e.ok()?.file_name().into_string().ok()?;
+            let (group, plural) = file.strip_suffix(".yaml")?.split_once('_')?;
+            Some(format!("{plural}.{group}"))
+        })
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no CRD files in {crds}");
+    env.wait_established(&names.iter().map(String::as_str).collect::<Vec<_>>());
     installed.push(env.server_url().to_string());
 }
 

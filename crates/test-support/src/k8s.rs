@@ -222,16 +222,32 @@ impl K8sTestEnv {
             ],
             None,
         );
-        self.kubectl_ok(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/servers.klio.enterprisedb.io",
-                "crd/pluginconfigurations.klio.enterprisedb.io",
-            ],
-            None,
-        );
+        self.wait_established(&[
+            "servers.klio.enterprisedb.io",
+            "pluginconfigurations.klio.enterprisedb.io",
+        ]);
+    }
+
+    /// Waits (up to 60 s) until each named CRD reports `Established=True`. Polls rather than
+    /// `kubectl wait`, which fails instead of waiting when it reads a CRD the API server has
+    /// not given any condition yet (right after an apply).
+    pub fn wait_established(&self, crds: &[&str]) {
+        for crd in crds {
+            crate::wait_until(
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_millis(200),
+                &format!("CRD {crd} to be Established"),
+                || {
+                    Ok(self.get_json(&["crd", crd]).is_some_and(|c| {
+                        c["status"]["conditions"].as_array().is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c["type"] == "Established" && c["status"] == "True")
+                        })
+                    }))
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        }
     }
 
     /// `kubectl get <args> -o json` as JSON, or `None` when kubectl fails (e.g. not found).
