@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/cnpgi/restore_job.proto",
         "proto/cnpgi/backup.proto",
         "proto/cnpgi/postgres.proto",
+        // The standard health service, for the sidecars' startup probe.
+        "proto/grpc/health/v1/health.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -475,7 +475,10 @@ async fn wait_for_wal(
     }
 }
 
-pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
+/// Takes the backup, applies the retention policy unless told not to, and returns the
+/// committed backup's metadata (its JSON as the catalog holds it, with `backup_id`).
+/// The sidecar's `Backup.Backup` and `klio backup` both call this.
+pub async fn take(args: &BackupArgs) -> anyhow::Result<serde_json::Value> {
     let cluster = args.client.cluster.clone();
     let (pg, conn) = tokio_postgres::connect(&args.pg_dsn, tokio_postgres::NoTls)
         .await
@@ -525,14 +528,13 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| status_error("begin a backup", s))?
         .into_inner();
-    let backup_id = begin.backup_id.clone();
     let key: [u8; 32] = begin
         .block_id_key
         .as_ref()
         .try_into()
         .context("the server sent a block id key that is not 32 bytes")?;
     let result = take_backup(
-        &args,
+        args,
         &pg,
         &mut client,
         &begin,
@@ -575,6 +577,14 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(metadata)
+}
+
+/// `klio backup`: [`take`], then the result on standard output.
+pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
+    let metadata = take(&args).await?;
+    let cluster = &args.client.cluster;
+    let backup_id = metadata["backup_id"].as_str().unwrap_or_default();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&metadata)?);
     } else {

@@ -643,7 +643,31 @@ fn sweep(root: &Path, expected: &HashSet<PathBuf>, removed: &mut u64) -> anyhow:
     Ok(())
 }
 
+/// What [`restore_data`] restored.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The backup written.
+    pub backup_id: String,
+    /// Its metadata (as `klio backups show` prints it).
+    pub metadata: Value,
+    /// Why it was chosen.
+    pub why: String,
+}
+
+/// `klio restore`: [`restore_data`], then the recovery settings (`restore_command` through
+/// `klio wal-get`, the target, `recovery.signal`).
 pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    let restored = restore_data(&args).await?;
+    let pgdata = std::path::absolute(&args.pgdata).unwrap_or(args.pgdata.clone());
+    write_recovery_settings(&args, &pgdata)?;
+    println!("{}", restored.backup_id);
+    Ok(())
+}
+
+/// Chooses the backup for the target, writes its files into `--pgdata` (and the tablespace
+/// locations) with its `backup_label` and `tablespace_map`, durably; recovery settings are
+/// left to the caller (`klio restore` writes its own, CloudNativePG writes its own).
+pub async fn restore_data(args: &RestoreArgs) -> anyhow::Result<Restored> {
     let cluster = args.client.cluster.clone();
     let pgdata = std::path::absolute(&args.pgdata).unwrap_or(args.pgdata.clone());
     check_target_dir(&pgdata, args.delta)?;
@@ -663,7 +687,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         .transpose()?;
     let mut client = backup_client(&args.client).await?;
     let backups = list_backups(&mut client, &cluster, args.client.tier2_recovery).await?;
-    let (chosen, why) = choose(&args, &backups, target_time, target_lsn)?;
+    let (chosen, why) = choose(args, &backups, target_time, target_lsn)?;
     eprintln!(
         "restoring backup {} of cluster \"{cluster}\"{}: {why}",
         chosen.id,
@@ -683,7 +707,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         .as_ref()
         .try_into()
         .context("the server sent a block id key that is not 32 bytes")?;
-    let spcs = tablespace_locations(&args, &meta)?;
+    let spcs = tablespace_locations(args, &meta)?;
     if !args.delta {
         for (oid, loc) in &spcs {
             if std::fs::read_dir(loc).is_ok_and(|mut d| d.next().is_some()) {
@@ -721,7 +745,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
             fetcher.reused_blocks.load(Ordering::Relaxed),
         )
     };
-    write_recovery_files(&args, &pgdata, &spcs, &meta)?;
+    write_label_files(&pgdata, &spcs, &meta)?;
     eprintln!(
         "restored backup {} into \"{}\" in {:.1} s: {} blocks ({} bytes) fetched, {} blocks reused",
         chosen.id,
@@ -731,8 +755,11 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         stats.1,
         stats.2
     );
-    println!("{}", chosen.id);
-    Ok(())
+    Ok(Restored {
+        backup_id: chosen.id,
+        metadata: meta,
+        why,
+    })
 }
 
 /// Reads a manifest: its first message (metadata, key, tier, domain) and every file.
@@ -897,9 +924,8 @@ fn klio_executable() -> anyhow::Result<PathBuf> {
     })
 }
 
-/// backup_label, tablespace_map, recovery settings and recovery.signal.
-fn write_recovery_files(
-    args: &RestoreArgs,
+/// backup_label and tablespace_map.
+fn write_label_files(
     pgdata: &Path,
     spcs: &BTreeMap<String, PathBuf>,
     meta: &Value,
@@ -920,6 +946,11 @@ fn write_recovery_files(
             .collect();
         klio_durable::write_atomic(&map_path, map.as_bytes(), 0o600)?;
     }
+    Ok(())
+}
+
+/// `restore_command` through `klio wal-get`, the recovery target and `recovery.signal`.
+fn write_recovery_settings(args: &RestoreArgs, pgdata: &Path) -> anyhow::Result<()> {
     let exe = klio_executable()?;
     let mut words = vec![sh_quote(&exe.display().to_string()), "wal-get".to_string()];
     words.extend(args.client.to_args().iter().map(|a| sh_quote(a)));

@@ -133,7 +133,9 @@ fn write_file(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("rename \"{}\" to \"{}\"", tmp.display(), path.display()))
 }
 
-fn spool_dir(args: &WalGetArgs) -> PathBuf {
+/// Where `klio wal-get` spools prefetched segments: `--spool-dir`, else `.klio-spool` next
+/// to DESTPATH.
+pub fn spool_dir(args: &WalGetArgs) -> PathBuf {
     args.spool_dir.clone().unwrap_or_else(|| {
         let parent = args
             .dest_path
@@ -142,6 +144,33 @@ fn spool_dir(args: &WalGetArgs) -> PathBuf {
             .unwrap_or(Path::new("."));
         parent.join(".klio-spool")
     })
+}
+
+/// One file PostgreSQL (or pg_rewind) asks for.
+#[derive(Debug)]
+pub struct WalRequest<'a> {
+    /// The archive (cluster) to read.
+    pub cluster: &'a str,
+    /// Look in Tier 2 for what Tier 1 lacks.
+    pub tier2_recovery: bool,
+    /// The file's name (`%f`).
+    pub wal_name: &'a str,
+    /// Where to write it (`%p`).
+    pub dest_path: &'a Path,
+    /// Segments fetched ahead on a miss; 0 disables the spool entirely (neither read nor
+    /// filled), as pg_rewind needs.
+    pub prefetch: u32,
+    /// The prefetch spool directory.
+    pub spool: &'a Path,
+}
+
+/// Whether `name` can be an archived file's name: letters, digits and dots only (a WAL
+/// segment, `.partial`, `.history` or `.backup` file), so it never leaves a directory.
+pub fn is_plausible_wal_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
 }
 
 /// Removes spooled segments older than `segno` (PostgreSQL will not ask for them again).
@@ -168,43 +197,69 @@ fn prune_spool(spool: &Path, current: &WalFileName, size: SegmentSize) {
 
 pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
     let spool = spool_dir(args);
+    let request = WalRequest {
+        cluster: &args.client.cluster,
+        tier2_recovery: args.client.tier2_recovery,
+        wal_name: &args.wal_name,
+        dest_path: &args.dest_path,
+        prefetch: args.prefetch,
+        spool: &spool,
+    };
+    restore(&request, || args.client.wal_client()).await
+}
+
+/// Serves `r` from the spool when it holds the file, else fetches it with the client
+/// `connect` gives (called only then, so spool hits cost no connection) and, on a segment,
+/// prefetches the following ones into the spool.
+pub async fn restore<F, Fut>(r: &WalRequest<'_>, connect: F) -> anyhow::Result<Outcome>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<WalClient<Channel>>>,
+{
+    if !is_plausible_wal_name(r.wal_name) {
+        anyhow::bail!(
+            "\"{}\" is not the name of a WAL, history or backup history file\nHINT: wal-get takes a WAL file name such as 000000010000000000000001",
+            r.wal_name.escape_debug()
+        );
+    }
+    let spool = r.spool;
     // Spooled segments are named like the archive's and are only ever complete segments.
-    let spooled = spool.join(&args.wal_name);
-    if args.prefetch > 0 && spooled.is_file() {
-        std::fs::rename(&spooled, &args.dest_path)
-            .or_else(|_| std::fs::copy(&spooled, &args.dest_path).map(|_| ()))
+    let spooled = spool.join(r.wal_name);
+    if r.prefetch > 0 && spooled.is_file() {
+        std::fs::rename(&spooled, r.dest_path)
+            .or_else(|_| std::fs::copy(&spooled, r.dest_path).map(|_| ()))
             .with_context(|| {
                 format!(
                     "move prefetched \"{}\" to \"{}\"",
                     spooled.display(),
-                    args.dest_path.display()
+                    r.dest_path.display()
                 )
             })?;
-        tracing::debug!(name = %args.wal_name, "served from the prefetch spool");
+        tracing::debug!(name = %r.wal_name, "served from the prefetch spool");
         return Ok(Outcome::Restored);
     }
 
-    let mut client = args.client.wal_client().await?;
-    let cluster = args.client.cluster.clone();
-    let tier2 = args.client.tier2_recovery;
-    let Some(first) = fetch(&mut client, &cluster, &args.wal_name, true, tier2).await? else {
+    let mut client = connect().await?;
+    let cluster = r.cluster.to_string();
+    let tier2 = r.tier2_recovery;
+    let Some(first) = fetch(&mut client, &cluster, r.wal_name, true, tier2).await? else {
         return Ok(Outcome::NotFound);
     };
     let size = SegmentSize::new(first.segment_size)
         .context("the server reports an invalid segment size")?;
-    let parsed = WalFileName::parse(&args.wal_name, size).map_err(|e| {
+    let parsed = WalFileName::parse(r.wal_name, size).map_err(|e| {
         anyhow::anyhow!("{e}\nHINT: wal-get takes a WAL file name such as 000000010000000000000001")
     })?;
     let mut data = first.data;
     if first.partial {
         // An incomplete last segment is zero-padded, as PostgreSQL expects of a segment;
         // replay stops at its last complete record.
-        tracing::info!(name = %args.wal_name, bytes = data.len(), "serving an incomplete segment, zero-padded");
+        tracing::info!(name = %r.wal_name, bytes = data.len(), "serving an incomplete segment, zero-padded");
         data.resize(size.bytes() as usize, 0);
     }
 
     let mut prefetched = Vec::new();
-    if args.prefetch > 0
+    if r.prefetch > 0
         && !first.partial
         && let WalFileName::Segment {
             timeline,
@@ -212,10 +267,10 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
             size,
         } = parsed
     {
-        std::fs::create_dir_all(&spool)
+        std::fs::create_dir_all(spool)
             .with_context(|| format!("create spool directory \"{}\"", spool.display()))?;
-        prune_spool(&spool, &parsed, size);
-        let names: Vec<String> = (1..=u64::from(args.prefetch))
+        prune_spool(spool, &parsed, size);
+        let names: Vec<String> = (1..=u64::from(r.prefetch))
             .map(|i| {
                 WalFileName::segment(timeline, klio_pg::SegmentNo(segno.0 + i), size).to_string()
             })
@@ -230,13 +285,13 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
             }
         });
         prefetched = futures::stream::iter(fetches)
-            .buffered(args.prefetch as usize)
+            .buffered(r.prefetch as usize)
             .collect::<Vec<_>>()
             .await;
     }
-    write_file(&args.dest_path, &data)?;
-    for (name, r) in prefetched {
-        match r {
+    write_file(r.dest_path, &data)?;
+    for (name, res) in prefetched {
+        match res {
             Ok(Some(f)) if !f.partial => write_file(&spool.join(&name), &f.data)?,
             Ok(_) => break,
             // Speculative: a failure here is reported when PostgreSQL asks for the file.

@@ -41,11 +41,32 @@ impl<'a> Cluster<'a> {
     /// The `externalClusters[].plugin` of the recovery source (`bootstrap.recovery.source`),
     /// if it is this plugin.
     pub fn recovery_plugin(&self) -> Option<&'a Value> {
+        self.recovery_source().map(|(_, p)| p)
+    }
+
+    /// The recovery source's name and plugin entry, if that source is this plugin.
+    pub fn recovery_source(&self) -> Option<(&'a str, &'a Value)> {
         let source = self.0["spec"]["bootstrap"]["recovery"]["source"].as_str()?;
+        Some((source, self.external_plugin(source)?))
+    }
+
+    /// The replica source's name and plugin entry (`replica.source` of an enabled replica
+    /// cluster), if that source is this plugin.
+    pub fn replica_source(&self) -> Option<(&'a str, &'a Value)> {
+        let replica = &self.0["spec"]["replica"];
+        if replica["enabled"].as_bool() != Some(true) {
+            return None;
+        }
+        let source = replica["source"].as_str()?;
+        Some((source, self.external_plugin(source)?))
+    }
+
+    /// `externalClusters[name].plugin`, if it is this plugin and enabled.
+    fn external_plugin(&self, name: &str) -> Option<&'a Value> {
         let external = self.0["spec"]["externalClusters"]
             .as_array()?
             .iter()
-            .find(|e| e["name"] == source)?;
+            .find(|e| e["name"] == name)?;
         let plugin = &external["plugin"];
         (plugin["name"] == PLUGIN_NAME && plugin["enabled"].as_bool() != Some(false))
             .then_some(plugin)

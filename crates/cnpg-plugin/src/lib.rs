@@ -5,6 +5,7 @@
 //! - [`lifecycle`]: sidecar injection into instance Pods and recovery Jobs, pure functions on
 //!   JSON, and the JSON Patch returned;
 //! - [`service`]: `Identity`, `OperatorLifecycle` and `ReconcilerHooks`;
+//! - [`sidecar`]: the sidecars' half (`klio cnpg-sidecar`), served on the pod's unix socket;
 //! - [`serve`]: the mTLS listener; certificates are re-read when their files change, so a
 //!   rotation needs no restart.
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 pub mod cluster;
 pub mod lifecycle;
 pub mod service;
+pub mod sidecar;
 
 pub use lifecycle::SidecarDefaults;
 pub use service::{Configurations, KubeConfigurations, Plugin};

@@ -18,6 +18,7 @@
 use serde_json::{Value, json};
 
 use crate::PLUGIN_NAME;
+use crate::sidecar::ArchiveNames;
 use klio_k8s_types::{Mode, PluginConfigurationSpec};
 
 /// The emptyDir shared by the instance manager and the sidecars (`/plugins/<plugin>`).
@@ -76,7 +77,7 @@ pub fn mutate_pod(
     pod: &Value,
     pc_name: &str,
     spec: &PluginConfigurationSpec,
-    cluster_name: &str,
+    names: &ArchiveNames,
     defaults: &SidecarDefaults,
 ) -> Result<Value, HookError> {
     let mut out = pod.clone();
@@ -91,7 +92,7 @@ pub fn mutate_pod(
         &instance_sidecars(spec),
         pc_name,
         spec,
-        cluster_name,
+        names,
         defaults,
     )?;
     Ok(out)
@@ -118,7 +119,7 @@ pub fn mutate_job(
     job: &Value,
     pc_name: &str,
     spec: &PluginConfigurationSpec,
-    cluster_name: &str,
+    names: &ArchiveNames,
     defaults: &SidecarDefaults,
 ) -> Result<Option<Value>, HookError> {
     let Some(role) = job_role(job).filter(|r| is_recovery_role(r)) else {
@@ -139,7 +140,7 @@ pub fn mutate_job(
         &["klio-restore"],
         pc_name,
         spec,
-        cluster_name,
+        names,
         defaults,
     )?;
     Ok(Some(out))
@@ -153,7 +154,7 @@ fn inject(
     sidecars: &[&str],
     pc_name: &str,
     spec: &PluginConfigurationSpec,
-    cluster_name: &str,
+    names: &ArchiveNames,
     defaults: &SidecarDefaults,
 ) -> Result<(), HookError> {
     // Volumes: the shared socket directory and the two certificate Secrets (ours replaced).
@@ -189,7 +190,7 @@ fn inject(
 
     let built: Vec<Value> = sidecars
         .iter()
-        .map(|name| sidecar(name, &main_container, pc_name, spec, cluster_name, defaults))
+        .map(|name| sidecar(name, &main_container, pc_name, spec, names, defaults))
         .collect();
     let init = array_mut(pod_spec, "initContainers");
     init.retain(|c| {
@@ -208,7 +209,7 @@ fn sidecar(
     main: &Value,
     pc_name: &str,
     spec: &PluginConfigurationSpec,
-    cluster_name: &str,
+    names: &ArchiveNames,
     defaults: &SidecarDefaults,
 ) -> Value {
     let mut c = spec
@@ -265,12 +266,7 @@ fn sidecar(
         ("KLIO_PLUGIN_NAME", PLUGIN_NAME.to_string()),
         ("KLIO_PLUGIN_CONFIGURATION", pc_name.to_string()),
         ("KLIO_SERVER_ADDRESS", server.to_string()),
-        (
-            "KLIO_CLUSTER",
-            spec.cluster_name
-                .clone()
-                .unwrap_or_else(|| cluster_name.to_string()),
-        ),
+        ("KLIO_CLUSTER", names.own.clone()),
         ("KLIO_CLIENT_CERT", format!("{CLIENT_TLS_DIR}/tls.crt")),
         ("KLIO_CLIENT_KEY", format!("{CLIENT_TLS_DIR}/tls.key")),
         ("KLIO_SERVER_CA", format!("{SERVER_TLS_DIR}/tls.crt")),
@@ -291,6 +287,27 @@ fn sidecar(
             "host=/controller/run user=postgres dbname=postgres".to_string(),
         ),
     ];
+    // Present only when set, so a pod's environment changes only with what it uses.
+    let retention =
+        |r: Option<&klio_k8s_types::Retention>| r.and_then(|r| serde_json::to_string(r).ok());
+    let optional = [
+        (
+            "KLIO_RECOVERY_SOURCE_CLUSTER",
+            names.recovery_source.clone(),
+        ),
+        ("KLIO_REPLICA_SOURCE_CLUSTER", names.replica_source.clone()),
+        (
+            "KLIO_RETENTION",
+            retention(spec.tier1.as_ref().and_then(|t| t.retention.as_ref())),
+        ),
+        (
+            "KLIO_TIER2_RETENTION",
+            retention(spec.tier2.as_ref().and_then(|t| t.retention.as_ref())),
+        ),
+    ];
+    let settings = settings
+        .into_iter()
+        .chain(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
     for (k, v) in settings {
         if !env.iter().any(|e| e["name"] == k) {
             env.push(json!({"name": k, "value": v}));
@@ -358,6 +375,14 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
+    fn archives(own: &str) -> ArchiveNames {
+        ArchiveNames {
+            own: own.to_string(),
+            recovery_source: None,
+            replica_source: None,
+        }
+    }
+
     fn base_spec() -> PluginConfigurationSpec {
         spec(json!({
             "serverAddress": "klio-server.default",
@@ -417,7 +442,7 @@ mod tests {
 
     #[test]
     fn mutate_pod_merges_the_configuration_containers_as_the_seed_says() {
-        let out = mutate_pod(&pod(), "pc", &base_spec(), "pg", &defaults()).unwrap();
+        let out = mutate_pod(&pod(), "pc", &base_spec(), &archives("pg"), &defaults()).unwrap();
         let plugin = init(&out, "klio-plugin");
         assert_eq!(
             plugin["args"],
@@ -485,8 +510,8 @@ mod tests {
     #[test]
     fn mutate_pod_is_idempotent_and_patch_of_a_mutated_pod_is_empty() {
         let spec = base_spec();
-        let once = mutate_pod(&pod(), "pc", &spec, "pg", &defaults()).unwrap();
-        let twice = mutate_pod(&once, "pc", &spec, "pg", &defaults()).unwrap();
+        let once = mutate_pod(&pod(), "pc", &spec, &archives("pg"), &defaults()).unwrap();
+        let twice = mutate_pod(&once, "pc", &spec, &archives("pg"), &defaults()).unwrap();
         assert_eq!(once, twice);
         assert!(json_patch(&once, &twice).is_empty());
         let patch: Value = serde_json::from_slice(&json_patch(&pod(), &once)).unwrap();
@@ -500,7 +525,7 @@ mod tests {
     fn mutate_pod_read_only_has_no_wal_sidecar() {
         let mut s = base_spec();
         s.mode = Mode::ReadOnly;
-        let out = mutate_pod(&pod(), "pc", &s, "pg", &defaults()).unwrap();
+        let out = mutate_pod(&pod(), "pc", &s, &archives("pg"), &defaults()).unwrap();
         let names: Vec<&str> = out["spec"]["initContainers"]
             .as_array()
             .unwrap()
@@ -509,8 +534,11 @@ mod tests {
             .collect();
         assert_eq!(names, ["klio-plugin"]);
         // A pod that had both loses klio-wal when the configuration becomes read-only.
-        let both = mutate_pod(&pod(), "pc", &base_spec(), "pg", &defaults()).unwrap();
-        assert_eq!(mutate_pod(&both, "pc", &s, "pg", &defaults()).unwrap(), out);
+        let both = mutate_pod(&pod(), "pc", &base_spec(), &archives("pg"), &defaults()).unwrap();
+        assert_eq!(
+            mutate_pod(&both, "pc", &s, &archives("pg"), &defaults()).unwrap(),
+            out
+        );
     }
 
     #[test]
@@ -525,29 +553,74 @@ mod tests {
                 }}
             })
         };
-        let out = mutate_job(&job("full-recovery"), "pc", &base_spec(), "pg", &defaults())
-            .unwrap()
-            .unwrap();
+        let out = mutate_job(
+            &job("full-recovery"),
+            "pc",
+            &base_spec(),
+            &archives("pg"),
+            &defaults(),
+        )
+        .unwrap()
+        .unwrap();
         let init = &out["spec"]["template"]["spec"]["initContainers"];
         assert_eq!(init[0]["name"], "klio-restore");
         assert_eq!(init[0]["args"], json!(["cnpg-sidecar", "restore"]));
+        // Only what is set reaches the environment.
+        assert!(env(&init[0], "KLIO_RECOVERY_SOURCE_CLUSTER").is_none());
+        assert!(env(&init[0], "KLIO_RETENTION").is_none());
+        // The archive names and the retention of each tier, when set.
+        let mut with_retention = base_spec();
+        with_retention.tier1 = Some(klio_k8s_types::PluginTier1 {
+            retention: Some(klio_k8s_types::Retention {
+                keep_daily: Some(7),
+                ..Default::default()
+            }),
+        });
+        let mut recovering = archives("pg");
+        recovering.recovery_source = Some("origin".into());
+        let out = mutate_job(
+            &job("full-recovery"),
+            "pc",
+            &with_retention,
+            &recovering,
+            &defaults(),
+        )
+        .unwrap()
+        .unwrap();
+        let restore = &out["spec"]["template"]["spec"]["initContainers"][0];
+        assert_eq!(env(restore, "KLIO_CLUSTER").unwrap()["value"], "pg");
+        assert_eq!(
+            env(restore, "KLIO_RECOVERY_SOURCE_CLUSTER").unwrap()["value"],
+            "origin"
+        );
+        assert_eq!(
+            env(restore, "KLIO_RETENTION").unwrap()["value"],
+            r#"{"keepDaily":7}"#
+        );
+        assert!(env(restore, "KLIO_TIER2_RETENTION").is_none());
         assert!(
-            mutate_job(&job("initdb"), "pc", &base_spec(), "pg", &defaults())
-                .unwrap()
-                .is_none()
+            mutate_job(
+                &job("initdb"),
+                "pc",
+                &base_spec(),
+                &archives("pg"),
+                &defaults()
+            )
+            .unwrap()
+            .is_none()
         );
         let mut edb = job("snapshot-recovery");
         edb["spec"]["template"]["metadata"]["labels"] =
             json!({"k8s.enterprisedb.io/jobRole": "snapshot-recovery"});
         assert!(
-            mutate_job(&edb, "pc", &base_spec(), "pg", &defaults())
+            mutate_job(&edb, "pc", &base_spec(), &archives("pg"), &defaults())
                 .unwrap()
                 .is_some()
         );
         let mut broken = job("full-recovery");
         broken["spec"]["template"]["spec"]["containers"][0]["name"] = json!("other");
         assert!(matches!(
-            mutate_job(&broken, "pc", &base_spec(), "pg", &defaults()),
+            mutate_job(&broken, "pc", &base_spec(), &archives("pg"), &defaults()),
             Err(HookError::NoMainContainer { .. })
         ));
     }
@@ -559,7 +632,7 @@ mod tests {
                 &json!({"kind": "Pod"}),
                 "pc",
                 &base_spec(),
-                "pg",
+                &archives("pg"),
                 &defaults()
             ),
             Err(HookError::Malformed("Pod"))

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::PLUGIN_NAME;
 use crate::cluster::{Cluster, configuration_ref};
 use crate::lifecycle::{SidecarDefaults, json_patch, mutate_job, mutate_pod};
+use crate::sidecar::ArchiveNames;
 
 /// Where PluginConfigurations come from.
 pub trait Configurations: Send + Sync + 'static {
@@ -92,6 +93,36 @@ impl<C: Configurations> Plugin<C> {
     }
 }
 
+impl<C: Configurations> Plugin<C> {
+    /// The archive names of `cluster`: its own (`own`'s clusterName, else the Cluster's name),
+    /// and those of its recovery and replica sources when they are this plugin (their
+    /// PluginConfiguration's clusterName, else the external cluster's name).
+    async fn archive_names(
+        &self,
+        cluster: &Cluster<'_>,
+        own: Option<&PluginConfigurationSpec>,
+    ) -> Result<ArchiveNames, Status> {
+        let mut names = ArchiveNames {
+            own: own
+                .and_then(|s| s.cluster_name.clone())
+                .unwrap_or_else(|| cluster.name().to_string()),
+            recovery_source: None,
+            replica_source: None,
+        };
+        for (source, slot) in [
+            (cluster.recovery_source(), &mut names.recovery_source),
+            (cluster.replica_source(), &mut names.replica_source),
+        ] {
+            let Some((external, entry)) = source else {
+                continue;
+            };
+            let (_, spec) = self.configuration(cluster, entry).await?;
+            *slot = Some(spec.cluster_name.unwrap_or_else(|| external.to_string()));
+        }
+        Ok(names)
+    }
+}
+
 /// The mode rules of the seed, checked again here (the API server checks them on write, but
 /// a PluginConfiguration may predate its CRD's rules).
 pub fn check(name: &str, spec: &PluginConfigurationSpec) -> Result<(), String> {
@@ -116,6 +147,19 @@ pub fn check(name: &str, spec: &PluginConfigurationSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// `GetPluginMetadata`'s answer, the same on both halves (CloudNativePG matches the name).
+pub fn plugin_metadata() -> identity::GetPluginMetadataResponse {
+    identity::GetPluginMetadataResponse {
+        name: PLUGIN_NAME.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        display_name: "Klio".to_string(),
+        description: "Backups and WAL streaming to a Klio server".to_string(),
+        license: "Apache-2.0".to_string(),
+        maturity: "alpha".to_string(),
+        ..Default::default()
+    }
+}
+
 fn parse_cluster(bytes: &[u8]) -> Result<Value, Status> {
     Cluster::parse(bytes).map_err(Status::invalid_argument)
 }
@@ -126,15 +170,7 @@ impl<C: Configurations> identity::identity_server::Identity for Plugin<C> {
         &self,
         _: Request<identity::GetPluginMetadataRequest>,
     ) -> Result<Response<identity::GetPluginMetadataResponse>, Status> {
-        Ok(Response::new(identity::GetPluginMetadataResponse {
-            name: PLUGIN_NAME.to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            display_name: "Klio".to_string(),
-            description: "Backups and WAL streaming to a Klio server".to_string(),
-            license: "Apache-2.0".to_string(),
-            maturity: "alpha".to_string(),
-            ..Default::default()
-        }))
+        Ok(Response::new(plugin_metadata()))
     }
 
     async fn get_plugin_capabilities(
@@ -216,8 +252,9 @@ impl<C: Configurations> lifecycle::operator_lifecycle_server::OperatorLifecycle 
                 None => None,
                 Some(entry) => {
                     let (name, spec) = self.configuration(&cluster, entry).await?;
+                    let names = self.archive_names(&cluster, Some(&spec)).await?;
                     Some(
-                        mutate_pod(&object, &name, &spec, cluster.name(), &self.0.defaults)
+                        mutate_pod(&object, &name, &spec, &names, &self.0.defaults)
                             .map_err(|e| Status::invalid_argument(e.to_string()))?,
                     )
                 }
@@ -227,8 +264,15 @@ impl<C: Configurations> lifecycle::operator_lifecycle_server::OperatorLifecycle 
                     if crate::lifecycle::job_role(&object)
                         .is_some_and(crate::lifecycle::is_recovery_role) =>
                 {
+                    // The Job connects as the recovery source's PluginConfiguration says; the
+                    // new cluster's own archive name comes from its own plugin entry.
                     let (name, spec) = self.configuration(&cluster, entry).await?;
-                    mutate_job(&object, &name, &spec, cluster.name(), &self.0.defaults)
+                    let own = match cluster.instance_plugin() {
+                        Some(e) => Some(self.configuration(&cluster, e).await?.1),
+                        None => None,
+                    };
+                    let names = self.archive_names(&cluster, own.as_ref()).await?;
+                    mutate_job(&object, &name, &spec, &names, &self.0.defaults)
                         .map_err(|e| Status::invalid_argument(e.to_string()))?
                 }
                 _ => None,

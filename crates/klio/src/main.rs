@@ -7,7 +7,9 @@
 //! - `klio wal-get`: PostgreSQL's `restore_command`;
 //! - `klio wal-list`: what the archive of a cluster holds;
 //! - `klio admin queue ...`: the server's work queue (dead-letter list, retries);
-//! - `klio pki init`: development certificates.
+//! - `klio pki init`: development certificates;
+//! - `klio operator`, `klio cnpg-plugin`: the Kubernetes operator and the CloudNativePG
+//!   plugin's operator side; `klio cnpg-sidecar instance|restore|healthcheck`: its sidecars.
 //!
 //! Exit status (see `docs/cli.md`): 0 success; 1 failure (for `wal-get`: the file is not
 //! in the archive); 2 invalid command line; 200 `wal-get` failure other than "not found".
@@ -16,6 +18,7 @@ mod cnpg_plugin;
 mod operator;
 
 use klio_client::{admin, backup, catalog, client, restore, wal_get, wal_stream};
+use klio_cnpg_plugin::sidecar::{self, Role, SidecarCommand};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +74,9 @@ enum Command {
     Operator(operator::OperatorArgs),
     /// Run the operator side of the CloudNativePG plugin (sidecar injection, hooks)
     CnpgPlugin(cnpg_plugin::CnpgPluginArgs),
+    /// The CloudNativePG plugin's sidecars (klio-plugin, klio-restore) and their probe
+    #[command(subcommand)]
+    CnpgSidecar(SidecarCommand),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -451,7 +457,10 @@ fn main() -> ExitCode {
         | Command::Backup(_)
         | Command::Restore(_)
         | Command::Operator(_)
-        | Command::CnpgPlugin(_) => tokio::runtime::Builder::new_multi_thread(),
+        | Command::CnpgPlugin(_)
+        | Command::CnpgSidecar(SidecarCommand::Instance(_) | SidecarCommand::Restore(_)) => {
+            tokio::runtime::Builder::new_multi_thread()
+        }
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let rt = match builder.enable_all().build() {
@@ -491,6 +500,18 @@ fn main() -> ExitCode {
             Command::CnpgPlugin(a) => cnpg_plugin::run(a, cancel_on_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::CnpgSidecar(c) => {
+                let (role, args) = match c {
+                    SidecarCommand::Instance(a) => (Role::Instance, a),
+                    SidecarCommand::Restore(a) => (Role::Restore, a),
+                    SidecarCommand::Healthcheck(a) => {
+                        return sidecar::healthcheck(&a).await.map(|()| ExitCode::SUCCESS);
+                    }
+                };
+                sidecar::serve(role, args.config()?, cancel_on_signals())
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
             Command::Operator(a) => klio_operator::run(a.into_options(), cancel_on_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS),

@@ -9,6 +9,9 @@
 //!   backup, restore-job hooks and postgres (sidecar side). The package names are CNPG-I's,
 //!   including its two files that reuse another package.
 //!
+//! - [`grpc_health::v1`]: the standard gRPC health service (`grpc.health.v1.Health`), the
+//!   sidecars' startup probe.
+//!
 //! The `.proto` sources are under `proto/` in this crate and are compiled at build time by
 //! protox, so the generated code always matches them.
 
@@ -68,5 +71,12 @@ pub mod cnpgi {
             #![allow(clippy::all, missing_docs)]
             tonic::include_proto!("cnpgi.backup.v1");
         }
+    }
+}
+
+pub mod grpc_health {
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("grpc.health.v1");
     }
 }
