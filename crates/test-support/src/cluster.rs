@@ -84,6 +84,9 @@ pub struct PgOptions {
     /// [`PgCluster::standby_of`], the one `PG_VERSION` names for [`PgCluster::from_data_dir`]
     /// (where `Some` must agree with `PG_VERSION`).
     pub major: Option<PgMajor>,
+    /// The network namespace the server runs in ([`PgOptions::in_netns`]); `None`: the
+    /// host's.
+    pub netns: Option<String>,
 }
 
 impl Default for PgOptions {
@@ -94,6 +97,7 @@ impl Default for PgOptions {
             initdb_args: Vec::new(),
             start_timeout: Duration::from_secs(120),
             major: None,
+            netns: None,
         }
     }
 }
@@ -106,6 +110,14 @@ impl PgOptions {
 
     pub fn with_conf(mut self, line: impl Into<String>) -> Self {
         self.extra_conf.push(line.into());
+        self
+    }
+
+    /// Runs the server inside `ns` (its `restore_command` too): reach it through its unix
+    /// socket ([`PgCluster::socket_dsn`], [`PgCluster::psql`]); its TCP port is the
+    /// namespace's.
+    pub fn in_netns(mut self, ns: &crate::NetNs) -> Self {
+        self.netns = Some(ns.name().to_string());
         self
     }
 
@@ -277,6 +289,7 @@ pub struct PgCluster {
     major: PgMajor,
     extra_conf: Vec<String>,
     start_timeout: Duration,
+    netns: Option<String>,
     running: bool,
     /// Socket directory, log file and (for [`PgCluster::start`] and
     /// [`PgCluster::standby_of`]) the data directory.
@@ -308,6 +321,7 @@ impl PgCluster {
             major,
             extra_conf: opts.extra_conf.clone(),
             start_timeout: opts.start_timeout,
+            netns: opts.netns.clone(),
             running: false,
             scratch,
             _data_owner: data_owner,
@@ -530,7 +544,14 @@ impl PgCluster {
     /// `pg_ctl` of the cluster's major (checked to exist when the cluster was made); it runs
     /// the `postgres` beside it.
     fn pg_ctl(&self, action: &str) -> Command {
-        let mut cmd = postgres_command(self.major.bin_dir().join("pg_ctl"));
+        let program = self.major.bin_dir().join("pg_ctl");
+        // The postmaster inherits the namespace of the pg_ctl that starts it.
+        let mut cmd = match &self.netns {
+            Some(ns) if matches!(action, "start" | "restart") => {
+                crate::netns::postgres_command_in(ns, program)
+            }
+            _ => postgres_command(program),
+        };
         cmd.arg(action).arg("-D").arg(&self.data_dir);
         cmd
     }

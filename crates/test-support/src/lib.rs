@@ -39,6 +39,10 @@
 //!   [`self_signed_tls`] makes certificates for plugin Secrets.
 //! - [`ConnectProxy`]: an HTTP `CONNECT` proxy on loopback mapping `host:port` names to
 //!   loopback addresses, refusing everything else.
+//! - [`NetNs`], [`InstanceManagerCache`]: a network namespace of the test's own, and
+//!   CloudNativePG's instance-manager cache (the Cluster JSON on `localhost:8010`) inside it,
+//!   for running `manager wal-restore` and the PostgreSQL that calls it
+//!   ([`PgOptions::in_netns`]).
 //! - [`free_port`], [`wait_until`], [`wait_until_async`].
 //!
 //! Cluster defaults: data checksums, C locale, UTF8, `wal_level = replica`,
@@ -69,6 +73,7 @@ mod cnpg;
 mod connect_proxy;
 mod k8s;
 mod major;
+mod netns;
 mod process;
 mod receivewal;
 mod scratch;
@@ -83,6 +88,7 @@ pub use cnpg::{
 pub use connect_proxy::ConnectProxy;
 pub use k8s::{K8sTestEnv, k8s_testenv_script, klio_chart_dir};
 pub use major::{DEFAULT_PG_MAJORS_DIR, PgMajor};
+pub use netns::{INSTANCE_MANAGER_PORT, InstanceManagerCache, NetNs};
 pub use process::{ChildGuard, DEFAULT_PG_BIN, pg_bin, postgres_command, running_as_root};
 pub use receivewal::PgReceiveWal;
 pub use scratch::{ScratchDir, scratch_dir};

@@ -283,13 +283,13 @@ impl wal::wal_server::Wal for Sidecar {
 }
 
 /// Parses a backup parameter, naming it on failure.
-fn parameter<T: std::str::FromStr>(
+fn parameter<T>(
     params: &HashMap<String, String>,
     key: &str,
     range: std::ops::RangeInclusive<T>,
 ) -> Result<Option<T>, Status>
 where
-    T: PartialOrd + std::fmt::Display,
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
 {
     let Some(raw) = params.get(key) else {
         return Ok(None);
