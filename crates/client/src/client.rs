@@ -22,9 +22,10 @@ pub struct Connection {
     /// Private key of the client certificate (PEM)
     #[arg(long, env = "KLIO_CLIENT_KEY")]
     pub client_key: PathBuf,
-    /// CA certificate that signed the server's certificate (PEM)
-    #[arg(long, env = "KLIO_SERVER_CA")]
-    pub server_ca: PathBuf,
+    /// CA certificate that signed the server's certificate (PEM); several comma-separated
+    /// files are all trusted and missing ones skipped (a Secret's ca.crt,tls.crt)
+    #[arg(long, env = "KLIO_SERVER_CA", value_delimiter = ',', required = true)]
+    pub server_ca: Vec<PathBuf>,
     /// Name to verify in the server certificate (default: the server address)
     #[arg(long, env = "KLIO_SERVER_NAME")]
     pub server_name: Option<String>,
@@ -35,7 +36,7 @@ impl Connection {
     pub async fn channel(&self, port: u16) -> anyhow::Result<Channel> {
         let domain = self.server_name.as_deref().unwrap_or(&self.server_address);
         let tls =
-            klio_tls::client_tls(&self.server_ca, &self.client_cert, &self.client_key, domain)
+            klio_tls::client_tls_any(&self.server_ca, &self.client_cert, &self.client_key, domain)
                 .context("load client TLS settings")?;
         Ok(klio_tls::connect(&self.server_address, port, tls).await?)
     }
@@ -93,7 +94,12 @@ impl ClientArgs {
             "--client-key".to_string(),
             absolute(&self.conn.client_key),
             "--server-ca".to_string(),
-            absolute(&self.conn.server_ca),
+            self.conn
+                .server_ca
+                .iter()
+                .map(|p| absolute(p))
+                .collect::<Vec<_>>()
+                .join(","),
         ];
         if let Some(n) = &self.conn.server_name {
             v.push("--server-name".to_string());

@@ -269,7 +269,12 @@ fn sidecar(
         ("KLIO_CLUSTER", names.own.clone()),
         ("KLIO_CLIENT_CERT", format!("{CLIENT_TLS_DIR}/tls.crt")),
         ("KLIO_CLIENT_KEY", format!("{CLIENT_TLS_DIR}/tls.key")),
-        ("KLIO_SERVER_CA", format!("{SERVER_TLS_DIR}/tls.crt")),
+        // The Secret's CA when it was issued by one (cert-manager writes ca.crt), and the
+        // certificate itself, which verifies a self-signed one.
+        (
+            "KLIO_SERVER_CA",
+            format!("{SERVER_TLS_DIR}/ca.crt,{SERVER_TLS_DIR}/tls.crt"),
+        ),
         ("KLIO_MODE", spec.mode.as_str().to_string()),
         (
             "KLIO_TIER2_BACKUP",

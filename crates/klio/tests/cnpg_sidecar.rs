@@ -115,7 +115,11 @@ fn injected_env(k: &Klio, cluster: &str) -> Vec<(String, String)> {
         ("KLIO_CLUSTER", cluster.to_string()),
         ("KLIO_CLIENT_CERT", pki(&format!("client-{cluster}.crt"))),
         ("KLIO_CLIENT_KEY", pki(&format!("client-{cluster}.key"))),
-        ("KLIO_SERVER_CA", pki("ca.crt")),
+        // As injected: the Secret's ca.crt (absent here), then the certificate trusted.
+        (
+            "KLIO_SERVER_CA",
+            format!("{},{}", pki("no-such-ca.crt"), pki("ca.crt")),
+        ),
         ("KLIO_MODE", "standard".to_string()),
         ("KLIO_TIER2_BACKUP", "false".to_string()),
         ("KLIO_TIER2_RECOVERY", "false".to_string()),

@@ -39,12 +39,49 @@ pub fn client_tls(
     client_key: &Path,
     domain: &str,
 ) -> Result<ClientTlsConfig, Error> {
-    const CA: &str = "server CA certificate";
+    let ca_pem = read_file(server_ca, CA)?;
+    client_tls_from(ca_pem, server_ca, client_cert, client_key, domain)
+}
+
+const CA: &str = "server CA certificate";
+
+/// [`client_tls`] trusting every certificate in those of `server_cas` that exist (at least
+/// one must): a Secret's `ca.crt` and `tls.crt` together, so a self-signed server
+/// certificate and a CA-issued one both verify.
+pub fn client_tls_any(
+    server_cas: &[std::path::PathBuf],
+    client_cert: &Path,
+    client_key: &Path,
+    domain: &str,
+) -> Result<ClientTlsConfig, Error> {
+    let present: Vec<&std::path::PathBuf> = server_cas.iter().filter(|p| p.is_file()).collect();
+    let Some(first) = present.first() else {
+        let names: Vec<String> = server_cas.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::load(
+            CA,
+            server_cas.first().map(|p| p.as_path()),
+            format!("none of {} exists", names.join(", ")),
+        ));
+    };
+    let mut ca_pem = Vec::new();
+    for p in &present {
+        ca_pem.extend(read_file(p, CA)?);
+        ca_pem.push(b'\n');
+    }
+    client_tls_from(ca_pem, first, client_cert, client_key, domain)
+}
+
+fn client_tls_from(
+    ca_pem: Vec<u8>,
+    server_ca: &Path,
+    client_cert: &Path,
+    client_key: &Path,
+    domain: &str,
+) -> Result<ClientTlsConfig, Error> {
     const CERT: &str = "client certificate";
     const KEY: &str = "client private key";
     let provider = crypto_provider();
 
-    let ca_pem = read_file(server_ca, CA)?;
     let cert_pem = read_file(client_cert, CERT)?;
     let key_pem = read_file(client_key, KEY)?;
 

@@ -56,7 +56,7 @@ use rustls::crypto::CryptoProvider;
 
 pub use client::{
     CONNECT_TIMEOUT, INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, KEEPALIVE_INTERVAL,
-    KEEPALIVE_TIMEOUT, TCP_KEEPALIVE, TLS_HANDSHAKE_TIMEOUT, client_tls, connect,
+    KEEPALIVE_TIMEOUT, TCP_KEEPALIVE, TLS_HANDSHAKE_TIMEOUT, client_tls, client_tls_any, connect,
 };
 pub use error::Error;
 pub use pki::{

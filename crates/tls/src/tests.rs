@@ -323,6 +323,23 @@ fn client_tls_mismatched_key_names_both_files() {
 }
 
 #[test]
+fn client_tls_any_skips_missing_files_but_needs_one() {
+    let fx = fixture();
+    let a = &fx.main.clients["a"];
+    let missing = fx.main.ca.cert.with_file_name("absent-ca.crt");
+    client_tls_any(
+        &[missing.clone(), fx.main.ca.cert.clone()],
+        &a.cert,
+        &a.key,
+        "localhost",
+    )
+    .expect("the present CA is enough");
+    let err =
+        client_tls_any(&[missing.clone()], &a.cert, &a.key, "localhost").expect_err("no CA at all");
+    assert!(err.to_string().contains("absent-ca.crt"), "{err}");
+}
+
+#[test]
 fn install_crypto_provider_is_idempotent() {
     install_crypto_provider();
     install_crypto_provider();

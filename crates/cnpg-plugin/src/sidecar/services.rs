@@ -85,8 +85,9 @@ impl Sidecar {
 
     fn stamp(&self) -> Stamp {
         let c = &self.config().client.conn;
-        [&c.client_cert, &c.client_key, &c.server_ca]
-            .iter()
+        [&c.client_cert, &c.client_key]
+            .into_iter()
+            .chain(c.server_ca.iter())
             .map(|p| {
                 std::fs::metadata(p)
                     .ok()
