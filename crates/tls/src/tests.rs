@@ -334,8 +334,8 @@ fn client_tls_any_skips_missing_files_but_needs_one() {
         "localhost",
     )
     .expect("the present CA is enough");
-    let err =
-        client_tls_any(&[missing.clone()], &a.cert, &a.key, "localhost").expect_err("no CA at all");
+    let err = client_tls_any(std::slice::from_ref(&missing), &a.cert, &a.key, "localhost")
+        .expect_err("no CA at all");
     assert!(err.to_string().contains("absent-ca.crt"), "{err}");
 }
 
