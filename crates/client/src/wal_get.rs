@@ -11,7 +11,9 @@
 //! refused certificate...). A status above 125 makes PostgreSQL stop recovery instead of
 //! mistaking a failure for the end of the archive.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
 use clap::Args;
@@ -164,6 +166,49 @@ pub struct WalRequest<'a> {
     pub spool: &'a Path,
 }
 
+/// Prefetching in the background, for a long-lived process (the CNPG-I sidecar): a call
+/// that misses returns as soon as its own file is written, while the following segments are
+/// fetched; a later call for a segment still on its way waits for it instead of fetching it
+/// again. (`klio wal-get` is a process per file, so it prefetches before it exits.)
+#[derive(Clone, Default)]
+pub struct Prefetcher {
+    /// Spool paths being fetched.
+    inflight: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Woken each time one of them is settled (written or given up).
+    settled: Arc<tokio::sync::Notify>,
+}
+
+impl Prefetcher {
+    fn is_inflight(&self, p: &Path) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(p)
+    }
+
+    /// Waits (at most a minute) while `p` is being fetched.
+    async fn wait_for(&self, p: &Path) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let settled = self.settled.notified();
+            if !self.is_inflight(p) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn settle(&self, p: &Path) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(p);
+        self.settled.notify_waiters();
+    }
+}
+
 /// Whether `name` can be an archived file's name: letters, digits and dots only (a WAL
 /// segment, `.partial`, `.history` or `.backup` file), so it never leaves a directory.
 pub fn is_plausible_wal_name(name: &str) -> bool {
@@ -171,6 +216,48 @@ pub fn is_plausible_wal_name(name: &str) -> bool {
         && name.len() <= 64
         && !name.starts_with('.')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+}
+
+/// Fetches `names` into `spool` in parallel, each written as soon as it arrives; every name
+/// is marked in flight until then. A segment the archive lacks (or that fails) is skipped:
+/// PostgreSQL's own call for it reports the outcome.
+fn spawn_prefetch(
+    b: Prefetcher,
+    client: WalClient<Channel>,
+    cluster: String,
+    tier2: bool,
+    spool: PathBuf,
+    names: Vec<String>,
+) {
+    {
+        let mut inflight = b.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        inflight.extend(names.iter().map(|n| spool.join(n)));
+    }
+    let parallel = names.len().max(1);
+    tokio::spawn(async move {
+        let fetches = names.into_iter().map(|n| {
+            let mut c = client.clone();
+            let cluster = cluster.clone();
+            async move {
+                let r = fetch(&mut c, &cluster, &n, false, tier2).await;
+                (n, r)
+            }
+        });
+        let mut done = futures::stream::iter(fetches).buffer_unordered(parallel);
+        while let Some((name, res)) = done.next().await {
+            let path = spool.join(&name);
+            match res {
+                Ok(Some(f)) if !f.partial => {
+                    if let Err(e) = write_file(&path, &f.data) {
+                        tracing::debug!(name, error = %format!("{e:#}"), "prefetch not spooled");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(name, error = %e, "prefetch failed"),
+            }
+            b.settle(&path);
+        }
+    });
 }
 
 /// Removes spooled segments older than `segno` (PostgreSQL will not ask for them again).
@@ -205,13 +292,17 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
         prefetch: args.prefetch,
         spool: &spool,
     };
-    restore(&request, || args.client.wal_client()).await
+    restore(&request, None, || args.client.wal_client()).await
 }
 
 /// Serves `r` from the spool when it holds the file, else fetches it with the client
 /// `connect` gives (called only then, so spool hits cost no connection) and, on a segment,
-/// prefetches the following ones into the spool.
-pub async fn restore<F, Fut>(r: &WalRequest<'_>, connect: F) -> anyhow::Result<Outcome>
+/// prefetches the following ones into the spool: before returning, or in the `background`.
+pub async fn restore<F, Fut>(
+    r: &WalRequest<'_>,
+    background: Option<&Prefetcher>,
+    connect: F,
+) -> anyhow::Result<Outcome>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<WalClient<Channel>>>,
@@ -225,6 +316,11 @@ where
     let spool = r.spool;
     // Spooled segments are named like the archive's and are only ever complete segments.
     let spooled = spool.join(r.wal_name);
+    if r.prefetch > 0
+        && let Some(b) = background
+    {
+        b.wait_for(&spooled).await;
+    }
     if r.prefetch > 0 && spooled.is_file() {
         std::fs::rename(&spooled, r.dest_path)
             .or_else(|_| std::fs::copy(&spooled, r.dest_path).map(|_| ()))
@@ -275,7 +371,20 @@ where
                 WalFileName::segment(timeline, klio_pg::SegmentNo(segno.0 + i), size).to_string()
             })
             .filter(|n| !spool.join(n).exists())
+            .filter(|n| background.is_none_or(|b| !b.is_inflight(&spool.join(n))))
             .collect();
+        if let Some(b) = background {
+            write_file(r.dest_path, &data)?;
+            spawn_prefetch(
+                b.clone(),
+                client,
+                cluster,
+                tier2,
+                spool.to_path_buf(),
+                names,
+            );
+            return Ok(Outcome::Restored);
+        }
         let fetches = names.into_iter().map(|n| {
             let mut c = client.clone();
             let cluster = cluster.clone();

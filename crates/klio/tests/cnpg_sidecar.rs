@@ -392,10 +392,13 @@ async fn recover_through_the_job(
     let got = k.wal_get("pg", begin_wal, &reference, &["--prefetch", "0"])?;
     assert!(got.status.success(), "{}", output_text(&got));
     assert_eq!(std::fs::read(&probe)?, std::fs::read(&reference)?);
-    assert!(
-        spooled(&spool) > 0,
-        "a recovery call prefetches the next segments"
-    );
+    // A recovery call prefetches the next segments, in the background once it has answered.
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "the sidecar to spool the next segments",
+        || Ok(spooled(&spool) > 0),
+    )?;
     std::fs::remove_file(&probe)?;
     let missing = "0000000100000000000000FE";
     let out = wal_restore(missing, &probe)?;

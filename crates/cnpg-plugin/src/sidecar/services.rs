@@ -51,6 +51,8 @@ struct Inner {
     wal: tokio::sync::Mutex<Option<(Stamp, WalClient<Channel>)>>,
     /// Held while a backup runs: one at a time per pod.
     backup: tokio::sync::Mutex<()>,
+    /// WAL prefetched in the background while PostgreSQL replays what it was given.
+    prefetcher: wal_get::Prefetcher,
 }
 
 fn internal(e: anyhow::Error) -> Status {
@@ -76,6 +78,7 @@ impl Sidecar {
             config,
             wal: tokio::sync::Mutex::new(None),
             backup: tokio::sync::Mutex::new(()),
+            prefetcher: wal_get::Prefetcher::default(),
         }))
     }
 
@@ -251,7 +254,7 @@ impl wal::wal_server::Wal for Sidecar {
             prefetch: if rewind { 0 } else { config.prefetch },
             spool: &spool,
         };
-        match wal_get::restore(&req, || self.wal_client()).await {
+        match wal_get::restore(&req, Some(&self.0.prefetcher), || self.wal_client()).await {
             Ok(Outcome::Restored) => Ok(Response::new(wal::WalRestoreResult {})),
             Ok(Outcome::NotFound) => Err(Status::not_found(format!(
                 "\"{}\" is not in the WAL archive of cluster \"{archive}\"",
