@@ -41,7 +41,9 @@ PIDS=()
 cleanup() {
   set +e
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  [ -f "$WORK/pg/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" stop -m immediate >/dev/null 2>&1
+  for d in "$WORK/pg" "$WORK/s0/pgdata" "$WORK/s8/pgdata"; do
+    [ -f "$d/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1
+  done
   wait 2>/dev/null
   ip netns del "$NS" 2>/dev/null
   rm -rf "$WORK"
@@ -70,6 +72,8 @@ for _ in $(seq 1 50); do psql_pg "SELECT 1" >/dev/null 2>&1 && break; sleep 0.2;
 echo "pgbench -i -s $SCALE" >&2
 as_pg "$PG_BIN/pgbench" -i -q -s "$SCALE" -h "$WORK" -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
 psql_pg "CREATE TABLE w (x text)"
+# The base backup the replays start from (and the full backup the timed ones build on).
+"$KLIO" backup --pg-dsn "$DSN" --no-retention --json >/dev/null 2>"$WORK/b0.err"
 FIRST=$(psql_pg "SELECT pg_walfile_name(pg_current_wal_lsn())")
 for _ in $(seq 1 "$SEGMENTS"); do
   psql_pg "INSERT INTO w SELECT repeat(md5(g::text), 20) FROM generate_series(1, 20000) g; SELECT pg_switch_wal()" >/dev/null
@@ -134,12 +138,42 @@ echo "fetching ${#NAMES[@]} segments four ways" >&2
 D0=$(direct 0); P0=$(via_plugin "$WORK/s0")
 D8=$(direct 8); P8=$(via_plugin "$WORK/s8")
 
+# Real replays of the same WAL from the base backup, until promotion: PostgreSQL's
+# restore_command is klio wal-get (prefetch 0 / 8) or CloudNativePG's manager wal-restore
+# through the sidecar (prefetch 0 / 8), which prefetches while PostgreSQL applies.
+replay() { # PGDATA KIND PREFETCH -> seconds from start to promotion
+  local d="$1"
+  rm -rf "$d"; "$KLIO" restore --pgdata "$d" >/dev/null 2>"$WORK/restore.err" || { cat "$WORK/restore.err" >&2; exit 1; }
+  chown -R postgres:postgres "$d"; chmod 700 "$d"
+  local port; port=$(free_port)
+  pg_conf "$d" "$port"
+  echo "unix_socket_directories = '$d/..'" >> "$d/postgresql.conf"
+  local cmd prefix=()
+  if [ "$2" = direct ]; then
+    cmd=$(grep "^restore_command" "$d/postgresql.auto.conf" | tail -1 | sed "s| wal-get | wal-get --prefetch $3 --spool-dir $d/../direct-spool |")
+    echo "$cmd" >> "$d/postgresql.auto.conf"
+  else
+    echo "restore_command = 'env PLUGIN_SOCKET_DIR=$d/../sock PGDATA=$d POD_NAME=pg-1 $MANAGER wal-restore --log-destination $d/../manager.json %f %p'" >> "$d/postgresql.auto.conf"
+    prefix=(ip netns exec "$NS")
+  fi
+  local t0; t0=$(now)
+  "${prefix[@]}" runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$d" -l "$d/../replay.log" start >/dev/null
+  for _ in $(seq 1 6000); do
+    [ "$(as_pg "$PG_BIN/psql" -X -At -h "$d/.." -p "$port" -U postgres -d postgres -c 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ] && break
+    sleep 0.05
+  done
+  secs "$t0"
+  as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1 || true
+}
+echo "replaying the WAL four ways" >&2
+R_D0=$(replay "$WORK/s0/pgdata" direct 0); R_P0=$(replay "$WORK/s0/pgdata" plugin 0)
+R_D8=$(replay "$WORK/s8/pgdata" direct 8); R_P8=$(replay "$WORK/s8/pgdata" plugin 8)
+
 # Backups each way after the same change (a full backup first, untimed, so every timed one
 # is an incremental of the same kind), alternating which goes first.
-"$KLIO" backup --pg-dsn "$DSN" --no-retention --json >/dev/null 2>"$WORK/b0.err"
 change() { as_pg "$PG_BIN/pgbench" -n -t 2000 -h "$WORK" -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1; }
 backup_direct() { local t0; t0=$(now); "$KLIO" backup --pg-dsn "$DSN" --no-retention --json >/dev/null 2>"$WORK/b.err"; secs "$t0"; }
-backup_plugin() { local t0; t0=$(now); "$CALL_BACKUP" "$WORK/s0/sock/klio.enterprisedb.io" "$WORK/cluster.json" >/dev/null; secs "$t0"; }
+backup_plugin() { local t0; t0=$(now); "$CALL_BACKUP" "$WORK/s0/sock/klio.enterprisedb.io" "$WORK/cluster.json" bench skipRetention=true >/dev/null; secs "$t0"; }
 change; B_DIRECT=$(backup_direct); change; B_PLUGIN=$(backup_plugin)
 change; B_PLUGIN2=$(backup_plugin); change; B_DIRECT2=$(backup_direct)
 DB_SIZE=$(psql_pg "SELECT pg_size_pretty(pg_database_size('postgres'))")
@@ -151,6 +185,10 @@ per WAL file (ms)            no prefetch   prefetch 8
   klio wal-get (direct)      $D0$(printf '%*s' $((14 - ${#D0})) '')$D8
   manager wal-restore+plugin $P0$(printf '%*s' $((14 - ${#P0})) '')$P8
   plugin / direct            $(ratio "$P0" "$D0")$(printf '%*s' 9 '')$(ratio "$P8" "$D8")
+replay to promotion (s)      no prefetch   prefetch 8
+  restore_command klio wal-get $R_D0$(printf '%*s' $((12 - ${#R_D0})) '')$R_D8
+  manager wal-restore+plugin $R_P0$(printf '%*s' $((14 - ${#R_P0})) '')$R_P8
+  plugin / direct            $(ratio "$R_P0" "$R_D0")$(printf '%*s' 9 '')$(ratio "$R_P8" "$R_D8")
 incremental backup (s)       run 1         run 2 (order reversed)
   klio backup (direct)       $B_DIRECT$(printf '%*s' $((14 - ${#B_DIRECT})) '')$B_DIRECT2
   Backup.Backup via plugin   $B_PLUGIN$(printf '%*s' $((14 - ${#B_PLUGIN})) '')$B_PLUGIN2

@@ -2,7 +2,7 @@
 //! and prints the result as JSON (used by `bench/cnpg-sidecar.sh` to time a backup through
 //! the plugin).
 //!
-//!     cnpgi_backup <socket> <cluster.json> [backup-name]
+//!     cnpgi_backup <socket> <cluster.json> [backup-name [key=value...]]
 
 use klio_cnpg_plugin::sidecar::socket_channel;
 use klio_proto::cnpgi::backup::v1 as backup;
@@ -14,6 +14,12 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: cnpgi_backup <socket> <cluster.json> [backup-name]");
     };
     let name = args.next().unwrap_or_else(|| "bench".to_string());
+    let parameters = args
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.to_string(), v.to_string())),
+            None => anyhow::bail!("parameter \"{kv}\" is not key=value"),
+        })
+        .collect::<anyhow::Result<_>>()?;
     let cluster = std::fs::read(&cluster)?;
     let backup_cr = serde_json::json!({"apiVersion": "postgresql.cnpg.io/v1", "kind": "Backup", "metadata": {"name": name}});
     let channel = socket_channel(std::path::Path::new(&socket)).await?;
@@ -21,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
         .backup(backup::BackupRequest {
             cluster_definition: cluster.into(),
             backup_definition: serde_json::to_vec(&backup_cr)?.into(),
-            parameters: Default::default(),
+            parameters,
         })
         .await
         .map_err(|s| anyhow::anyhow!("Backup.Backup: {}", s.message()))?
