@@ -589,6 +589,63 @@ async fn read_only_configuration_restores_wal_and_refuses_backups() -> anyhow::R
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn configuration_retention_runs_after_each_backup() -> anyhow::Result<()> {
+    let k = Klio::start(&["pg"])?;
+    let primary = PgCluster::start(PgOptions::default())?;
+    let _wal = klio_wal(&k, &primary, "klio-wal")?;
+    primary.psql("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i")?;
+    // tier1.retention: {keepLatest: 1}, every other rule disabled.
+    let plugin = Sidecar::start(
+        &k,
+        "instance",
+        &[
+            ("KLIO_PG_DSN", &primary.socket_dsn()),
+            ("PGDATA", &primary.data_dir().display().to_string()),
+            (
+                "KLIO_RETENTION",
+                r#"{"keepLatest":1,"keepHourly":0,"keepDaily":0,"keepWeekly":0,"keepMonthly":0,"keepAnnual":0}"#,
+            ),
+        ],
+    )?;
+    let mut client =
+        backup::backup_client::BackupClient::new(socket_channel(&plugin.socket()).await?);
+    let cluster = cluster_json("pg", json!({"currentPrimary": "pg-1"}), json!({}));
+    let mut ids = Vec::new();
+    for (name, params) in [
+        ("first", vec![]),
+        ("kept-by-request", vec![("skipRetention", "true")]),
+        ("last", vec![]),
+    ] {
+        let r = client
+            .backup(backup::BackupRequest {
+                cluster_definition: bytes(&cluster),
+                backup_definition: bytes(&json!({"metadata": {"name": name}})),
+                parameters: params
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}\n{}", s.message(), plugin.log_text()))?
+            .into_inner();
+        ids.push(r.backup_id);
+        let listed: Vec<String> = k
+            .backups_list("pg")?
+            .iter()
+            .map(|b| b["backup_id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        // skipRetention leaves the earlier backup; otherwise only the newest is kept.
+        let expected = if name == "kept-by-request" {
+            ids.clone()
+        } else {
+            vec![ids[ids.len() - 1].clone()]
+        };
+        assert_eq!(listed, expected, "after backup \"{name}\"");
+    }
+    Ok(())
+}
+
 /// Creates `dir` with the owner of `parent` (the sidecar runs as `postgres`).
 fn mkdir_owned_like(parent: &Path, dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
