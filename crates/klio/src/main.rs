@@ -42,7 +42,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the Klio server
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Stream WAL from the local PostgreSQL to the Klio server (the klio-wal sidecar)
     WalStream(wal_stream::WalStreamArgs),
     /// Fetch an archived WAL file (use as restore_command = 'klio wal-get ... %f %p')
@@ -122,6 +122,33 @@ struct ServerArgs {
     /// directory)
     #[arg(long, env = "KLIO_QUEUE_NATS_URL")]
     queue_nats_url: Option<String>,
+    /// NATS credentials file (user JWT and nkey seed, as nsc writes it)
+    #[arg(long, env = "KLIO_QUEUE_NATS_CREDS_FILE")]
+    queue_nats_creds_file: Option<PathBuf>,
+    /// File holding the NATS nkey seed
+    #[arg(long, env = "KLIO_QUEUE_NATS_NKEY_FILE")]
+    queue_nats_nkey_file: Option<PathBuf>,
+    /// File holding the NATS authentication token
+    #[arg(long, env = "KLIO_QUEUE_NATS_TOKEN_FILE")]
+    queue_nats_token_file: Option<PathBuf>,
+    /// NATS user (its password in --queue-nats-password-file)
+    #[arg(long, env = "KLIO_QUEUE_NATS_USER")]
+    queue_nats_user: Option<String>,
+    /// File holding the NATS user's password
+    #[arg(long, env = "KLIO_QUEUE_NATS_PASSWORD_FILE")]
+    queue_nats_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that verify the NATS server; implies TLS
+    #[arg(long, env = "KLIO_QUEUE_NATS_CA_FILE")]
+    queue_nats_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a NATS server that verifies clients
+    #[arg(long, env = "KLIO_QUEUE_NATS_CLIENT_CERT")]
+    queue_nats_client_cert: Option<PathBuf>,
+    /// Key of the NATS client certificate (PEM)
+    #[arg(long, env = "KLIO_QUEUE_NATS_CLIENT_KEY")]
+    queue_nats_client_key: Option<PathBuf>,
+    /// Refuse a NATS connection without TLS
+    #[arg(long, env = "KLIO_QUEUE_NATS_REQUIRE_TLS")]
+    queue_nats_require_tls: bool,
     /// Queue tasks run at once (at most one per kind and cluster)
     #[arg(long, env = "KLIO_QUEUE_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     queue_workers: u32,
@@ -269,6 +296,33 @@ impl ServerArgs {
                 "--queue-dir is the embedded queue's directory: a read-only server or one using --queue-nats-url has none"
             );
         }
+        let nats_settings = self.queue_nats_creds_file.is_some()
+            || self.queue_nats_nkey_file.is_some()
+            || self.queue_nats_token_file.is_some()
+            || self.queue_nats_user.is_some()
+            || self.queue_nats_password_file.is_some()
+            || self.queue_nats_ca_file.is_some()
+            || self.queue_nats_client_cert.is_some()
+            || self.queue_nats_client_key.is_some()
+            || self.queue_nats_require_tls;
+        let queue_nats = match self.queue_nats_url {
+            Some(url) => Some(klio_queue::NatsOptions {
+                url,
+                creds_file: self.queue_nats_creds_file,
+                nkey_file: self.queue_nats_nkey_file,
+                token_file: self.queue_nats_token_file,
+                user: self.queue_nats_user,
+                password_file: self.queue_nats_password_file,
+                ca_file: self.queue_nats_ca_file,
+                client_cert: self.queue_nats_client_cert,
+                client_key: self.queue_nats_client_key,
+                require_tls: self.queue_nats_require_tls,
+            }),
+            None if nats_settings => {
+                anyhow::bail!("the --queue-nats-* credential and TLS options need --queue-nats-url")
+            }
+            None => None,
+        };
         let tier2 = match self.tier2_s3_bucket {
             None => {
                 if self.tier2_encryption_key_file.is_some() || self.tier2_s3_endpoint.is_some() {
@@ -308,7 +362,7 @@ impl ServerArgs {
             base_listen: self.base_listen,
             wal_compression_level: self.wal_compression_level,
             tier2,
-            queue_nats_url: self.queue_nats_url,
+            queue_nats,
             queue_workers: self.queue_workers as usize,
             relay_jobs: self.tier2_relay_jobs as usize,
             relay_interval: seconds("tier2-relay-interval", self.tier2_relay_interval)?,

@@ -341,9 +341,11 @@ fn s3_outage_and_kill9_during_relay_lose_nothing_and_the_queue_drains() -> anyho
     );
     // Nothing in Tier 2 is unreferenced once the collection has run (a pack a killed
     // relay left without its index is collected).
-    let mut gc = k.client_command(&["gc", "run", "--tier", "2", "--json"], "out");
+    let mut gc =
+        k.client_command_with_cert(&["gc", "run", "--tier", "2", "--json"], "out", "admin");
     run_ok(&mut gc)?;
-    let mut plan = k.client_command(&["gc", "plan", "--tier", "2", "--json"], "out");
+    let mut plan =
+        k.client_command_with_cert(&["gc", "plan", "--tier", "2", "--json"], "out", "admin");
     let p: Value = serde_json::from_slice(&run_ok(&mut plan)?.stdout)?;
     assert_eq!(p["reclaimable_bytes"], 0, "Tier 2 after collection: {p}");
     let out = k.verify("out", &["--tier", "2"])?;
@@ -636,8 +638,9 @@ mod read_only {
     #[tokio::test(flavor = "multi_thread")]
     async fn gc_run_is_refused() {
         let f = fixture();
-        let r = backup_client(&f.ro)
-            .await
+        // The administrator: a cluster's certificate may not run a collection anywhere.
+        let c = f.ro.grpc_channel(f.ro.base_port, "admin").await;
+        let r = BackupClient::new(c)
             .gc(bpb::GcRequest {
                 dry_run: false,
                 tier: 2,

@@ -38,6 +38,12 @@ impl Lsn {
         Lsn(self.0 + bytes)
     }
 
+    /// `self + bytes`, or `None` past the end of the WAL address space (input checks use
+    /// this; [`Lsn::plus`] is for positions already known to be valid).
+    pub fn checked_plus(self, bytes: u64) -> Option<Lsn> {
+        self.0.checked_add(bytes).map(Lsn)
+    }
+
     /// The start of the segment that holds this LSN.
     pub fn segment_start(self, size: SegmentSize) -> Lsn {
         Lsn(self.0 - self.0 % size.bytes())
@@ -172,7 +178,11 @@ impl WalFileName {
 
     /// Parses an archive file name; segment names need the segment size to be interpreted.
     pub fn parse(name: &str, size: SegmentSize) -> Result<WalFileName, Error> {
-        let bad = || Error::InvalidWalFileName(name.to_string());
+        let bad = || Error::InvalidWalFileName(name.escape_debug().to_string());
+        // Byte offsets below assume one byte per character.
+        if !name.is_ascii() {
+            return Err(bad());
+        }
         if let Some(tli) = name.strip_suffix(".history") {
             let timeline = TimeLineId(hex8(tli).ok_or_else(bad)?);
             return Ok(WalFileName::History { timeline });

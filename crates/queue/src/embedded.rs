@@ -323,6 +323,12 @@ impl EmbeddedQueue {
         };
         std::fs::create_dir_all(dir).map_err(|e| open_error(e.into()))?;
         let db = Database::create(&path).map_err(|e| open_error(e.into()))?;
+        // Tasks name clusters and backups: readable by this server's user only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| open_error(e.into()))?;
+        }
         let inner = Inner {
             db,
             path: path.clone(),
@@ -553,7 +559,16 @@ impl Inner {
         Ok(())
     }
 
-    fn nak(&self, id: &str, lease: Lease, retry_after: Duration, error: String) -> TxResult<()> {
+    /// Ends the attempt of `lease` with `error`: retried after `retry_after`, or dead-lettered
+    /// when it was the last attempt or `reject` says it can never succeed.
+    fn nak(
+        &self,
+        id: &str,
+        lease: Lease,
+        retry_after: Duration,
+        error: String,
+        reject: bool,
+    ) -> TxResult<()> {
         let txn = self.db.begin_write()?;
         let mut changed = false;
         {
@@ -564,7 +579,7 @@ impl Inner {
                 && matches!(record.state, State::Leased { .. })
             {
                 t.unindex(&record)?;
-                if record.attempts >= self.max_attempts {
+                if reject || record.attempts >= self.max_attempts {
                     t.dead_letter(record, error)?;
                 } else {
                     record.state = if retry_after.is_zero() {
@@ -690,7 +705,17 @@ impl WorkQueue for EmbeddedQueue {
             let lease = *self.lease_of(&delivery)?;
             let id = delivery.task.id;
             let error = error.to_string();
-            self.blocking(move |inner| inner.nak(&id, lease, retry_after, error))
+            self.blocking(move |inner| inner.nak(&id, lease, retry_after, error, false))
+                .await
+        })
+    }
+
+    fn reject<'a>(&'a self, delivery: Delivery, error: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let lease = *self.lease_of(&delivery)?;
+            let id = delivery.task.id;
+            let error = error.to_string();
+            self.blocking(move |inner| inner.nak(&id, lease, Duration::ZERO, error, true))
                 .await
         })
     }

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 pub use embedded::EmbeddedQueue;
 pub use error::{Error, Result};
-pub use nats::NatsQueue;
+pub use nats::{NatsOptions, NatsQueue, redact_url};
 pub use retry::RetryPolicy;
 pub use task::{Delivery, FailedTask, Task, kinds};
 pub use workers::{DEFAULT_LEASE, Handler, WorkerOptions, run_workers, run_workers_with};
@@ -82,6 +82,11 @@ pub trait WorkQueue: Send + Sync {
         retry_after: Duration,
         error: &'a str,
     ) -> BoxFuture<'a, Result<()>>;
+
+    /// Moves the task of `delivery` to the dead-letter list now, whatever attempts it has
+    /// left, with `error` as its last error: a task that can never succeed (it failed
+    /// validation) is not retried.
+    fn reject<'a>(&'a self, delivery: Delivery, error: &'a str) -> BoxFuture<'a, Result<()>>;
 
     /// Restarts the lease of `delivery` (the worker is still busy with it).
     ///

@@ -36,6 +36,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use std::path::{Path, PathBuf};
+
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures::StreamExt;
 use tokio::sync::Mutex;
@@ -114,18 +116,29 @@ pub struct NatsQueue {
 }
 
 impl NatsQueue {
-    /// Connects to `url` and creates the streams and the consumer when they do not exist.
-    /// Tasks get `policy.max_attempts` deliveries before they move to the dead-letter list.
+    /// Connects to `url` without credentials or TLS settings beyond what the URL says; see
+    /// [`NatsQueue::connect_with`].
     pub async fn connect(url: &str, policy: &RetryPolicy) -> Result<NatsQueue> {
+        NatsQueue::connect_with(&NatsOptions::new(url), policy).await
+    }
+
+    /// Connects as `options` says and creates the streams and the consumer when they do not
+    /// exist. Tasks get `policy.max_attempts` deliveries before they move to the dead-letter
+    /// list.
+    pub async fn connect_with(options: &NatsOptions, policy: &RetryPolicy) -> Result<NatsQueue> {
+        let shown = redact_url(&options.url);
+        let url = shown.as_str();
         let err = |action: &str, e: &dyn fmt::Display| Error::Nats {
             url: url.to_string(),
             action: action.to_string(),
             message: e.to_string(),
         };
-        let client = async_nats::ConnectOptions::new()
+        let client = options
+            .connect_options()
+            .await?
             .name("klio")
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(split_userinfo(&options.url).0.as_str())
             .await
             .map_err(|e| err("connect", &e))?;
         let js = jetstream::new(client);
@@ -407,6 +420,198 @@ impl NatsQueue {
     }
 }
 
+/// How Klio reaches NATS: the URL, the credentials and the TLS settings. The queue is a
+/// trusted component (whoever can publish to it can ask for relays, retention and garbage
+/// collection), so a production NATS should require credentials and TLS.
+///
+/// Secrets are read from files (trailing newlines ignored) and never shown: the URL's user
+/// information is redacted in every message ([`redact_url`]).
+#[derive(Clone, Default)]
+pub struct NatsOptions {
+    /// `nats://host:4222`, `tls://host:4222` (or with `user:password@`, redacted in messages).
+    pub url: String,
+    /// A credentials file (user JWT and nkey seed, as `nsc` writes it).
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU...`).
+    pub nkey_file: Option<PathBuf>,
+    /// A file holding an authentication token.
+    pub token_file: Option<PathBuf>,
+    /// A user name, with its password in `password_file`.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that verify the NATS server; implies TLS.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM) for NATS servers that verify clients.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Refuse a connection without TLS.
+    pub require_tls: bool,
+}
+
+impl fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsOptions")
+            .field("url", &redact_url(&self.url))
+            .field("creds_file", &self.creds_file)
+            .field("nkey_file", &self.nkey_file)
+            .field("token_file", &self.token_file)
+            .field("user", &self.user)
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("require_tls", &self.require_tls)
+            .finish()
+    }
+}
+
+/// `url` without its user information, and that information (`user:password` or a token).
+fn split_userinfo(url: &str) -> (String, Option<String>) {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let mut userinfo = None;
+    let servers: Vec<&str> = rest
+        .split(',')
+        .map(|server| match server.rsplit_once('@') {
+            Some((info, host)) => {
+                userinfo.get_or_insert_with(|| info.to_string());
+                host
+            }
+            None => server,
+        })
+        .collect();
+    let bare = match scheme {
+        Some(s) => format!("{s}://{}", servers.join(",")),
+        None => servers.join(","),
+    };
+    (bare, userinfo)
+}
+
+/// `url` with its user information (`user:password@`, a token) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let redacted: Vec<String> = rest
+        .split(',')
+        .map(|server| match server.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => server.to_string(),
+        })
+        .collect();
+    match scheme {
+        Some(s) => format!("{s}://{}", redacted.join(",")),
+        None => redacted.join(","),
+    }
+}
+
+fn read_secret(path: &Path, what: &str, url: &str) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Nats {
+        url: url.to_string(),
+        action: format!("read the {what} file \"{}\"", path.display()),
+        message: e.to_string(),
+    })?;
+    let secret = text.trim_end_matches(['\n', '\r']).to_string();
+    if secret.is_empty() {
+        return Err(Error::Nats {
+            url: url.to_string(),
+            action: format!("use the {what} file \"{}\"", path.display()),
+            message: "it is empty".to_string(),
+        });
+    }
+    Ok(secret)
+}
+
+impl NatsOptions {
+    /// Options with only a URL.
+    pub fn new(url: &str) -> NatsOptions {
+        NatsOptions {
+            url: url.to_string(),
+            ..NatsOptions::default()
+        }
+    }
+
+    /// The client options: at most one way of authenticating, then TLS.
+    async fn connect_options(&self) -> Result<async_nats::ConnectOptions> {
+        let url = redact_url(&self.url);
+        let bad = |message: &str| Error::Nats {
+            url: url.clone(),
+            action: "configure the connection".to_string(),
+            message: message.to_string(),
+        };
+        let ways = [
+            self.creds_file.is_some(),
+            self.nkey_file.is_some(),
+            self.token_file.is_some(),
+            self.user.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if ways > 1 {
+            return Err(bad(
+                "give one of a credentials file, an nkey seed file, a token file or a user",
+            ));
+        }
+        if self.password_file.is_some() && self.user.is_none() {
+            return Err(bad("a password file needs a user"));
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(bad(
+                "a client certificate needs its key, and the key its certificate",
+            ));
+        }
+        let mut o = async_nats::ConnectOptions::new();
+        // The client library does not read credentials from the URL: they are taken here.
+        if let (_, Some(info)) = split_userinfo(&self.url) {
+            if ways > 0 {
+                return Err(bad(
+                    "the URL carries credentials and another way of authenticating is given: keep one",
+                ));
+            }
+            o = match info.split_once(':') {
+                Some((user, password)) => {
+                    o.user_and_password(user.to_string(), password.to_string())
+                }
+                None => o.token(info),
+            };
+        }
+        if let Some(p) = &self.creds_file {
+            o = o.credentials_file(p).await.map_err(|e| Error::Nats {
+                url: url.clone(),
+                action: format!("read the credentials file \"{}\"", p.display()),
+                message: e.to_string(),
+            })?;
+        }
+        if let Some(p) = &self.nkey_file {
+            o = o.nkey(read_secret(p, "nkey seed", &url)?);
+        }
+        if let Some(p) = &self.token_file {
+            o = o.token(read_secret(p, "token", &url)?);
+        }
+        if let Some(user) = &self.user {
+            let password = match &self.password_file {
+                Some(p) => read_secret(p, "password", &url)?,
+                None => String::new(),
+            };
+            o = o.user_and_password(user.clone(), password);
+        }
+        if let Some(ca) = &self.ca_file {
+            o = o.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            o = o.add_client_certificate(cert.clone(), key.clone());
+        }
+        if self.require_tls {
+            o = o.require_tls(true);
+        }
+        Ok(o)
+    }
+}
+
 impl NatsQueue {
     async fn read_failed(&self, reader: &consumer::PullConsumer) -> Result<Vec<FailedTask>> {
         let mut out = Vec::new();
@@ -492,6 +697,21 @@ impl WorkQueue for NatsQueue {
                 .double_ack_with(AckKind::Nak(delay))
                 .await
                 .map_err(|e| self.error(format!("nak task \"{}\"", task.id), e))
+        })
+    }
+
+    fn reject<'a>(&'a self, delivery: Delivery, error: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let Delivery {
+                task,
+                attempt,
+                token,
+            } = delivery;
+            let Token::Nats(lease) = token else {
+                return Err(Error::ForeignDelivery { id: task.id });
+            };
+            self.dead_letter(task, attempt, error.to_string(), &lease)
+                .await
         })
     }
 
@@ -587,6 +807,24 @@ impl WorkQueue for NatsQueue {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        assert_eq!(super::redact_url("nats://u:p@h:4222"), "nats://***@h:4222");
+        assert_eq!(super::redact_url("tls://tok@a:1,b:2"), "tls://***@a:1,b:2");
+        assert_eq!(super::redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(super::redact_url("u:p@h"), "***@h");
+        assert_eq!(
+            super::split_userinfo("nats://u:p@a:1,b:2"),
+            ("nats://a:1,b:2".to_string(), Some("u:p".to_string()))
+        );
+        assert_eq!(
+            super::split_userinfo("nats://a:1"),
+            ("nats://a:1".to_string(), None)
+        );
+        let o = super::NatsOptions::new("nats://user:secret@h:4222");
+        assert!(!format!("{o:?}").contains("secret"));
+    }
     use super::*;
 
     #[test]

@@ -27,6 +27,13 @@ const FETCH_ERROR_PAUSE: Duration = Duration::from_secs(1);
 pub trait Handler: Send + Sync {
     /// Handles `task`. `Err` carries the message recorded as the attempt's error.
     fn handle<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Checks a task before it runs (its kind, cluster and payload come from the queue, which
+    /// anyone who can reach it may write to). `Err` moves it to the dead-letter list at once,
+    /// with that message, without running it.
+    fn check(&self, _task: &Task) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// How [`run_workers_with`] runs.
@@ -90,6 +97,7 @@ pub async fn run_workers(
 ///   so later tasks of its (kind, cluster) may run before the retry.
 /// - Up to `options.held` tasks are fetched ahead, so that a cluster with a backlog does not
 ///   keep the others waiting; a backlog longer than that still delays them.
+/// - A task [`Handler::check`] refuses is dead-lettered at once, never run.
 /// - Success acks the task. An error (or a panic) naks it with `options.policy.delay(attempt)`;
 ///   the queue moves it to the dead-letter list after its last attempt.
 /// - Leases of held tasks are kept alive, so a handler may run longer than the lease.
@@ -171,7 +179,14 @@ pub async fn run_workers_with(
             fetched = poll_fetch(&mut fetching) => {
                 fetching = None;
                 match fetched {
-                    Ok(deliveries) => waiting.extend(deliveries),
+                    Ok(deliveries) => {
+                        for delivery in deliveries {
+                            match handler.check(&delivery.task) {
+                                Ok(()) => waiting.push_back(delivery),
+                                Err(error) => reject(queue.as_ref(), delivery, &error).await,
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "work queue: could not fetch tasks; trying again");
                         fetch_paused_until = Some(Instant::now() + FETCH_ERROR_PAUSE);
@@ -214,6 +229,22 @@ pub async fn run_workers_with(
         if let Err(e) = joined {
             tracing::error!(error = %e, "work queue worker task failed");
         }
+    }
+}
+
+/// Dead-letters a task that failed [`Handler::check`].
+async fn reject(queue: &dyn WorkQueue, delivery: Delivery, error: &str) {
+    let task = &delivery.task;
+    tracing::warn!(
+        task = %task.id.escape_debug(),
+        kind = %task.kind.escape_debug(),
+        cluster = %task.cluster.escape_debug(),
+        error,
+        "work queue: invalid task, moved to the dead-letter list without running it"
+    );
+    let id = task.id.clone();
+    if let Err(e) = queue.reject(delivery, error).await {
+        tracing::warn!(task = %id.escape_debug(), error = %e, "work queue: could not reject a task");
     }
 }
 

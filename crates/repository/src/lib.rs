@@ -98,6 +98,10 @@ pub enum Error {
         "block {claimed} does not match its content, whose id is {actual}\nHINT: the block id must be computed with Repository::block_id of this repository"
     )]
     BlockIdMismatch { claimed: BlockId, actual: BlockId },
+    #[error(
+        "the blocks asked for hold {bytes} bytes, more than the {budget} bytes one answer may carry\nHINT: ask for fewer blocks per call"
+    )]
+    ReadTooLarge { bytes: u64, budget: u64 },
     #[error("block {block} has {size} bytes, more than the largest block size of {max} bytes")]
     BlockTooLarge {
         block: BlockId,

@@ -474,7 +474,47 @@ impl Repository {
         self.domain.block
     }
 
-    /// Reads many blocks, authenticated but still compressed as stored, in the order of
+    /// Reads many blocks, authenticated but still compressed as stored, one payload per id in
+    /// the order of `ids`, for an answer that must stay within `budget` bytes: a block named
+    /// several times (a file's repeated pages) is read and decrypted once, and the request is
+    /// refused ([`Error::ReadTooLarge`]) before anything is read when its payloads, counted as
+    /// many times as named, exceed the budget.
+    pub fn read_block_payloads_within(
+        &self,
+        ids: &[BlockId],
+        budget: u64,
+    ) -> Result<Vec<BlockPayload>, Error> {
+        let mut distinct: Vec<BlockId> = Vec::new();
+        let mut slot_of: std::collections::HashMap<BlockId, usize> =
+            std::collections::HashMap::with_capacity(ids.len());
+        let slots: Vec<usize> = ids
+            .iter()
+            .map(|id| {
+                *slot_of.entry(*id).or_insert_with(|| {
+                    distinct.push(*id);
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        let located = self
+            .inner
+            .index
+            .locate_many(self.domain.number, &distinct)?;
+        let mut bytes = 0u64;
+        for &s in &slots {
+            match &located[s] {
+                Some(l) => bytes = bytes.saturating_add(u64::from(l.loc.len)),
+                None => return Err(self.not_found(&distinct[s])),
+            }
+        }
+        if bytes > budget {
+            return Err(Error::ReadTooLarge { bytes, budget });
+        }
+        let payloads = self.read_block_payloads(&distinct)?;
+        Ok(slots.into_iter().map(|s| payloads[s].clone()).collect())
+    }
+
+    /// Reads, decrypts and authenticates the stored payloads (still compressed) of the blocks
     /// `ids`. Blocks of the same pack are read with as few ranged reads as possible (runs
     /// closer than 256 KiB are read together). The caller decompresses each payload and
     /// checks it against its id (a restore client does so with [`block_id_key`]).

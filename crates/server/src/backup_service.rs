@@ -236,6 +236,7 @@ fn repo_status(e: klio_repository::Error) -> Status {
     }
     match e {
         E::ForeignBlock { .. } | E::InvalidDomain(_) => Status::permission_denied(e.to_string()),
+        E::ReadTooLarge { .. } => Status::resource_exhausted(e.to_string()),
         E::BackupNotFound { .. } => Status::not_found(e.to_string()),
         E::BlockIdMismatch { .. }
         | E::BlockTooLarge { .. }
@@ -429,7 +430,17 @@ impl BackupService {
             self.ctx.writable("garbage collection")?;
         }
         let (repo, gc_lock, sessions_write_here) = self.tier_repo(tier).await?;
-        let _exclusive = gc_lock.write().await;
+        // A plan only reads: backups and restores go on beside it; executing one excludes them.
+        let _shared = if dry_run {
+            Some(gc_lock.read().await)
+        } else {
+            None
+        };
+        let _exclusive = if dry_run {
+            None
+        } else {
+            Some(gc_lock.write().await)
+        };
         if sessions_write_here
             && !dry_run
             && let Some(s) = lock(&self.sessions)
@@ -1214,10 +1225,13 @@ impl Backup for BackupService {
             .await?;
         // A collection may move blocks between packs: it waits for reads in progress.
         let _shared = gc_lock.read().await;
-        let payloads = tokio::task::spawn_blocking(move || repo.read_block_payloads(&ids))
-            .await
-            .map_err(join_error)?
-            .map_err(repo_status)?;
+        // Within the answer's size limit, less room for the framing of each block.
+        let budget = (klio_proto::limits::MAX_BACKUP_MESSAGE - ids.len() * 64 - 4096) as u64;
+        let payloads =
+            tokio::task::spawn_blocking(move || repo.read_block_payloads_within(&ids, budget))
+                .await
+                .map_err(join_error)?
+                .map_err(repo_status)?;
         let blocks = payloads
             .into_iter()
             .map(|p| pb::Block {
@@ -1275,9 +1289,10 @@ impl Backup for BackupService {
         request: Request<pb::GcRequest>,
     ) -> Result<Response<pb::GcResponse>, Status> {
         let principal = klio_tls::principal_of(&request)?;
-        if principal.is_snapshot_reader() {
+        if !principal.is_admin() {
             return Err(Status::permission_denied(format!(
-                "certificate \"{principal}\" may not run garbage collection"
+                "certificate \"{principal}\" may not run garbage collection: it spans every cluster's data\nHINT: use the administration certificate {}; a cluster's retention (klio retention run) collects garbage after expiring its backups",
+                klio_tls::ADMIN_CN
             )));
         }
         let r = request.get_ref();
@@ -1291,7 +1306,8 @@ impl Backup for BackupService {
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let cluster = request.get_ref().cluster.clone();
-        Self::authorize_read(&request, &cluster)?;
+        // Reads every block of the cluster: its own principal only, not the catalog reader.
+        Self::authorize(&request, &cluster)?;
         let only = match request.get_ref().backup_id.as_str() {
             "" => None,
             id => Some(parse_backup_id(id)?),

@@ -63,7 +63,7 @@ pub struct ServerConfig {
     pub wal_compression_level: i32,
     pub tier2: Option<Tier2Config>,
     /// NATS JetStream URL; the embedded queue in `<data-dir>/queue` when absent.
-    pub queue_nats_url: Option<String>,
+    pub queue_nats: Option<klio_queue::NatsOptions>,
     /// Tasks run at once (across clusters; one per kind and cluster).
     pub queue_workers: usize,
     /// Files or block batches a relay task copies at once.
@@ -94,6 +94,11 @@ pub struct ServerConfig {
 pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     klio_tls::install_crypto_provider();
     let tls = klio_tls::load_server_config(&cfg.tls_cert, &cfg.tls_key, &cfg.client_ca)?;
+    // Held until this function returns: one server per data directory.
+    let _data_dir_lock = match (&cfg.mode, &cfg.data_dir) {
+        (Mode::Standard, Some(dir)) => Some(lock_data_dir(dir)?),
+        _ => None,
+    };
     let (ctx, backup) = match cfg.mode {
         Mode::Standard => open_standard(&cfg).await?,
         Mode::ReadOnly => open_read_only(&cfg).await?,
@@ -180,6 +185,42 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// Tier 1 (WAL store, repository), Tier 2 when configured, the settings and the queue.
+/// The name of the lock file in the data directory.
+pub const LOCK_FILE: &str = "klio.lock";
+
+/// Creates the data directory if needed and takes an exclusive lock on its lock file before
+/// anything in it is read: a second server on the same directory stops here.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    klio_durable::create_dir_all_durable(dir)
+        .with_context(|| format!("create data directory \"{}\"", dir.display()))?;
+    // Everything below holds keys and every cluster's data: only this server's user may
+    // enter. (A directory owned by someone else, such as a volume's root, is left as it is.)
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not make the data directory private (mode 0700)");
+    }
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("open the lock file \"{}\"", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another Klio server is using the data directory \"{}\" (it holds \"{}\"): refusing to start\nHINT: stop the other server first; two servers on one directory would corrupt it",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("lock \"{}\"", path.display()))
+        }
+    }
+}
+
 async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupService)> {
     let data_dir = cfg
         .data_dir
@@ -284,15 +325,18 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
         }
     };
 
-    let (queue, backend): (Arc<dyn WorkQueue>, String) = match &cfg.queue_nats_url {
-        Some(url) => (
-            Arc::new(
-                NatsQueue::connect(url, &cfg.retry)
-                    .await
-                    .with_context(|| format!("connect to the NATS work queue at {url}"))?,
-            ),
-            url.clone(),
-        ),
+    let (queue, backend): (Arc<dyn WorkQueue>, String) = match &cfg.queue_nats {
+        Some(nats) => {
+            let shown = klio_queue::redact_url(&nats.url);
+            (
+                Arc::new(
+                    NatsQueue::connect_with(nats, &cfg.retry)
+                        .await
+                        .with_context(|| format!("connect to the NATS work queue at {shown}"))?,
+                ),
+                shown,
+            )
+        }
         None => {
             let dir = cfg
                 .queue_dir

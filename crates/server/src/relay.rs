@@ -53,6 +53,11 @@ impl Progress {
     }
 
     fn update(&self, cluster: &str, change: impl FnOnce(&mut ProgressRecord)) {
+        // The file is named after the cluster: only a valid name (a single path component).
+        if let Err(e) = klio_repository::validate_cluster_name(cluster) {
+            tracing::warn!(cluster = %cluster.escape_debug(), error = %e, "relay progress not recorded");
+            return;
+        }
         let _g = self
             .lock
             .lock()
@@ -116,7 +121,55 @@ pub struct Tasks {
     pub jobs: usize,
 }
 
+/// Checks a task from the queue before anything runs: its kind is known, its cluster a valid
+/// cluster name (the relay records progress in a file named after it), its payload of the
+/// expected shape. Whoever can write to the queue must not reach past these.
+pub fn check_task(task: &Task) -> Result<(), String> {
+    let tier = || match task.payload.get("tier") {
+        None => Ok(()),
+        Some(t) if t.as_u64().is_some_and(|t| t == 1 || t == 2) => Ok(()),
+        Some(t) => Err(format!(
+            "task \"{}\": tier {t} is neither 1 nor 2",
+            task.id.escape_debug()
+        )),
+    };
+    let cluster = || {
+        klio_repository::validate_cluster_name(&task.cluster)
+            .map_err(|e| format!("task \"{}\": {e}", task.id.escape_debug()))
+    };
+    match task.kind.as_str() {
+        kinds::WAL_RELAY => cluster(),
+        kinds::BACKUP_RELAY => {
+            cluster()?;
+            let id = task.payload["backup_id"]
+                .as_str()
+                .ok_or_else(|| format!("task \"{}\" names no backup_id", task.id.escape_debug()))?;
+            BackupId::new(id)
+                .map(|_| ())
+                .map_err(|e| format!("task \"{}\": {e}", task.id.escape_debug()))
+        }
+        kinds::RETENTION => {
+            cluster()?;
+            tier()
+        }
+        kinds::GC if task.cluster == "all" => tier(),
+        kinds::GC => Err(format!(
+            "task \"{}\": a garbage collection is repository-wide, its cluster must be \"all\"",
+            task.id.escape_debug()
+        )),
+        other => Err(format!(
+            "task \"{}\": unknown kind \"{}\"",
+            task.id.escape_debug(),
+            other.escape_debug()
+        )),
+    }
+}
+
 impl Handler for Tasks {
+    fn check(&self, task: &Task) -> Result<(), String> {
+        check_task(task)
+    }
+
     fn handle<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let result = self.run(task).await;
@@ -137,6 +190,68 @@ impl Handler for Tasks {
 /// A service error as the attempt's error (its message, without the gRPC code).
 fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
+}
+
+#[cfg(test)]
+mod task_tests {
+    use klio_queue::Task;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn tasks_from_the_queue_are_checked_before_they_run() {
+        let ok = [
+            Task::new("a", kinds::WAL_RELAY, "pg", json!({})),
+            Task::new(
+                "b",
+                kinds::BACKUP_RELAY,
+                "pg",
+                json!({"backup_id": "backup-20261207101500"}),
+            ),
+            Task::new("c", kinds::RETENTION, "pg", json!({"tier": 2})),
+            Task::new("d", kinds::GC, "all", json!({"tier": 1})),
+        ];
+        for t in &ok {
+            assert_eq!(check_task(t), Ok(()), "{t:?}");
+        }
+        let bad = [
+            (
+                Task::new("e", kinds::WAL_RELAY, "../keys", json!({})),
+                "cluster name",
+            ),
+            (
+                Task::new("f", kinds::WAL_RELAY, "a/b", json!({})),
+                "cluster name",
+            ),
+            (
+                Task::new(
+                    "g",
+                    kinds::BACKUP_RELAY,
+                    "pg",
+                    json!({"backup_id": "../../x"}),
+                ),
+                "backup",
+            ),
+            (
+                Task::new("h", kinds::BACKUP_RELAY, "pg", json!({})),
+                "names no backup_id",
+            ),
+            (
+                Task::new("i", kinds::RETENTION, "pg", json!({"tier": 7})),
+                "neither 1 nor 2",
+            ),
+            (
+                Task::new("j", kinds::GC, "pg", json!({"tier": 1})),
+                "repository-wide",
+            ),
+            (Task::new("k", "rm-rf", "pg", json!({})), "unknown kind"),
+        ];
+        for (t, why) in &bad {
+            let e = check_task(t).expect_err("refused");
+            assert!(e.contains(why), "{t:?}: {e}");
+        }
+    }
 }
 
 fn tier_of(task: &Task) -> u32 {

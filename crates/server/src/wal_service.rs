@@ -560,7 +560,16 @@ async fn serve_stream(
         let mut end_at = None;
         for req in &batch {
             match &req.msg {
-                Some(pb::stream_request::Msg::Data(d)) => flush_now |= d.flush_now,
+                Some(pb::stream_request::Msg::Data(d)) => {
+                    if Lsn(d.start_lsn).checked_plus(d.data.len() as u64).is_none() {
+                        return Err(Status::invalid_argument(format!(
+                            "WAL data at {} with {} bytes ends past the last possible LSN",
+                            Lsn(d.start_lsn),
+                            d.data.len()
+                        )));
+                    }
+                    flush_now |= d.flush_now
+                }
                 Some(pb::stream_request::Msg::EndTimeline(e)) => end_at = Some(Lsn(e.end_lsn)),
                 _ => {
                     return Err(Status::invalid_argument(

@@ -37,11 +37,19 @@ pub struct NatsServer {
     port: u16,
     store: PathBuf,
     log: PathBuf,
+    /// More command-line options (authentication, TLS).
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts a server storing JetStream data in `store`, on a free port.
     pub fn start(store: &Path) -> NatsServer {
+        NatsServer::start_with(store, &[])
+    }
+
+    /// [`NatsServer::start`] with more nats-server options, such as `--auth TOKEN` or
+    /// `--tls --tlscert F --tlskey F`.
+    pub fn start_with(store: &Path, extra: &[&str]) -> NatsServer {
         std::fs::create_dir_all(store).unwrap();
         let mut last_error = String::new();
         for _ in 0..5 {
@@ -50,6 +58,7 @@ impl NatsServer {
                 port: free_port(),
                 store: store.to_path_buf(),
                 log: store.with_extension("log"),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             };
             match server.spawn() {
                 Ok(()) => return server,
@@ -112,6 +121,7 @@ impl NatsServer {
             .arg(self.port.to_string())
             .arg("-sd")
             .arg(&self.store)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);

@@ -171,6 +171,11 @@ pub fn principal_of<T>(req: &tonic::Request<T>) -> Result<Principal, Status> {
 /// Allows `principal` to read and write `cluster`'s data: only the cluster's own
 /// principal may, never the snapshot reader. Errors are `PERMISSION_DENIED`.
 pub fn authorize_cluster(principal: &Principal, cluster: &str) -> Result<(), Status> {
+    if cluster == SNAPSHOT_READER_CLUSTER {
+        return Err(Status::permission_denied(format!(
+            "\"{cluster}\" is reserved for Klio's own certificates ({ADMIN_CN}, {SNAPSHOT_READER_CN}) and is not a cluster name"
+        )));
+    }
     if principal.user == SNAPSHOT_READER_USER {
         return Err(Status::permission_denied(format!(
             "certificate \"{principal}\" may not access cluster \"{cluster}\"\nHINT: the snapshot reader may only read the catalog"
@@ -198,6 +203,11 @@ pub fn authorize_admin(principal: &Principal) -> Result<(), Status> {
 /// snapshot reader may read every cluster's, other principals only their own cluster's.
 /// Errors are `PERMISSION_DENIED`.
 pub fn authorize_catalog_read(principal: &Principal, cluster: &str) -> Result<(), Status> {
+    if cluster == SNAPSHOT_READER_CLUSTER {
+        return Err(Status::permission_denied(format!(
+            "\"{cluster}\" is reserved for Klio's own certificates and is not a cluster name"
+        )));
+    }
     if principal.is_snapshot_reader() {
         return Ok(());
     }
@@ -311,12 +321,23 @@ mod tests {
     #[test]
     fn authorize_cluster_snapshot_reader_is_denied_everywhere() {
         let reader = Principal::from_common_name(SNAPSHOT_READER_CN).expect("valid");
-        for cluster in ["a", "klio"] {
+        // ("klio" is refused for everyone: the_reserved_name_is_no_cluster...)
+        for cluster in ["a", "b"] {
             let status = authorize_cluster(&reader, cluster).expect_err("denied");
             assert_eq!(status.code(), tonic::Code::PermissionDenied);
             assert!(status.message().starts_with(&format!(
                 "certificate \"snapshot_reader@klio\" may not access cluster \"{cluster}\""
             )));
+        }
+    }
+
+    #[test]
+    fn the_reserved_name_is_no_cluster_even_for_its_own_principals() {
+        for cn in [ADMIN_CN, SNAPSHOT_READER_CN, "klio@klio"] {
+            let p = Principal::from_common_name(cn).expect("valid");
+            let e = authorize_cluster(&p, "klio").expect_err("reserved");
+            assert!(e.message().contains("reserved"), "{cn}: {}", e.message());
+            assert!(authorize_catalog_read(&p, "klio").is_err(), "{cn}");
         }
     }
 

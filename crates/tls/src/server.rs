@@ -2,8 +2,9 @@
 //! [`tls_incoming`], a stream of handshaken connections for tonic's
 //! `serve_with_incoming_shutdown`.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,8 +29,18 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// How long a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How many handshakes may be in progress at once; beyond that, accepting waits.
-const MAX_PENDING_HANDSHAKES: usize = 512;
+/// How many handshakes may be in progress at once; beyond that, accepting waits. A pending
+/// handshake is a small task and a socket, so the bound is generous: silent connections do
+/// not crowd out real clients (see [`FIRST_BYTE_TIMEOUT`], [`MAX_PENDING_PER_ADDRESS`]).
+const MAX_PENDING_HANDSHAKES: usize = 4096;
+
+/// How many of them may come from one address; further connections from it are closed at
+/// once until some complete.
+const MAX_PENDING_PER_ADDRESS: usize = 1024;
+
+/// How long a new connection may stay silent: a client starts the handshake at once, so a
+/// connection that sends nothing in this time is closed and frees its place.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How many handshaken connections may wait for the server to pick them up.
 const READY_QUEUE: usize = 64;
@@ -253,6 +264,7 @@ async fn accept_loop(
 ) {
     // Owning the handshake tasks here means aborting this task abandons them too.
     let mut handshakes = JoinSet::new();
+    let per_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         while handshakes.try_join_next().is_some() {}
         if handshakes.len() >= MAX_PENDING_HANDSHAKES {
@@ -281,8 +293,22 @@ async fn accept_loop(
             tracing::warn!(%peer, "no usable TLS configuration; connection refused");
             continue;
         };
+        let Some(slot) = AddressSlot::take(&per_address, peer.ip()) else {
+            tracing::debug!(%peer, "too many pending handshakes from this address; connection closed");
+            continue;
+        };
         let ready = ready.clone();
         handshakes.spawn(async move {
+            let _slot = slot;
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => {
+                    tracing::debug!(%peer, "connection silent for {FIRST_BYTE_TIMEOUT:?}; closed");
+                    return;
+                }
+            }
             match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     tracing::debug!(%peer, "TLS handshake completed");
@@ -295,6 +321,47 @@ async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// A pending handshake counted against its address; released on drop.
+struct AddressSlot {
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+    ) -> Option<AddressSlot> {
+        let mut map = counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_PENDING_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 

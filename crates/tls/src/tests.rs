@@ -228,6 +228,28 @@ async fn tls_incoming_silent_clients_block_nobody() {
     drop(silent);
 }
 
+/// 600 connections that never send a byte (more than the old limit of pending handshakes)
+/// do not keep a real client waiting: it is served while they are still open.
+#[tokio::test]
+async fn six_hundred_silent_sockets_do_not_delay_a_real_client() {
+    let fx = fixture();
+    let addr = start_principal_server(&fx.main, Duration::from_secs(60)).await;
+    let mut silent: Vec<TcpStream> = Vec::new();
+    for _ in 0..600 {
+        silent.push(TcpStream::connect(addr).await.expect("tcp"));
+    }
+    // Far below the handshake timeout the silent ones would otherwise hold their places for.
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        ask_as(addr, &fx, &fx.main.clients["a"]),
+    )
+    .await
+    .expect("the real client is served at once")
+    .expect("accepted");
+    assert!(answer.starts_with("principal klio@a "), "{answer}");
+    drop(silent);
+}
+
 #[tokio::test]
 async fn tls_incoming_handshake_timeout_closes_silent_clients() {
     let fx = fixture();

@@ -171,6 +171,11 @@ impl Klio {
     }
 
     /// Whether the server process is still running.
+    /// The server process's id, while it runs.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(ChildGuard::id)
+    }
+
     pub fn server_running(&mut self) -> bool {
         self.server.as_mut().is_some_and(ChildGuard::is_running)
     }
