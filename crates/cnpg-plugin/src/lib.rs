@@ -11,8 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use klio_proto::cnpgi::identity::v1::identity_server::IdentityServer;
@@ -46,66 +45,27 @@ pub struct TlsFiles {
     pub client_anchors: Vec<PathBuf>,
 }
 
-/// Size and modification time of each certificate file (`None`: unreadable).
-type Stamp = Vec<Option<(SystemTime, u64)>>;
-
-/// Rebuilds the TLS configuration when a file's size or modification time changes; keeps
-/// the last good one when a rotation is half-written.
-struct Reloader {
-    files: TlsFiles,
-    current: Mutex<Option<(Stamp, Arc<rustls::ServerConfig>)>>,
-}
-
-impl Reloader {
-    fn stamp(&self) -> Stamp {
-        let f = &self.files;
-        std::iter::once(&f.cert)
-            .chain(std::iter::once(&f.key))
-            .chain(f.client_anchors.iter())
-            .map(|p| {
-                std::fs::metadata(p)
-                    .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len())))
-            })
-            .collect()
-    }
-
-    fn build(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let read =
-            |p: &PathBuf| std::fs::read(p).with_context(|| format!("read \"{}\"", p.display()));
+impl TlsFiles {
+    /// The server configuration from the files (the client anchors that exist).
+    fn build(&self) -> Result<Arc<rustls::ServerConfig>, klio_tls::Error> {
+        let read = |p: &PathBuf| std::fs::read(p);
+        let io = |p: &PathBuf, e: std::io::Error| klio_tls::Error::ReadFile {
+            what: "plugin TLS",
+            path: p.clone(),
+            source: e,
+        };
         let mut anchors = Vec::new();
-        for p in &self.files.client_anchors {
+        for p in &self.client_anchors {
             if p.exists() {
-                anchors.extend(read(p)?);
+                anchors.extend(read(p).map_err(|e| io(p, e))?);
                 anchors.push(b'\n');
             }
         }
-        Ok(klio_tls::server_config_without_ca_hints(
-            &read(&self.files.cert)?,
-            &read(&self.files.key)?,
+        klio_tls::server_config_without_ca_hints(
+            &read(&self.cert).map_err(|e| io(&self.cert, e))?,
+            &read(&self.key).map_err(|e| io(&self.key, e))?,
             &anchors,
-        )?)
-    }
-
-    fn get(&self) -> Option<Arc<rustls::ServerConfig>> {
-        let stamp = self.stamp();
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, c)) = current.as_ref()
-            && *s == stamp
-        {
-            return Some(c.clone());
-        }
-        match self.build() {
-            Ok(c) => {
-                tracing::info!("loaded the plugin's TLS certificates");
-                *current = Some((stamp, c.clone()));
-                Some(c)
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "cannot load the plugin's TLS certificates; keeping the previous ones");
-                current.as_ref().map(|(_, c)| c.clone())
-            }
-        }
+        )
     }
 }
 
@@ -117,25 +77,20 @@ pub async fn serve<C: Configurations>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     klio_tls::install_crypto_provider();
-    let reloader = Arc::new(Reloader {
-        files: tls,
-        current: Mutex::new(None),
-    });
     // Loaded once here, so a bad file stops the start; later handshakes reuse it until a
     // file changes.
-    let stamp = reloader.stamp();
-    let first = reloader
-        .build()
-        .context("load the plugin's TLS certificates")?;
-    *reloader.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((stamp, first));
+    let files: Vec<PathBuf> = [tls.cert.clone(), tls.key.clone()]
+        .into_iter()
+        .chain(tls.client_anchors.iter().cloned())
+        .collect();
+    let reloader =
+        klio_tls::FileReloader::new("the plugin's TLS certificates", files, move || tls.build())
+            .context("load the plugin's TLS certificates")?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listen on {addr} for CloudNativePG"))?;
     tracing::info!(%addr, plugin = PLUGIN_NAME, "serving the CNPG-I plugin");
-    let provider: klio_tls::ConfigProvider = {
-        let r = reloader.clone();
-        Arc::new(move || r.get())
-    };
+    let provider = reloader.provider();
     let incoming = klio_tls::tls_incoming_reloading(listener, provider);
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(plugin.clone()))

@@ -109,6 +109,10 @@ struct ServerArgs {
     /// CA that signs client certificates (PEM); clients must present one
     #[arg(long, env = "KLIO_CLIENT_CA")]
     client_ca: PathBuf,
+    /// Certificate revocation list(s) of the client CA (PEM): revoked client certificates are
+    /// refused. Re-read when it changes, like the certificates
+    #[arg(long, env = "KLIO_CLIENT_CRL")]
+    client_crl: Option<PathBuf>,
     /// Address of the WAL service
     #[arg(long, env = "KLIO_WAL_LISTEN", default_value = "0.0.0.0:52000")]
     wal_listen: SocketAddr,
@@ -358,6 +362,7 @@ impl ServerArgs {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             client_ca: self.client_ca,
+            client_crl: self.client_crl,
             wal_listen: self.wal_listen,
             base_listen: self.base_listen,
             wal_compression_level: self.wal_compression_level,
@@ -410,6 +415,13 @@ enum PkiCommand {
         /// Extra DNS name for the server certificate; repeatable
         #[arg(long = "dns")]
         dns: Vec<String>,
+    },
+    /// Add certificates to DIR/crl.pem, the CA's revocation list (`klio server --client-crl`)
+    Revoke {
+        dir: PathBuf,
+        /// Certificate files (PEM) issued by the CA in DIR
+        #[arg(required = true)]
+        certs: Vec<PathBuf>,
     },
 }
 
@@ -569,6 +581,12 @@ fn main() -> ExitCode {
             Command::Operator(a) => klio_operator::run(a.into_options(), cancel_on_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::Pki(PkiCommand::Revoke { dir, certs }) => {
+                let crl = klio_tls::revoke_dev_certs(&dir, &certs)
+                    .with_context(|| format!("revoke certificates of \"{}\"", dir.display()))?;
+                println!("{}", crl.display());
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Pki(PkiCommand::Init { dir, clusters, dns }) => {
                 let layout = klio_tls::init_dev_pki(&dir, &clusters, &dns)
                     .with_context(|| format!("initialize certificates in \"{}\"", dir.display()))?;

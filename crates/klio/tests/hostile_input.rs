@@ -383,3 +383,54 @@ fn the_nats_queue_is_reached_with_credentials_over_tls_and_never_shows_them() ->
     );
     Ok(())
 }
+
+/// Certificates rotate and revocations apply without a restart: a client certificate added
+/// to the CA's revocation list is refused at its next connection; a whole new CA, server
+/// certificate and client certificate written over the old files are used by the next
+/// handshake.
+#[test]
+fn revoked_client_certificates_are_refused_and_rotations_need_no_restart() -> anyhow::Result<()> {
+    let mut k = Klio::start(&["a", "b"])?;
+    let pki = k.pki.clone();
+    let revoke = |cert: &str| run_ok(klio().args(["pki", "revoke"]).arg(&pki).arg(pki.join(cert)));
+    revoke("snapshot-reader.crt")?;
+    let crl = pki.join("crl.pem");
+    k.server_extra
+        .extend(["--client-crl".to_string(), crl.display().to_string()]);
+    k.kill_server()?;
+    k.start_server()?;
+    assert!(k.backups_list("a")?.is_empty());
+    assert!(k.backups_list("b")?.is_empty());
+
+    revoke("client-a.crt")?;
+    let err = k.backups_list("a").expect_err("a revoked certificate");
+    assert!(format!("{err:#}").contains("could not"), "{err:#}");
+    assert!(
+        k.backups_list("b")?.is_empty(),
+        "b's certificate is not revoked"
+    );
+
+    // A new CA and every certificate rotated in place (as cert-manager renews them).
+    let fresh = scratch_dir();
+    run_ok(
+        klio()
+            .args(["pki", "init"])
+            .arg(fresh.path())
+            .args(["--cluster", "b"]),
+    )?;
+    for f in [
+        "ca.crt",
+        "server.key",
+        "server.crt",
+        "client-b.key",
+        "client-b.crt",
+    ] {
+        std::fs::copy(fresh.path().join(f), pki.join(f))?;
+    }
+    assert!(
+        k.backups_list("b")?.is_empty(),
+        "the new certificates are used without a restart"
+    );
+    assert!(k.server_log().contains("certificate files changed"));
+    Ok(())
+}

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub client_ca: PathBuf,
+    /// Revoked client certificates (PEM CRLs of the client CA), checked at every handshake.
+    pub client_crl: Option<PathBuf>,
     pub wal_listen: SocketAddr,
     pub base_listen: SocketAddr,
     /// zstd level for sealed WAL segments.
@@ -93,7 +95,21 @@ pub struct ServerConfig {
 /// the relays wait for it).
 pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     klio_tls::install_crypto_provider();
-    let tls = klio_tls::load_server_config(&cfg.tls_cert, &cfg.tls_key, &cfg.client_ca)?;
+    // Re-read when a file changes: renewed certificates, a new client CA or revocation list
+    // apply to new connections without a restart.
+    let tls = {
+        let (cert, key, ca, crl) = (
+            cfg.tls_cert.clone(),
+            cfg.tls_key.clone(),
+            cfg.client_ca.clone(),
+            cfg.client_crl.clone(),
+        );
+        let mut files = vec![cert.clone(), key.clone(), ca.clone()];
+        files.extend(crl.clone());
+        klio_tls::FileReloader::new("the server's TLS certificates", files, move || {
+            klio_tls::load_server_config_with_crl(&cert, &key, &ca, crl.as_deref())
+        })?
+    };
     // Held until this function returns: one server per data directory.
     let _data_dir_lock = match (&cfg.mode, &cfg.data_dir) {
         (Mode::Standard, Some(dir)) => Some(lock_data_dir(dir)?),
@@ -166,13 +182,13 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
     };
     let wal_server = builder().add_service(wal_svc).serve_with_incoming_shutdown(
-        klio_tls::tls_incoming(wal_listener, tls.clone()),
+        klio_tls::tls_incoming_reloading(wal_listener, tls.provider()),
         shutdown.cancelled(),
     );
     let base_server = builder()
         .add_service(backup_svc)
         .serve_with_incoming_shutdown(
-            klio_tls::tls_incoming(base_listener, tls),
+            klio_tls::tls_incoming_reloading(base_listener, tls.provider()),
             shutdown.cancelled(),
         );
     let (w, b) = tokio::join!(wal_server, base_server);

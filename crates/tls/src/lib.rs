@@ -45,6 +45,7 @@ mod pem;
 mod pinned;
 mod pki;
 mod principal;
+mod reload;
 mod server;
 
 #[cfg(test)]
@@ -60,16 +61,19 @@ pub use client::{
 };
 pub use error::Error;
 pub use pki::{
-    CERT_FILE_MODE, CertKeyPaths, KEY_FILE_MODE, PkiLayout, init_dev_pki, issue_client_cert,
+    CERT_FILE_MODE, CRL_FILE, CertKeyPaths, KEY_FILE_MODE, PkiLayout, init_dev_pki,
+    issue_client_cert, revoke_dev_certs,
 };
 pub use principal::{
     ADMIN_CN, CLUSTER_USER, MAX_CLUSTER_NAME_LEN, Principal, SNAPSHOT_READER_CLUSTER,
     SNAPSHOT_READER_CN, SNAPSHOT_READER_USER, authorize_admin, authorize_catalog_read,
     authorize_cluster, principal_from_der, principal_of, validate_cluster_name,
 };
+pub use reload::FileReloader;
 pub use server::{
-    ALPN_H2, ConfigProvider, HANDSHAKE_TIMEOUT, ServerTlsStream, TlsIncoming, load_server_config,
-    server_config, server_config_without_ca_hints, tls_incoming, tls_incoming_reloading,
+    ALPN_H2, ConfigProvider, FIRST_BYTE_TIMEOUT, HANDSHAKE_TIMEOUT, ServerTlsStream, TlsIncoming,
+    load_server_config, load_server_config_with_crl, server_config, server_config_without_ca_hints,
+    tls_incoming, tls_incoming_reloading,
 };
 
 /// Installs aws-lc-rs as the process-wide rustls crypto provider. Idempotent: when a

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use rustls_pki_types::pem::{self, PemObject};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::Error;
 
@@ -30,6 +30,25 @@ pub(crate) fn parse_certs(
         ));
     }
     Ok(certs)
+}
+
+/// Decodes every `X509 CRL` block of `pem`; there must be at least one.
+pub(crate) fn parse_crls(
+    pem: &[u8],
+    what: &'static str,
+    path: Option<&Path>,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, Error> {
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, pem::Error>>()
+        .map_err(|e| Error::load(what, path, format!("malformed PEM: {e}")))?;
+    if crls.is_empty() {
+        return Err(Error::load(
+            what,
+            path,
+            "no \"X509 CRL\" PEM block found\nHINT: the file must hold PEM text starting with \"-----BEGIN X509 CRL-----\"",
+        ));
+    }
+    Ok(crls)
 }
 
 /// Decodes the first private key of `pem` (PKCS#8, SEC1 or PKCS#1).

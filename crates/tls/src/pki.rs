@@ -10,6 +10,9 @@
 //! | `client-<cluster>.crt`, `.key`         | `klio@<cluster>`, EKU clientAuth            |
 //! | `snapshot-reader.crt`, `.key`          | `snapshot_reader@klio`, EKU clientAuth      |
 //!
+//! `crl.pem` (written by [`revoke_dev_certs`]) lists the revoked client certificates; the
+//! server refuses them with `--client-crl`.
+//!
 //! Private keys are written with mode 0600, certificates with 0644, each through
 //! [`klio_durable::write_atomic`]. Existing files are kept: a second run reuses the CA
 //! and only adds what is missing.
@@ -168,6 +171,70 @@ pub fn issue_client_cert(
     let (cert, key) = issue_leaf(&ca, common_name, Leaf::Client)?;
     write_pair(&paths, &cert, &key, &mut Vec::new())?;
     Ok((paths.cert, paths.key))
+}
+
+/// The revocation list in a development PKI directory.
+pub const CRL_FILE: &str = "crl.pem";
+
+/// Adds the certificates `certs` (PEM files issued by the CA in `dir`) to the CA's revocation
+/// list `dir/crl.pem`, keeping those it already lists, and returns its path. The list is
+/// valid for a year; `klio server --client-crl` refuses the certificates it names.
+pub fn revoke_dev_certs(dir: &Path, certs: &[PathBuf]) -> Result<PathBuf, Error> {
+    use x509_parser::revocation_list::CertificateRevocationList;
+    const CRL: &str = "certificate revocation list";
+    let layout = PkiLayout::in_dir(dir);
+    let ca = load_ca(&layout.ca)?;
+    let path = dir.join(CRL_FILE);
+    let mut serials: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut number: u64 = 1;
+    if path.exists() {
+        let pem = read_file(&path, CRL)?;
+        for der in crate::pem::parse_crls(&pem, CRL, Some(&path))? {
+            let (_, crl) = CertificateRevocationList::from_der(der.as_ref())
+                .map_err(|e| Error::load(CRL, Some(&path), format!("invalid CRL: {e}")))?;
+            for r in crl.iter_revoked_certificates() {
+                serials.insert(r.raw_serial().to_vec());
+            }
+            if let Some(n) = crl.crl_number() {
+                number = number.max(u64::try_from(n.clone()).unwrap_or(u64::MAX - 1) + 1);
+            }
+        }
+    }
+    for cert in certs {
+        const WHAT: &str = "certificate to revoke";
+        let pem = read_file(cert, WHAT)?;
+        for der in parse_certs(&pem, WHAT, Some(cert))? {
+            let (_, c) = X509Certificate::from_der(der.as_ref())
+                .map_err(|e| Error::load(WHAT, Some(cert), format!("invalid X.509: {e}")))?;
+            serials.insert(c.raw_serial().to_vec());
+        }
+    }
+    let now = now();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - BACKDATE,
+        next_update: now + time::Duration::days(365),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .into_iter()
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&serial),
+                revocation_time: now - BACKDATE,
+                reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(&ca)
+        .map_err(|e| Error::generate("the certificate revocation list", e))?;
+    let pem = crl
+        .pem()
+        .map_err(|e| Error::generate("the certificate revocation list", e))?;
+    klio_durable::write_atomic(&path, pem.as_bytes(), CERT_FILE_MODE)
+        .map_err(|e| Error::write(&path, e))?;
+    Ok(path)
 }
 
 fn check_stem(stem: &str) -> Result<(), Error> {

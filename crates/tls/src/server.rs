@@ -14,13 +14,13 @@ use std::time::Duration;
 use futures::Stream;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
-use crate::pem::{parse_certs, parse_key, read_file};
+use crate::pem::{parse_certs, parse_crls, parse_key, read_file};
 use crate::{Error, crypto_provider};
 
 /// The ALPN protocol of gRPC.
@@ -69,6 +69,7 @@ pub fn server_config(
         parse_certs(client_ca_pem, "client CA certificate", None)?,
         None,
         true,
+        Vec::new(),
     )
 }
 
@@ -87,6 +88,7 @@ pub fn server_config_without_ca_hints(
         parse_certs(client_anchors_pem, "client certificate anchor", None)?,
         None,
         false,
+        Vec::new(),
     )
 }
 
@@ -96,15 +98,33 @@ pub fn load_server_config(
     key: &Path,
     client_ca: &Path,
 ) -> Result<Arc<ServerConfig>, Error> {
+    load_server_config_with_crl(cert, key, client_ca, None)
+}
+
+/// [`load_server_config`], refusing client certificates that `crl` (PEM, one or more CRLs)
+/// revokes. Only the client certificate itself is checked, and only against CRLs of its
+/// issuer: a certificate whose issuer published none is accepted.
+pub fn load_server_config_with_crl(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+    crl: Option<&Path>,
+) -> Result<Arc<ServerConfig>, Error> {
     const CERT: &str = "server certificate";
     const KEY: &str = "server private key";
     const CA: &str = "client CA certificate";
+    const CRL: &str = "client certificate revocation list";
+    let crls = match crl {
+        Some(p) => parse_crls(&read_file(p, CRL)?, CRL, Some(p))?,
+        None => Vec::new(),
+    };
     build_server_config(
         parse_certs(&read_file(cert, CERT)?, CERT, Some(cert))?,
         parse_key(&read_file(key, KEY)?, KEY, Some(key))?,
         parse_certs(&read_file(client_ca, CA)?, CA, Some(client_ca))?,
         Some(client_ca),
         true,
+        crls,
     )
 }
 
@@ -114,6 +134,7 @@ fn build_server_config(
     client_cas: Vec<CertificateDer<'static>>,
     client_ca_path: Option<&Path>,
     root_hints: bool,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<Arc<ServerConfig>, Error> {
     let provider = crypto_provider();
     let mut roots = RootCertStore::empty();
@@ -135,6 +156,12 @@ fn build_server_config(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !root_hints {
         builder = builder.clear_root_hint_subjects();
+    }
+    if !crls.is_empty() {
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
     }
     let chained = builder
         .build()
