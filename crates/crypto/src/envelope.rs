@@ -12,6 +12,11 @@ use crate::{Error, random_bytes};
 
 /// PBKDF2-HMAC-SHA256 iterations for new key files (OWASP's 2023 figure; ~80 ms here).
 pub const PBKDF2_ITERATIONS: u32 = 600_000;
+/// The most iterations a key file may ask for: a tampered file must not make opening it
+/// take hours.
+pub const MAX_PBKDF2_ITERATIONS: u32 = 10_000_000;
+/// The shortest passphrase a new key file is created with.
+pub const MIN_PASSPHRASE_BYTES: usize = 16;
 const FORMAT: &str = "klio-key-envelope/1";
 const WRAP_AAD: &[u8] = b"klio master key v1";
 
@@ -32,6 +37,18 @@ impl Passphrase {
             return Err(Error::EmptyPassphrase);
         }
         Ok(Passphrase(bytes))
+    }
+
+    /// Refuses a passphrase too short to protect a new key file (existing key files keep
+    /// opening with the passphrase they were made with).
+    pub fn check_strength(&self) -> Result<(), Error> {
+        if self.0.len() < MIN_PASSPHRASE_BYTES {
+            return Err(Error::WeakPassphrase {
+                len: self.0.len(),
+                min: MIN_PASSPHRASE_BYTES,
+            });
+        }
+        Ok(())
     }
 
     /// Reads a key file; trailing whitespace (a final newline) is not part of the key.
@@ -176,6 +193,12 @@ impl KeyEnvelope {
         if buf.len() != 48 {
             return Err(bad("wrapped key has the wrong length"));
         }
+        if self.iterations > MAX_PBKDF2_ITERATIONS {
+            return Err(bad(&format!(
+                "it asks for {} key derivation iterations, more than the {MAX_PBKDF2_ITERATIONS} accepted",
+                self.iterations
+            )));
+        }
         let key = wrapping_key(passphrase, &salt, self.iterations).map_err(|r| bad(&r))?;
         let plain = key
             .open_in_place(
@@ -211,6 +234,7 @@ impl KeyEnvelope {
                 env.unwrap(passphrase, &shown)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                passphrase.check_strength()?;
                 let master = MasterKey::generate();
                 let env = KeyEnvelope::wrap(&master, passphrase);
                 let json = serde_json::to_vec_pretty(&env).expect("envelope serializes");
@@ -262,8 +286,13 @@ mod tests {
     fn load_or_create_persists_the_same_master_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("keys.json");
-        let a = KeyEnvelope::load_or_create(&p, &pass("secret\n")).unwrap();
-        let b = KeyEnvelope::load_or_create(&p, &pass("secret")).unwrap();
+        assert!(matches!(
+            KeyEnvelope::load_or_create(&p, &pass("short")),
+            Err(Error::WeakPassphrase { len: 5, .. })
+        ));
+        assert!(!p.exists(), "no key file is made with a weak passphrase");
+        let a = KeyEnvelope::load_or_create(&p, &pass("a secret of some length\n")).unwrap();
+        let b = KeyEnvelope::load_or_create(&p, &pass("a secret of some length")).unwrap();
         assert_eq!(a.0, b.0);
         let before = std::fs::read(&p).unwrap();
         assert!(matches!(

@@ -38,6 +38,10 @@ pub enum Error {
     },
     #[error("the encryption key is empty\nHINT: provide a key of at least 16 characters")]
     EmptyPassphrase,
+    #[error(
+        "the encryption key has {len} bytes, fewer than the {min} a new key file needs\nHINT: use a longer key, e.g. `head -c 32 /dev/urandom | base64`"
+    )]
+    WeakPassphrase { len: usize, min: usize },
 }
 
 impl Error {

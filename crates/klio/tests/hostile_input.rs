@@ -434,3 +434,15 @@ fn revoked_client_certificates_are_refused_and_rotations_need_no_restart() -> an
     assert!(k.server_log().contains("certificate files changed"));
     Ok(())
 }
+
+#[test]
+fn a_new_key_file_needs_a_passphrase_of_sixteen_bytes() -> anyhow::Result<()> {
+    let mut k = Klio::start(&["a"])?;
+    k.kill_server()?;
+    std::fs::remove_dir_all(&k.data)?;
+    std::fs::write(&k.key_file, "short\n")?;
+    let err = k.start_server().expect_err("a weak passphrase");
+    assert!(format!("{err:#}").contains("fewer than the 16"), "{err:#}");
+    assert!(!k.data.join("keys.json").exists(), "no key file was made");
+    Ok(())
+}

@@ -460,7 +460,7 @@ mod read_only {
         let scratch = scratch_dir();
         let moto = Moto::start(&scratch.path().join("moto.log"));
         moto.create_bucket(BUCKET);
-        let key2 = tier2_key(&scratch, "tier2.key", "tier 2\n");
+        let key2 = tier2_key(&scratch, "tier2.key", "tier 2, long enough\n");
         // The standard server creates the Tier 2 repository the read-only one opens.
         let flags = tier2_flags(&moto.endpoint(), BUCKET, &key2);
         let standard = Klio::start_with(&["ro"], flags.clone()).unwrap();

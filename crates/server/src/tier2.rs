@@ -116,6 +116,7 @@ impl Tier2 {
             Some(bytes) => bytes,
             None if create => {
                 let master = MasterKey::generate();
+                passphrase.check_strength()?;
                 let env = KeyEnvelope::wrap(&master, &passphrase);
                 let json = serde_json::to_vec_pretty(&env).context("encode the key envelope")?;
                 // Create-only: if another server won the race, its envelope is read back.
