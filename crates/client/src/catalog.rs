@@ -263,6 +263,18 @@ pub struct Tier2RetentionFlags {
 }
 
 impl Tier2RetentionFlags {
+    /// Tier 2 flags with the counts of `f`.
+    pub fn from_flags(f: &RetentionFlags) -> Tier2RetentionFlags {
+        Tier2RetentionFlags {
+            keep_latest: f.keep_latest,
+            keep_hourly: f.keep_hourly,
+            keep_daily: f.keep_daily,
+            keep_weekly: f.keep_weekly,
+            keep_monthly: f.keep_monthly,
+            keep_annual: f.keep_annual,
+        }
+    }
+
     pub fn as_flags(&self) -> RetentionFlags {
         RetentionFlags {
             keep_latest: self.keep_latest,

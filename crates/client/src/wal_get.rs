@@ -218,6 +218,27 @@ pub fn is_plausible_wal_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
 }
 
+/// One fetch of each of `names` (complete segments only), each yielding its name and outcome.
+fn prefetches(
+    client: &WalClient<Channel>,
+    cluster: &str,
+    tier2: bool,
+    names: Vec<String>,
+) -> impl Iterator<Item = impl std::future::Future<Output = (String, FetchResult)> + use<>> {
+    let (client, cluster) = (client.clone(), cluster.to_string());
+    names.into_iter().map(move |n| {
+        let mut c = client.clone();
+        let cluster = cluster.clone();
+        async move {
+            let r = fetch(&mut c, &cluster, &n, false, tier2).await;
+            (n, r)
+        }
+    })
+}
+
+/// What [`fetch`] gives.
+type FetchResult = anyhow::Result<Option<Fetched>>;
+
 /// Fetches `names` into `spool` in parallel, each written as soon as it arrives; every name
 /// is marked in flight until then. A segment the archive lacks (or that fails) is skipped:
 /// PostgreSQL's own call for it reports the outcome.
@@ -235,14 +256,7 @@ fn spawn_prefetch(
     }
     let parallel = names.len().max(1);
     tokio::spawn(async move {
-        let fetches = names.into_iter().map(|n| {
-            let mut c = client.clone();
-            let cluster = cluster.clone();
-            async move {
-                let r = fetch(&mut c, &cluster, &n, false, tier2).await;
-                (n, r)
-            }
-        });
+        let fetches = prefetches(&client, &cluster, tier2, names);
         let mut done = futures::stream::iter(fetches).buffer_unordered(parallel);
         while let Some((name, res)) = done.next().await {
             let path = spool.join(&name);
@@ -385,14 +399,7 @@ where
             );
             return Ok(Outcome::Restored);
         }
-        let fetches = names.into_iter().map(|n| {
-            let mut c = client.clone();
-            let cluster = cluster.clone();
-            async move {
-                let r = fetch(&mut c, &cluster, &n, false, tier2).await;
-                (n, r)
-            }
-        });
+        let fetches = prefetches(&client, &cluster, tier2, names);
         prefetched = futures::stream::iter(fetches)
             .buffered(r.prefetch as usize)
             .collect::<Vec<_>>()

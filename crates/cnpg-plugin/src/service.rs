@@ -160,6 +160,21 @@ pub fn plugin_metadata() -> identity::GetPluginMetadataResponse {
     }
 }
 
+/// `GetPluginCapabilities`' answer listing `types`.
+pub fn plugin_capabilities(
+    types: &[identity::plugin_capability::service::Type],
+) -> identity::GetPluginCapabilitiesResponse {
+    let capabilities = types
+        .iter()
+        .map(|t| identity::PluginCapability {
+            r#type: Some(identity::plugin_capability::Type::Service(
+                identity::plugin_capability::Service { r#type: *t as i32 },
+            )),
+        })
+        .collect();
+    identity::GetPluginCapabilitiesResponse { capabilities }
+}
+
 fn parse_cluster(bytes: &[u8]) -> Result<Value, Status> {
     Cluster::parse(bytes).map_err(Status::invalid_argument)
 }
@@ -178,22 +193,12 @@ impl<C: Configurations> identity::identity_server::Identity for Plugin<C> {
         _: Request<identity::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<identity::GetPluginCapabilitiesResponse>, Status> {
         use identity::plugin_capability::service::Type;
-        let capabilities = [
+        Ok(Response::new(plugin_capabilities(&[
             Type::LifecycleService,
             Type::ReconcilerHooks,
             Type::InstanceSidecarInjection,
             Type::InstanceJobSidecarInjection,
-        ]
-        .into_iter()
-        .map(|t| identity::PluginCapability {
-            r#type: Some(identity::plugin_capability::Type::Service(
-                identity::plugin_capability::Service { r#type: t as i32 },
-            )),
-        })
-        .collect();
-        Ok(Response::new(identity::GetPluginCapabilitiesResponse {
-            capabilities,
-        }))
+        ])))
     }
 
     async fn probe(

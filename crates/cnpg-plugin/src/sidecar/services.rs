@@ -155,17 +155,7 @@ impl identity::identity_server::Identity for Sidecar {
             Role::Instance => &[Type::WalService, Type::BackupService],
             Role::Restore => &[Type::RestoreJob, Type::WalService],
         };
-        let capabilities = types
-            .iter()
-            .map(|t| identity::PluginCapability {
-                r#type: Some(identity::plugin_capability::Type::Service(
-                    identity::plugin_capability::Service { r#type: *t as i32 },
-                )),
-            })
-            .collect();
-        Ok(Response::new(identity::GetPluginCapabilitiesResponse {
-            capabilities,
-        }))
+        Ok(Response::new(crate::service::plugin_capabilities(types)))
     }
 
     /// Called before every use of a pooled connection: answered from memory, never waiting
@@ -361,22 +351,11 @@ impl Sidecar {
             wal_wait_timeout: config.wal_wait_timeout,
             json: true,
             retention: config.retention.clone(),
-            tier2_retention: tier2_flags(&config.tier2_retention),
+            tier2_retention: klio_client::catalog::Tier2RetentionFlags::from_flags(
+                &config.tier2_retention,
+            ),
             no_retention: skip_retention,
         })
-    }
-}
-
-fn tier2_flags(
-    r: &klio_client::catalog::RetentionFlags,
-) -> klio_client::catalog::Tier2RetentionFlags {
-    klio_client::catalog::Tier2RetentionFlags {
-        keep_latest: r.keep_latest,
-        keep_hourly: r.keep_hourly,
-        keep_daily: r.keep_daily,
-        keep_weekly: r.keep_weekly,
-        keep_monthly: r.keep_monthly,
-        keep_annual: r.keep_annual,
     }
 }
 
