@@ -1388,6 +1388,20 @@ mod tests {
     }
 
     #[test]
+    fn normalized_paths_are_absolute_without_dot_components() {
+        assert_eq!(normalized(Path::new("/a/./b/../c")), Path::new("/a/c"));
+        assert_eq!(normalized(Path::new("/a//b/")), Path::new("/a/b"));
+        assert_eq!(normalized(Path::new("/..")), Path::new("/"));
+        assert!(normalized(Path::new("rel")).is_absolute());
+    }
+
+    #[test]
+    fn tablespace_map_lines_escape_line_breaks_and_backslashes() {
+        assert_eq!(tablespace_map_escape("/mnt/ts1"), "/mnt/ts1");
+        assert_eq!(tablespace_map_escape("/a\nb\\c"), "/a\\\nb\\\\c");
+    }
+
+    #[test]
     fn shell_and_conf_quoting() {
         assert_eq!(sh_quote("/usr/bin/klio"), "/usr/bin/klio");
         assert_eq!(sh_quote("a b"), "'a b'");
