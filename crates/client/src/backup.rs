@@ -303,6 +303,14 @@ impl Shared {
                 self.files.fetch_add(1, Ordering::Relaxed);
                 return self.add_entry(batch, pb_entry);
             }
+            EntryKind::Symlink { target }
+                if klio_proto::manifest_rules::tablespace_link_oid(&entry.path).is_none() =>
+            {
+                // The server refuses any other link (a restore never writes one): left out,
+                // as what it leads to is outside the data directory anyway.
+                tracing::warn!(path = %entry.path, %target, "symbolic link left out of the backup: only the tablespace links in pg_tblspc are backed up");
+                return Ok(());
+            }
             EntryKind::Symlink { target } => {
                 pb_entry.kind = pb::file_entry::Kind::Symlink as i32;
                 pb_entry.target = target.clone();

@@ -6,17 +6,30 @@
 //! transaction id, a restore point name, `immediate` or the end of the archive, the newest).
 //! Blocks are fetched in parallel, decompressed and checked against their ids before a byte
 //! is written; `--delta` reads the existing files and fetches only blocks that differ.
+//!
+//! The restore does not trust the server: before anything is written, the whole manifest is
+//! checked against [`klio_proto::manifest_rules`] (relative normalized paths, symbolic links
+//! only as tablespace links, nothing under a file or another link, sizes within the limits)
+//! and every tablespace gets a location that is absolute, normalized, and overlaps neither
+//! the data directory nor another tablespace. While writing, no symbolic link inside the
+//! data directory or a tablespace location is ever followed: parents are checked to be real
+//! directories, files are opened with `O_NOFOLLOW`, tablespace contents are written into
+//! their location directly (never through `pg_tblspc/<oid>`), and modes lose their setuid,
+//! setgid and sticky bits. `--delta` deletes only inside the data directory and the
+//! tablespace locations, never a location itself, and never follows a link while sweeping.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Read;
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Args};
 use klio_proto::backup::v1::{self as pb, backup_client::BackupClient};
+use klio_proto::limits::MAX_BLOCK_SIZE;
+use klio_proto::manifest_rules::{self, Kind, TablespaceLocation, Violation};
 use serde_json::Value;
 use time::OffsetDateTime;
 use tonic::transport::Channel;
@@ -304,60 +317,305 @@ fn check_target_dir(dir: &Path, delta: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where each tablespace goes: oid -> location.
+/// An error for a manifest that breaks one of the [`manifest_rules`].
+fn refused(backup_id: &str, v: &Violation) -> anyhow::Error {
+    anyhow::anyhow!("the manifest of backup {backup_id} {v}: refusing to restore it")
+}
+
+/// Checks the whole manifest against the [`manifest_rules`] before anything is written.
+fn check_manifest(backup_id: &str, files: &[pb::FileEntry]) -> anyhow::Result<()> {
+    manifest_rules::check_manifest(files).map_err(|v| refused(backup_id, &v))
+}
+
+/// `path` made absolute and lexically normalized (`.` dropped, `..` taken back), without
+/// resolving symbolic links: for comparing where directories are.
+fn normalized(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Where each tablespace goes (oid -> location), and which of them the user mapped.
+///
+/// The user's `--tablespace-map` wins; else the location the backup's metadata records, used
+/// only if it is absolute and normalized; an in-place tablespace (`pg_tblspc/<oid>`) stays
+/// in the data directory. Every tablespace link of the manifest gets a location (a link
+/// the metadata does not know can be mapped by OID), and no location is the data
+/// directory, contains it, lies in its `pg_tblspc`, or overlaps another location.
 fn tablespace_locations(
     args: &RestoreArgs,
+    pgdata: &Path,
+    backup_id: &str,
     meta: &Value,
-) -> anyhow::Result<BTreeMap<String, PathBuf>> {
-    let mut out = BTreeMap::new();
-    let mut used = HashSet::new();
-    let spcs = meta["tablespaces"].as_array().cloned().unwrap_or_default();
+    files: &[pb::FileEntry],
+) -> anyhow::Result<(BTreeMap<String, PathBuf>, BTreeSet<String>)> {
+    let spcs = manifest_rules::tablespaces(meta).map_err(|v| refused(backup_id, &v))?;
+    let linked: BTreeSet<&str> = files
+        .iter()
+        .filter(|f| Kind::of(f) == Some(Kind::Symlink))
+        .filter_map(|f| manifest_rules::tablespace_link_oid(&f.path))
+        .collect();
+    let mut maps: Vec<(&str, PathBuf)> = Vec::new();
     for m in &args.tablespace_map {
-        let (name, _) = m
+        let (name, path) = m
             .split_once('=')
+            .filter(|(_, p)| !p.is_empty())
             .with_context(|| format!("invalid --tablespace-map \"{m}\": use NAME=PATH"))?;
-        let known = spcs.iter().any(|t| {
-            t["name"].as_str() == Some(name)
-                || t["oid"].as_u64().is_some_and(|o| o.to_string() == name)
-        });
+        let known = linked.contains(name)
+            || spcs
+                .iter()
+                .any(|t| t.name == name || t.oid.to_string() == name);
         if !known {
             bail!(
                 "--tablespace-map \"{m}\": the backup has no tablespace named \"{name}\" (it has: {})",
                 spcs.iter()
-                    .map(|t| format!("{} (oid {})", t["name"].as_str().unwrap_or("?"), t["oid"]))
+                    .map(|t| format!("{} (oid {})", t.name, t.oid))
                     .collect::<Vec<_>>()
                     .join(", ")
             );
         }
+        maps.push((name, normalized(Path::new(path))));
     }
+    let mapped_to = |oid: &str, name: &str| {
+        maps.iter()
+            .find(|(k, _)| *k == oid || *k == name)
+            .map(|(_, p)| p.clone())
+    };
+    let mut out = BTreeMap::new();
+    let mut mapped = BTreeSet::new();
     for t in &spcs {
-        let oid = t["oid"].to_string();
-        let name = t["name"].as_str().unwrap_or_default();
-        let mapped = args.tablespace_map.iter().find_map(|m| {
-            let (k, v) = m.split_once('=')?;
-            (k == name || k == oid).then(|| PathBuf::from(v))
-        });
-        let loc = match mapped {
-            Some(p) => std::path::absolute(&p).unwrap_or(p),
-            None => PathBuf::from(t["location"].as_str().unwrap_or_default()),
+        let oid = t.oid.to_string();
+        let recorded = manifest_rules::check_tablespace_location(t.oid, &t.location);
+        let loc = match (mapped_to(&oid, &t.name), recorded) {
+            (Some(_), Ok(TablespaceLocation::InPlace)) if !linked.contains(oid.as_str()) => {
+                bail!(
+                    "tablespace \"{}\" (oid {oid}) is an in-place tablespace, a directory of the data directory: it cannot be mapped with --tablespace-map",
+                    t.name
+                );
+            }
+            (Some(p), _) => {
+                mapped.insert(oid.clone());
+                p
+            }
+            (None, Ok(TablespaceLocation::Absolute(l))) => PathBuf::from(l),
+            (None, Ok(TablespaceLocation::InPlace)) => continue,
+            (None, Err(v)) => bail!(
+                "{}\nHINT: restore the tablespace elsewhere with --tablespace-map {}=PATH",
+                refused(backup_id, &v),
+                t.name
+            ),
         };
-        if !used.insert(loc.clone()) {
-            bail!("two tablespaces would be restored to \"{}\"", loc.display());
-        }
         out.insert(oid, loc);
     }
-    Ok(out)
+    for oid in linked {
+        if out.contains_key(oid) {
+            continue;
+        }
+        match mapped_to(oid, oid) {
+            Some(p) => {
+                mapped.insert(oid.to_string());
+                out.insert(oid.to_string(), p);
+            }
+            None => bail!(
+                "the manifest of backup {backup_id} lists the tablespace link \"pg_tblspc/{oid}\" but its metadata gives no location for tablespace {oid}: refusing to restore it\nHINT: restore the tablespace with --tablespace-map {oid}=PATH"
+            ),
+        }
+    }
+    let data = normalized(pgdata);
+    let links = data.join(manifest_rules::TABLESPACE_LINK_DIR);
+    for (oid, loc) in &out {
+        if data.starts_with(loc) {
+            bail!(
+                "tablespace {oid} would be restored to \"{}\", which is or contains the data directory \"{}\": refusing to restore it\nHINT: map it elsewhere with --tablespace-map NAME=PATH",
+                loc.display(),
+                data.display()
+            );
+        }
+        if loc.starts_with(&links) {
+            bail!(
+                "tablespace {oid} would be restored to \"{}\", inside the data directory's {}: refusing to restore it\nHINT: map it elsewhere with --tablespace-map NAME=PATH",
+                loc.display(),
+                manifest_rules::TABLESPACE_LINK_DIR
+            );
+        }
+        for (other, other_loc) in &out {
+            if other != oid && (loc.starts_with(other_loc) || other_loc.starts_with(loc)) {
+                bail!(
+                    "two tablespaces would be restored to \"{}\" and \"{}\" (tablespaces {oid} and {other}), one inside the other\nHINT: map them apart with --tablespace-map NAME=PATH",
+                    loc.display(),
+                    other_loc.display()
+                );
+            }
+        }
+    }
+    Ok((out, mapped))
 }
 
-/// Maps a manifest path to where it is written.
-fn destination(pgdata: &Path, spcs: &BTreeMap<String, PathBuf>, path: &str) -> PathBuf {
+/// Checks the tablespace locations before anything is written: each is empty, except in a
+/// delta restore when the user mapped it there or the data directory's `pg_tblspc/<oid>`
+/// already leads there (then it is this cluster's, and the sweep may clean it). A location
+/// inside the data directory is reached through no symbolic link.
+fn check_tablespace_dirs(
+    pgdata: &Path,
+    spcs: &BTreeMap<String, PathBuf>,
+    mapped: &BTreeSet<String>,
+    delta: bool,
+) -> anyhow::Result<()> {
+    let data = normalized(pgdata);
+    for (oid, loc) in spcs {
+        if let Ok(inside) = loc.strip_prefix(&data) {
+            let mut dir = data.clone();
+            for c in inside.components() {
+                dir.push(c);
+                if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                    bail!(
+                        "the location of tablespace {oid}, \"{}\", is reached through the symbolic link \"{}\" in the data directory: refusing to restore it\nHINT: map it elsewhere with --tablespace-map NAME=PATH",
+                        loc.display(),
+                        dir.display()
+                    );
+                }
+            }
+        }
+        if !std::fs::read_dir(loc).is_ok_and(|mut d| d.next().is_some()) {
+            continue;
+        }
+        if !delta {
+            bail!(
+                "the location of tablespace {oid}, \"{}\", is not empty\nHINT: map it elsewhere with --tablespace-map NAME=PATH, or pass --delta",
+                loc.display()
+            );
+        }
+        let links = pgdata.join(manifest_rules::TABLESPACE_LINK_DIR);
+        let link = links.join(oid);
+        let ours = std::fs::read_link(&link).is_ok_and(|t| normalized(&links.join(t)) == *loc);
+        if !mapped.contains(oid) && !ours {
+            bail!(
+                "the location of tablespace {oid}, \"{}\", is not empty and \"{}\" does not lead there: refusing a delta restore into it\nHINT: map it to this cluster's tablespace directory with --tablespace-map NAME=PATH",
+                loc.display(),
+                link.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks that no file or link of the manifest is written where a tablespace location inside
+/// the data directory is, or above one: writing it would remove the location.
+fn check_destinations(
+    backup_id: &str,
+    pgdata: &Path,
+    spcs: &BTreeMap<String, PathBuf>,
+    files: &[pb::FileEntry],
+) -> anyhow::Result<()> {
+    let nested: Vec<(&String, &PathBuf)> =
+        spcs.iter().filter(|(_, l)| l.starts_with(pgdata)).collect();
+    if nested.is_empty() {
+        return Ok(());
+    }
+    for f in files
+        .iter()
+        .filter(|f| Kind::of(f) != Some(Kind::Directory))
+    {
+        let dest = destination(pgdata, spcs, &f.path).path;
+        if let Some((oid, loc)) = nested.iter().find(|(_, l)| l.starts_with(&dest)) {
+            bail!(
+                "the manifest of backup {backup_id} lists \"{}\" where tablespace {oid} is restored (\"{}\"): refusing to restore it",
+                f.path,
+                loc.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Where a manifest entry is written: `path`, below `root` (the data directory or a
+/// tablespace location).
+#[derive(Debug)]
+struct Dest<'a> {
+    root: &'a Path,
+    path: PathBuf,
+}
+
+/// Maps a manifest path (checked by the rules) to where it is written: the contents of a
+/// mapped tablespace go into its location directly, never through its link.
+fn destination<'a>(pgdata: &'a Path, spcs: &'a BTreeMap<String, PathBuf>, path: &str) -> Dest<'a> {
     if let Some(rest) = path.strip_prefix("pg_tblspc/")
         && let Some((oid, inner)) = rest.split_once('/')
         && let Some(loc) = spcs.get(oid)
     {
-        return loc.join(inner);
+        return Dest {
+            root: loc,
+            path: loc.join(inner),
+        };
     }
-    pgdata.join(path)
+    Dest {
+        root: pgdata,
+        path: pgdata.join(path),
+    }
+}
+
+/// Makes every directory between `dest.root` and `dest.path` a real directory, creating
+/// missing ones (mode 0700). A symbolic link there is refused: the restore creates links
+/// only as `pg_tblspc/<oid>` and never writes through them, so a link on the way is not its
+/// own and nothing may be written through it.
+fn prepare_parents(dest: &Dest) -> anyhow::Result<()> {
+    let Some(parent) = dest
+        .path
+        .strip_prefix(dest.root)
+        .ok()
+        .and_then(Path::parent)
+    else {
+        return Ok(());
+    };
+    let mut dir = dest.root.to_path_buf();
+    for c in parent.components() {
+        dir.push(c);
+        let mut raced = false;
+        loop {
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.is_dir() => break,
+                Ok(m) if m.file_type().is_symlink() => bail!(
+                    "\"{}\" is a symbolic link: refusing to write \"{}\" through it",
+                    dir.display(),
+                    dest.path.display()
+                ),
+                Ok(_) => bail!(
+                    "\"{}\" is not a directory: cannot write \"{}\"",
+                    dir.display(),
+                    dest.path.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !raced => {
+                    // Another writer may create it first: then it is checked again.
+                    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => raced = true,
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("create \"{}\"", dir.display()));
+                        }
+                    }
+                }
+                Err(e) => return Err(e).with_context(|| format!("stat \"{}\"", dir.display())),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens a directory without following a symbolic link.
+fn open_dir_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(path)
 }
 
 /// Quotes a word for /bin/sh.
@@ -392,9 +650,16 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    /// Fetches blocks, checks each against its id and puts their plaintexts one after the
-    /// other into `buf`; returns their lengths.
-    fn fetch(&self, ids: &[[u8; 32]], path: &str, buf: &mut Vec<u8>) -> anyhow::Result<Vec<usize>> {
+    /// Fetches blocks, checks each against its id and its expected length (`lens`, known
+    /// from the manifest before the server says anything) and puts their plaintexts one
+    /// after the other into `buf`.
+    fn fetch(
+        &self,
+        ids: &[[u8; 32]],
+        lens: &[usize],
+        path: &str,
+        buf: &mut Vec<u8>,
+    ) -> anyhow::Result<()> {
         let mut client = self.client.clone();
         let r = self
             .rt
@@ -413,21 +678,27 @@ impl Fetcher {
                 ids.len()
             );
         }
-        let total: usize = r.blocks.iter().map(|b| b.plain_len as usize).sum();
+        // The sizes come from the manifest (bounded by the block size), never from the
+        // server's answer.
+        let total: usize = lens.iter().sum();
         buf.clear();
         buf.resize(total, 0);
-        let mut lens = Vec::with_capacity(ids.len());
         let mut pos = 0;
         let mut dctx = zstd::bulk::Decompressor::new().context("zstd decompressor")?;
-        for (b, id) in r.blocks.iter().zip(ids) {
-            let len = b.plain_len as usize;
-            let out = &mut buf[pos..pos + len];
+        for ((b, id), &len) in r.blocks.iter().zip(ids).zip(lens) {
             let corrupt = |why: &str| {
                 anyhow::anyhow!(
                     "block {} of \"{path}\" is corrupt: {why}\nHINT: run `klio verify` to find the damaged objects",
                     hex::encode(id)
                 )
             };
+            if b.plain_len as usize != len {
+                return Err(corrupt(&format!(
+                    "it has {} bytes where the file has {len}",
+                    b.plain_len
+                )));
+            }
+            let out = &mut buf[pos..pos + len];
             if b.compressed {
                 let n = dctx
                     .decompress_to_buffer(&b.data[..], out)
@@ -443,14 +714,13 @@ impl Fetcher {
             if blake3::keyed_hash(&self.key, out).as_bytes() != id {
                 return Err(corrupt("its content does not match its id"));
             }
-            lens.push(len);
             pos += len;
         }
         self.fetched_bytes
             .fetch_add(total as u64, Ordering::Relaxed);
         self.fetched_blocks
             .fetch_add(ids.len() as u64, Ordering::Relaxed);
-        Ok(lens)
+        Ok(())
     }
 
     /// The block ids of a blocklist of the backup.
@@ -474,28 +744,48 @@ impl Fetcher {
 
     /// Writes one file: fetches the blocks that `existing` (the current file, in a delta
     /// restore) does not already hold. A file cut into blocks is written one blocklist at a
-    /// time, so memory does not grow with the size of the file.
-    fn write_file(&self, f: &pb::FileEntry, dest: &Path, delta: bool) -> anyhow::Result<()> {
+    /// time, so memory does not grow with the size of the file. The file is opened without
+    /// following a symbolic link, below parents that are real directories.
+    fn write_file(&self, f: &pb::FileEntry, dest: &Dest, delta: bool) -> anyhow::Result<()> {
+        // Checked with the whole manifest already; repeated here because it bounds what is
+        // allocated below.
+        if f.block_size as usize > MAX_BLOCK_SIZE
+            || (f.block_size == 0 && f.size > MAX_BLOCK_SIZE as u64)
+        {
+            bail!(
+                "the manifest lists \"{}\" with blocks larger than {MAX_BLOCK_SIZE} bytes",
+                f.path
+            );
+        }
         let block_size = if f.block_size == 0 {
             f.size.max(1)
         } else {
             u64::from(f.block_size)
         };
-        if delta
-            && let Ok(meta) = std::fs::symlink_metadata(dest)
+        let expected = manifest_rules::expected_blocks(f.size, f.block_size);
+        let path = &dest.path;
+        prepare_parents(dest)?;
+        if let Ok(meta) = std::fs::symlink_metadata(path)
             && !meta.is_file()
         {
-            remove_any(dest)?;
+            remove_any(path)?;
         }
-        let file = std::fs::OpenOptions::new()
+        let mut options = std::fs::OpenOptions::new();
+        options
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(!delta)
-            .open(dest)
-            .with_context(|| format!("create \"{}\"", dest.display()))?;
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW);
+        if delta {
+            options.create(true);
+        } else {
+            options.create_new(true);
+        }
+        let file = options
+            .open(path)
+            .with_context(|| format!("create \"{}\"", path.display()))?;
         let mut buf = vec![0u8; block_size as usize];
-        let mut first = 0usize;
+        let mut first = 0u64;
         let lists: Vec<Option<&[u8]>> = if f.blocklists.is_empty() {
             vec![None]
         } else {
@@ -506,14 +796,17 @@ impl Fetcher {
                 None => ids_of(&f.block_ids),
                 Some(l) => self.blocklist(l, &f.path)?,
             };
-            self.write_blocks(f, dest, &file, &ids, first, block_size, delta, &mut buf)?;
-            first += ids.len();
+            let after = first + ids.len() as u64;
+            if after > expected {
+                bail!(
+                    "the manifest lists more blocks for \"{}\" of {} bytes than the {expected} its size calls for\nHINT: run `klio verify` on the backup",
+                    f.path,
+                    f.size
+                );
+            }
+            self.write_blocks(f, path, &file, &ids, first, block_size, delta, &mut buf)?;
+            first = after;
         }
-        let expected = if f.block_size == 0 {
-            1
-        } else {
-            f.size.div_ceil(block_size) as usize
-        };
         if first != expected {
             bail!(
                 "the manifest lists {first} blocks for \"{}\" of {} bytes, not {expected}\nHINT: run `klio verify` on the backup",
@@ -522,13 +815,14 @@ impl Fetcher {
             );
         }
         file.set_len(f.size)
-            .with_context(|| format!("write \"{}\"", dest.display()))?;
-        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
-            .with_context(|| format!("set the mode of \"{}\"", dest.display()))?;
+            .with_context(|| format!("write \"{}\"", path.display()))?;
+        let mode = manifest_rules::permission_bits(f.mode);
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("set the mode of \"{}\"", path.display()))?;
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
         let _ = file.set_modified(mtime);
         file.sync_all()
-            .with_context(|| format!("sync \"{}\"", dest.display()))?;
+            .with_context(|| format!("sync \"{}\"", path.display()))?;
         Ok(())
     }
 
@@ -540,16 +834,18 @@ impl Fetcher {
         dest: &Path,
         file: &std::fs::File,
         ids: &[[u8; 32]],
-        first: usize,
+        first: u64,
         block_size: u64,
         delta: bool,
         buf: &mut [u8],
     ) -> anyhow::Result<()> {
         let mut needed: Vec<(u64, [u8; 32])> = Vec::new();
+        // Every block is `block_size` bytes but the last, which has the rest.
+        let len_at = |off: u64| block_size.min(f.size - off.min(f.size)) as usize;
         for (i, id) in ids.iter().enumerate() {
-            let off = (first + i) as u64 * block_size;
+            let off = (first + i as u64) * block_size;
             if delta {
-                let len = block_size.min(f.size - off.min(f.size)) as usize;
+                let len = len_at(off);
                 let n = read_at_full(file, &mut buf[..len], off)
                     .with_context(|| format!("read \"{}\"", dest.display()))?;
                 if n == len && blake3::keyed_hash(&self.key, &buf[..n]).as_bytes() == id {
@@ -563,7 +859,8 @@ impl Fetcher {
         let mut data = Vec::new();
         for chunk in needed.chunks(per_call) {
             let ids: Vec<[u8; 32]> = chunk.iter().map(|(_, id)| *id).collect();
-            let lens = self.fetch(&ids, &f.path, &mut data)?;
+            let lens: Vec<usize> = chunk.iter().map(|(off, _)| len_at(*off)).collect();
+            self.fetch(&ids, &lens, &f.path, &mut data)?;
             // Blocks that follow each other in the file are written with one call.
             let mut run: Option<(u64, usize, usize)> = None; // (file offset, start in data, len)
             let mut pos = 0;
@@ -623,21 +920,65 @@ fn remove_any(p: &Path) -> anyhow::Result<()> {
     .with_context(|| format!("remove \"{}\"", p.display()))
 }
 
-/// Removes everything under `root` (not following symbolic links) that is not expected.
-fn sweep(root: &Path, expected: &HashSet<PathBuf>, removed: &mut u64) -> anyhow::Result<()> {
-    let entries = match std::fs::read_dir(root) {
+/// What a delta restore removes (planned before anything is removed): what the backup does
+/// not have under the data directory, and inside the directories the backup lists directly in
+/// each tablespace location (anything else there, such as another major version's
+/// directory, is left alone). Symbolic links are never followed (a link is removed itself),
+/// and neither the data directory nor a tablespace location is ever removed.
+fn plan_sweep(
+    pgdata: &Path,
+    spcs: &BTreeMap<String, PathBuf>,
+    expected: &HashSet<PathBuf>,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let keep: HashSet<&Path> = spcs
+        .values()
+        .map(PathBuf::as_path)
+        .chain([pgdata])
+        .collect();
+    let mut plan = Vec::new();
+    sweep_dir(pgdata, expected, &keep, &mut plan)?;
+    for loc in spcs.values() {
+        let entries = match std::fs::read_dir(loc) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("read \"{}\"", loc.display())),
+        };
+        for e in entries {
+            let e = e.with_context(|| format!("read \"{}\"", loc.display()))?;
+            let p = e.path();
+            if expected.contains(&p) && !keep.contains(p.as_path()) && e.file_type()?.is_dir() {
+                sweep_dir(&p, expected, &keep, &mut plan)?;
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Plans the removal of what is under `dir` and not expected; descends only into real
+/// directories (`DirEntry::file_type` does not follow links) and skips `keep`.
+fn sweep_dir(
+    dir: &Path,
+    expected: &HashSet<PathBuf>,
+    keep: &HashSet<&Path>,
+    plan: &mut Vec<PathBuf>,
+) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("read \"{}\"", root.display())),
+        Err(e) => return Err(e).with_context(|| format!("read \"{}\"", dir.display())),
     };
     for e in entries {
-        let e = e.with_context(|| format!("read \"{}\"", root.display()))?;
+        let e = e.with_context(|| format!("read \"{}\"", dir.display()))?;
         let p = e.path();
-        if !expected.contains(&p) {
-            remove_any(&p)?;
-            *removed += 1;
+        if keep.contains(p.as_path()) {
+            continue;
+        }
+        // A directory holding a tablespace location is descended into, never removed.
+        let holds_kept = keep.iter().any(|k| k.starts_with(&p));
+        if !expected.contains(&p) && !holds_kept {
+            plan.push(p);
         } else if e.file_type()?.is_dir() {
-            sweep(&p, expected, removed)?;
+            sweep_dir(&p, expected, keep, plan)?;
         }
     }
     Ok(())
@@ -669,7 +1010,8 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
 /// left to the caller (`klio restore` writes its own, CloudNativePG writes its own).
 pub async fn restore_data(args: &RestoreArgs) -> anyhow::Result<Restored> {
     let cluster = args.client.cluster.clone();
-    let pgdata = std::path::absolute(&args.pgdata).unwrap_or(args.pgdata.clone());
+    // Normalized, so that it compares with the tablespace locations.
+    let pgdata = normalized(&args.pgdata);
     check_target_dir(&pgdata, args.delta)?;
     let target_time = args
         .target_time
@@ -701,23 +1043,18 @@ pub async fn restore_data(args: &RestoreArgs) -> anyhow::Result<Restored> {
     )
     .await
     .map_err(|s| status_error(&format!("read the manifest of backup {}", chosen.id), s))?;
-    let meta: Value = serde_json::from_slice(&m.metadata_json)?;
+    let meta: Value = serde_json::from_slice(&m.metadata_json)
+        .with_context(|| format!("the metadata of backup {}", chosen.id))?;
     let key: [u8; 32] = m
         .block_id_key
         .as_ref()
         .try_into()
         .context("the server sent a block id key that is not 32 bytes")?;
-    let spcs = tablespace_locations(args, &meta)?;
-    if !args.delta {
-        for (oid, loc) in &spcs {
-            if std::fs::read_dir(loc).is_ok_and(|mut d| d.next().is_some()) {
-                bail!(
-                    "the location of tablespace {oid}, \"{}\", is not empty\nHINT: map it elsewhere with --tablespace-map NAME=PATH, or pass --delta",
-                    loc.display()
-                );
-            }
-        }
-    }
+    // Everything is checked before the first byte is written.
+    check_manifest(&chosen.id, &files)?;
+    let (spcs, mapped) = tablespace_locations(args, &pgdata, &chosen.id, &meta, &files)?;
+    check_tablespace_dirs(&pgdata, &spcs, &mapped, args.delta)?;
+    check_destinations(&chosen.id, &pgdata, &spcs, &files)?;
 
     let t0 = std::time::Instant::now();
     let stats = {
@@ -789,7 +1126,8 @@ async fn read_manifest(
 }
 
 /// Creates directories and links, sweeps what a delta restore must drop, then writes the
-/// files with `jobs` threads.
+/// files with `jobs` threads. The manifest has been checked against the rules, and every
+/// tablespace link has a location in `spcs`.
 fn write_all(
     pgdata: &Path,
     spcs: &BTreeMap<String, PathBuf>,
@@ -798,7 +1136,6 @@ fn write_all(
     jobs: u16,
     fetcher: &Arc<Fetcher>,
 ) -> anyhow::Result<()> {
-    use pb::file_entry::Kind;
     klio_durable::create_dir_all_durable(pgdata)
         .with_context(|| format!("create \"{}\"", pgdata.display()))?;
     std::fs::set_permissions(pgdata, std::fs::Permissions::from_mode(0o700))?;
@@ -806,74 +1143,83 @@ fn write_all(
         klio_durable::create_dir_all_durable(loc)
             .with_context(|| format!("create tablespace directory \"{}\"", loc.display()))?;
     }
-    let mut expected: HashSet<PathBuf> = HashSet::new();
-    for f in &files {
-        let dest = destination(pgdata, spcs, &f.path);
-        expected.insert(dest);
-        if f.kind == Kind::Symlink as i32 {
-            // pg_tblspc/<oid> leads into the tablespace's location.
-            if let Some(oid) = f.path.strip_prefix("pg_tblspc/")
-                && let Some(loc) = spcs.get(oid)
-            {
-                expected.insert(loc.clone());
-            }
-        }
-    }
+    let entries: Vec<(pb::FileEntry, Dest)> = files
+        .into_iter()
+        .map(|f| {
+            let dest = destination(pgdata, spcs, &f.path);
+            (f, dest)
+        })
+        .collect();
     if delta {
-        let mut removed = 0;
-        sweep(pgdata, &expected, &mut removed)?;
-        for loc in spcs.values() {
-            sweep(loc, &expected, &mut removed)?;
+        let expected: HashSet<PathBuf> = entries.iter().map(|(_, d)| d.path.clone()).collect();
+        let plan = plan_sweep(pgdata, spcs, &expected)?;
+        for p in &plan {
+            remove_any(p)?;
         }
         tracing::info!(
-            removed,
+            removed = plan.len(),
             "delta restore: removed files the backup does not have"
         );
     }
     let mut dirs = Vec::new();
     let mut regular = Vec::new();
-    for f in files {
-        let dest = destination(pgdata, spcs, &f.path);
-        match Kind::try_from(f.kind) {
-            Ok(Kind::Directory) => {
-                std::fs::create_dir_all(&dest)
-                    .with_context(|| format!("create \"{}\"", dest.display()))?;
-                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode & 0o7777))?;
-                dirs.push(dest);
-            }
-            Ok(Kind::Symlink) => {
-                let target = match f
-                    .path
-                    .strip_prefix("pg_tblspc/")
-                    .and_then(|oid| spcs.get(oid))
-                {
-                    Some(loc) => loc.display().to_string(),
-                    None => f.target.clone(),
-                };
-                if let Ok(cur) = std::fs::read_link(&dest) {
-                    if cur == Path::new(&target) {
-                        continue;
+    for (f, dest) in entries {
+        match Kind::of(&f) {
+            Some(Kind::Directory) => {
+                prepare_parents(&dest)?;
+                match std::fs::symlink_metadata(&dest.path) {
+                    Ok(m) if m.is_dir() => {}
+                    // A link or a file where the backup has a directory (a delta restore):
+                    // the link itself goes, whatever it leads to stays untouched.
+                    Ok(_) => {
+                        remove_any(&dest.path)?;
+                        create_dir(&dest.path)?;
                     }
-                    std::fs::remove_file(&dest)?;
-                } else if std::fs::symlink_metadata(&dest).is_ok() {
-                    remove_any(&dest)?;
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_dir(&dest.path)?,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("stat \"{}\"", dest.path.display()));
+                    }
                 }
-                std::os::unix::fs::symlink(&target, &dest).with_context(|| {
-                    format!("create link \"{}\" -> \"{target}\"", dest.display())
+                let mode = manifest_rules::permission_bits(f.mode);
+                open_dir_nofollow(&dest.path)
+                    .and_then(|d| d.set_permissions(std::fs::Permissions::from_mode(mode)))
+                    .with_context(|| format!("set the mode of \"{}\"", dest.path.display()))?;
+                dirs.push(dest.path);
+            }
+            Some(Kind::Symlink) => {
+                // Only tablespace links pass the rules; each leads to its location, whatever
+                // target the manifest names.
+                let loc = manifest_rules::tablespace_link_oid(&f.path)
+                    .and_then(|oid| spcs.get(oid))
+                    .with_context(|| {
+                        format!("the tablespace link \"{}\" has no location", f.path)
+                    })?;
+                prepare_parents(&dest)?;
+                if std::fs::read_link(&dest.path).is_ok_and(|cur| cur == *loc) {
+                    continue;
+                }
+                if std::fs::symlink_metadata(&dest.path).is_ok() {
+                    remove_any(&dest.path)?;
+                }
+                std::os::unix::fs::symlink(loc, &dest.path).with_context(|| {
+                    format!(
+                        "create link \"{}\" -> \"{}\"",
+                        dest.path.display(),
+                        loc.display()
+                    )
                 })?;
             }
-            Ok(Kind::File) => regular.push((f, dest)),
-            _ => bail!("the manifest has an entry of unknown kind: \"{}\"", f.path),
+            Some(Kind::File) => regular.push((f, dest)),
+            None => bail!("the manifest has an entry of unknown kind: \"{}\"", f.path),
         }
     }
     // Workers pop from the end: largest first, so the threads finish together.
     regular.sort_by_key(|r| r.0.size);
-    let queue = Arc::new(Mutex::new(regular));
-    let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    let queue = Mutex::new(regular);
+    let failure: Mutex<Option<anyhow::Error>> = Mutex::default();
     std::thread::scope(|s| {
         for _ in 0..jobs {
-            let queue = queue.clone();
-            let failure = failure.clone();
+            let (queue, failure) = (&queue, &failure);
             let fetcher = fetcher.clone();
             s.spawn(move || {
                 loop {
@@ -891,20 +1237,24 @@ fn write_all(
             });
         }
     });
-    if let Some(e) = failure
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take()
-    {
+    if let Some(e) = failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
         return Err(e.context(format!(
             "the restore into \"{}\" failed and is incomplete: do not start PostgreSQL on it",
             pgdata.display()
         )));
     }
-    for d in dirs.iter().chain(std::iter::once(&pgdata.to_path_buf())) {
+    for d in dirs.iter().map(PathBuf::as_path).chain([pgdata]) {
         klio_durable::sync_dir(d).with_context(|| format!("sync \"{}\"", d.display()))?;
     }
     Ok(())
+}
+
+/// Creates a directory (its mode is set afterwards).
+fn create_dir(path: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("create \"{}\"", path.display()))
 }
 
 /// The path `restore_command` runs: how this process was started when that was a path
@@ -942,11 +1292,29 @@ fn write_label_files(
     } else {
         let map: String = spcs
             .iter()
-            .map(|(oid, loc)| format!("{oid} {}\n", loc.display()))
+            .map(|(oid, loc)| {
+                format!(
+                    "{oid} {}\n",
+                    tablespace_map_escape(&loc.display().to_string())
+                )
+            })
             .collect();
         klio_durable::write_atomic(&map_path, map.as_bytes(), 0o600)?;
     }
     Ok(())
+}
+
+/// A path as a line of tablespace_map holds it: line breaks and backslashes escaped with a
+/// backslash, as PostgreSQL writes and reads them.
+fn tablespace_map_escape(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if matches!(c, '\n' | '\r' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// `restore_command` through `klio wal-get`, the recovery target and `recovery.signal`.
@@ -1017,6 +1385,20 @@ mod tests {
         assert_eq!(minus.unix_timestamp(), utc.unix_timestamp());
         assert!(parse_target_time("yesterday").is_err());
         assert!(parse_target_time("2026-13-01 00:00:00").is_err());
+    }
+
+    #[test]
+    fn normalized_paths_are_absolute_without_dot_components() {
+        assert_eq!(normalized(Path::new("/a/./b/../c")), Path::new("/a/c"));
+        assert_eq!(normalized(Path::new("/a//b/")), Path::new("/a/b"));
+        assert_eq!(normalized(Path::new("/..")), Path::new("/"));
+        assert!(normalized(Path::new("rel")).is_absolute());
+    }
+
+    #[test]
+    fn tablespace_map_lines_escape_line_breaks_and_backslashes() {
+        assert_eq!(tablespace_map_escape("/mnt/ts1"), "/mnt/ts1");
+        assert_eq!(tablespace_map_escape("/a\nb\\c"), "/a\\\nb\\\\c");
     }
 
     #[test]

@@ -89,6 +89,15 @@ async fn fetch(
             "WAL file \"{name}\" is corrupt: the server's answer does not start with a header"
         ),
     };
+    // The server's sizes are bounded before anything is allocated: a WAL file is at most
+    // a segment of the largest size.
+    if header.total_len > klio_proto::limits::MAX_WAL_FILE {
+        anyhow::bail!(
+            "WAL file \"{name}\" is corrupt: the server announces {} bytes (at most {})",
+            header.total_len,
+            klio_proto::limits::MAX_WAL_FILE
+        );
+    }
     let total = usize::try_from(header.total_len).context("file too large")?;
     let mut data = Vec::with_capacity(total);
     while let Some(msg) = stream
@@ -103,6 +112,13 @@ async fn fetch(
             anyhow::bail!(
                 "WAL file \"{name}\" is corrupt: chunk at byte {} where byte {} was expected",
                 c.offset,
+                data.len()
+            );
+        }
+        if u64::from(c.plain_len) > (total - data.len()) as u64 {
+            anyhow::bail!(
+                "WAL file \"{name}\" is corrupt: a chunk of {} bytes at byte {} runs past its {total} bytes",
+                c.plain_len,
                 data.len()
             );
         }
@@ -361,6 +377,14 @@ where
         anyhow::anyhow!("{e}\nHINT: wal-get takes a WAL file name such as 000000010000000000000001")
     })?;
     let mut data = first.data;
+    if data.len() as u64 > size.bytes() {
+        anyhow::bail!(
+            "WAL file \"{}\" is corrupt: {} bytes, more than a segment of {}",
+            r.wal_name,
+            data.len(),
+            size.bytes()
+        );
+    }
     if first.partial {
         // An incomplete last segment is zero-padded, as PostgreSQL expects of a segment;
         // replay stops at its last complete record.

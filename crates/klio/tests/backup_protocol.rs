@@ -409,3 +409,187 @@ async fn capacity_limits_refuse_the_next_session_or_upload_of_that_cluster_only(
     .await
     .unwrap();
 }
+
+/// A session of `cluster` that has stored `content` as a block; returns the session id and
+/// the block's id.
+async fn session_with_block(
+    c: &mut BackupClient<Channel>,
+    cluster: &str,
+    content: &[u8],
+) -> (String, [u8; 32]) {
+    let (session, key) = begin(c, cluster).await;
+    let id = *blake3::keyed_hash(&key, content).as_bytes();
+    c.put_blocks(pb::PutBlocksRequest {
+        session_id: session.clone(),
+        blocks: vec![raw_block(id, content)],
+    })
+    .await
+    .unwrap();
+    (session, id)
+}
+
+fn entry(path: &str, kind: pb::file_entry::Kind, target: &str) -> pb::FileEntry {
+    pb::FileEntry {
+        path: path.into(),
+        mode: 0o700,
+        kind: kind as i32,
+        target: target.into(),
+        ..Default::default()
+    }
+}
+
+/// Manifests that would make a restore write outside its directories never enter the
+/// catalog: a symbolic link outside pg_tblspc (with a file below it), an entry under a file,
+/// a `..` path, a tablespace location that is not normalized. Each commit is refused with
+/// INVALID_ARGUMENT naming the entry, an unsafe entry is refused by AddFiles already, and
+/// the catalog stays empty. Setuid bits are dropped from what is stored.
+#[tokio::test]
+async fn commit_of_unsafe_manifest_is_refused_with_invalid_argument() {
+    use pb::file_entry::Kind;
+    let k = Klio::start(&["a"]).unwrap();
+    let mut c = connect(&k, "a", "client-a").await;
+    let content = b"16\n";
+    let whole = |path: &str, id: [u8; 32]| file(path, content.len() as u64, &[id], 0);
+    type Case = (
+        fn([u8; 32]) -> Vec<pb::FileEntry>,
+        &'static str,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            |id| {
+                vec![
+                    entry("a", Kind::Symlink, "/etc"),
+                    file("a/passwd", 3, &[id], 0),
+                ]
+            },
+            "{}",
+            "lists the symbolic link \"a\": only the tablespace links pg_tblspc/<oid> may be symbolic links",
+        ),
+        (
+            |id| {
+                vec![
+                    entry("pg_tblspc/16390", Kind::Symlink, "/mnt/ts"),
+                    file("base", 3, &[id], 0),
+                    file("base/1", 3, &[id], 0),
+                ]
+            },
+            r#"{"tablespaces": [{"oid": 16390, "name": "ts", "location": "/mnt/ts"}]}"#,
+            "lists \"base/1\" under the file \"base\"",
+        ),
+        (
+            |id| vec![file("../escape", 3, &[id], 0)],
+            "{}",
+            "lists \"../escape\", a path with a \"..\" component",
+        ),
+        (
+            |id| vec![file("PG_VERSION", 3, &[id], 0)],
+            r#"{"tablespaces": [{"oid": 16390, "name": "ts", "location": "/mnt/../etc"}]}"#,
+            "names the location \"/mnt/../etc\" for tablespace 16390: it is not normalized",
+        ),
+    ];
+    for (files, metadata, want) in cases {
+        let (session, id) = session_with_block(&mut c, "a", content).await;
+        let err = c
+            .commit(pb::CommitRequest {
+                session_id: session.clone(),
+                metadata_json: metadata.as_bytes().to_vec().into(),
+                files: files(id),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{want}: {err:?}");
+        assert!(
+            err.message().starts_with("the manifest of backup backup-")
+                && err.message().contains("of cluster \"a\"")
+                && err.message().contains(want)
+                && err.message().ends_with("refusing to commit it"),
+            "want {want:?}, got {}",
+            err.message()
+        );
+        // A refusal of the metadata keeps the session open (to abort); any other ends it.
+        let _ = c
+            .abort(pb::AbortRequest {
+                session_id: session,
+            })
+            .await;
+    }
+
+    // AddFiles refuses an unsafe entry before spooling it.
+    let (session, _) = session_with_block(&mut c, "a", content).await;
+    let err = c
+        .add_files(pb::AddFilesRequest {
+            session_id: session.clone(),
+            files: vec![entry("etc", Kind::Symlink, "/etc")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("lists the symbolic link \"etc\""),
+        "{}",
+        err.message()
+    );
+    c.abort(pb::AbortRequest {
+        session_id: session,
+    })
+    .await
+    .unwrap();
+    let list = c
+        .list(pb::ListRequest {
+            cluster: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.backups.is_empty(), "{:?}", list.backups);
+
+    // A setuid file, a sticky directory and a tablespace link are accepted; the stored
+    // modes lose the setuid, setgid and sticky bits.
+    let (session, id) = session_with_block(&mut c, "a", content).await;
+    let mut setuid = whole("PG_VERSION", id);
+    setuid.mode = 0o4755;
+    let mut sticky = entry("base", Kind::Directory, "");
+    sticky.mode = 0o3777;
+    c.commit(pb::CommitRequest {
+        session_id: session,
+        metadata_json: br#"{"tablespaces": [{"oid": 16390, "name": "ts", "location": "/mnt/ts"}]}"#
+            .to_vec()
+            .into(),
+        files: vec![
+            setuid,
+            sticky,
+            entry("pg_tblspc/16390", Kind::Symlink, "/mnt/ts"),
+            entry("pg_tblspc/16390/PG_16_202307071", Kind::Directory, ""),
+        ],
+    })
+    .await
+    .unwrap();
+    let list = c
+        .list(pb::ListRequest {
+            cluster: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.backups.len(), 1);
+    let mut stream = c
+        .get_manifest(pb::GetManifestRequest {
+            cluster: "a".into(),
+            backup_id: list.backups[0].backup_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut modes = std::collections::BTreeMap::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        for f in m.files {
+            modes.insert(f.path, f.mode);
+        }
+    }
+    assert_eq!(modes["PG_VERSION"], 0o755, "{modes:?}");
+    assert_eq!(modes["base"], 0o777, "{modes:?}");
+}

@@ -14,6 +14,12 @@
 //!
 //! The `.proto` sources are under `proto/` in this crate and are compiled at build time by
 //! protox, so the generated code always matches them.
+//!
+//! Beside the generated code, what both ends of Klio's own services agree on: [`limits`],
+//! and [`manifest_rules`], the rules a backup manifest obeys (checked by the server before
+//! a backup enters the catalog, and by a restore before it writes anything).
+
+pub mod manifest_rules;
 
 /// Message and piece limits both sides of Klio's own services agree on.
 pub mod limits {
@@ -25,6 +31,12 @@ pub mod limits {
     /// Block ids a client puts in one `AddFiles` piece at most: 1 GiB of 8 KiB pages, one
     /// default relation segment file; the server writes blocklists of this length.
     pub const MAX_PIECE_IDS: usize = 131_072;
+    /// Largest block of a backup (plaintext bytes): a file's `block_size`, and the size of a
+    /// file stored whole, are at most this. The repository refuses larger blocks.
+    pub const MAX_BLOCK_SIZE: usize = 1 << 20;
+    /// Largest archived WAL file: a segment of the largest size PostgreSQL allows (1 GiB);
+    /// history and backup history files are far smaller.
+    pub const MAX_WAL_FILE: u64 = 1 << 30;
 }
 
 pub mod wal {

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use klio_proto::backup::v1::{self as pb, backup_server::Backup};
+use klio_proto::manifest_rules;
 use klio_repository::{
     BackupId, BlockId, BlocklistId, Domain, FileEntry, FileKind, MAX_BLOCK_SIZE, Manifest,
     PackStats, PackWriter, ProblemKind, Repository,
@@ -35,6 +36,10 @@ use crate::Context;
 pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Most block ids one `Missing` or `GetBlocks` call may name.
 pub const MAX_IDS_PER_CALL: usize = 65_536;
+// The block size clients are told (`Begin`) and check manifests against is the one the
+// repository enforces.
+const _: () = assert!(klio_proto::limits::MAX_BLOCK_SIZE == MAX_BLOCK_SIZE);
+
 /// Largest gRPC message of this service.
 pub const MAX_BACKUP_MESSAGE: usize = klio_proto::limits::MAX_BACKUP_MESSAGE;
 /// Block ids per blocklist the server writes: 1 GiB of 8 KiB pages, one default relation
@@ -528,6 +533,39 @@ impl BackupService {
     }
 }
 
+/// A manifest that breaks one of the [`manifest_rules`], refused.
+fn refused(backup: &str, v: &manifest_rules::Violation) -> Status {
+    Status::invalid_argument(format!(
+        "the manifest of {backup} {v}: refusing to commit it"
+    ))
+}
+
+/// Checks one entry (or piece) a client sends against the [`manifest_rules`].
+fn check_entry(backup: &str, f: &pb::FileEntry) -> Result<(), Status> {
+    manifest_rules::check_entry(f)
+        .map(|_| ())
+        .map_err(|v| refused(backup, &v))
+}
+
+/// Checks the tablespaces of a backup's metadata: well formed, each location absolute and
+/// normalized (or in place).
+fn check_tablespaces(backup: &str, metadata: &serde_json::Value) -> Result<(), Status> {
+    let spcs = manifest_rules::tablespaces(metadata).map_err(|v| refused(backup, &v))?;
+    for t in &spcs {
+        manifest_rules::check_tablespace_location(t.oid, &t.location)
+            .map_err(|v| refused(backup, &v))?;
+    }
+    Ok(())
+}
+
+/// "backup X of cluster \"c\"", as messages name a session's backup.
+fn backup_label(session: &Session) -> String {
+    format!(
+        "backup {} of cluster \"{}\"",
+        session.backup_id, session.cluster
+    )
+}
+
 /// A file entry as the manifest will hold it, being assembled from its pieces.
 struct PartialFile {
     entry: FileEntry,
@@ -538,9 +576,13 @@ struct PartialFile {
 }
 
 /// Builds a manifest's files from `AddFiles` pieces (any order between files, in order
-/// within a file), storing blocklists a bounded batch at a time.
+/// within a file), storing blocklists a bounded batch at a time. Every entry is checked
+/// against the [`manifest_rules`] as it comes, and how the entries nest when the last has
+/// come.
 struct ManifestBuilder<'r> {
     repo: &'r Repository,
+    /// "backup X of cluster \"c\"", for messages.
+    backup: String,
     files: BTreeMap<String, PartialFile>,
     /// (path, ids) of pieces whose blocklists are still to be stored, in arrival order.
     batch: Vec<(String, Vec<BlockId>)>,
@@ -548,16 +590,19 @@ struct ManifestBuilder<'r> {
 }
 
 impl<'r> ManifestBuilder<'r> {
-    fn new(repo: &'r Repository) -> ManifestBuilder<'r> {
+    fn new(repo: &'r Repository, backup: String) -> ManifestBuilder<'r> {
         ManifestBuilder {
             repo,
+            backup,
             files: BTreeMap::new(),
             batch: Vec::new(),
             batch_ids: 0,
         }
     }
 
-    fn add(&mut self, f: pb::FileEntry) -> Result<(), Status> {
+    fn add(&mut self, mut f: pb::FileEntry) -> Result<(), Status> {
+        check_entry(&self.backup, &f)?;
+        f.mode = manifest_rules::permission_bits(f.mode);
         let bad = |reason: &str| {
             Status::invalid_argument(format!("file \"{}\" in the manifest: {reason}", f.path))
         };
@@ -677,8 +722,20 @@ impl<'r> ManifestBuilder<'r> {
         Ok(())
     }
 
-    /// The manifest's files, in path order; refused if a file lacks blocks.
+    /// The manifest's files, in path order; refused if a file lacks blocks, or if an entry
+    /// lies under a file or a symbolic link other than a tablespace link.
     fn finish(mut self) -> Result<Vec<FileEntry>, Status> {
+        let kind_of = |path: &str| {
+            self.files.get(path).map(|p| match p.entry.kind {
+                FileKind::Directory => manifest_rules::Kind::Directory,
+                FileKind::Symlink { .. } => manifest_rules::Kind::Symlink,
+                FileKind::Blocks { .. } | FileKind::Whole { .. } => manifest_rules::Kind::File,
+            })
+        };
+        for path in self.files.keys() {
+            manifest_rules::check_ancestors(path, kind_of)
+                .map_err(|v| refused(&self.backup, &v))?;
+        }
         self.store_batch()?;
         let mut out = Vec::with_capacity(self.files.len());
         for (path, p) in self.files {
@@ -942,13 +999,15 @@ impl Backup for BackupService {
         self.ctx.writable("backups")?;
         let session = self.session(&request, &request.get_ref().session_id)?;
         let files = request.into_inner().files;
+        let backup = backup_label(&session);
         for f in &files {
-            if f.path.is_empty() || f.block_ids.len() / 32 > MAX_PIECE_IDS.max(1) {
+            if f.block_ids.len() / 32 > MAX_PIECE_IDS.max(1) {
                 return Err(Status::invalid_argument(format!(
-                    "file \"{}\": an empty path, or more than {MAX_PIECE_IDS} block ids in one piece",
-                    f.path
+                    "file \"{}\": more than {MAX_PIECE_IDS} block ids in one piece",
+                    f.path.escape_debug()
                 )));
             }
+            check_entry(&backup, f)?;
         }
         let count = lock(&session.spool).entries + files.len() as u64;
         if count > MAX_FILE_ENTRIES {
@@ -986,6 +1045,8 @@ impl Backup for BackupService {
                 "backup metadata must be a JSON object",
             ));
         }
+        let backup = backup_label(&session);
+        check_tablespaces(&backup, &metadata)?;
         let _shared = self.gc_lock.read().await;
         // Nobody else uses the session from here on.
         lock(&self.sessions).remove(&session_id);
@@ -996,7 +1057,7 @@ impl Backup for BackupService {
             let t0 = Instant::now();
             let stats = finish_all(writers).map_err(repo_status)?;
             let t1 = Instant::now();
-            let mut builder = ManifestBuilder::new(repo);
+            let mut builder = ManifestBuilder::new(repo, backup);
             let mut reader = lock(&s.spool)
                 .reader()
                 .map_err(|e| Status::internal(format!("read the session spool: {e}")))?;
