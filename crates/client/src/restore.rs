@@ -1050,6 +1050,39 @@ pub async fn restore_data(args: &RestoreArgs) -> anyhow::Result<Restored> {
         .as_ref()
         .try_into()
         .context("the server sent a block id key that is not 32 bytes")?;
+    // Backups taken before Klio left out symbolic links other than the tablespace links may
+    // list some (a log directory linked elsewhere): they are not restored (a restore never
+    // creates a link it was not asked for by a tablespace), the rest of the backup is.
+    // A link with entries under it is kept, for the rules to refuse the whole manifest.
+    let parents: HashSet<&str> = files
+        .iter()
+        .filter_map(|f| f.path.rsplit_once('/').map(|(p, _)| p))
+        .flat_map(|p| {
+            p.match_indices('/')
+                .map(move |(i, _)| &p[..i])
+                .chain(std::iter::once(p))
+        })
+        .collect();
+    let droppable: HashSet<String> = files
+        .iter()
+        .filter(|f| {
+            Kind::of(f) == Some(Kind::Symlink)
+                && manifest_rules::tablespace_link_oid(&f.path).is_none()
+                && !parents.contains(f.path.as_str())
+        })
+        .map(|f| f.path.clone())
+        .collect();
+    let (dropped, files): (Vec<pb::FileEntry>, Vec<pb::FileEntry>) =
+        files.into_iter().partition(|f| droppable.contains(&f.path));
+    for f in &dropped {
+        eprintln!(
+            "warning: backup {} lists the symbolic link \"{}\" -> \"{}\" outside {}: it is not restored; recreate it if PostgreSQL needs it",
+            chosen.id,
+            f.path.escape_debug(),
+            f.target.escape_debug(),
+            manifest_rules::TABLESPACE_LINK_DIR
+        );
+    }
     // Everything is checked before the first byte is written.
     check_manifest(&chosen.id, &files)?;
     let (spcs, mapped) = tablespace_locations(args, &pgdata, &chosen.id, &meta, &files)?;

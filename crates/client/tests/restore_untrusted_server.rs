@@ -381,18 +381,27 @@ async fn restore_file_under_a_symbolic_link_is_refused_and_nothing_written() {
     assert!(!scene.pgdata().exists(), "nothing may be written");
 }
 
-/// A link alone, anywhere but pg_tblspc/<oid>, is refused too.
+/// A link alone, anywhere but pg_tblspc/<oid> (older backups may list one), is not
+/// restored: the rest of the backup is, and nothing is written through the link's target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restore_symbolic_link_outside_pg_tblspc_is_refused() {
+async fn restore_leaves_out_a_symbolic_link_outside_pg_tblspc() {
     let mut scene = Scene::new();
     let fake = FakeServer::new()
         .file("PG_VERSION", b"16\n", 0o600)
-        .link("pg_wal", &scene.outside());
+        .link("pg_log", &scene.outside());
     scene.serve(fake).await;
-    let err = scene.refused(false).await;
-    assert_contains(&err, "lists the symbolic link \"pg_wal\"");
+    restore_data(&scene.args(false, Vec::new()))
+        .await
+        .expect("the rest of the backup is restored");
+    assert_eq!(
+        std::fs::read(scene.pgdata().join("PG_VERSION")).unwrap(),
+        b"16\n"
+    );
+    assert!(
+        std::fs::symlink_metadata(scene.pgdata().join("pg_log")).is_err(),
+        "no link is created"
+    );
     scene.assert_outside_untouched();
-    assert!(!scene.pgdata().exists(), "nothing may be written");
 }
 
 /// A tablespace link the metadata gives no location for would be written through (to the
