@@ -38,6 +38,32 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.{n}{TMP_SUFFIX}", std::process::id()))
 }
 
+/// Removes the temporary files ([`TMP_SUFFIX`]) a crash left under `dir`, recursively,
+/// without following symbolic links, and returns how many. Call it only when nothing else
+/// writes there (a server, once it holds its data directory's lock).
+pub fn sweep_temp_files(dir: &Path) -> io::Result<u64> {
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() && entry.file_name().to_string_lossy().ends_with(TMP_SUFFIX) {
+                fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// `fsync` a directory so that creations, renames and deletions in it are durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -172,6 +198,21 @@ impl AppendFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_removes_only_temp_files_and_follows_no_link() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("a/b");
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(sub.join(".x.1.2.klio-tmp"), b"half").unwrap();
+        fs::write(sub.join("x"), b"kept").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join(".y.1.2.klio-tmp"), b"not ours").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap();
+        assert_eq!(sweep_temp_files(d.path()).unwrap(), 1);
+        assert!(sub.join("x").exists());
+        assert!(outside.path().join(".y.1.2.klio-tmp").exists());
+    }
 
     #[test]
     fn write_atomic_replaces_content_and_leaves_no_temp() {

@@ -9,6 +9,26 @@ use klio_pg::{Lsn, SegmentNo, SegmentSize, TimeLineId, TimelineHistory, WalFileN
 /// xorshift64*: small, deterministic, good enough to spread inputs.
 struct Rng(u64);
 
+/// The seed: `KLIO_PROPERTY_SEED` when set (bench/fuzz.sh explores new inputs that way; a
+/// failure prints the seed to reproduce it), else the test's fixed one.
+fn seed(fixed: u64) -> u64 {
+    let s = std::env::var("KLIO_PROPERTY_SEED")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(fixed, |v| v ^ fixed);
+    eprintln!("property seed {s} (KLIO_PROPERTY_SEED)");
+    s.max(1)
+}
+
+/// How many times the default number of cases to run (`KLIO_PROPERTY_SCALE`, default 1).
+fn scale(n: u64) -> u64 {
+    n * std::env::var("KLIO_PROPERTY_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
@@ -36,8 +56,8 @@ const SIZES: [u64; 3] = [1 << 20, 16 << 20, 1 << 30];
 
 #[test]
 fn wal_file_names_never_panic_and_round_trip() {
-    let mut rng = Rng(0x5EED_0001);
-    for _ in 0..200_000 {
+    let mut rng = Rng(seed(0x5EED_0001));
+    for _ in 0..scale(200_000) {
         let size = SegmentSize::new(SIZES[rng.below(3) as usize]).expect("valid size");
         let s = rng.text(40);
         if let Ok(parsed) = WalFileName::parse(&s, size) {
@@ -49,7 +69,7 @@ fn wal_file_names_never_panic_and_round_trip() {
         }
     }
     // Valid names of every kind round-trip.
-    for _ in 0..50_000 {
+    for _ in 0..scale(50_000) {
         let size = SegmentSize::new(SIZES[rng.below(3) as usize]).expect("valid size");
         let tli = TimeLineId(1 + rng.below(u64::from(u32::MAX) - 1) as u32);
         let per_xlogid = (1u64 << 32) / size.bytes();
@@ -77,8 +97,8 @@ fn wal_file_names_never_panic_and_round_trip() {
 
 #[test]
 fn lsns_never_panic_and_round_trip() {
-    let mut rng = Rng(0x5EED_0002);
-    for _ in 0..200_000 {
+    let mut rng = Rng(seed(0x5EED_0002));
+    for _ in 0..scale(200_000) {
         let s = rng.text(20);
         if let Ok(l) = s.parse::<Lsn>() {
             assert_eq!(l.to_string().parse::<Lsn>().expect("printed LSN parses"), l);
@@ -93,8 +113,8 @@ fn lsns_never_panic_and_round_trip() {
 
 #[test]
 fn timeline_histories_never_panic() {
-    let mut rng = Rng(0x5EED_0003);
-    for _ in 0..50_000 {
+    let mut rng = Rng(seed(0x5EED_0003));
+    for _ in 0..scale(50_000) {
         let lines = rng.below(6);
         let text: String = (0..lines)
             .map(|_| {

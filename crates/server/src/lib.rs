@@ -225,7 +225,15 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         .open(&path)
         .with_context(|| format!("open the lock file \"{}\"", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
+        Ok(()) => {
+            // Half-written files of a crash (before their rename) are garbage now.
+            match klio_durable::sweep_temp_files(dir) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "removed temporary files a crash left"),
+                Err(e) => tracing::warn!(error = %e, "could not sweep temporary files"),
+            }
+            Ok(file)
+        }
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "another Klio server is using the data directory \"{}\" (it holds \"{}\"): refusing to start\nHINT: stop the other server first; two servers on one directory would corrupt it",
             dir.display(),
