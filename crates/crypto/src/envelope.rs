@@ -62,6 +62,12 @@ impl Passphrase {
     }
 }
 
+impl Drop for Passphrase {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl fmt::Debug for Passphrase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Passphrase(<redacted>)")
@@ -71,6 +77,12 @@ impl fmt::Debug for Passphrase {
 /// The 256-bit key every object key is derived from. Never printed.
 #[derive(Clone)]
 pub struct MasterKey(pub(crate) [u8; 32]);
+
+impl Drop for MasterKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 impl MasterKey {
     /// A fresh random key (used when a repository is created, and in tests).
