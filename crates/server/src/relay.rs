@@ -252,6 +252,61 @@ mod task_tests {
             assert!(e.contains(why), "{t:?}: {e}");
         }
     }
+
+    /// Tasks as anyone who can publish to the queue might write them: whatever parses as a
+    /// task is either refused or names a valid cluster (a single path component).
+    #[test]
+    fn generated_tasks_are_refused_or_name_a_valid_cluster() {
+        let pieces = [
+            "pg",
+            "..",
+            "/",
+            "a.b",
+            "-x",
+            "keys",
+            "all",
+            "é",
+            "\u{0}",
+            "backup-20261207101500",
+            "A",
+            "1",
+            "",
+        ];
+        let kinds_ = [
+            kinds::WAL_RELAY,
+            kinds::BACKUP_RELAY,
+            kinds::RETENTION,
+            kinds::GC,
+            "x",
+        ];
+        let mut x = 0x5EED_7A5Cu64;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for _ in 0..50_000 {
+            let cluster: String = (0..1 + next(3))
+                .map(|_| pieces[next(pieces.len())])
+                .collect();
+            let id: String = (0..next(3)).map(|_| pieces[next(pieces.len())]).collect();
+            let payload = match next(4) {
+                0 => json!({}),
+                1 => json!({"tier": next(4)}),
+                2 => json!({"backup_id": id}),
+                _ => json!({"tier": "2", "backup_id": 7}),
+            };
+            let text = json!({"id": "t", "kind": kinds_[next(kinds_.len())], "cluster": cluster, "payload": payload}).to_string();
+            let Ok(task) = serde_json::from_str::<Task>(&text) else {
+                continue;
+            };
+            if check_task(&task).is_ok() && task.kind != kinds::GC {
+                klio_repository::validate_cluster_name(&task.cluster).expect("checked");
+                assert!(!task.cluster.contains('/') && task.cluster != "..");
+            }
+        }
+    }
 }
 
 fn tier_of(task: &Task) -> u32 {
