@@ -5,43 +5,13 @@
 
 use klio_crypto::{MasterKey, ObjectKind, open_object, seal_object};
 
-struct Rng(u64);
-
-/// The seed: `KLIO_PROPERTY_SEED` when set (bench/fuzz.sh explores new inputs that way; a
-/// failure prints the seed to reproduce it), else the test's fixed one.
-fn seed(fixed: u64) -> u64 {
-    let s = std::env::var("KLIO_PROPERTY_SEED")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(fixed, |v| v ^ fixed);
-    eprintln!("property seed {s} (KLIO_PROPERTY_SEED)");
-    s.max(1)
-}
-
-/// How many times the default number of cases to run (`KLIO_PROPERTY_SCALE`, default 1).
-fn scale(n: u64) -> u64 {
-    n * std::env::var("KLIO_PROPERTY_SCALE")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1)
-        .max(1)
-}
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+#[path = "../../pg/tests/support/property.rs"]
+mod property;
+use property::{Rng, scale};
 
 #[test]
 fn every_change_to_a_sealed_object_is_detected() {
-    let mut rng = Rng(seed(0x5EED_00C1));
+    let mut rng = Rng::seeded(0x5EED_00C1);
     let master = MasterKey::generate();
     let mut checked = 0u64;
     let rounds = scale(40);

@@ -6,39 +6,16 @@
 
 use klio_pg::{Lsn, SegmentNo, SegmentSize, TimeLineId, TimelineHistory, WalFileName};
 
-/// xorshift64*: small, deterministic, good enough to spread inputs.
-struct Rng(u64);
+#[path = "support/property.rs"]
+mod property;
+use property::{Rng, scale};
 
-/// The seed: `KLIO_PROPERTY_SEED` when set (bench/fuzz.sh explores new inputs that way; a
-/// failure prints the seed to reproduce it), else the test's fixed one.
-fn seed(fixed: u64) -> u64 {
-    let s = std::env::var("KLIO_PROPERTY_SEED")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(fixed, |v| v ^ fixed);
-    eprintln!("property seed {s} (KLIO_PROPERTY_SEED)");
-    s.max(1)
+/// Text generation for these parsers.
+trait Text {
+    fn text(&mut self, max_len: u64) -> String;
 }
 
-/// How many times the default number of cases to run (`KLIO_PROPERTY_SCALE`, default 1).
-fn scale(n: u64) -> u64 {
-    n * std::env::var("KLIO_PROPERTY_SCALE")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1)
-        .max(1)
-}
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+impl Text for Rng {
     /// A string mixing the characters parsers care about with hostile ones.
     fn text(&mut self, max_len: u64) -> String {
         const ALPHABET: &[&str] = &[
@@ -56,7 +33,7 @@ const SIZES: [u64; 3] = [1 << 20, 16 << 20, 1 << 30];
 
 #[test]
 fn wal_file_names_never_panic_and_round_trip() {
-    let mut rng = Rng(seed(0x5EED_0001));
+    let mut rng = Rng::seeded(0x5EED_0001);
     for _ in 0..scale(200_000) {
         let size = SegmentSize::new(SIZES[rng.below(3) as usize]).expect("valid size");
         let s = rng.text(40);
@@ -97,7 +74,7 @@ fn wal_file_names_never_panic_and_round_trip() {
 
 #[test]
 fn lsns_never_panic_and_round_trip() {
-    let mut rng = Rng(seed(0x5EED_0002));
+    let mut rng = Rng::seeded(0x5EED_0002);
     for _ in 0..scale(200_000) {
         let s = rng.text(20);
         if let Ok(l) = s.parse::<Lsn>() {
@@ -113,7 +90,7 @@ fn lsns_never_panic_and_round_trip() {
 
 #[test]
 fn timeline_histories_never_panic() {
-    let mut rng = Rng(seed(0x5EED_0003));
+    let mut rng = Rng::seeded(0x5EED_0003);
     for _ in 0..scale(50_000) {
         let lines = rng.below(6);
         let text: String = (0..lines)

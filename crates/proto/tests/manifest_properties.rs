@@ -8,26 +8,9 @@
 use klio_proto::backup::v1::{FileEntry, file_entry};
 use klio_proto::manifest_rules::{check_manifest, permission_bits, tablespace_link_oid};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
-fn env_u64(key: &str) -> Option<u64> {
-    std::env::var(key).ok().and_then(|v| v.parse().ok())
-}
+#[path = "../../pg/tests/support/property.rs"]
+mod property;
+use property::{Rng, scale};
 
 const PIECES: &[&str] = &[
     "base",
@@ -87,12 +70,8 @@ fn generated(rng: &mut Rng) -> Vec<FileEntry> {
 
 #[test]
 fn accepted_manifests_stay_inside_their_directory() {
-    let seed = env_u64("KLIO_PROPERTY_SEED")
-        .map_or(0x5EED_0A11, |s| s ^ 0x5EED_0A11)
-        .max(1);
-    eprintln!("property seed {seed} (KLIO_PROPERTY_SEED)");
-    let mut rng = Rng(seed);
-    let rounds = 100_000 * env_u64("KLIO_PROPERTY_SCALE").unwrap_or(1).max(1);
+    let mut rng = Rng::seeded(0x5EED_0A11);
+    let rounds = scale(100_000);
     let mut accepted = 0;
     for _ in 0..rounds {
         let entries = generated(&mut rng);
