@@ -80,6 +80,27 @@ pub struct RestoreArgs {
     pub jobs: u16,
 }
 
+impl RestoreArgs {
+    /// A restore of `client`'s cluster into `pgdata`: the newest backup, to the end of the
+    /// archive, 4 files at a time, no delta; callers set what differs.
+    pub fn new(client: ClientArgs, pgdata: PathBuf) -> RestoreArgs {
+        RestoreArgs {
+            client,
+            pgdata,
+            backup_id: None,
+            target_time: None,
+            target_lsn: None,
+            target_xid: None,
+            target_name: None,
+            target_immediate: false,
+            target_timeline: None,
+            tablespace_map: Vec::new(),
+            delta: false,
+            jobs: 4,
+        }
+    }
+}
+
 /// A complete backup as listed by the server.
 #[derive(Clone, Debug)]
 pub struct BackupInfo {

@@ -303,18 +303,10 @@ impl Scene {
 
     fn args(&self, delta: bool, tablespace_map: Vec<String>) -> RestoreArgs {
         RestoreArgs {
-            client: self.client.clone().expect("serve first"),
-            pgdata: self.pgdata(),
-            backup_id: None,
-            target_time: None,
-            target_lsn: None,
-            target_xid: None,
-            target_name: None,
-            target_immediate: false,
-            target_timeline: None,
             tablespace_map,
             delta,
             jobs: 2,
+            ..RestoreArgs::new(self.client.clone().expect("serve first"), self.pgdata())
         }
     }
 

@@ -613,6 +613,36 @@ impl NatsOptions {
 }
 
 impl NatsQueue {
+    /// Ends the attempt of `delivery` with `error`: delivered again after `retry_after`, or
+    /// dead-lettered when it was the last attempt or `reject` says it can never succeed.
+    async fn end_attempt(
+        &self,
+        delivery: Delivery,
+        retry_after: Duration,
+        error: &str,
+        reject: bool,
+    ) -> Result<()> {
+        let Delivery {
+            task,
+            attempt,
+            token,
+        } = delivery;
+        let Token::Nats(lease) = token else {
+            return Err(Error::ForeignDelivery { id: task.id });
+        };
+        if reject || attempt >= self.max_attempts {
+            return self
+                .dead_letter(task, attempt, error.to_string(), &lease)
+                .await;
+        }
+        let delay = (!retry_after.is_zero()).then_some(retry_after);
+        lease
+            .acker
+            .double_ack_with(AckKind::Nak(delay))
+            .await
+            .map_err(|e| self.error(format!("nak task \"{}\"", task.id), e))
+    }
+
     async fn read_failed(&self, reader: &consumer::PullConsumer) -> Result<Vec<FailedTask>> {
         let mut out = Vec::new();
         loop {
@@ -677,42 +707,11 @@ impl WorkQueue for NatsQueue {
         retry_after: Duration,
         error: &'a str,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let Delivery {
-                task,
-                attempt,
-                token,
-            } = delivery;
-            let Token::Nats(lease) = token else {
-                return Err(Error::ForeignDelivery { id: task.id });
-            };
-            if attempt >= self.max_attempts {
-                return self
-                    .dead_letter(task, attempt, error.to_string(), &lease)
-                    .await;
-            }
-            let delay = (!retry_after.is_zero()).then_some(retry_after);
-            lease
-                .acker
-                .double_ack_with(AckKind::Nak(delay))
-                .await
-                .map_err(|e| self.error(format!("nak task \"{}\"", task.id), e))
-        })
+        Box::pin(self.end_attempt(delivery, retry_after, error, false))
     }
 
     fn reject<'a>(&'a self, delivery: Delivery, error: &'a str) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let Delivery {
-                task,
-                attempt,
-                token,
-            } = delivery;
-            let Token::Nats(lease) = token else {
-                return Err(Error::ForeignDelivery { id: task.id });
-            };
-            self.dead_letter(task, attempt, error.to_string(), &lease)
-                .await
-        })
+        Box::pin(self.end_attempt(delivery, Duration::ZERO, error, true))
     }
 
     fn keep_alive<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<bool>> {

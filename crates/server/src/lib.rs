@@ -254,8 +254,7 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
         .encryption_key_file
         .clone()
         .context("--encryption-key-file is required in standard mode")?;
-    klio_durable::create_dir_all_durable(&data_dir)
-        .with_context(|| format!("create data directory \"{}\"", data_dir.display()))?;
+    // (Created by lock_data_dir, which run() calls first.)
     let passphrase = Passphrase::from_file(&key_file)?;
     let key_path = data_dir.join("keys.json");
     let master =

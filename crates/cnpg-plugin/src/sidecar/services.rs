@@ -578,20 +578,7 @@ impl wal::restore_job_hooks_server::RestoreJobHooks for Sidecar {
         }
         let mut client = config.client.clone();
         client.cluster = source.clone();
-        let mut args = RestoreArgs {
-            client,
-            pgdata: pgdata.clone(),
-            backup_id: None,
-            target_time: None,
-            target_lsn: None,
-            target_xid: None,
-            target_name: None,
-            target_immediate: false,
-            target_timeline: None,
-            tablespace_map: Vec::new(),
-            delta: false,
-            jobs: 4,
-        };
+        let mut args = RestoreArgs::new(client, pgdata.clone());
         recovery_target(&cluster, &mut args)?;
         tracing::info!(archive = %source, pgdata = %pgdata.display(), "restore requested by CloudNativePG");
         let restored = klio_client::restore::restore_data(&args)
