@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
 # A real Kubernetes control plane for tests: etcd, kube-apiserver and
-# kube-controller-manager on loopback, built from their Go modules.
+# kube-controller-manager on loopback, built from their Go modules (and the other Go-built
+# test peers: helm, the CloudNativePG operator, versitygw for the Tier 2 tests).
 #
 #   scripts/k8s-testenv.sh build      build (or find) the binaries in the cache
 #   scripts/k8s-testenv.sh bindir     print the cache's bin directory
@@ -88,6 +89,18 @@ build_helm() {
 	echo "$key" >"$bin/.helm.key"
 }
 
+# versitygw, the second S3-compatible server of the Tier 2 tests (after moto): a production
+# S3 gateway, run on its posix backend.
+build_versitygw() {
+	local key want=$VERSITYGW_VERSION
+	local ldflags="-s -w -X main.Version=$VERSITYGW_VERSION"
+	key=$(key_of versitygw - "$VERSITYGW_VERSION $ldflags")
+	if have versitygw "$key" "$bin/versitygw" --version; then return; fi
+	log "building versitygw $VERSITYGW_VERSION"
+	(cd / && GOBIN=$bin go install -trimpath -ldflags "$ldflags" "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION")
+	echo "$key" >"$bin/.versitygw.key"
+}
+
 build_kube() {
 	local key want="$KUBE_VERSION" ldflags missing=() name
 	ldflags=$(kube_ldflags)
@@ -140,6 +153,7 @@ cmd_build() {
 	# before CloudNativePG, which only some tests need.
 	build_etcd
 	build_helm
+	build_versitygw
 	build_kube
 	build_cnpg
 	"$bin/kube-apiserver" --version >&2

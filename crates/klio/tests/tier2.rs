@@ -1,5 +1,6 @@
-//! End-to-end: Tier 2 on a real S3-compatible server (moto), through the work queue (embedded
-//! and a real nats-server), with a real PostgreSQL 15.
+//! End-to-end: Tier 2 on real S3-compatible servers (moto, and versitygw for the main
+//! journey), through the work queue (embedded and a real nats-server), with a real
+//! PostgreSQL 15.
 //!
 //! - WAL and backups reach the bucket with both queue backends; with the Tier 1 data
 //!   directory deleted, a point-in-time restore from Tier 2 works, and a read-only server on
@@ -24,7 +25,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use common::*;
 use klio_test_support::{
-    Moto, NatsServer, PgCluster, PgOptions, ScratchDir, scratch_dir, wait_until,
+    Moto, NatsServer, PgCluster, PgOptions, ScratchDir, VersityGw, scratch_dir, wait_until,
 };
 use serde_json::Value;
 
@@ -76,13 +77,53 @@ fn restore_and_start(
     Ok((dirs, pg))
 }
 
-/// The whole journey, with the queue backend `nats` (a NATS URL) or the embedded one.
-fn relay_restore_from_tier2_and_read_only(nats: Option<&NatsServer>) -> anyhow::Result<()> {
+/// The S3-compatible server of a journey.
+#[derive(Clone, Copy)]
+enum S3Kind {
+    Moto,
+    VersityGw,
+}
+
+/// A running moto or versitygw, stopped when dropped.
+enum S3Server {
+    Moto(Moto),
+    VersityGw(VersityGw),
+}
+
+impl S3Server {
+    fn start(kind: S3Kind, dir: &std::path::Path) -> S3Server {
+        match kind {
+            S3Kind::Moto => S3Server::Moto(Moto::start(&dir.join("moto.log"))),
+            S3Kind::VersityGw => S3Server::VersityGw(VersityGw::start(dir)),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        match self {
+            S3Server::Moto(m) => m.endpoint(),
+            S3Server::VersityGw(v) => v.endpoint(),
+        }
+    }
+
+    fn create_bucket(&self, bucket: &str) {
+        match self {
+            S3Server::Moto(m) => m.create_bucket(bucket),
+            S3Server::VersityGw(v) => v.create_bucket(bucket),
+        }
+    }
+}
+
+/// The whole journey, with the queue backend `nats` (a NATS URL) or the embedded one, on the
+/// S3-compatible server `s3`.
+fn relay_restore_from_tier2_and_read_only(
+    nats: Option<&NatsServer>,
+    s3: S3Kind,
+) -> anyhow::Result<()> {
     let scratch = scratch_dir();
-    let moto = Moto::start(&scratch.path().join("moto.log"));
-    moto.create_bucket(BUCKET);
+    let s3 = S3Server::start(s3, scratch.path());
+    s3.create_bucket(BUCKET);
     let key2 = tier2_key(&scratch, "tier2.key", "another passphrase for tier 2\n");
-    let mut flags = tier2_flags(&moto.endpoint(), BUCKET, &key2);
+    let mut flags = tier2_flags(&s3.endpoint(), BUCKET, &key2);
     if let Some(n) = nats {
         flags.extend(["--queue-nats-url".to_string(), n.url()]);
     }
@@ -160,7 +201,13 @@ fn relay_restore_from_tier2_and_read_only(nats: Option<&NatsServer>) -> anyhow::
 #[test]
 fn relay_with_the_embedded_queue_then_pitr_from_tier2_and_from_a_read_only_server()
 -> anyhow::Result<()> {
-    relay_restore_from_tier2_and_read_only(None)
+    relay_restore_from_tier2_and_read_only(None, S3Kind::Moto)
+}
+
+/// The same journey on versitygw, a production S3 gateway (moto is a test double).
+#[test]
+fn relay_to_versitygw_then_pitr_from_tier2_and_from_a_read_only_server() -> anyhow::Result<()> {
+    relay_restore_from_tier2_and_read_only(None, S3Kind::VersityGw)
 }
 
 #[test]
@@ -168,7 +215,7 @@ fn relay_with_the_nats_queue_then_pitr_from_tier2_and_from_a_read_only_server() 
 {
     let dir = scratch_dir();
     let nats = NatsServer::start(&dir.path().join("jetstream"));
-    relay_restore_from_tier2_and_read_only(Some(&nats))
+    relay_restore_from_tier2_and_read_only(Some(&nats), S3Kind::Moto)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -112,6 +112,51 @@ impl S3Store {
         &self.endpoint
     }
 
+    /// Checks that the server honours create-only writes (`If-None-Match: *`), which
+    /// [`put`](ObjectStore::put) relies on to never replace an object: writes `key` twice
+    /// with different contents, expects the second write refused and the first content kept,
+    /// then deletes `key`. A server that ignores the condition and replaces the object is
+    /// [`S3Error::Unsupported`], as is one that does not implement it. Writers call this once
+    /// when they open the bucket, with a key of their own (left behind only by a crash).
+    pub fn check_create_only(&self, key: &str) -> Result<(), Error> {
+        let path = self.path(key)?;
+        let create = || PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let unsupported = || {
+            S3Error::Unsupported {
+                endpoint: self.endpoint.clone(),
+                feature: "conditional writes (If-None-Match: *)",
+            }
+            .into_repository("check create-only writes", &self.location, key)
+        };
+        let put = |data: &'static [u8]| {
+            self.run(
+                self.s3
+                    .put_opts(&path, PutPayload::from_static(data), create()),
+            )
+        };
+        match put(b"first") {
+            Ok(_) => {}
+            Err(e) if is_not_implemented(&e) => return Err(unsupported()),
+            // Left by an earlier check that crashed: the second write below still tells.
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(self.fail("check create-only writes", key, &e)),
+        }
+        let second = put(b"second");
+        let kept = self.get(key)?;
+        self.delete(key)?;
+        match second {
+            Err(object_store::Error::AlreadyExists { .. }) if kept.as_deref() == Some(b"first") => {
+                Ok(())
+            }
+            Err(e) if is_not_implemented(&e) => Err(unsupported()),
+            Err(object_store::Error::AlreadyExists { .. }) | Ok(_) => Err(unsupported()),
+            Err(e) => Err(self.fail("check create-only writes", key, &e)),
+        }
+    }
+
     /// Obtains credentials, then lists at most one key under the prefix: the bucket exists,
     /// the endpoint answers, its certificate is trusted and the credentials are accepted.
     fn check_bucket(&self) -> Result<(), Error> {

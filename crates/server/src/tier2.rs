@@ -144,6 +144,15 @@ impl Tier2 {
         } else {
             Repository::open(store, master.clone(), options)?
         };
+        if create {
+            // Everything Tier 2 writes relies on create-only puts; a server that would
+            // silently replace objects is refused here, before any relay writes to it.
+            let check = S3Store::open(&sub(&cfg.s3, "write-check"), runtime.clone())?;
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            check.check_create_only(&format!("{}-{nanos}", std::process::id()))?;
+        }
         let wal = S3Store::open(&sub(&cfg.s3, "wal"), runtime)?;
         Ok(Some(Tier2 {
             repo,

@@ -17,6 +17,23 @@ pub fn k8s_testenv_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/k8s-testenv.sh")
 }
 
+/// The bin directory of the Go-built test peers (`scripts/k8s-testenv.sh bindir`).
+pub(crate) fn testenv_bindir() -> PathBuf {
+    let script = k8s_testenv_script();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("bindir")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run \"{}\": {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "\"{} bindir\" failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// This repository's Helm chart, `deploy/charts/klio`.
 pub fn klio_chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/charts/klio")
@@ -62,18 +79,7 @@ impl K8sTestEnv {
     /// Starts a control plane of its own.
     pub fn start() -> K8sTestEnv {
         let script = k8s_testenv_script();
-        let bindir = Command::new("bash")
-            .arg(&script)
-            .arg("bindir")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run \"{}\": {e}", script.display()));
-        assert!(
-            bindir.status.success(),
-            "\"{} bindir\" failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&bindir.stderr)
-        );
-        let bindir = PathBuf::from(String::from_utf8_lossy(&bindir.stdout).trim());
+        let bindir = testenv_bindir();
         check_binaries(&bindir);
 
         let scratch = crate::scratch_dir();

@@ -278,3 +278,98 @@ impl Moto {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+const VERSITYGW_HINT: &str = "HINT: build it with \"bash scripts/k8s-testenv.sh build\" (go install of github.com/versity/versitygw, cached in /var/tmp/klio-k8s); scripts/test.sh does this before the tests";
+
+/// versitygw, a production S3 gateway, on its posix backend over plain HTTP on a free port:
+/// the Tier 2 tests' second S3-compatible server (moto is the first). Buckets are the
+/// top-level directories of its root; it accepts the credentials `testing`/`testing` only.
+/// Built by `scripts/k8s-testenv.sh build`; killed on drop.
+pub struct VersityGw {
+    child: Option<ChildGuard>,
+    port: u16,
+    root: PathBuf,
+    log: PathBuf,
+}
+
+impl VersityGw {
+    /// Starts versitygw with its objects under `dir/root`; `dir/versitygw.log` receives its
+    /// output.
+    pub fn start(dir: &Path) -> VersityGw {
+        let binary = crate::k8s::testenv_bindir().join("versitygw");
+        assert!(
+            binary.is_file(),
+            "versitygw not found at {}\n{VERSITYGW_HINT}",
+            binary.display()
+        );
+        let root = dir.join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let log = dir.join("versitygw.log");
+        for _ in 0..3 {
+            let port = free_port();
+            let out = std::fs::File::create(&log).unwrap();
+            let mut cmd = Command::new(&binary);
+            cmd.args(["--access", "testing", "--secret", "testing", "--quiet"])
+                .arg("--port")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("posix")
+                .arg(&root)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out);
+            let mut child = ChildGuard::spawn(&mut cmd)
+                .unwrap_or_else(|e| panic!("cannot start versitygw: {e:#}\n{VERSITYGW_HINT}"));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return VersityGw {
+                        child: Some(child),
+                        port,
+                        root,
+                        log,
+                    };
+                }
+                if !child.is_running() {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    if text.contains("address already in use") {
+                        break;
+                    }
+                    panic!("versitygw exited at startup:\n{text}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "versitygw did not answer on port {port} within 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("could not start versitygw on a free port");
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Creates a bucket: on the posix backend, a top-level directory of the root.
+    pub fn create_bucket(&self, bucket: &str) {
+        std::fs::create_dir(self.root.join(bucket)).unwrap();
+    }
+
+    /// Where the objects of `bucket` live on disk (object `a/b` is the file `a/b` there).
+    pub fn bucket_dir(&self, bucket: &str) -> PathBuf {
+        self.root.join(bucket)
+    }
+
+    /// Stops versitygw as a crash would (its objects stay on disk).
+    pub fn kill(&mut self) {
+        self.child.take();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

@@ -1,24 +1,23 @@
 //! The ObjectStore contract on S3: the same scenario the repository crate runs against its
 //! local and memory stores, plus what only S3 has (prefixes in a shared bucket, pages of
-//! listings, large objects, the runtime).
+//! listings, large objects, the runtime). Each test runs against moto and versitygw.
 
 use std::time::{Duration, Instant};
 
 use klio_repository::{Error, ObjectStore};
 
-use crate::moto::{Moto, open, runtime};
+use crate::moto::{S3Peer, open, runtime};
+use crate::versitygw::on_both_servers;
 
-#[test]
-fn store_with_prefix_behaves_like_the_local_and_memory_stores() {
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+fn store_with_prefix_behaves_like_the_local_and_memory_stores(server: &dyn S3Peer) {
+    server.create_bucket("klio");
     let rt = runtime();
-    let s = open(&moto, &rt, "klio", "team-a/cluster1");
+    let s = open(server, &rt, "klio", "team-a/cluster1");
     assert_eq!(s.location(), "s3://klio/team-a/cluster1");
     klio_repository::testing::exercise_store(&s);
 
     // The objects live under "<prefix>/" in the bucket.
-    let whole = open(&moto, &rt, "klio", "");
+    let whole = open(server, &rt, "klio", "");
     assert_eq!(whole.location(), "s3://klio");
     assert_eq!(
         whole.list("").unwrap(),
@@ -30,42 +29,36 @@ fn store_with_prefix_behaves_like_the_local_and_memory_stores() {
     );
 }
 
-#[test]
-fn store_without_prefix_behaves_like_the_local_and_memory_stores() {
-    let moto = Moto::start();
-    moto.create_bucket("klio-root");
+fn store_without_prefix_behaves_like_the_local_and_memory_stores(server: &dyn S3Peer) {
+    server.create_bucket("klio-root");
     let rt = runtime();
-    let s = open(&moto, &rt, "klio-root", "");
+    let s = open(server, &rt, "klio-root", "");
     klio_repository::testing::exercise_store(&s);
     // A trailing slash in the configured prefix is the same prefix.
-    let slashed = open(&moto, &rt, "klio-root", "packs/");
+    let slashed = open(server, &rt, "klio-root", "packs/");
     assert_eq!(slashed.location(), "s3://klio-root/packs");
     assert_eq!(slashed.list("").unwrap(), vec!["ab/abc", "ac/acd"]);
 }
 
-#[test]
-fn put_is_create_only_and_keeps_the_first_content() {
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+fn put_is_create_only_and_keeps_the_first_content(server: &dyn S3Peer) {
+    server.create_bucket("klio");
     let rt = runtime();
-    let s = open(&moto, &rt, "klio", "p");
+    let s = open(server, &rt, "klio", "p");
     let first = vec![1u8; 100_000];
     s.put("config", &first).unwrap();
     s.put("config", b"second, shorter").unwrap();
     s.put("config", &[]).unwrap();
     assert_eq!(s.get("config").unwrap().unwrap(), first);
     // Through another handle too: nothing is cached.
-    let other = open(&moto, &rt, "klio", "p");
+    let other = open(server, &rt, "klio", "p");
     other.put("config", b"third").unwrap();
     assert_eq!(other.get("config").unwrap().unwrap(), first);
 }
 
-#[test]
-fn missing_objects_are_none_for_get_and_object_not_found_for_get_range() {
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+fn missing_objects_are_none_for_get_and_object_not_found_for_get_range(server: &dyn S3Peer) {
+    server.create_bucket("klio");
     let rt = runtime();
-    let s = open(&moto, &rt, "klio", "p");
+    let s = open(server, &rt, "klio", "p");
     assert_eq!(s.get("packs/00/missing").unwrap(), None);
     assert!(!s.exists("packs/00/missing").unwrap());
     for (offset, len) in [(0, 1), (0, 0), (100, 10)] {
@@ -80,12 +73,10 @@ fn missing_objects_are_none_for_get_and_object_not_found_for_get_range() {
     s.delete("packs/00/missing").unwrap();
 }
 
-#[test]
-fn get_range_beyond_the_end_is_a_short_object_error() {
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+fn get_range_beyond_the_end_is_a_short_object_error(server: &dyn S3Peer) {
+    server.create_bucket("klio");
     let rt = runtime();
-    let s = open(&moto, &rt, "klio", "");
+    let s = open(server, &rt, "klio", "");
     s.put("packs/01/p", b"0123456789").unwrap();
     assert_eq!(s.get_range("packs/01/p", 0, 10).unwrap(), b"0123456789");
     assert_eq!(s.get_range("packs/01/p", 9, 1).unwrap(), b"9");
@@ -113,12 +104,10 @@ fn get_range_beyond_the_end_is_a_short_object_error() {
     ));
 }
 
-#[test]
-fn invalid_keys_are_refused() {
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+fn invalid_keys_are_refused(server: &dyn S3Peer) {
+    server.create_bucket("klio");
     let rt = runtime();
-    let s = open(&moto, &rt, "klio", "p");
+    let s = open(server, &rt, "klio", "p");
     for bad in [
         "",
         "/etc/passwd",
@@ -146,16 +135,14 @@ fn invalid_keys_are_refused() {
     assert!(s.list("../").is_err());
     assert!(s.list("/").is_err());
     assert!(s.list("a b").is_err());
-    assert!(open(&moto, &rt, "klio", "").list("").unwrap().is_empty());
+    assert!(open(server, &rt, "klio", "").list("").unwrap().is_empty());
 }
 
-#[test]
-fn prefixes_that_share_a_beginning_do_not_see_each_other() {
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+fn prefixes_that_share_a_beginning_do_not_see_each_other(server: &dyn S3Peer) {
+    server.create_bucket("klio");
     let rt = runtime();
-    let a = open(&moto, &rt, "klio", "c1");
-    let ab = open(&moto, &rt, "klio", "c10");
+    let a = open(server, &rt, "klio", "c1");
+    let ab = open(server, &rt, "klio", "c10");
     a.put("config", b"a").unwrap();
     ab.put("config", b"ab").unwrap();
     ab.put("index/i", b"ab").unwrap();
@@ -165,14 +152,12 @@ fn prefixes_that_share_a_beginning_do_not_see_each_other() {
     assert!(!a.exists("index/i").unwrap());
 }
 
-#[test]
-fn listing_reads_every_page() {
+fn listing_reads_every_page(server: &dyn S3Peer) {
     // S3 returns at most 1000 keys per request.
     const KEYS: usize = 1234;
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+    server.create_bucket("klio");
     let rt = runtime();
-    let s = open(&moto, &rt, "klio", "p");
+    let s = open(server, &rt, "klio", "p");
     let started = Instant::now();
     std::thread::scope(|scope| {
         for t in 0..4 {
@@ -193,12 +178,10 @@ fn listing_reads_every_page() {
     assert_eq!(s.list("index/012").unwrap().len(), 34);
 }
 
-#[test]
-fn pack_sized_objects_roundtrip_in_one_put() {
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+fn pack_sized_objects_roundtrip_in_one_put(server: &dyn S3Peer) {
+    server.create_bucket("klio");
     let rt = runtime();
-    let s = open(&moto, &rt, "klio", "p");
+    let s = open(server, &rt, "klio", "p");
     let data: Vec<u8> = (0..32u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -217,12 +200,10 @@ fn pack_sized_objects_roundtrip_in_one_put() {
     assert!(s.get("packs/aa/big").unwrap().unwrap() == data);
 }
 
-#[test]
-fn calls_from_blocking_threads_of_the_runtime_work() {
-    let moto = Moto::start();
-    moto.create_bucket("klio");
+fn calls_from_blocking_threads_of_the_runtime_work(server: &dyn S3Peer) {
+    server.create_bucket("klio");
     let rt = runtime();
-    let s = std::sync::Arc::new(open(&moto, &rt, "klio", "p"));
+    let s = std::sync::Arc::new(open(server, &rt, "klio", "p"));
     let got = rt.block_on(async {
         let tasks: Vec<_> = (0..8)
             .map(|i| {
@@ -254,7 +235,7 @@ fn calls_from_blocking_threads_of_the_runtime_work() {
         .enable_all()
         .build()
         .unwrap();
-    let cfg = moto.config("klio", "p");
+    let cfg = server.config("klio", "p");
     let handle = current.handle().clone();
     let listed = current.block_on(async move {
         let task = tokio::task::spawn_blocking(move || {
@@ -270,3 +251,16 @@ fn calls_from_blocking_threads_of_the_runtime_work() {
     });
     assert_eq!(listed.len(), 8);
 }
+
+on_both_servers!(
+    store_with_prefix_behaves_like_the_local_and_memory_stores,
+    store_without_prefix_behaves_like_the_local_and_memory_stores,
+    put_is_create_only_and_keeps_the_first_content,
+    missing_objects_are_none_for_get_and_object_not_found_for_get_range,
+    get_range_beyond_the_end_is_a_short_object_error,
+    invalid_keys_are_refused,
+    prefixes_that_share_a_beginning_do_not_see_each_other,
+    listing_reads_every_page,
+    pack_sized_objects_roundtrip_in_one_put,
+    calls_from_blocking_threads_of_the_runtime_work,
+);

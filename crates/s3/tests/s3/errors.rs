@@ -7,30 +7,34 @@ use klio_repository::{Error, ObjectStore};
 use klio_s3::{S3Config, S3Error, S3Store, s3_error};
 use klio_test_support::free_port;
 
-use crate::moto::{Moto, MotoOptions, credentials, open, runtime};
+use crate::moto::{Moto, MotoOptions, S3Peer, credentials, open, runtime};
+use crate::versitygw::{Versity, on_both_servers};
 
 fn open_err(cfg: &S3Config, rt: &tokio::runtime::Runtime) -> Error {
     S3Store::open_with_credentials(cfg, rt.handle().clone(), &credentials()).unwrap_err()
 }
 
-#[test]
-fn missing_bucket_is_a_clear_error_naming_it() {
-    let moto = Moto::start();
-    moto.create_bucket("other");
+fn missing_bucket_is_a_clear_error_naming_it(server: &dyn S3Peer) {
+    server.create_bucket("other");
     let rt = runtime();
-    let err = open_err(&moto.config("no-such-bucket", "p"), &rt);
+    let cfg = server.config("no-such-bucket", "p");
+    let endpoint = cfg.endpoint.clone().unwrap();
+    let err = open_err(&cfg, &rt);
     let text = err.to_string();
     match s3_error(&err) {
-        Some(S3Error::BucketNotFound { bucket, endpoint }) => {
+        Some(S3Error::BucketNotFound {
+            bucket,
+            endpoint: named,
+        }) => {
             assert_eq!(bucket, "no-such-bucket");
-            assert_eq!(*endpoint, moto.endpoint());
+            assert_eq!(*named, endpoint);
         }
         other => panic!("{other:?}: {text}"),
     }
     assert!(!s3_error(&err).unwrap().is_retryable());
     assert!(
         text.contains("bucket \"no-such-bucket\" does not exist")
-            && text.contains(&moto.endpoint())
+            && text.contains(&endpoint)
             && text.contains("\nHINT: create the bucket"),
         "{text}"
     );
@@ -175,4 +179,110 @@ fn invalid_configuration_is_refused_naming_the_option() {
             other => panic!("{cfg:?}: {other}"),
         }
     }
+}
+
+on_both_servers!(missing_bucket_is_a_clear_error_naming_it);
+
+#[test]
+fn wrong_secret_is_access_denied_on_versitygw() {
+    // versitygw checks every signature: a wrong secret is refused at open.
+    let server = Versity::start();
+    server.create_bucket("locked");
+    let rt = runtime();
+    let err = S3Store::open_with_credentials(
+        &server.config("locked", ""),
+        rt.handle().clone(),
+        &klio_s3::S3Credentials {
+            secret_access_key: "not the secret".to_string(),
+            ..credentials()
+        },
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    match s3_error(&err) {
+        Some(S3Error::AccessDenied { bucket, code, .. }) => {
+            assert_eq!(bucket, "locked");
+            assert_eq!(code, "SignatureDoesNotMatch");
+        }
+        other => panic!("{other:?}: {text}"),
+    }
+    assert!(text.contains("\nHINT: check the S3 credentials"), "{text}");
+}
+
+/// A proxy in front of `port` that renames the `if-none-match` request header, as a server
+/// that ignores conditional writes would; returns its port.
+fn strip_conditions_proxy(port: u16) -> u16 {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(("127.0.0.1", port)) else {
+                return;
+            };
+            let (mut client_r, mut server_w) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = client_r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    // Same length, so Content-Length and framing are unchanged.
+                    let mut chunk = buf[..n].to_vec();
+                    while let Some(at) = chunk
+                        .windows(13)
+                        .position(|w| w.eq_ignore_ascii_case(b"if-none-match"))
+                    {
+                        chunk[at..at + 13].copy_from_slice(b"x-ignored-cnd");
+                    }
+                    if server_w.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+                let _ = server_w.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut server, &mut client);
+                let _ = client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    proxy_port
+}
+
+#[test]
+fn a_server_that_ignores_conditional_writes_is_refused_by_the_check() {
+    let moto = Moto::start();
+    moto.create_bucket("klio");
+    let rt = runtime();
+    // Moto honours the condition: the check passes and leaves nothing behind.
+    let s = open(&moto, &rt, "klio", "write-check");
+    s.check_create_only("k1").unwrap();
+    assert!(s.list("").unwrap().is_empty());
+
+    let mut cfg = moto.config("klio", "write-check");
+    cfg.endpoint = Some(format!(
+        "http://127.0.0.1:{}",
+        strip_conditions_proxy(moto.port())
+    ));
+    let s = S3Store::open_with_credentials(&cfg, rt.handle().clone(), &credentials()).unwrap();
+    let err = s.check_create_only("k2").unwrap_err();
+    let text = err.to_string();
+    match s3_error(&err) {
+        Some(S3Error::Unsupported { feature, .. }) => {
+            assert!(feature.contains("If-None-Match"), "{feature}");
+        }
+        other => panic!("{other:?}: {text}"),
+    }
+    assert!(
+        text.contains("does not support conditional writes"),
+        "{text}"
+    );
+    assert!(
+        s.list("").unwrap().is_empty(),
+        "the check removes its object"
+    );
 }

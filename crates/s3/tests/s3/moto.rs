@@ -291,12 +291,56 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Opens a store on the existing `bucket` under `prefix`, panicking with moto's log on failure.
-pub fn open(moto: &Moto, rt: &tokio::runtime::Runtime, bucket: &str, prefix: &str) -> S3Store {
+/// What the contract tests need of an S3-compatible server: moto, or versitygw
+/// ([`crate::versitygw::Versity`]). Both accept the [`credentials`].
+pub trait S3Peer {
+    fn create_bucket(&self, bucket: &str);
+    fn config(&self, bucket: &str, prefix: &str) -> S3Config;
+    /// Replaces an object behind the store's back (as damage would).
+    fn overwrite_object(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        bucket: &str,
+        name: &str,
+        data: Vec<u8>,
+    );
+    /// What the server printed, for failure messages.
+    fn log(&self) -> String;
+}
+
+impl S3Peer for Moto {
+    fn create_bucket(&self, bucket: &str) {
+        Moto::create_bucket(self, bucket)
+    }
+    fn config(&self, bucket: &str, prefix: &str) -> S3Config {
+        Moto::config(self, bucket, prefix)
+    }
+    fn overwrite_object(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        bucket: &str,
+        name: &str,
+        data: Vec<u8>,
+    ) {
+        Moto::overwrite_object(self, rt, bucket, name, data)
+    }
+    fn log(&self) -> String {
+        Moto::log(self)
+    }
+}
+
+/// Opens a store on the existing `bucket` under `prefix`, panicking with the server's log on
+/// failure.
+pub fn open(
+    peer: &(impl S3Peer + ?Sized),
+    rt: &tokio::runtime::Runtime,
+    bucket: &str,
+    prefix: &str,
+) -> S3Store {
     S3Store::open_with_credentials(
-        &moto.config(bucket, prefix),
+        &peer.config(bucket, prefix),
         rt.handle().clone(),
         &credentials(),
     )
-    .unwrap_or_else(|e| panic!("open s3 store: {e}\nmoto log:\n{}", moto.log()))
+    .unwrap_or_else(|e| panic!("open s3 store: {e}\nserver log:\n{}", peer.log()))
 }

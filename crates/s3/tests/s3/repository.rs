@@ -8,7 +8,8 @@ use klio_repository::{
 };
 use serde_json::json;
 
-use crate::moto::{Moto, open, runtime};
+use crate::moto::{S3Peer, open, runtime};
+use crate::versitygw::on_both_servers;
 
 /// Page-like content: compressible, different for each `seed`.
 fn page(seed: u64, len: usize) -> Vec<u8> {
@@ -104,15 +105,13 @@ fn backup(repo: &Repository, cluster: &str, id: &BackupId, files: &[(&str, Vec<u
     .unwrap();
 }
 
-#[test]
-fn repository_on_s3_reopens_with_everything_written_and_verifies() {
-    let moto = Moto::start();
-    moto.create_bucket("backups");
+fn repository_on_s3_reopens_with_everything_written_and_verifies(server: &dyn S3Peer) {
+    server.create_bucket("backups");
     let rt = runtime();
     let master = MasterKey::generate();
     let files = sample_files(8);
 
-    let store: Arc<dyn ObjectStore> = Arc::new(open(&moto, &rt, "backups", "klio/repo1"));
+    let store: Arc<dyn ObjectStore> = Arc::new(open(server, &rt, "backups", "klio/repo1"));
     let repo = Repository::open_or_init(store, master.clone(), small_packs()).unwrap();
     assert_eq!(repo.location(), "s3://backups/klio/repo1");
     backup(&repo, "c1", &backup_id(12), &files);
@@ -122,7 +121,7 @@ fn repository_on_s3_reopens_with_everything_written_and_verifies() {
     drop(repo);
 
     // A new handle sees only what is in the bucket.
-    let store: Arc<dyn ObjectStore> = Arc::new(open(&moto, &rt, "backups", "klio/repo1"));
+    let store: Arc<dyn ObjectStore> = Arc::new(open(server, &rt, "backups", "klio/repo1"));
     let repo = Repository::open(store.clone(), master.clone(), small_packs()).unwrap();
     assert_eq!(repo.block_count().unwrap(), count);
     assert!(repo.damaged_indexes().is_empty());
@@ -154,7 +153,7 @@ fn repository_on_s3_reopens_with_everything_written_and_verifies() {
     let mut bytes = store.get(&packs[0]).unwrap().unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
-    moto.overwrite_object(&rt, "backups", &format!("klio/repo1/{}", packs[0]), bytes);
+    server.overwrite_object(&rt, "backups", &format!("klio/repo1/{}", packs[0]), bytes);
     let bad: Vec<_> = [("c1", backup_id(12)), ("c2", backup_id(13))]
         .iter()
         .flat_map(|(c, id)| repo.verify(c, id).unwrap().problems)
@@ -163,12 +162,10 @@ fn repository_on_s3_reopens_with_everything_written_and_verifies() {
     assert!(bad.iter().all(|p| p.object == packs[0]), "{bad:?}");
 }
 
-#[test]
-fn repository_is_not_created_in_a_prefix_holding_other_objects() {
-    let moto = Moto::start();
-    moto.create_bucket("backups");
+fn repository_is_not_created_in_a_prefix_holding_other_objects(server: &dyn S3Peer) {
+    server.create_bucket("backups");
     let rt = runtime();
-    let store = open(&moto, &rt, "backups", "used");
+    let store = open(server, &rt, "backups", "used");
     store.put("something/else", b"x").unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     let err =
@@ -183,3 +180,8 @@ fn repository_is_not_created_in_a_prefix_holding_other_objects() {
         "{err}"
     );
 }
+
+on_both_servers!(
+    repository_on_s3_reopens_with_everything_written_and_verifies,
+    repository_is_not_created_in_a_prefix_holding_other_objects,
+);
