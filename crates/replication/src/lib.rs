@@ -65,6 +65,20 @@ mod error;
 mod stream;
 mod wire;
 
+#[cfg(test)]
+mod properties;
+
+/// Entry points for the fuzz targets of `fuzz/` (built only by `cargo fuzz`, which sets
+/// `--cfg fuzzing`).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes `bytes` as a walsender's output; `Err` for a refused message.
+    pub fn walsender_output(bytes: &[u8]) -> Result<usize, crate::Error> {
+        crate::wire::decode_stream(bytes::BytesMut::from(bytes)).map(|m| m.len())
+    }
+}
+
 pub use config::{DEFAULT_CONNECT_TIMEOUT, Host, ReplicationConfig};
 pub use connection::{ReplicationConnection, SlotInfo, SystemIdentity, parse_size_setting};
 pub use error::Error;

@@ -177,47 +177,10 @@ impl Wire {
         result.map_err(|e| Error::io(format!("send data to server \"{}\"", self.target), e))
     }
 
-    /// Takes the next whole message out of the read buffer, if there is one. Notices and
-    /// parameter status reports are skipped (notices are logged).
+    /// Takes the next whole message out of the read buffer, if there is one (see
+    /// [`take_message`]).
     pub(crate) fn try_parse(&mut self) -> Result<Option<Backend>, Error> {
-        loop {
-            let Some(header) = backend::Header::parse(&self.read_buf)
-                .map_err(|e| Error::protocol(format!("invalid message header: {e}")))?
-            else {
-                return Ok(None);
-            };
-            // Header::parse guarantees len >= 4.
-            let total = usize::try_from(header.len())
-                .unwrap_or(usize::MAX)
-                .saturating_add(1);
-            if total > MAX_MESSAGE_LEN {
-                return Err(Error::protocol(format!(
-                    "message of type '{}' is too long ({total} bytes)",
-                    char::from(header.tag())
-                )));
-            }
-            if self.read_buf.len() < total {
-                self.read_buf.reserve(total - self.read_buf.len());
-                return Ok(None);
-            }
-            if header.tag() == COPY_BOTH_RESPONSE_TAG {
-                self.read_buf.advance(total);
-                return Ok(Some(Backend::CopyBothResponse));
-            }
-            let message = backend::Message::parse(&mut self.read_buf)
-                .map_err(|e| {
-                    Error::protocol(format!(
-                        "invalid message of type '{}': {e}",
-                        char::from(header.tag())
-                    ))
-                })?
-                .ok_or_else(|| Error::protocol("incomplete message after a complete header"))?;
-            match message {
-                backend::Message::NoticeResponse(body) => log_notice(body.fields()),
-                backend::Message::ParameterStatus(_) => {}
-                message => return Ok(Some(Backend::Message(message))),
-            }
-        }
+        take_message(&mut self.read_buf)
     }
 
     /// The next message, reading from the socket as needed. Cancel-safe.
@@ -261,6 +224,76 @@ impl Drop for Wire {
         frontend::terminate(&mut buf);
         let _ = self.socket.try_write(&buf);
     }
+}
+
+/// Takes the next whole message out of `buf`, if there is one, leaving a partial one in
+/// place (the room it needs is reserved). Notices and parameter status reports are skipped
+/// (notices are logged). Whatever the server sent, this returns an error or a message; a
+/// message longer than [`MAX_MESSAGE_LEN`] is refused before it is buffered.
+pub(crate) fn take_message(buf: &mut BytesMut) -> Result<Option<Backend>, Error> {
+    loop {
+        let Some(header) = backend::Header::parse(buf)
+            .map_err(|e| Error::protocol(format!("invalid message header: {e}")))?
+        else {
+            return Ok(None);
+        };
+        // Header::parse guarantees len >= 4.
+        let total = usize::try_from(header.len())
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        if total > MAX_MESSAGE_LEN {
+            return Err(Error::protocol(format!(
+                "message of type '{}' is too long ({total} bytes)",
+                char::from(header.tag())
+            )));
+        }
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        if header.tag() == COPY_BOTH_RESPONSE_TAG {
+            buf.advance(total);
+            return Ok(Some(Backend::CopyBothResponse));
+        }
+        let message = backend::Message::parse(buf)
+            .map_err(|e| {
+                Error::protocol(format!(
+                    "invalid message of type '{}': {e}",
+                    char::from(header.tag())
+                ))
+            })?
+            .ok_or_else(|| Error::protocol("incomplete message after a complete header"))?;
+        match message {
+            backend::Message::NoticeResponse(body) => log_notice(body.fields()),
+            backend::Message::ParameterStatus(_) => {}
+            message => return Ok(Some(Backend::Message(message))),
+        }
+    }
+}
+
+/// Decodes `bytes` as a walsender's output: every framed message, and every `CopyData`
+/// payload as a [`StreamMessage`](crate::StreamMessage). Returns the messages decoded (the
+/// streaming ones as `Ok(message)`, the others as `Err(name)`), or the first error. For the
+/// property tests and the fuzz targets.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn decode_stream(
+    mut bytes: BytesMut,
+) -> Result<Vec<Result<crate::StreamMessage, &'static str>>, Error> {
+    let mut out = Vec::new();
+    while let Some(message) = take_message(&mut bytes)? {
+        out.push(match &message {
+            Backend::Message(backend::Message::CopyData(body)) => Ok(crate::StreamMessage::parse(
+                bytes::Bytes::copy_from_slice(body.data()),
+            )?),
+            other => Err(other.describe()),
+        });
+    }
+    if bytes.capacity() > MAX_MESSAGE_LEN + READ_CHUNK {
+        return Err(Error::protocol(
+            "the read buffer grew past the message limit",
+        ));
+    }
+    Ok(out)
 }
 
 fn log_notice(mut fields: backend::ErrorFields<'_>) {

@@ -25,10 +25,31 @@ mod repository;
 mod store;
 mod verify;
 
+#[cfg(test)]
+mod properties;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
 mod tests;
+
+/// Entry points for the fuzz targets of `fuzz/` (built only by `cargo fuzz`, which sets
+/// `--cfg fuzzing`): the decoders of object plaintexts; `true` when the input is accepted.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub fn index(bytes: &[u8]) -> bool {
+        crate::index::decode(bytes, "fuzz").is_ok()
+    }
+
+    pub fn blocklist(bytes: &[u8]) -> bool {
+        crate::blocklist::decode(bytes, "fuzz").is_ok()
+    }
+
+    /// Decodes, then validates what decoded.
+    pub fn manifest(bytes: &[u8]) -> bool {
+        crate::Manifest::decode(bytes, "fuzz").is_ok_and(|m| m.validate().is_ok())
+    }
+}
 
 pub use gc::{DeadPack, GcPlan, GcReport, REPACK_DEAD_SHARE, Repack};
 pub use ids::{BackupId, BlockId, BlocklistId, Domain, PackId, validate_cluster_name};
