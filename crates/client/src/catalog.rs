@@ -353,6 +353,7 @@ fn gc_json(g: &pb::GcResponse) -> Value {
         "mixed_packs_kept": g.mixed_packs_kept,
         "reclaimable_bytes": g.reclaimable_bytes,
         "bytes_reclaimed": g.bytes_reclaimed,
+        "temp_files_removed": g.temp_files_removed,
     })
 }
 
@@ -377,6 +378,12 @@ fn print_gc(g: &pb::GcResponse) {
             "reclaimable"
         },
     );
+    if g.temp_files_removed > 0 {
+        println!(
+            "removed {} temporary files of failed writes",
+            g.temp_files_removed
+        );
+    }
 }
 
 /// Runs the retention RPC and returns its answer as JSON.

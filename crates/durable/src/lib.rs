@@ -42,6 +42,16 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
 /// without following symbolic links, and returns how many. Call it only when nothing else
 /// writes there (a server, once it holds its data directory's lock).
 pub fn sweep_temp_files(dir: &Path) -> io::Result<u64> {
+    sweep(dir, None)
+}
+
+/// As [`sweep_temp_files`], but only the temporary files not modified for `age`: safe
+/// while writers run, as long as no write takes that long (garbage collection uses it).
+pub fn sweep_stale_temp_files(dir: &Path, age: std::time::Duration) -> io::Result<u64> {
+    sweep(dir, Some(age))
+}
+
+fn sweep(dir: &Path, min_age: Option<std::time::Duration>) -> io::Result<u64> {
     let mut removed = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -55,9 +65,26 @@ pub fn sweep_temp_files(dir: &Path) -> io::Result<u64> {
             let kind = entry.file_type()?;
             if kind.is_dir() {
                 stack.push(entry.path());
-            } else if kind.is_file() && entry.file_name().to_string_lossy().ends_with(TMP_SUFFIX) {
-                fs::remove_file(entry.path())?;
-                removed += 1;
+                continue;
+            }
+            if !kind.is_file() || !entry.file_name().to_string_lossy().ends_with(TMP_SUFFIX) {
+                continue;
+            }
+            if let Some(age) = min_age {
+                let modified = match entry.metadata() {
+                    Ok(m) => m.modified()?,
+                    // Renamed or removed by its writer meanwhile.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                if modified.elapsed().unwrap_or_default() < age {
+                    continue;
+                }
+            }
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -212,6 +239,27 @@ mod tests {
         assert_eq!(sweep_temp_files(d.path()).unwrap(), 1);
         assert!(sub.join("x").exists());
         assert!(outside.path().join(".y.1.2.klio-tmp").exists());
+    }
+
+    #[test]
+    fn stale_sweep_spares_recent_temp_files() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            d.path().join(".o.1.2.klio-tmp"),
+            d.path().join(".n.1.3.klio-tmp"),
+        );
+        fs::write(&old, b"crash").unwrap();
+        fs::write(&new, b"being written").unwrap();
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(sweep_stale_temp_files(d.path(), hour).unwrap(), 1);
+        assert!(!old.exists() && new.exists());
     }
 
     #[test]

@@ -289,6 +289,36 @@ fn repository_wide_operations_belong_to_the_administrator() -> anyhow::Result<()
 }
 
 #[test]
+fn garbage_collection_sweeps_stale_temporary_files_and_spares_recent_ones() -> anyhow::Result<()> {
+    let k = Klio::start(&["a"])?;
+    // A failed write's leftover (two hours old) and a write in progress (now), as the
+    // durable writer names them.
+    let dir = k.data.join("repository");
+    let (stale, recent) = (dir.join(".p.7.1.klio-tmp"), dir.join(".p.7.2.klio-tmp"));
+    std::fs::write(&stale, b"half a pack")?;
+    std::fs::write(&recent, b"being written")?;
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)?
+        .set_modified(two_hours_ago)?;
+    // A plan removes nothing.
+    let out = k
+        .client_command_with_cert(&["gc", "plan", "--json"], "a", "admin")
+        .output()?;
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(stale.exists());
+    let out = k
+        .client_command_with_cert(&["gc", "run", "--json"], "a", "admin")
+        .output()?;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["temp_files_removed"], 1, "{report}");
+    assert!(!stale.exists() && recent.exists());
+    Ok(())
+}
+
+#[test]
 fn a_second_server_on_the_same_data_directory_stops_before_touching_it() -> anyhow::Result<()> {
     let k = Klio::start(&["a"])?;
     let out = k.server_command().output()?;

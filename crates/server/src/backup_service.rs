@@ -465,6 +465,10 @@ impl BackupService {
         } else {
             HashSet::new()
         };
+        // Tier 1 only: temporary files of writes that failed without cleaning up.
+        let sweep_dir = (tier == 1 && !dry_run)
+            .then(|| self.ctx.data_dir.clone())
+            .flatten();
         let response = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             let plan = repo.gc_plan(&protected).map_err(repo_status)?;
             let mut r = pb::GcResponse {
@@ -477,7 +481,15 @@ impl BackupService {
                 reclaimable_bytes: plan.reclaimable_bytes,
                 bytes_reclaimed: 0,
                 mixed_packs_kept: plan.mixed_packs as u64,
+                temp_files_removed: 0,
             };
+            if let Some(dir) = sweep_dir {
+                // No write takes an hour: older temporary files belong to no writer.
+                match klio_durable::sweep_stale_temp_files(&dir, Duration::from_secs(3600)) {
+                    Ok(n) => r.temp_files_removed = n,
+                    Err(e) => tracing::warn!(error = %e, dir = %dir.display(), "could not sweep temporary files"),
+                }
+            }
             if !dry_run {
                 let report = repo.gc_execute(&plan).map_err(repo_status)?;
                 r.bytes_reclaimed = report.bytes_reclaimed;

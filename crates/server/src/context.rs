@@ -25,6 +25,8 @@ pub struct Context {
     /// "embedded" or the NATS URL, for status output.
     pub queue_backend: String,
     pub progress: Option<Progress>,
+    /// Tier 1's data directory (absent on a read-only server).
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Context {

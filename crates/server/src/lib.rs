@@ -379,6 +379,7 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
         queue: Some(queue),
         queue_backend: backend,
         progress: Some(relay::Progress::open(data_dir.join("tier2-progress"))?),
+        data_dir: Some(data_dir.to_path_buf()),
     };
     let backups = BackupSettings {
         spool_dir: Some(data_dir.join("sessions")),
@@ -409,6 +410,7 @@ async fn open_read_only(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSe
         queue: None,
         queue_backend: "none".to_string(),
         progress: None,
+        data_dir: None,
     };
     let backups = BackupSettings {
         spool_dir: None,
