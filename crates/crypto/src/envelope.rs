@@ -148,8 +148,10 @@ fn wrapping_key(
         &passphrase.0,
         &mut kek,
     );
-    let unbound = UnboundKey::new(&AES_256_GCM, &kek).map_err(|_| "bad key length")?;
-    Ok(LessSafeKey::new(unbound))
+    let unbound = UnboundKey::new(&AES_256_GCM, &kek).map_err(|_| "bad key length");
+    // The key-encryption key lives on in aws-lc's context (cleansed when dropped) only.
+    zeroize::Zeroize::zeroize(&mut kek);
+    Ok(LessSafeKey::new(unbound?))
 }
 
 impl KeyEnvelope {
@@ -212,18 +214,20 @@ impl KeyEnvelope {
             )));
         }
         let key = wrapping_key(passphrase, &salt, self.iterations).map_err(|r| bad(&r))?;
-        let plain = key
+        let opened = key
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(WRAP_AAD),
                 &mut buf,
             )
-            .map_err(|_| Error::WrongKey {
-                path: path.to_string(),
-            })?;
+            .map(|plain| <[u8; 32]>::try_from(&*plain));
+        // The buffer held the plaintext master key: overwritten before it is freed.
+        zeroize::Zeroize::zeroize(&mut buf);
         let master = MasterKey(
-            plain
-                .try_into()
+            opened
+                .map_err(|_| Error::WrongKey {
+                    path: path.to_string(),
+                })?
                 .map_err(|_| bad("unwrapped key has the wrong length"))?,
         );
         if master.key_id() != self.key_id {
