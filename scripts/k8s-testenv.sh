@@ -2,7 +2,7 @@
 # shellcheck source-path=SCRIPTDIR
 # A real Kubernetes control plane for tests: etcd, kube-apiserver and
 # kube-controller-manager on loopback, built from their Go modules (and the other Go-built
-# test peers: helm, the CloudNativePG operator, versitygw for the Tier 2 tests).
+# test peers: helm, the CloudNativePG operator, versitygw for the Tier 2 tests, Prometheus).
 #
 #   scripts/k8s-testenv.sh build      build (or find) the binaries in the cache
 #   scripts/k8s-testenv.sh bindir     print the cache's bin directory
@@ -101,6 +101,22 @@ build_versitygw() {
 	echo "$key" >"$bin/.versitygw.key"
 }
 
+# Prometheus and promtool, for the metrics tests (scrapes, PromQL, alerting rules).
+build_prometheus() {
+	local key want=$PROMETHEUS_VERSION
+	local ldflags="-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION"
+	key=$(key_of prometheus - "$PROMETHEUS_VERSION $ldflags")
+	if have prometheus "$key" "$bin/prometheus" --version && have promtool "$key" "$bin/promtool" --version; then
+		return
+	fi
+	log "building prometheus and promtool $PROMETHEUS_VERSION"
+	(cd / && GOBIN=$bin go install -trimpath -ldflags "$ldflags" \
+		"github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE_VERSION" \
+		"github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION")
+	echo "$key" >"$bin/.prometheus.key"
+	echo "$key" >"$bin/.promtool.key"
+}
+
 build_kube() {
 	local key want="$KUBE_VERSION" ldflags missing=() name
 	ldflags=$(kube_ldflags)
@@ -154,6 +170,7 @@ cmd_build() {
 	build_etcd
 	build_helm
 	build_versitygw
+	build_prometheus
 	build_kube
 	build_cnpg
 	"$bin/kube-apiserver" --version >&2

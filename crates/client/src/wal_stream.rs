@@ -295,6 +295,9 @@ async fn stream_timeline(
         .ok_or_else(|| anyhow::anyhow!("the server closed the WAL stream at once"))?;
     let mut flushed = Lsn(first.flush_lsn);
     let mut written = start;
+    let mut primary = start;
+    streamer_metrics().connected(&cluster, flushed);
+    let _disconnected = Disconnected;
     if flushed != start {
         bail!("the server's archive ends at {flushed}, not at {start} as it said a moment ago");
     }
@@ -308,16 +311,18 @@ async fn stream_timeline(
             msg = repl.next_message(), if !ended => {
                 let msg = msg.map_err(classify_pg)?;
                 match msg {
-                    StreamMessage::XLogData { start: s, data, .. } => {
+                    StreamMessage::XLogData { start: s, data, wal_end } => {
+                        primary = primary.max(wal_end);
                         let mut batch = Batch::new(s, data);
                         // Take whatever else is already received, up to the batch limit.
                         while batch.len < max_batch as u64 {
                             match repl.try_next_buffered().map_err(classify_pg)? {
-                                Some(StreamMessage::XLogData { start: s2, data: d2, .. }) => {
+                                Some(StreamMessage::XLogData { start: s2, data: d2, wal_end }) => {
+                                    primary = primary.max(wal_end);
                                     if s2 != batch.end() {
                                         let full = std::mem::replace(&mut batch, Batch::new(s2, d2));
                                         let flush_now = sync_now(sync);
-                                        send_data(&req_tx, full.start, full.into_bytes(), flush_now).await?;
+                                        send_data(&req_tx, full.start, full.into_bytes(), flush_now, primary).await?;
                                     } else {
                                         batch.push(d2);
                                     }
@@ -333,13 +338,17 @@ async fn stream_timeline(
                         if batch.len > 0 {
                             written = batch.end();
                             let flush_now = sync_now(sync);
-                            send_data(&req_tx, batch.start, batch.into_bytes(), flush_now).await?;
+                            primary = primary.max(written);
+                            streamer_metrics().sent(primary, flush_now);
+                            send_data(&req_tx, batch.start, batch.into_bytes(), flush_now, primary).await?;
                         }
                         if ended {
                             return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
                         }
                     }
-                    StreamMessage::Keepalive { reply_requested, .. } => {
+                    StreamMessage::Keepalive { reply_requested, wal_end } => {
+                        primary = primary.max(wal_end);
+                        streamer_metrics().sent(primary, sync_now(sync));
                         if reply_requested {
                             repl.send_status(written, flushed, flushed, false).await.map_err(classify_pg)?;
                         }
@@ -353,6 +362,7 @@ async fn stream_timeline(
                 let ack = ack.map_err(|s| classify_status("stream WAL", s))?
                     .ok_or_else(|| anyhow::anyhow!("the server closed the WAL stream"))?;
                 let lsn = Lsn(ack.flush_lsn);
+                streamer_metrics().acked(lsn);
                 if lsn > flushed {
                     flushed = lsn;
                     // The only place the flush position moves: after the server's durable ack.
@@ -410,12 +420,14 @@ async fn send_data(
     start: Lsn,
     data: Bytes,
     flush_now: bool,
+    primary: Lsn,
 ) -> anyhow::Result<()> {
     let msg = pb::StreamRequest {
         msg: Some(pb::stream_request::Msg::Data(pb::WalData {
             start_lsn: start.0,
             data,
             flush_now,
+            primary_end_lsn: primary.0,
         })),
     };
     tx.send(msg)
@@ -590,4 +602,163 @@ mod tests {
         assert!(!names_standby("\"KLIO\"", "klio"));
         assert!(!names_standby("klio2", "klio"));
     }
+}
+
+/// The klio-wal sidecar's metrics (one streamer per process): whether it streams, the
+/// primary's end of WAL, what the server acknowledged as durable, and the lag between them.
+/// Exported by `klio-telemetry` (Prometheus endpoint, OTLP).
+struct StreamerMetrics {
+    state: std::sync::Mutex<StreamerState>,
+}
+
+#[derive(Default)]
+struct StreamerState {
+    cluster: String,
+    connected: bool,
+    synchronous: bool,
+    primary: Lsn,
+    acked: Lsn,
+    /// When the server last acknowledged everything the primary had written.
+    complete_at: Option<std::time::SystemTime>,
+    last_ack: Option<std::time::SystemTime>,
+}
+
+impl StreamerMetrics {
+    fn with<R>(&self, f: impl FnOnce(&mut StreamerState) -> R) -> R {
+        f(&mut self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn connected(&self, cluster: &str, acked: Lsn) {
+        self.with(|s| {
+            s.cluster = cluster.to_string();
+            s.connected = true;
+            s.acked = s.acked.max(acked);
+            s.primary = s.primary.max(acked);
+        });
+    }
+
+    fn sent(&self, primary: Lsn, synchronous: bool) {
+        self.with(|s| {
+            s.primary = s.primary.max(primary);
+            s.synchronous = synchronous;
+            if s.acked >= s.primary {
+                s.complete_at = Some(std::time::SystemTime::now());
+            }
+        });
+    }
+
+    fn acked(&self, lsn: Lsn) {
+        let now = std::time::SystemTime::now();
+        self.with(|s| {
+            s.acked = s.acked.max(lsn);
+            s.last_ack = Some(now);
+            if s.acked >= s.primary {
+                s.complete_at = Some(now);
+            }
+        });
+    }
+}
+
+/// Marks the streamer disconnected when a timeline's stream ends, however it ends.
+struct Disconnected;
+
+impl Drop for Disconnected {
+    fn drop(&mut self) {
+        streamer_metrics().with(|s| {
+            s.connected = false;
+            s.synchronous = false;
+        });
+    }
+}
+
+fn streamer_metrics() -> &'static StreamerMetrics {
+    static METRICS: std::sync::OnceLock<StreamerMetrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| {
+        let m = StreamerMetrics {
+            state: std::sync::Mutex::default(),
+        };
+        register_streamer_gauges();
+        m
+    })
+}
+
+fn register_streamer_gauges() {
+    use opentelemetry::KeyValue;
+    let meter = opentelemetry::global::meter("klio-wal");
+    let gauge = |name: &'static str,
+                 help: &'static str,
+                 unit: &'static str,
+                 f: fn(&StreamerState, std::time::SystemTime) -> f64| {
+        let mut b = meter
+            .f64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |obs| {
+                let now = std::time::SystemTime::now();
+                streamer_metrics().with(|s| {
+                    if !s.cluster.is_empty() {
+                        obs.observe(f(s, now), &[KeyValue::new("cluster", s.cluster.clone())]);
+                    }
+                });
+            });
+        if !unit.is_empty() {
+            b = b.with_unit(unit);
+        }
+        b.build();
+    };
+    gauge(
+        "klio_streamer_connected",
+        "1 while this streamer streams WAL from PostgreSQL to the Klio server",
+        "",
+        |s, _| f64::from(u8::from(s.connected)),
+    );
+    gauge(
+        "klio_streamer_synchronous",
+        "1 while PostgreSQL waits for this streamer (named in synchronous_standby_names)",
+        "",
+        |s, _| f64::from(u8::from(s.synchronous)),
+    );
+    gauge(
+        "klio_streamer_primary_position_bytes",
+        "PostgreSQL's end of WAL (LSN) as its walsender last reported it",
+        "By",
+        |s, _| s.primary.0 as f64,
+    );
+    gauge(
+        "klio_streamer_archived_position_bytes",
+        "Position (LSN) the Klio server acknowledged as durably archived",
+        "By",
+        |s, _| s.acked.0 as f64,
+    );
+    gauge(
+        "klio_streamer_archive_lag_bytes",
+        "WAL bytes PostgreSQL has written that the server has not acknowledged yet",
+        "By",
+        |s, _| s.primary.0.saturating_sub(s.acked.0) as f64,
+    );
+    gauge(
+        "klio_streamer_archive_lag_seconds",
+        "Seconds since the server last held all of PostgreSQL's WAL (0 while it does)",
+        "s",
+        |s, now| {
+            if s.connected && s.acked >= s.primary {
+                return 0.0;
+            }
+            s.complete_at.map_or(0.0, |t| {
+                now.duration_since(t).unwrap_or_default().as_secs_f64()
+            })
+        },
+    );
+    gauge(
+        "klio_streamer_last_ack_timestamp_seconds",
+        "When the server last acknowledged WAL (Unix time)",
+        "s",
+        |s, _| {
+            s.last_ack
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0.0, |d| d.as_secs_f64())
+        },
+    );
 }

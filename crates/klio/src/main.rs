@@ -35,6 +35,15 @@ use tokio_util::sync::CancellationToken;
     about = "Backup and WAL archiving for PostgreSQL on Kubernetes"
 )]
 struct Cli {
+    /// Log lines as text (colours only on a terminal) or one JSON object per line
+    #[arg(
+        long,
+        global = true,
+        env = "KLIO_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: klio_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,7 +53,7 @@ enum Command {
     /// Run the Klio server
     Server(Box<ServerArgs>),
     /// Stream WAL from the local PostgreSQL to the Klio server (the klio-wal sidecar)
-    WalStream(wal_stream::WalStreamArgs),
+    WalStream(WalStreamCmd),
     /// Fetch an archived WAL file (use as restore_command = 'klio wal-get ... %f %p')
     WalGet(wal_get::WalGetArgs),
     /// List what the archive of a cluster holds
@@ -77,6 +86,14 @@ enum Command {
     /// The CloudNativePG plugin's sidecars (klio-plugin, klio-restore) and their probe
     #[command(subcommand)]
     CnpgSidecar(SidecarCommand),
+}
+
+#[derive(Args, Debug)]
+struct WalStreamCmd {
+    #[command(flatten)]
+    args: wal_stream::WalStreamArgs,
+    #[command(flatten)]
+    metrics: klio_telemetry::MetricsArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +244,8 @@ struct ServerArgs {
     /// History and .backup files one cluster's WAL archive may hold
     #[arg(long, env = "KLIO_WAL_MAX_PUT_FILES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     wal_max_put_files: u32,
+    #[command(flatten)]
+    metrics: klio_telemetry::MetricsArgs,
 }
 
 /// Parses a byte count with an optional K, M, G or T suffix (powers of 1024).
@@ -425,13 +444,31 @@ enum PkiCommand {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KLIO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+impl Command {
+    /// The `service.name` of the process's telemetry, after its role.
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Server(_) => "klio-server",
+            Command::WalStream(_) => "klio-wal",
+            Command::CnpgSidecar(SidecarCommand::Instance(_)) => "klio-plugin",
+            Command::CnpgSidecar(SidecarCommand::Restore(_)) => "klio-restore",
+            Command::Operator(_) => "klio-operator",
+            Command::CnpgPlugin(_) => "klio-cnpg-plugin",
+            _ => "klio",
+        }
+    }
+
+    /// The metrics endpoint's options of the long-running roles.
+    fn metrics(&self) -> Option<&klio_telemetry::MetricsArgs> {
+        match self {
+            Command::Server(a) => Some(&a.metrics),
+            Command::WalStream(a) => Some(&a.metrics),
+            Command::CnpgSidecar(SidecarCommand::Instance(a) | SidecarCommand::Restore(a)) => {
+                Some(&a.metrics)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Cancels the token on SIGINT or SIGTERM (Kubernetes stops containers with SIGTERM).
@@ -513,7 +550,6 @@ fn quiet_on_closed_stdout() {
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
     let cli = Cli::parse();
-    init_logging();
     klio_tls::install_crypto_provider();
     // Clients (the sidecars above all) mostly wait on sockets: one thread avoids the
     // cross-thread wake-ups that dominated their CPU profile, and leaves the cores to
@@ -537,7 +573,21 @@ fn main() -> ExitCode {
         }
     };
     let is_wal_get = matches!(cli.command, Command::WalGet(_));
-    let result: anyhow::Result<ExitCode> = rt.block_on(async move {
+    let telemetry = {
+        let _inside = rt.enter();
+        match klio_telemetry::init(cli.command.service_name(), cli.log_format) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let stop_endpoint = CancellationToken::new();
+    let result: anyhow::Result<ExitCode> = rt.block_on(async {
+        if let Some(m) = cli.command.metrics() {
+            telemetry.serve(m, stop_endpoint.clone()).await?;
+        }
         match cli.command {
             Command::Server(a) => {
                 let cfg = a.into_config()?;
@@ -545,7 +595,7 @@ fn main() -> ExitCode {
                     .await
                     .map(|()| ExitCode::SUCCESS)
             }
-            Command::WalStream(a) => wal_stream::run(a, cancel_on_signals())
+            Command::WalStream(a) => wal_stream::run(a.args, cancel_on_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::WalGet(a) => match wal_get::run(&a).await? {
@@ -596,6 +646,11 @@ fn main() -> ExitCode {
             }
         }
     });
+    stop_endpoint.cancel();
+    {
+        let _inside = rt.enter();
+        telemetry.shutdown();
+    }
     match result {
         Ok(code) => code,
         Err(e) => {

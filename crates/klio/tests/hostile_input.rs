@@ -228,6 +228,7 @@ async fn multibyte_wal_names_and_lsn_overflow_are_invalid_arguments() -> anyhow:
             start_lsn: u64::MAX - 10,
             data: vec![0u8; 100].into(),
             flush_now: true,
+            primary_end_lsn: 0,
         })),
     })
     .await?;

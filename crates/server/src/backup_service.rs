@@ -431,6 +431,24 @@ impl BackupService {
         tier: u32,
         dry_run: bool,
     ) -> Result<pb::GcResponse, Status> {
+        let result = self.collect_garbage_inner(tier, dry_run).await;
+        if !dry_run {
+            let t = if tier == 2 || self.ctx.read_only {
+                2
+            } else {
+                1
+            };
+            let reclaimed = result.as_ref().ok().map(|r| r.bytes_reclaimed);
+            self.ctx.metrics.gc_ran(t, reclaimed);
+        }
+        result
+    }
+
+    async fn collect_garbage_inner(
+        &self,
+        tier: u32,
+        dry_run: bool,
+    ) -> Result<pb::GcResponse, Status> {
         if !dry_run {
             self.ctx.writable("garbage collection")?;
         }
@@ -1542,6 +1560,29 @@ impl BackupService {
     /// garbage. In Tier 1, a backup of a cluster that uses Tier 2 is kept until Tier 2 has
     /// it, and WAL Tier 2 lacks is never removed.
     pub(crate) async fn retention_run(
+        &self,
+        cluster: String,
+        policy: klio_retention::Policy,
+        dry_run: bool,
+        tier: u32,
+    ) -> Result<pb::RetentionResponse, Status> {
+        let c = cluster.clone();
+        let result = self
+            .retention_run_inner(cluster, policy, dry_run, tier)
+            .await;
+        if !dry_run {
+            let tier = if tier == 2 || self.ctx.read_only {
+                2
+            } else {
+                1
+            };
+            let expired = result.as_ref().ok().map(|r| r.deleted_backups.len() as u64);
+            self.ctx.metrics.retention_ran(&c, tier, expired);
+        }
+        result
+    }
+
+    async fn retention_run_inner(
         &self,
         cluster: String,
         policy: klio_retention::Policy,

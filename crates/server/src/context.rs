@@ -27,6 +27,7 @@ pub struct Context {
     pub progress: Option<Progress>,
     /// Tier 1's data directory (absent on a read-only server).
     pub data_dir: Option<std::path::PathBuf>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Context {
@@ -49,6 +50,11 @@ impl Context {
             .get()
             .await
             .map_err(|e| Status::unavailable(format!("{e:#}")))
+    }
+
+    /// Tier 2 if it is open already (never waits for the bucket).
+    pub fn tier2_if_open(&self) -> Option<Arc<Tier2>> {
+        self.tier2.as_ref().and_then(|h| h.if_open())
     }
 
     /// Records that `cluster` does (or, when `authoritative`, does not) copy its WAL and

@@ -8,6 +8,7 @@
 
 mod backup_service;
 mod context;
+pub mod metrics;
 mod relay;
 mod settings;
 mod status;
@@ -163,6 +164,19 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
         });
     }
 
+    {
+        // The store-derived metrics, refreshed in the background.
+        let (metrics, ctx, shutdown) = (ctx.metrics.clone(), ctx.clone(), shutdown.clone());
+        let tier1 = (!ctx.read_only).then(|| backup.repo().clone());
+        background.spawn(metrics::refresh_loop(
+            metrics,
+            ctx,
+            tier1,
+            METRICS_REFRESH,
+            shutdown,
+        ));
+    }
+
     let wal_svc = WalServer::new(WalService::new(
         ctx.clone(),
         shutdown.clone(),
@@ -173,8 +187,10 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
     let backup_svc = BackupServer::new(backup)
         .max_decoding_message_size(MAX_BACKUP_MESSAGE)
         .max_encoding_message_size(MAX_BACKUP_MESSAGE);
+    let rpc_metrics = metrics::RpcMetricsLayer(ctx.metrics.clone());
     let builder = || {
         tonic::transport::Server::builder()
+            .layer(rpc_metrics.clone())
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20)
             .max_frame_size(1 << 20)
@@ -203,6 +219,10 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
 /// Tier 1 (WAL store, repository), Tier 2 when configured, the settings and the queue.
 /// The name of the lock file in the data directory.
 pub const LOCK_FILE: &str = "klio.lock";
+
+/// How often the metrics read from the stores (backups, recovery windows, queue depth) are
+/// refreshed; disk use every tenth time.
+const METRICS_REFRESH: Duration = Duration::from_secs(15);
 
 /// Creates the data directory if needed and takes an exclusive lock on its lock file before
 /// anything in it is read: a second server on the same directory stops here.
@@ -380,6 +400,7 @@ async fn open_standard(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSer
         queue_backend: backend,
         progress: Some(relay::Progress::open(data_dir.join("tier2-progress"))?),
         data_dir: Some(data_dir.to_path_buf()),
+        metrics: metrics::Metrics::new(),
     };
     let backups = BackupSettings {
         spool_dir: Some(data_dir.join("sessions")),
@@ -411,6 +432,7 @@ async fn open_read_only(cfg: &ServerConfig) -> anyhow::Result<(Context, BackupSe
         queue_backend: "none".to_string(),
         progress: None,
         data_dir: None,
+        metrics: metrics::Metrics::new(),
     };
     let backups = BackupSettings {
         spool_dir: None,

@@ -172,7 +172,12 @@ impl Handler for Tasks {
 
     fn handle<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            self.ctx.metrics.task_in_flight(1);
             let result = self.run(task).await;
+            self.ctx.metrics.task_in_flight(-1);
+            if result.is_err() && task.kind == kinds::BACKUP_RELAY {
+                self.ctx.metrics.backup_relay_failed(&task.cluster);
+            }
             if let (Err(e), Some(p)) = (&result, &self.ctx.progress)
                 && (task.kind == kinds::WAL_RELAY || task.kind == kinds::BACKUP_RELAY)
             {
@@ -360,11 +365,11 @@ impl Tasks {
         let t2 = self.ctx.tier2().await.map_err(status_error)?;
         let wal = self.ctx.wal.clone().context("no Tier 1 WAL store")?;
         let cw = wal.cluster(cluster)?;
-        let (todo, t2c) = {
+        let listed = {
             let (cw, t2, c) = (cw.clone(), t2.clone(), cluster.to_string());
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let Some(meta) = cw.meta()? else {
-                    return Ok((Vec::new(), t2));
+                    return Ok((Vec::new(), t2, 0));
                 };
                 t2.ensure_meta(&c, &meta)?;
                 let have = t2.files(&c)?;
@@ -373,10 +378,26 @@ impl Tasks {
                     .into_iter()
                     .filter(|n| !have.contains(n))
                     .collect();
-                Ok((todo, t2))
+                Ok((todo, t2, meta.segment_size))
             })
-            .await??
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
         };
+        let (todo, t2c, segment_size) = match listed {
+            Ok(l) => l,
+            Err(e) => {
+                self.ctx
+                    .metrics
+                    .relay_finished(cluster, 0, 0, Some(format!("{e:#}")));
+                return Err(e);
+            }
+        };
+        self.ctx.metrics.relay_started(
+            cluster,
+            todo.len() as u64,
+            todo.len() as u64 * segment_size,
+        );
         if !todo.is_empty() {
             tracing::debug!(%cluster, files = todo.len(), "relaying WAL to Tier 2");
         }
@@ -410,6 +431,12 @@ impl Tasks {
                 }
             }
         }
+        self.ctx.metrics.relay_finished(
+            cluster,
+            files,
+            bytes,
+            result.as_ref().err().map(|e| format!("{e:#}")),
+        );
         if files > 0
             && let Some(p) = &self.ctx.progress
         {

@@ -394,6 +394,11 @@ impl Tier2Handle {
         }
     }
 
+    /// Tier 2 if a use opened it already.
+    pub fn if_open(&self) -> Option<Arc<Tier2>> {
+        self.cell.get().cloned()
+    }
+
     /// `s3://bucket/prefix`.
     pub fn location(&self) -> String {
         self.cfg.s3.location()

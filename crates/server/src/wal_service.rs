@@ -246,6 +246,7 @@ impl Wal for WalService {
         let timeline = TimeLineId(open.timeline);
         let start = Lsn(open.start_lsn);
         let (lock, token) = self.take_over(&open.cluster);
+        let metrics = self.ctx.metrics.clone();
         let (ack_tx, ack_rx) = mpsc::channel::<Result<pb::StreamResponse, Status>>(64);
         tracing::info!(cluster = %open.cluster, %timeline, %start, "WAL stream opened");
         tokio::spawn(async move {
@@ -255,9 +256,12 @@ impl Wal for WalService {
                 _ = token.cancelled() => return,
             };
             let name = cluster.name().to_string();
-            if let Err(status) =
-                serve_stream(cluster, timeline, start, incoming, &token, &ack_tx).await
-            {
+            let served = serve_stream(
+                cluster, timeline, start, incoming, &token, &ack_tx, &metrics,
+            )
+            .await;
+            metrics.stream_closed(&name);
+            if let Err(status) = served {
                 tracing::warn!(cluster = %name, error = %status.message(), "WAL stream failed");
                 let _ = ack_tx.send(Err(status)).await;
             }
@@ -507,6 +511,7 @@ async fn serve_stream(
     mut incoming: Streaming<pb::StreamRequest>,
     token: &CancellationToken,
     ack_tx: &mpsc::Sender<Result<pb::StreamResponse, Status>>,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(), Status> {
     let ack = |flush: Lsn, closed: bool| pb::StreamResponse {
         flush_lsn: flush.0,
@@ -519,6 +524,8 @@ async fn serve_stream(
     if ack_tx.send(Ok(ack(writer.durable(), false))).await.is_err() {
         return Ok(());
     }
+    let name = cluster.name().to_string();
+    metrics.stream_opened(&name, writer.durable());
     let mut last_sync = Instant::now();
     loop {
         let pending = writer.end() > writer.durable();
@@ -530,6 +537,7 @@ async fn serve_stream(
             }
             _ = tokio::time::sleep_until(due), if pending => {
                 let durable = tokio::task::block_in_place(|| writer.sync()).map_err(store_status)?;
+                metrics.wal_durable(&name, durable);
                 last_sync = Instant::now();
                 if ack_tx.send(Ok(ack(durable, false))).await.is_err() {
                     break;
@@ -558,9 +566,12 @@ async fn serve_stream(
         }
         let mut flush_now = false;
         let mut end_at = None;
+        let (mut received, mut primary) = (0u64, Lsn(0));
         for req in &batch {
             match &req.msg {
                 Some(pb::stream_request::Msg::Data(d)) => {
+                    received += d.data.len() as u64;
+                    primary = primary.max(Lsn(d.primary_end_lsn));
                     if Lsn(d.start_lsn).checked_plus(d.data.len() as u64).is_none() {
                         return Err(Status::invalid_argument(format!(
                             "WAL data at {} with {} bytes ends past the last possible LSN",
@@ -578,6 +589,7 @@ async fn serve_stream(
                 }
             }
         }
+        metrics.wal_received(&name, received, primary, flush_now);
         let sync = flush_now || end_at.is_some() || last_sync.elapsed() >= ASYNC_FLUSH_INTERVAL;
         let durable =
             tokio::task::block_in_place(|| -> Result<Option<Lsn>, klio_wal_store::Error> {
@@ -595,11 +607,13 @@ async fn serve_stream(
             .map_err(store_status)?;
         if let Some(at) = end_at {
             tokio::task::block_in_place(|| writer.end_timeline(at)).map_err(store_status)?;
+            metrics.wal_durable(&name, at);
             tracing::info!(cluster = cluster.name(), %timeline, end = %at, "timeline closed");
             let _ = ack_tx.send(Ok(ack(at, true))).await;
             return Ok(());
         }
         if let Some(durable) = durable {
+            metrics.wal_durable(&name, durable);
             last_sync = Instant::now();
             if ack_tx.send(Ok(ack(durable, false))).await.is_err() {
                 break;

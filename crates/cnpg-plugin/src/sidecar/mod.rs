@@ -73,6 +73,8 @@ pub struct HealthcheckArgs {
 pub struct SidecarArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    #[command(flatten)]
+    pub metrics: klio_telemetry::MetricsArgs,
     /// standard, or read-only (restores only: backups are refused)
     #[arg(long, env = "KLIO_MODE", default_value = "standard")]
     pub mode: String,
