@@ -486,6 +486,7 @@ async fn wait_for_wal(
 /// Takes the backup, applies the retention policy unless told not to, and returns the
 /// committed backup's metadata (its JSON as the catalog holds it, with `backup_id`).
 /// The sidecar's `Backup.Backup` and `klio backup` both call this.
+#[tracing::instrument(name = "klio.backup", skip_all, fields(cluster = %args.client.cluster, backup_id))]
 pub async fn take(args: &BackupArgs) -> anyhow::Result<serde_json::Value> {
     let cluster = args.client.cluster.clone();
     let (pg, conn) = tokio_postgres::connect(&args.pg_dsn, tokio_postgres::NoTls)
@@ -642,6 +643,7 @@ async fn take_backup(
         .context("pg_backup_start")?
         .get(0);
     let start_lsn: Lsn = start_lsn.parse()?;
+    tracing::Span::current().record("backup_id", begin.backup_id.as_str());
     tracing::info!(backup = %begin.backup_id, start = %start_lsn, "backup started in PostgreSQL");
 
     let scan_root = pgdata.clone();

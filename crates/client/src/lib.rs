@@ -16,5 +16,6 @@ pub mod backup;
 pub mod catalog;
 pub mod client;
 pub mod restore;
+pub mod status;
 pub mod wal_get;
 pub mod wal_stream;

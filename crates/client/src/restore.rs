@@ -1029,6 +1029,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
 /// Chooses the backup for the target, writes its files into `--pgdata` (and the tablespace
 /// locations) with its `backup_label` and `tablespace_map`, durably; recovery settings are
 /// left to the caller (`klio restore` writes its own, CloudNativePG writes its own).
+#[tracing::instrument(name = "klio.restore", skip_all, fields(cluster = %args.client.cluster, backup_id))]
 pub async fn restore_data(args: &RestoreArgs) -> anyhow::Result<Restored> {
     let cluster = args.client.cluster.clone();
     // Normalized, so that it compares with the tablespace locations.
@@ -1051,6 +1052,7 @@ pub async fn restore_data(args: &RestoreArgs) -> anyhow::Result<Restored> {
     let mut client = backup_client(&args.client).await?;
     let backups = list_backups(&mut client, &cluster, args.client.tier2_recovery).await?;
     let (chosen, why) = choose(args, &backups, target_time, target_lsn)?;
+    tracing::Span::current().record("backup_id", chosen.id.as_str());
     eprintln!(
         "restoring backup {} of cluster \"{cluster}\"{}: {why}",
         chosen.id,

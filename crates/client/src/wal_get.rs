@@ -328,6 +328,7 @@ pub async fn run(args: &WalGetArgs) -> anyhow::Result<Outcome> {
 /// Serves `r` from the spool when it holds the file, else fetches it with the client
 /// `connect` gives (called only then, so spool hits cost no connection) and, on a segment,
 /// prefetches the following ones into the spool: before returning, or in the `background`.
+#[tracing::instrument(name = "klio.wal.get", skip_all, fields(cluster = %r.cluster, wal = %r.wal_name))]
 pub async fn restore<F, Fut>(
     r: &WalRequest<'_>,
     background: Option<&Prefetcher>,

@@ -64,6 +64,15 @@ fn instance_sidecars(spec: &PluginConfigurationSpec) -> Vec<&'static str> {
 }
 
 /// Klio's arguments of each sidecar.
+/// The metrics endpoint of each sidecar (port, and its name for PodMonitors): distinct,
+/// since the sidecars share the pod's network.
+pub fn sidecar_metrics_port(name: &str) -> (i32, &'static str) {
+    match name {
+        "klio-wal" => (9188, "wal-metrics"),
+        _ => (9189, "plugin-metrics"),
+    }
+}
+
 fn sidecar_args(name: &str) -> Vec<&'static str> {
     match name {
         "klio-wal" => vec!["wal-stream"],
@@ -310,9 +319,24 @@ fn sidecar(
             retention(spec.tier2.as_ref().and_then(|t| t.retention.as_ref())),
         ),
     ];
-    let settings = settings
-        .into_iter()
-        .chain(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
+    let (metrics_port, metrics_port_name) = sidecar_metrics_port(name);
+    let telemetry = [
+        (
+            "KLIO_METRICS_LISTEN",
+            Some(format!("0.0.0.0:{metrics_port}")),
+        ),
+        // The PluginConfiguration's pprof: CPU profiles on the metrics endpoint.
+        (
+            "KLIO_PPROF",
+            (spec.pprof == Some(true)).then(|| "true".to_string()),
+        ),
+    ];
+    let settings = settings.into_iter().chain(
+        optional
+            .into_iter()
+            .chain(telemetry)
+            .filter_map(|(k, v)| Some((k, v?))),
+    );
     for (k, v) in settings {
         if !env.iter().any(|e| e["name"] == k) {
             env.push(json!({"name": k, "value": v}));
@@ -322,6 +346,13 @@ fn sidecar(
         if !env.iter().any(|x| x["name"] == e["name"]) {
             env.push(e.clone());
         }
+    }
+
+    let ports = array_mut(&mut c, "ports");
+    if !ports.iter().any(|p| p["name"] == metrics_port_name) {
+        ports.push(
+            json!({"name": metrics_port_name, "containerPort": metrics_port, "protocol": "TCP"}),
+        );
     }
 
     // Mounts: the main container's (PGDATA, /controller, /plugins, ...) and the certificates.

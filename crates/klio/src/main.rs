@@ -6,6 +6,7 @@
 //! - `klio wal-stream`: the `klio-wal` sidecar, streaming WAL from PostgreSQL;
 //! - `klio wal-get`: PostgreSQL's `restore_command`;
 //! - `klio wal-list`: what the archive of a cluster holds;
+//! - `klio status`: one cluster's state, with a non-zero exit when it needs attention;
 //! - `klio admin queue ...`: the server's work queue (dead-letter list, retries);
 //! - `klio pki init`: development certificates;
 //! - `klio operator`, `klio cnpg-plugin`: the Kubernetes operator and the CloudNativePG
@@ -17,7 +18,7 @@
 mod cnpg_plugin;
 mod operator;
 
-use klio_client::{admin, backup, catalog, client, restore, wal_get, wal_stream};
+use klio_client::{admin, backup, catalog, client, restore, status, wal_get, wal_stream};
 use klio_cnpg_plugin::sidecar::{self, Role, SidecarCommand};
 
 use std::net::SocketAddr;
@@ -67,6 +68,9 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Check that every object a backup needs is present and intact
     Verify(catalog::VerifyArgs),
+    /// One cluster's state: archive and streamer, backups and recovery window per tier,
+    /// Tier 2 relay, queue, disk (exit 1 when something needs attention)
+    Status(status::StatusArgs),
     /// Retention of a cluster's backups and WAL
     #[command(subcommand)]
     Retention(catalog::RetentionCommand),
@@ -610,6 +614,7 @@ fn main() -> ExitCode {
             Command::Backups(c) => catalog::backups(c).await.map(|()| ExitCode::SUCCESS),
             Command::Restore(a) => restore::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::Verify(a) => catalog::verify(a).await,
+            Command::Status(a) => status::run(a).await,
             Command::Retention(c) => catalog::retention(c).await.map(|()| ExitCode::SUCCESS),
             Command::Gc(c) => catalog::gc(c).await.map(|()| ExitCode::SUCCESS),
             Command::Admin(c) => admin::run(c).await.map(|()| ExitCode::SUCCESS),

@@ -50,6 +50,8 @@ pub const MERGED_CONTAINERS: [&str; 3] = [CONTAINER, "base", "wal"];
 pub const BASE_PORT: i32 = 51515;
 /// The WAL port.
 pub const WAL_PORT: i32 = 52000;
+/// The metrics port (Prometheus `/metrics`), named `metrics` for PodMonitors.
+pub const METRICS_PORT: i32 = 9090;
 /// The user and group the server runs as unless the template says otherwise (distroless
 /// `nonroot`).
 pub const DEFAULT_UID: i64 = 65532;
@@ -418,6 +420,7 @@ pub fn server_args(server: &Server) -> Vec<String> {
     flag("--client-ca", &format!("{CLIENT_CA_DIR}/ca.crt"));
     flag("--base-listen", &format!("0.0.0.0:{BASE_PORT}"));
     flag("--wal-listen", &format!("0.0.0.0:{WAL_PORT}"));
+    flag("--metrics-listen", &format!("0.0.0.0:{METRICS_PORT}"));
     if spec.mode == Mode::Standard {
         if spec.tier1.is_some() {
             flag("--data-dir", "/data");
@@ -500,6 +503,7 @@ fn klio_container(server: &Server, mounts: Vec<VolumeMount>) -> Container {
         ports: Some(vec![
             container_port("base", BASE_PORT),
             container_port("wal", WAL_PORT),
+            container_port("metrics", METRICS_PORT),
         ]),
         env: Some(env),
         volume_mounts: Some(mounts),

@@ -528,6 +528,144 @@ impl BackupService {
         Ok(response)
     }
 
+    /// One cluster's state for `klio status` (facts only: the client judges them).
+    async fn cluster_status_json(&self, cluster: &str) -> Result<serde_json::Value, Status> {
+        use serde_json::json;
+        let now = std::time::SystemTime::now();
+        let metrics = self.ctx.metrics.clone();
+        let snap = metrics.snapshot();
+        let seconds = |t: Option<std::time::SystemTime>| t.map(crate::metrics::unix_seconds);
+
+        // The archive: the stream's live state, else what the store says.
+        let store_end = match &self.ctx.wal {
+            Some(wal) => {
+                let cw = wal.cluster(cluster).map_err(crate::status::store_status)?;
+                tokio::task::spawn_blocking(move || cw.status().ok())
+                    .await
+                    .map_err(join_error)?
+                    .and_then(|s| s.latest)
+            }
+            None => None,
+        };
+        let ws = metrics.wal_state(cluster).unwrap_or_default();
+        let wal = json!({
+            "stream_connected": ws.connected,
+            "synchronous": ws.synchronous,
+            "timeline": store_end.map(|(tli, _)| tli.0),
+            "archive_end_lsn": store_end.map(|(_, end)| end.to_string()),
+            "primary_lsn": (ws.primary.0 > 0).then(|| ws.primary.to_string()),
+            "lag_bytes": ws.lag_bytes(),
+            "lag_seconds": ws.lag_seconds(now),
+            "last_archived_at": seconds(ws.last_archived),
+            "archive_complete_at": seconds(ws.complete_at),
+        });
+
+        // Backups per tier, read now (metadata cached).
+        let tier1 = (!self.ctx.read_only).then(|| self.repo.clone());
+        let uses_tier2 = self.ctx.read_only || self.ctx.uses_tier2(cluster);
+        let tier2 = if uses_tier2 {
+            match tokio::time::timeout(Duration::from_secs(10), self.ctx.tier2()).await {
+                Ok(Ok(t2)) => Ok(Some(t2.repo.clone())),
+                Ok(Err(e)) => Err(e.message().to_string()),
+                Err(_) => Err("Tier 2 did not open within 10 s".to_string()),
+            }
+        } else {
+            Ok(None)
+        };
+        let (m, c, t2repo) = (
+            metrics.clone(),
+            cluster.to_string(),
+            tier2.clone().ok().flatten(),
+        );
+        let (b1, b2) = tokio::task::spawn_blocking(move || {
+            (
+                tier1.map(|r| m.tier_backups(1, &r, &c)),
+                t2repo.map(|r| m.tier_backups(2, &r, &c)),
+            )
+        })
+        .await
+        .map_err(join_error)?;
+        // A tier can restore from its oldest backup's end to the end of its WAL: Tier 1's
+        // archive end (now while the stream keeps it complete); Tier 2 lags by the relay.
+        let relay = metrics.relay_state(cluster);
+        let tier1_to = if ws.connected && ws.lag_bytes() == 0 {
+            Some(crate::metrics::unix_seconds(now))
+        } else {
+            seconds(ws.complete_at).or(seconds(ws.last_archived))
+        };
+        let window = |b: &Option<crate::metrics::TierBackups>, to: Option<f64>| {
+            b.as_ref()
+                .and_then(|b| b.first_recoverability_point)
+                .map(|from| json!({"from": from, "to": to}))
+        };
+        let tier2_to = relay.as_ref().and_then(|r| {
+            if r.pending_files == 0 && r.last_error.is_none() {
+                tier1_to
+            } else {
+                seconds(r.complete_at)
+            }
+        });
+
+        // The queue: dead letters of this cluster.
+        let (pending, failed) = match &self.ctx.queue {
+            Some(q) => {
+                let failed = q
+                    .list_failed()
+                    .await
+                    .map(|f| {
+                        f.into_iter()
+                            .filter(|f| f.task.cluster == cluster)
+                            .map(|f| json!({"id": f.task.id, "kind": f.task.kind, "attempts": f.attempts, "last_error": f.last_error}))
+                            .collect::<Vec<_>>()
+                    })
+                    .ok();
+                (q.pending_count().await.ok(), failed)
+            }
+            None => (None, None),
+        };
+        let progress = self
+            .ctx
+            .progress
+            .as_ref()
+            .and_then(|p| p.all().ok())
+            .and_then(|all| all.into_iter().find(|p| p.cluster == cluster));
+        Ok(json!({
+            "cluster": cluster,
+            "server_time": crate::metrics::unix_seconds(now),
+            "read_only": self.ctx.read_only,
+            "wal": wal,
+            "backups": {"tier1": b1, "tier2": b2},
+            "recovery_window": {
+                "tier1": window(&b1, tier1_to),
+                "tier2": window(&b2, tier2_to),
+            },
+            "tier2": {
+                "used": uses_tier2,
+                "error": tier2.err(),
+                "relay": relay.map(|r| json!({
+                    "pending_files": r.pending_files,
+                    "pending_bytes": r.pending_bytes,
+                    "lag_seconds": r.lag_seconds(now),
+                    "last_error": r.last_error,
+                })),
+                "progress": progress.map(|p| json!({
+                    "wal_files_relayed": p.wal_files_relayed,
+                    "last_wal_relayed": p.last_wal_relayed,
+                    "backups_relayed": p.backups_relayed,
+                    "last_backup_relayed": p.last_backup_relayed,
+                    "updated_at": p.updated_at,
+                    "last_error": p.last_error,
+                })),
+            },
+            "queue": {"pending_all_clusters": pending, "failed": failed},
+            "disk": {
+                "wal_bytes": snap.wal_bytes.get(cluster),
+                "volume_size": snap.volume.map(|v| v.0),
+                "volume_free": snap.volume.map(|v| v.1),
+            },
+        }))
+    }
+
     /// Drops sessions idle for longer than [`SESSION_IDLE_TIMEOUT`]; run periodically.
     pub fn reap_idle_sessions(&self) {
         let mut sessions = lock(&self.sessions);
@@ -1506,6 +1644,21 @@ impl Backup for BackupService {
             })
             .collect();
         Ok(Response::new(pb::QueueListFailedResponse { tasks }))
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let cluster = request.get_ref().cluster.clone();
+        Self::authorize_read(&request, &cluster)?;
+        klio_repository::validate_cluster_name(&cluster).map_err(repo_status)?;
+        let status = self.cluster_status_json(&cluster).await?;
+        Ok(Response::new(pb::ClusterStatusResponse {
+            status_json: serde_json::to_vec(&status)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .into(),
+        }))
     }
 
     async fn queue_retry(

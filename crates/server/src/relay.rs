@@ -361,6 +361,7 @@ impl Tasks {
 
     /// Copies every archived WAL file of `cluster` that Tier 2 lacks, `jobs` at a time, then
     /// enqueues the relay of any backup Tier 2 lacks.
+    #[tracing::instrument(name = "klio.relay.wal", skip(self))]
     async fn relay_wal(&self, cluster: &str) -> anyhow::Result<()> {
         let t2 = self.ctx.tier2().await.map_err(status_error)?;
         let wal = self.ctx.wal.clone().context("no Tier 1 WAL store")?;
@@ -473,6 +474,7 @@ impl Tasks {
 
     /// Copies one backup to Tier 2: the blocks Tier 2 lacks (each decompressed and checked
     /// against its id on the way), then the blocklists, then the manifest.
+    #[tracing::instrument(name = "klio.relay.backup", skip(self, id), fields(backup_id = %id))]
     async fn relay_backup(&self, cluster: &str, id: &BackupId) -> anyhow::Result<()> {
         let t2 = self.ctx.tier2().await.map_err(status_error)?;
         // Tier 2's collection waits for the relay; Tier 1's is only held off while blocks
