@@ -235,6 +235,12 @@ impl Backup for FakeServer {
     ) -> Result<Response<pb::QueueRetryResponse>, Status> {
         unimplemented()
     }
+    async fn cluster_status(
+        &self,
+        _: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        unimplemented()
+    }
 }
 
 /// A scratch directory holding the certificates, the data directory to restore (`pgdata`,

@@ -92,5 +92,7 @@ pub use netns::{INSTANCE_MANAGER_PORT, InstanceManagerCache, NetNs};
 pub use process::{ChildGuard, DEFAULT_PG_BIN, pg_bin, postgres_command, running_as_root};
 pub use receivewal::PgReceiveWal;
 pub use scratch::{ScratchDir, scratch_dir};
-pub use services::{Moto, NatsServer, VersityGw, nats_server_binary};
+pub use services::{
+    Moto, NatsServer, Prometheus, VersityGw, go_peer, http_get, nats_server_binary, url_encode,
+};
 pub use wait::{wait_until, wait_until_async};

@@ -373,3 +373,153 @@ impl VersityGw {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+const PROMETHEUS_HINT: &str = "HINT: build it with \"bash scripts/k8s-testenv.sh build\" (go install of github.com/prometheus/prometheus, cached in /var/tmp/klio-k8s); scripts/test.sh does this before the tests";
+
+/// The path of a Go-built test peer (`prometheus`, `promtool`, ...) in the cache, checked.
+pub fn go_peer(name: &str) -> PathBuf {
+    let binary = crate::k8s::testenv_bindir().join(name);
+    assert!(
+        binary.is_file(),
+        "{name} not found at {}\n{PROMETHEUS_HINT}",
+        binary.display()
+    );
+    binary
+}
+
+/// A GET over plain HTTP/1.0 (no chunked answers) to 127.0.0.1:`port`; returns the status
+/// code and the body.
+pub fn http_get(port: u16, path_and_query: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    use std::io::Write;
+    let mut tcp = TcpStream::connect(("127.0.0.1", port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        tcp,
+        "GET {path_and_query} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response)?;
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of the HTTP head"))?;
+    let head = String::from_utf8_lossy(&response[..head_end]).into_owned();
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad HTTP status line: {head}")))?;
+    Ok((code, response[head_end + 4..].to_vec()))
+}
+
+/// Percent-encodes a query parameter value.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A Prometheus server (built from its Go module) on a free loopback port, with
+/// `config` as its configuration and its data under `dir`; killed on drop.
+pub struct Prometheus {
+    child: Option<ChildGuard>,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(dir: &Path, config: &str) -> Prometheus {
+        let binary = go_peer("prometheus");
+        let config_file = dir.join("prometheus.yml");
+        std::fs::write(&config_file, config).unwrap();
+        let log = dir.join("prometheus.log");
+        for _ in 0..3 {
+            let port = free_port();
+            let out = std::fs::File::create(&log).unwrap();
+            let mut cmd = Command::new(&binary);
+            cmd.arg(format!("--config.file={}", config_file.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("tsdb").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out);
+            let mut child = ChildGuard::spawn(&mut cmd)
+                .unwrap_or_else(|e| panic!("cannot start prometheus: {e:#}\n{PROMETHEUS_HINT}"));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok((200, _)) = http_get(port, "/-/ready") {
+                    return Prometheus {
+                        child: Some(child),
+                        port,
+                        log,
+                    };
+                }
+                if !child.is_running() {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    if text.contains("address already in use") {
+                        break;
+                    }
+                    panic!("prometheus exited at startup:\n{text}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "prometheus was not ready on port {port} within 60 s:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("could not start prometheus on a free port");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `GET /api/v1/<what>`, the `data` member of the answer.
+    pub fn api(&self, what: &str) -> Result<serde_json::Value, String> {
+        let (code, body) =
+            http_get(self.port, &format!("/api/v1/{what}")).map_err(|e| e.to_string())?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("{what}: HTTP {code}, not JSON ({e})"))?;
+        if v["status"] != "success" {
+            return Err(format!("{what}: HTTP {code}: {v}"));
+        }
+        Ok(v["data"].clone())
+    }
+
+    /// An instant PromQL query: each series' labels and value.
+    pub fn query(&self, promql: &str) -> Result<Vec<(serde_json::Value, f64)>, String> {
+        let data = self.api(&format!("query?query={}", url_encode(promql)))?;
+        Ok(data["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| {
+                let v = s["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(f64::NAN);
+                (s["metric"].clone(), v)
+            })
+            .collect())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        self.child.take();
+    }
+}

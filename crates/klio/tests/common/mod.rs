@@ -59,6 +59,8 @@ pub struct Klio {
     pub server_extra: Vec<String>,
     /// `--mode read-only`: no data directory.
     pub read_only: bool,
+    /// Environment variables of every start of the server.
+    pub server_env: Vec<(String, String)>,
 }
 
 impl Klio {
@@ -99,6 +101,7 @@ impl Klio {
             starts: 0,
             server_extra,
             read_only: false,
+            server_env: Vec::new(),
         };
         k.start_server()?;
         Ok(k)
@@ -124,6 +127,7 @@ impl Klio {
             starts: 0,
             server_extra,
             read_only,
+            server_env: Vec::new(),
         };
         k.start_server()?;
         Ok(k)
@@ -152,7 +156,8 @@ impl Klio {
             .args(&self.server_extra)
             // moto's credentials, through the standard AWS variables.
             .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing");
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .envs(self.server_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
