@@ -187,7 +187,7 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Resu
     let backup_svc = BackupServer::new(backup)
         .max_decoding_message_size(MAX_BACKUP_MESSAGE)
         .max_encoding_message_size(MAX_BACKUP_MESSAGE);
-    let rpc_metrics = metrics::RpcMetricsLayer(ctx.metrics.clone());
+    let rpc_metrics = klio_telemetry::RpcMetricsLayer::new("klio-server");
     let builder = || {
         tonic::transport::Server::builder()
             .layer(rpc_metrics.clone())

@@ -17,6 +17,7 @@
 
 mod logs;
 mod profile;
+mod rpc;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 pub use logs::LogFormat;
 pub use profile::MAX_SECONDS as MAX_PROFILE_SECONDS;
+pub use rpc::{MeteredBody, RpcMetrics, RpcMetricsLayer};
 
 /// The metrics endpoint's options, shared by the server and the sidecars.
 #[derive(clap::Args, Debug, Clone, Default)]

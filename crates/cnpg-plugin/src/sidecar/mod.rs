@@ -225,7 +225,9 @@ pub async fn serve(
     tracing::info!(path = %path.display(), ?role, cluster = %config.names.own, mode = config.mode.as_str(), "serving the CNPG-I sidecar");
     let sidecar = Sidecar::new(role, config);
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let mut builder = tonic::transport::Server::builder();
+    // CNPG-I calls counted and timed like the server's requests (klio_rpc_*).
+    let mut builder = tonic::transport::Server::builder()
+        .layer(klio_telemetry::RpcMetricsLayer::new("klio-plugin"));
     let router = builder
         .add_service(IdentityServer::new(sidecar.clone()))
         .add_service(WalServer::new(sidecar.clone()))
