@@ -37,6 +37,12 @@ if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
     || python3 -m pip install -q --break-system-packages 'moto[server]==5.2.1'
 fi
 
+# Headless Chromium, which renders `klio report`'s page in the observability tests.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "installing chromium (report rendering test)" >&2
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
+
 # The Kubernetes control plane of the CRD and operator tests (etcd, kube-apiserver,
 # kube-controller-manager, kubectl, helm) and the CloudNativePG operator (cnpg-manager and
 # its CRDs), built from Go modules into /var/tmp/klio-k8s (KLIO_K8S_ROOT): about 15 min

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod backup;
 pub mod catalog;
 pub mod client;
+pub mod report;
 pub mod restore;
 pub mod status;
 pub mod wal_get;

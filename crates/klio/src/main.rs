@@ -7,6 +7,7 @@
 //! - `klio wal-get`: PostgreSQL's `restore_command`;
 //! - `klio wal-list`: what the archive of a cluster holds;
 //! - `klio status`: one cluster's state, with a non-zero exit when it needs attention;
+//! - `klio report`: an HTML page of charts about one cluster's backups;
 //! - `klio admin queue ...`: the server's work queue (dead-letter list, retries);
 //! - `klio pki init`: development certificates;
 //! - `klio operator`, `klio cnpg-plugin`: the Kubernetes operator and the CloudNativePG
@@ -18,7 +19,7 @@
 mod cnpg_plugin;
 mod operator;
 
-use klio_client::{admin, backup, catalog, client, restore, status, wal_get, wal_stream};
+use klio_client::{admin, backup, catalog, client, report, restore, status, wal_get, wal_stream};
 use klio_cnpg_plugin::sidecar::{self, Role, SidecarCommand};
 
 use std::net::SocketAddr;
@@ -71,6 +72,9 @@ enum Command {
     /// One cluster's state: archive and streamer, backups and recovery window per tier,
     /// Tier 2 relay, queue, disk (exit 1 when something needs attention)
     Status(status::StatusArgs),
+    /// Write an HTML report of one cluster (charts of its backups, WAL and recovery window,
+    /// what each backup cost) into a directory
+    Report(report::ReportArgs),
     /// Retention of a cluster's backups and WAL
     #[command(subcommand)]
     Retention(catalog::RetentionCommand),
@@ -615,6 +619,7 @@ fn main() -> ExitCode {
             Command::Restore(a) => restore::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::Verify(a) => catalog::verify(a).await,
             Command::Status(a) => status::run(a).await,
+            Command::Report(a) => report::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::Retention(c) => catalog::retention(c).await.map(|()| ExitCode::SUCCESS),
             Command::Gc(c) => catalog::gc(c).await.map(|()| ExitCode::SUCCESS),
             Command::Admin(c) => admin::run(c).await.map(|()| ExitCode::SUCCESS),

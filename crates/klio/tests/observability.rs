@@ -474,3 +474,107 @@ fn otlp_export_reaches_a_receiver_with_metrics_and_spans() -> anyhow::Result<()>
     streamer.kill()?;
     Ok(())
 }
+
+/// Runs Debian's headless Chromium on `args` (a new profile, no network chatter).
+fn chromium(profile: &std::path::Path, args: &[String]) -> anyhow::Result<std::process::Output> {
+    let binary = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|b| std::path::Path::new(b).exists())
+        .context("Chromium not found at /usr/bin/chromium\nHINT: apt-get install -y chromium (scripts/test.sh does)")?;
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(binary)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .output()?;
+    Ok(out)
+}
+
+#[test]
+fn report_renders_in_headless_chromium() -> anyhow::Result<()> {
+    let k = Klio::start(&[CLUSTER])?;
+    let pg = PgCluster::start(PgOptions::default())?;
+    pg.pgbench_init(1)?;
+    let mut streamer = k.spawn_streamer(CLUSTER, &pg, "streamer", &[])?;
+    k.wait_archived(CLUSTER, 1, klio_pg::Lsn(1), Duration::from_secs(60))
+        .map_err(|e| with_logs(e, &k, "streamer"))?;
+    let first = k.backup(CLUSTER, &pg, &[])?;
+    pg.pgbench(&["-n", "-t", "300", "-c", "2"])?;
+    let second = k.backup(CLUSTER, &pg, &[])?;
+    let out_dir = k.dir.path().join("report");
+    let out = run_ok(
+        k.client_command(&["report"], CLUSTER)
+            .arg("--out")
+            .arg(&out_dir),
+    )?;
+    let index = out_dir.join("index.html");
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == index.display().to_string(),
+        "klio report printed {}",
+        output_text(&out)
+    );
+    let html = std::fs::read_to_string(&index)?;
+    // The recovery window and five charts.
+    ensure!(html.matches("<svg").count() == 6, "charts missing:\n{html}");
+    let data: Value = serde_json::from_slice(&std::fs::read(out_dir.join("report.json"))?)?;
+    ensure!(
+        data["backups"].as_array().map(Vec::len) == Some(2),
+        "{data}"
+    );
+    // The second backup found most blocks stored already.
+    ensure!(
+        data["backups"][1]["dedup_ratio"]
+            .as_f64()
+            .unwrap_or_default()
+            > 0.5,
+        "{}",
+        data["backups"][1]
+    );
+
+    let profile = k.dir.path().join("chromium");
+    let url = format!("file://{}", index.display());
+    let dom = chromium(&profile, &["--dump-dom".to_string(), url.clone()])?;
+    let dom_text = String::from_utf8_lossy(&dom.stdout);
+    for id in [&first["backup_id"], &second["backup_id"]] {
+        let id = id.as_str().unwrap_or_default();
+        ensure!(
+            dom_text.contains(id),
+            "Chromium's DOM lacks backup {id}: {}",
+            output_text(&dom)
+        );
+    }
+    ensure!(dom_text.contains("What each backup cost") && dom_text.matches("<svg").count() == 6);
+    let shot = k.dir.path().join("report.png");
+    let taken = chromium(
+        &profile,
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=900,2400".to_string(),
+            url,
+        ],
+    )?;
+    let png =
+        std::fs::read(&shot).with_context(|| format!("no screenshot: {}", output_text(&taken)))?;
+    ensure!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
+    if let Ok(dir) = std::env::var("KLIO_TEST_ARTIFACTS") {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&shot, std::path::Path::new(&dir).join("klio-report.png"))?;
+    }
+    eprintln!("screenshot: {} bytes", png.len());
+    streamer.kill()?;
+    Ok(())
+}
