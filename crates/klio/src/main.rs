@@ -19,6 +19,10 @@
 mod cnpg_plugin;
 mod operator;
 
+/// jemalloc, with heap profiling available (`--pprof` on the server and the sidecars).
+#[global_allocator]
+static ALLOC: klio_heap_profile::Allocator = klio_heap_profile::ALLOCATOR;
+
 use klio_client::{admin, backup, catalog, client, report, restore, status, wal_get, wal_stream};
 use klio_cnpg_plugin::sidecar::{self, Role, SidecarCommand};
 

@@ -5,7 +5,7 @@
 //!   archive lag of both, the last backup time after a backup, the relay lag once Tier 2
 //!   has caught up; Klio's alerting rules load (`promtool check rules`) and the archive-lag
 //!   alert fires once the streamer is stopped;
-//! - the CPU profile endpoint serves a profile `go tool pprof -top` reads;
+//! - the CPU and heap profile endpoints serve profiles `go tool pprof -top` reads;
 //! - `klio status` exits 0 when all is well, 1 with the reason once the streamer is stopped
 //!   and once the Tier 2 relay fails;
 //! - `--log-format json` writes one JSON object per line, with the cluster as a field;
@@ -213,6 +213,31 @@ fn prometheus_scrapes_server_and_streamer_alerts_fire_and_status_tells() -> anyh
             "go tool pprof -top: {text}"
         );
         eprintln!("{}", tail(&text, 12));
+        // The heap profile (jemalloc's sampled live allocations).
+        let (code, heap) = http_get(server_metrics, "/debug/pprof/heap")?;
+        ensure!(
+            code == 200,
+            "heap profile: HTTP {code}: {}",
+            String::from_utf8_lossy(&heap)
+        );
+        let file = scratch.path().join("heap.pprof");
+        std::fs::write(&file, heap)?;
+        let out = std::process::Command::new("go")
+            .env(
+                "PATH",
+                format!(
+                    "/usr/local/go/bin:{}",
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .args(["tool", "pprof", "-top"])
+            .arg(&file)
+            .output()?;
+        let text = output_text(&out);
+        ensure!(
+            out.status.success() && text.contains("Type: inuse_space"),
+            "go tool pprof -top of the heap profile: {text}"
+        );
         load.join().unwrap()?;
         Ok(())
     })?;

@@ -7,8 +7,9 @@
 //!   standard `OTEL_EXPORTER_OTLP_*ENDPOINT` variables say where, over OTLP (gRPC).
 //! - **Traces**: `tracing` spans, exported over OTLP the same way (backup, restore, relay,
 //!   WAL fetch carry the cluster and backup id as attributes).
-//! - **Profiles**: `/debug/pprof/profile?seconds=N` on the same endpoint when asked for, a
-//!   CPU profile in the pprof format (`go tool pprof`).
+//! - **Profiles**: `/debug/pprof/profile?seconds=N` (CPU) and `/debug/pprof/heap` (live
+//!   sampled allocations, jemalloc) on the same endpoint when asked for, in the pprof format
+//!   (`go tool pprof`).
 //!
 //! OTLP follows the OpenTelemetry SDK's variables: `OTEL_SDK_DISABLED`,
 //! `OTEL_METRICS_EXPORTER`/`OTEL_TRACES_EXPORTER` (`none` turns one off),
@@ -49,8 +50,8 @@ pub struct MetricsArgs {
     /// 0.0.0.0:9187); none by default. OTLP export is configured by the OTEL_* variables
     #[arg(long, env = "KLIO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Also serve CPU profiles at /debug/pprof/profile?seconds=N on the metrics endpoint
-    /// (pprof format); troubleshooting only
+    /// Also serve CPU and heap profiles at /debug/pprof/profile?seconds=N and
+    /// /debug/pprof/heap on the metrics endpoint (pprof format); troubleshooting only
     #[arg(long, env = "KLIO_PPROF")]
     pub pprof: bool,
 }
@@ -171,7 +172,13 @@ impl Telemetry {
         let bound = listener.local_addr()?;
         let mut app = axum::Router::new().route("/metrics", get(metrics));
         if args.pprof {
-            app = app.route("/debug/pprof/profile", get(cpu_profile));
+            // Allocations are sampled from now on (jemalloc, one per 512 KiB on average).
+            if let Err(e) = klio_heap_profile::activate().await {
+                tracing::warn!(error = %format!("{e:#}"), "heap profiles are not available");
+            }
+            app = app
+                .route("/debug/pprof/profile", get(cpu_profile))
+                .route("/debug/pprof/heap", get(heap_profile));
         }
         let app = app.with_state(self.registry.clone());
         tracing::info!(address = %bound, pprof = args.pprof, "serving metrics");
@@ -213,6 +220,20 @@ async fn metrics(State(registry): State<prometheus::Registry>) -> Response {
         render(&registry),
     )
         .into_response()
+}
+
+async fn heap_profile() -> Response {
+    match klio_heap_profile::pprof().await {
+        Ok(bytes) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (header::CONTENT_DISPOSITION, "attachment; filename=\"heap\""),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")).into_response(),
+    }
 }
 
 #[derive(serde::Deserialize)]
