@@ -510,6 +510,26 @@ mod tests {
             "/var/lib/postgresql/data/pgdata"
         );
         assert_eq!(env(plugin, "KLIO_CLUSTER").unwrap()["value"], "pg");
+        // Metrics endpoints on distinct named ports; no profiles unless pprof: true.
+        let wal = init(&out, "klio-wal");
+        assert_eq!(
+            env(plugin, "KLIO_METRICS_LISTEN").unwrap()["value"],
+            "0.0.0.0:9189"
+        );
+        assert_eq!(
+            env(wal, "KLIO_METRICS_LISTEN").unwrap()["value"],
+            "0.0.0.0:9188"
+        );
+        assert_eq!(plugin["ports"][0]["name"], "plugin-metrics");
+        assert_eq!(wal["ports"][0]["name"], "wal-metrics");
+        assert!(env(plugin, "KLIO_PPROF").is_none());
+        let mut profiled = base_spec();
+        profiled.pprof = Some(true);
+        let out2 = mutate_pod(&pod(), "pc", &profiled, &archives("pg"), &defaults()).unwrap();
+        assert_eq!(
+            env(init(&out2, "klio-wal"), "KLIO_PPROF").unwrap()["value"],
+            "true"
+        );
         assert!(
             env(plugin, "KLIO_PG_DSN").unwrap()["value"]
                 .as_str()
