@@ -688,25 +688,15 @@ fn streamer_metrics() -> &'static StreamerMetrics {
 fn register_streamer_gauges() {
     use opentelemetry::KeyValue;
     let meter = opentelemetry::global::meter("klio-wal");
-    let gauge = |name: &'static str,
-                 help: &'static str,
-                 unit: &'static str,
-                 f: fn(&StreamerState, std::time::SystemTime) -> f64| {
-        let mut b = meter
-            .f64_observable_gauge(name)
-            .with_description(help)
-            .with_callback(move |obs| {
-                let now = std::time::SystemTime::now();
-                streamer_metrics().with(|s| {
-                    if !s.cluster.is_empty() {
-                        obs.observe(f(s, now), &[KeyValue::new("cluster", s.cluster.clone())]);
-                    }
-                });
+    let gauge = |name, help, unit, f: fn(&StreamerState, std::time::SystemTime) -> f64| {
+        klio_telemetry::gauge(&meter, name, help, unit, move |obs| {
+            let now = std::time::SystemTime::now();
+            streamer_metrics().with(|s| {
+                if !s.cluster.is_empty() {
+                    obs.observe(f(s, now), &[KeyValue::new("cluster", s.cluster.clone())]);
+                }
             });
-        if !unit.is_empty() {
-            b = b.with_unit(unit);
-        }
-        b.build();
+        });
     };
     gauge(
         "klio_streamer_connected",

@@ -81,6 +81,26 @@ fn accelerated_rules() -> anyhow::Result<String> {
     Ok(format!("{}{rule}{}", &text[..start], &text[end..]))
 }
 
+/// Writes `profile` to `file` and returns what `go tool pprof -top` prints of it.
+fn pprof_top(file: &std::path::Path, profile: &[u8]) -> anyhow::Result<String> {
+    std::fs::write(file, profile)?;
+    let out = std::process::Command::new("go")
+        .env(
+            "PATH",
+            format!(
+                "/usr/local/go/bin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .args(["tool", "pprof", "-top"])
+        .arg(file)
+        .output()
+        .context("run go tool pprof (the Go toolchain is needed)")?;
+    let text = output_text(&out);
+    ensure!(out.status.success(), "go tool pprof -top failed: {text}");
+    Ok(text)
+}
+
 fn status(k: &Klio) -> anyhow::Result<(i32, Value)> {
     let out = k
         .client_command(&["status", "--json", "--min-free-percent", "0"], CLUSTER)
@@ -193,23 +213,9 @@ fn prometheus_scrapes_server_and_streamer_alerts_fire_and_status_tells() -> anyh
 
         let (code, profile) = http_get(server_metrics, "/debug/pprof/profile?seconds=3")?;
         ensure!(code == 200, "profile: HTTP {code}");
-        let file = scratch.path().join("cpu.pprof");
-        std::fs::write(&file, profile)?;
-        let out = std::process::Command::new("go")
-            .env(
-                "PATH",
-                format!(
-                    "/usr/local/go/bin:{}",
-                    std::env::var("PATH").unwrap_or_default()
-                ),
-            )
-            .args(["tool", "pprof", "-top"])
-            .arg(&file)
-            .output()
-            .context("run go tool pprof (the Go toolchain is needed)")?;
-        let text = output_text(&out);
+        let text = pprof_top(&scratch.path().join("cpu.pprof"), &profile)?;
         ensure!(
-            out.status.success() && text.contains("Type: cpu") && text.contains("Duration: 3"),
+            text.contains("Type: cpu") && text.contains("Duration: 3"),
             "go tool pprof -top: {text}"
         );
         eprintln!("{}", tail(&text, 12));
@@ -220,22 +226,9 @@ fn prometheus_scrapes_server_and_streamer_alerts_fire_and_status_tells() -> anyh
             "heap profile: HTTP {code}: {}",
             String::from_utf8_lossy(&heap)
         );
-        let file = scratch.path().join("heap.pprof");
-        std::fs::write(&file, heap)?;
-        let out = std::process::Command::new("go")
-            .env(
-                "PATH",
-                format!(
-                    "/usr/local/go/bin:{}",
-                    std::env::var("PATH").unwrap_or_default()
-                ),
-            )
-            .args(["tool", "pprof", "-top"])
-            .arg(&file)
-            .output()?;
-        let text = output_text(&out);
+        let text = pprof_top(&scratch.path().join("heap.pprof"), &heap)?;
         ensure!(
-            out.status.success() && text.contains("Type: inuse_space"),
+            text.contains("Type: inuse_space"),
             "go tool pprof -top of the heap profile: {text}"
         );
         load.join().unwrap()?;

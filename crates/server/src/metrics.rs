@@ -499,38 +499,28 @@ fn volume(dir: &Path) -> Option<(u64, u64)> {
 /// The gauges, read by the exporters from the live state and the snapshot.
 fn register_observers(meter: &Meter, inner: &Arc<Inner>) {
     let weak = Arc::downgrade(inner);
-    let wal_gauge = |name: &'static str,
-                     help: &'static str,
-                     unit: &'static str,
-                     f: fn(&WalState, SystemTime) -> f64| {
+    let wal_gauge = |name, help, unit, f: fn(&WalState, SystemTime) -> f64| {
         let weak = weak.clone();
-        let mut b = meter
-            .f64_observable_gauge(name)
-            .with_description(help)
-            .with_callback(move |obs| {
-                let Some(inner) = weak.upgrade() else { return };
-                let now = SystemTime::now();
-                let snap_ends = lock(&inner.snapshot).archive_end.clone();
-                let wal = lock(&inner.wal);
-                for (c, s) in wal.iter() {
-                    obs.observe(f(s, now), &[cluster_label(c)]);
+        klio_telemetry::gauge(meter, name, help, unit, move |obs| {
+            let Some(inner) = weak.upgrade() else { return };
+            let now = SystemTime::now();
+            let snap_ends = lock(&inner.snapshot).archive_end.clone();
+            let wal = lock(&inner.wal);
+            for (c, s) in wal.iter() {
+                obs.observe(f(s, now), &[cluster_label(c)]);
+            }
+            // Archives without a stream since this server started.
+            for (c, end) in snap_ends {
+                if !wal.contains_key(&c) {
+                    let s = WalState {
+                        archived: end,
+                        primary: end,
+                        ..WalState::default()
+                    };
+                    obs.observe(f(&s, now), &[cluster_label(&c)]);
                 }
-                // Archives without a stream since this server started.
-                for (c, end) in snap_ends {
-                    if !wal.contains_key(&c) {
-                        let s = WalState {
-                            archived: end,
-                            primary: end,
-                            ..WalState::default()
-                        };
-                        obs.observe(f(&s, now), &[cluster_label(&c)]);
-                    }
-                }
-            });
-        if !unit.is_empty() {
-            b = b.with_unit(unit);
-        }
-        b.build();
+            }
+        });
     };
     wal_gauge(
         "klio_wal_stream_connected",
@@ -575,25 +565,15 @@ fn register_observers(meter: &Meter, inner: &Arc<Inner>) {
         |s, _| s.last_archived.map_or(0.0, unix_seconds),
     );
 
-    let relay_gauge = |name: &'static str,
-                       help: &'static str,
-                       unit: &'static str,
-                       f: fn(&RelayState, SystemTime) -> f64| {
+    let relay_gauge = |name, help, unit, f: fn(&RelayState, SystemTime) -> f64| {
         let weak = weak.clone();
-        let mut b = meter
-            .f64_observable_gauge(name)
-            .with_description(help)
-            .with_callback(move |obs| {
-                let Some(inner) = weak.upgrade() else { return };
-                let now = SystemTime::now();
-                for (c, r) in lock(&inner.relay).iter() {
-                    obs.observe(f(r, now), &[cluster_label(c)]);
-                }
-            });
-        if !unit.is_empty() {
-            b = b.with_unit(unit);
-        }
-        b.build();
+        klio_telemetry::gauge(meter, name, help, unit, move |obs| {
+            let Some(inner) = weak.upgrade() else { return };
+            let now = SystemTime::now();
+            for (c, r) in lock(&inner.relay).iter() {
+                obs.observe(f(r, now), &[cluster_label(c)]);
+            }
+        });
     };
     relay_gauge(
         "klio_tier2_relay_lag_files",
@@ -620,26 +600,16 @@ fn register_observers(meter: &Meter, inner: &Arc<Inner>) {
         |r, _| f64::from(u8::from(r.last_error.is_some())),
     );
 
-    let backup_gauge = |name: &'static str,
-                        help: &'static str,
-                        unit: &'static str,
-                        f: fn(&TierBackups) -> Option<f64>| {
+    let backup_gauge = |name, help, unit, f: fn(&TierBackups) -> Option<f64>| {
         let weak = weak.clone();
-        let mut b = meter
-            .f64_observable_gauge(name)
-            .with_description(help)
-            .with_callback(move |obs| {
-                let Some(inner) = weak.upgrade() else { return };
-                for ((c, tier), b) in lock(&inner.snapshot).backups.iter() {
-                    if let Some(v) = f(b) {
-                        obs.observe(v, &[cluster_label(c), tier_label(*tier)]);
-                    }
+        klio_telemetry::gauge(meter, name, help, unit, move |obs| {
+            let Some(inner) = weak.upgrade() else { return };
+            for ((c, tier), b) in lock(&inner.snapshot).backups.iter() {
+                if let Some(v) = f(b) {
+                    obs.observe(v, &[cluster_label(c), tier_label(*tier)]);
                 }
-            });
-        if !unit.is_empty() {
-            b = b.with_unit(unit);
-        }
-        b.build();
+            }
+        });
     };
     backup_gauge("klio_backups", "Complete backups the tier holds", "", |b| {
         Some(b.count as f64)
@@ -688,12 +658,12 @@ fn register_observers(meter: &Meter, inner: &Arc<Inner>) {
     );
 
     let weak_q = weak.clone();
-    meter
-        .f64_observable_gauge("klio_queue_tasks")
-        .with_description(
-            "Work queue tasks, by state (pending includes in_flight; failed: the dead-letter list)",
-        )
-        .with_callback(move |obs| {
+    klio_telemetry::gauge(
+        meter,
+        "klio_queue_tasks",
+        "Work queue tasks, by state (pending includes in_flight; failed: the dead-letter list)",
+        "",
+        move |obs| {
             let Some(inner) = weak_q.upgrade() else {
                 return;
             };
@@ -706,15 +676,18 @@ fn register_observers(meter: &Meter, inner: &Arc<Inner>) {
             }
             let in_flight = inner.in_flight.load(Ordering::Relaxed).max(0);
             obs.observe(in_flight as f64, &[KeyValue::new("state", "in_flight")]);
-        })
-        .build();
+        },
+    );
     let weak_d = weak.clone();
-    meter
-        .f64_observable_gauge("klio_disk_bytes")
-        .with_description("Bytes on the data volume: used by the repository and each cluster's WAL archive; the volume's size and free space")
-        .with_unit("By")
-        .with_callback(move |obs| {
-            let Some(inner) = weak_d.upgrade() else { return };
+    klio_telemetry::gauge(
+        meter,
+        "klio_disk_bytes",
+        "Bytes on the data volume: used by the repository and each cluster's WAL archive; the volume's size and free space",
+        "By",
+        move |obs| {
+            let Some(inner) = weak_d.upgrade() else {
+                return;
+            };
             let snap = lock(&inner.snapshot);
             if let Some(b) = snap.repository_bytes {
                 obs.observe(b as f64, &[KeyValue::new("use", "repository")]);
@@ -726,22 +699,20 @@ fn register_observers(meter: &Meter, inner: &Arc<Inner>) {
                 obs.observe(size as f64, &[KeyValue::new("use", "volume_size")]);
                 obs.observe(free as f64, &[KeyValue::new("use", "volume_free")]);
             }
-        })
-        .build();
-    let weak_r = weak;
-    meter
-        .f64_observable_gauge("klio_metrics_refresh_timestamp_seconds")
-        .with_description("When the store-derived metrics were last refreshed")
-        .with_unit("s")
-        .with_callback(move |obs| {
-            let Some(inner) = weak_r.upgrade() else {
-                return;
-            };
+        },
+    );
+    klio_telemetry::gauge(
+        meter,
+        "klio_metrics_refresh_timestamp_seconds",
+        "When the store-derived metrics were last refreshed",
+        "s",
+        move |obs| {
+            let Some(inner) = weak.upgrade() else { return };
             if let Some(t) = lock(&inner.snapshot).refreshed {
                 obs.observe(unix_seconds(t), &[]);
             }
-        })
-        .build();
+        },
+    );
 }
 
 /// Refreshes the snapshot every `every` (disk use every tenth time) until `cancel`.

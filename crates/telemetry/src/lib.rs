@@ -56,6 +56,26 @@ pub struct MetricsArgs {
     pub pprof: bool,
 }
 
+/// Registers an observable gauge on `meter`; `observe` reports its values (with their
+/// labels) at each collection. `unit` is the UCUM unit OTLP carries ("" for none); the
+/// Prometheus names already end with it.
+pub fn gauge(
+    meter: &opentelemetry::metrics::Meter,
+    name: &'static str,
+    help: &'static str,
+    unit: &'static str,
+    observe: impl Fn(&dyn opentelemetry::metrics::AsyncInstrument<f64>) + Send + Sync + 'static,
+) {
+    let mut b = meter
+        .f64_observable_gauge(name)
+        .with_description(help)
+        .with_callback(observe);
+    if !unit.is_empty() {
+        b = b.with_unit(unit);
+    }
+    b.build();
+}
+
 /// The process's telemetry: keep it alive while the process runs, and call
 /// [`Telemetry::shutdown`] at the end so that buffered spans and metrics are sent.
 pub struct Telemetry {
