@@ -547,7 +547,7 @@ impl BackupService {
             }
             None => None,
         };
-        let ws = metrics.wal_state(cluster).unwrap_or_default();
+        let ws = metrics.wal_state(cluster);
         let wal = json!({
             "stream_connected": ws.connected,
             "synchronous": ws.synchronous,

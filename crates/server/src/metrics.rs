@@ -127,6 +127,9 @@ pub struct Metrics {
 }
 
 struct Inner {
+    /// When this server started: an archive no streamer has joined since is known
+    /// complete only up to then.
+    started: SystemTime,
     wal: Mutex<BTreeMap<String, WalState>>,
     relay: Mutex<BTreeMap<String, RelayState>>,
     snapshot: Mutex<Snapshot>,
@@ -141,6 +144,18 @@ struct Inner {
     retention_expired: Counter<u64>,
     gc_runs: Counter<u64>,
     gc_reclaimed: Counter<u64>,
+}
+
+impl Inner {
+    fn idle_since_start(&self, end: Option<Lsn>) -> WalState {
+        let end = end.unwrap_or_default();
+        WalState {
+            archived: end,
+            primary: end,
+            complete_at: Some(self.started),
+            ..WalState::default()
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +182,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let meter = opentelemetry::global::meter("klio-server");
         let inner = Arc::new(Inner {
+            started: SystemTime::now(),
             wal: Mutex::default(),
             relay: Mutex::default(),
             snapshot: Mutex::default(),
@@ -261,9 +277,13 @@ impl Metrics {
         }
     }
 
-    /// One cluster's stream state.
-    pub fn wal_state(&self, cluster: &str) -> Option<WalState> {
-        lock(&self.inner.wal).get(cluster).cloned()
+    /// One cluster's stream state; for an archive no streamer has joined since this server
+    /// started, a disconnected stream complete up to the start.
+    pub fn wal_state(&self, cluster: &str) -> WalState {
+        lock(&self.inner.wal)
+            .get(cluster)
+            .cloned()
+            .unwrap_or_else(|| self.inner.idle_since_start(None))
     }
 
     /// A WAL relay of `cluster` found `files` (about `bytes`) that Tier 2 lacks.
@@ -512,12 +532,10 @@ fn register_observers(meter: &Meter, inner: &Arc<Inner>) {
             // Archives without a stream since this server started.
             for (c, end) in snap_ends {
                 if !wal.contains_key(&c) {
-                    let s = WalState {
-                        archived: end,
-                        primary: end,
-                        ..WalState::default()
-                    };
-                    obs.observe(f(&s, now), &[cluster_label(&c)]);
+                    obs.observe(
+                        f(&inner.idle_since_start(Some(end)), now),
+                        &[cluster_label(&c)],
+                    );
                 }
             }
         });
@@ -772,16 +790,19 @@ mod tests {
         let m = Metrics::new();
         m.stream_opened("c", Lsn(100));
         m.wal_received("c", 50, Lsn(200), true);
-        let s = m.wal_state("c").unwrap_or_default();
+        let s = m.wal_state("c");
         assert_eq!((s.lag_bytes(), s.synchronous), (100, true));
         m.wal_durable("c", Lsn(200));
-        let s = m.wal_state("c").unwrap_or_default();
+        let s = m.wal_state("c");
         assert_eq!(s.lag_bytes(), 0);
         assert_eq!(s.lag_seconds(SystemTime::now()), 0.0);
         m.stream_closed("c");
         let later = SystemTime::now() + Duration::from_secs(30);
-        let s = m.wal_state("c").unwrap_or_default();
+        let s = m.wal_state("c");
         assert!(!s.connected && s.lag_seconds(later) >= 29.0);
+        // An archive no streamer joined since the start: complete up to the start.
+        let idle = m.wal_state("other");
+        assert!(!idle.connected && idle.lag_seconds(later) >= 29.0);
     }
 
     #[test]
