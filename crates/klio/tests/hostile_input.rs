@@ -10,7 +10,8 @@
 //! - a WAL name with a multibyte character and WAL data ending past the last LSN get
 //!   `INVALID_ARGUMENT`, not a panic;
 //! - garbage collection spans every cluster: only `admin@klio` may run it; the snapshot
-//!   reader may not verify (it reads every block); `klio` is no cluster name.
+//!   reader may not verify (it reads every block) nor read a cluster's status; `klio` is
+//!   no cluster name.
 
 #![allow(clippy::unwrap_used)]
 
