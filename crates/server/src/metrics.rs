@@ -425,6 +425,13 @@ impl Metrics {
             snap.wal_bytes = std::mem::take(&mut current.wal_bytes);
             snap.repository_bytes = current.repository_bytes;
         }
+        // Tiers not read this time keep their last figures.
+        let read: std::collections::HashSet<u32> = sources.repos.iter().map(|(t, _)| *t).collect();
+        for (key, b) in std::mem::take(&mut current.backups) {
+            if !read.contains(&key.1) {
+                snap.backups.entry(key).or_insert(b);
+            }
+        }
         *current = snap;
     }
 
@@ -733,7 +740,8 @@ fn register_observers(meter: &Meter, inner: &Arc<Inner>) {
     );
 }
 
-/// Refreshes the snapshot every `every` (disk use every tenth time) until `cancel`.
+/// Refreshes the snapshot every `every` (disk use and Tier 2 every tenth time) until
+/// `cancel`.
 pub async fn refresh_loop(
     metrics: Metrics,
     ctx: crate::context::Context,
@@ -749,8 +757,10 @@ pub async fn refresh_loop(
             repos.push((1, r.clone()));
         }
         // Tier 2 only once open (the relay or a request opens it): the refresh never
-        // waits on an unreachable bucket.
-        if let Some(t2) = ctx.tier2_if_open() {
+        // waits on an unreachable bucket; and every tenth time, as its listings are paid
+        // requests.
+        let slow = round.is_multiple_of(10);
+        if slow && let Some(t2) = ctx.tier2_if_open() {
             repos.push((2, t2.repo.clone()));
         }
         let (pending, failed) = match &ctx.queue {
@@ -768,8 +778,7 @@ pub async fn refresh_loop(
             queue_failed: failed,
         };
         let m = metrics.clone();
-        let disk = round.is_multiple_of(10);
-        if let Err(e) = tokio::task::spawn_blocking(move || m.refresh(&sources, disk)).await {
+        if let Err(e) = tokio::task::spawn_blocking(move || m.refresh(&sources, slow)).await {
             tracing::warn!(error = %e, "metrics refresh failed");
         }
         round += 1;
