@@ -597,74 +597,13 @@ fn main() -> ExitCode {
     };
     let stop_endpoint = CancellationToken::new();
     let result: anyhow::Result<ExitCode> = rt.block_on(async {
-        if let Some(m) = cli.command.metrics() {
-            telemetry.serve(m, stop_endpoint.clone()).await?;
-        }
-        match cli.command {
-            Command::Server(a) => {
-                let cfg = a.into_config()?;
-                klio_server::run(cfg, cancel_on_signals())
-                    .await
-                    .map(|()| ExitCode::SUCCESS)
-            }
-            Command::WalStream(a) => wal_stream::run(a.args, cancel_on_signals())
-                .await
-                .map(|()| ExitCode::SUCCESS),
-            Command::WalGet(a) => match wal_get::run(&a).await? {
-                wal_get::Outcome::Restored => Ok(ExitCode::SUCCESS),
-                wal_get::Outcome::NotFound => {
-                    eprintln!("klio wal-get: \"{}\" is not in the archive", a.wal_name);
-                    Ok(ExitCode::from(wal_get::EXIT_NOT_FOUND as u8))
-                }
-            },
-            Command::WalList(a) => wal_list(a).await.map(|()| ExitCode::SUCCESS),
-            Command::Backup(a) => backup::run(a).await.map(|()| ExitCode::SUCCESS),
-            Command::Backups(c) => catalog::backups(c).await.map(|()| ExitCode::SUCCESS),
-            Command::Restore(a) => restore::run(a).await.map(|()| ExitCode::SUCCESS),
-            Command::Verify(a) => catalog::verify(a).await,
-            Command::Status(a) => status::run(a).await,
-            Command::Report(a) => report::run(a).await.map(|()| ExitCode::SUCCESS),
-            Command::Retention(c) => catalog::retention(c).await.map(|()| ExitCode::SUCCESS),
-            Command::Gc(c) => catalog::gc(c).await.map(|()| ExitCode::SUCCESS),
-            Command::Admin(c) => admin::run(c).await.map(|()| ExitCode::SUCCESS),
-            Command::CnpgPlugin(a) => cnpg_plugin::run(a, cancel_on_signals())
-                .await
-                .map(|()| ExitCode::SUCCESS),
-            Command::CnpgSidecar(c) => {
-                let (role, args) = match c {
-                    SidecarCommand::Instance(a) => (Role::Instance, a),
-                    SidecarCommand::Restore(a) => (Role::Restore, a),
-                    SidecarCommand::Healthcheck(a) => {
-                        return sidecar::healthcheck(&a).await.map(|()| ExitCode::SUCCESS);
-                    }
-                };
-                sidecar::serve(role, args.config()?, cancel_on_signals())
-                    .await
-                    .map(|()| ExitCode::SUCCESS)
-            }
-            Command::Operator(a) => klio_operator::run(a.into_options(), cancel_on_signals())
-                .await
-                .map(|()| ExitCode::SUCCESS),
-            Command::Pki(PkiCommand::Revoke { dir, certs }) => {
-                let crl = klio_tls::revoke_dev_certs(&dir, &certs)
-                    .with_context(|| format!("revoke certificates of \"{}\"", dir.display()))?;
-                println!("{}", crl.display());
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Pki(PkiCommand::Init { dir, clusters, dns }) => {
-                let layout = klio_tls::init_dev_pki(&dir, &clusters, &dns)
-                    .with_context(|| format!("initialize certificates in \"{}\"", dir.display()))?;
-                println!("certificates written to {}", dir.display());
-                let _ = layout;
-                Ok(ExitCode::SUCCESS)
-            }
-        }
+        let outcome = run(cli.command, &telemetry, &stop_endpoint).await;
+        stop_endpoint.cancel();
+        // Buffered spans and metrics are sent while the runtime still drives the exporters'
+        // connections (a blocking flush on the runtime's own thread would starve them).
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        outcome
     });
-    stop_endpoint.cancel();
-    {
-        let _inside = rt.enter();
-        telemetry.shutdown();
-    }
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -674,6 +613,76 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+/// Runs the subcommand (its metrics endpoint first, for the long-running roles).
+async fn run(
+    command: Command,
+    telemetry: &klio_telemetry::Telemetry,
+    stop_endpoint: &CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    if let Some(m) = command.metrics() {
+        telemetry.serve(m, stop_endpoint.clone()).await?;
+    }
+    match command {
+        Command::Server(a) => {
+            let cfg = a.into_config()?;
+            klio_server::run(cfg, cancel_on_signals())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::WalStream(a) => wal_stream::run(a.args, cancel_on_signals())
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::WalGet(a) => match wal_get::run(&a).await? {
+            wal_get::Outcome::Restored => Ok(ExitCode::SUCCESS),
+            wal_get::Outcome::NotFound => {
+                eprintln!("klio wal-get: \"{}\" is not in the archive", a.wal_name);
+                Ok(ExitCode::from(wal_get::EXIT_NOT_FOUND as u8))
+            }
+        },
+        Command::WalList(a) => wal_list(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Backup(a) => backup::run(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Backups(c) => catalog::backups(c).await.map(|()| ExitCode::SUCCESS),
+        Command::Restore(a) => restore::run(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Verify(a) => catalog::verify(a).await,
+        Command::Status(a) => status::run(a).await,
+        Command::Report(a) => report::run(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Retention(c) => catalog::retention(c).await.map(|()| ExitCode::SUCCESS),
+        Command::Gc(c) => catalog::gc(c).await.map(|()| ExitCode::SUCCESS),
+        Command::Admin(c) => admin::run(c).await.map(|()| ExitCode::SUCCESS),
+        Command::CnpgPlugin(a) => cnpg_plugin::run(a, cancel_on_signals())
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::CnpgSidecar(c) => {
+            let (role, args) = match c {
+                SidecarCommand::Instance(a) => (Role::Instance, a),
+                SidecarCommand::Restore(a) => (Role::Restore, a),
+                SidecarCommand::Healthcheck(a) => {
+                    return sidecar::healthcheck(&a).await.map(|()| ExitCode::SUCCESS);
+                }
+            };
+            sidecar::serve(role, args.config()?, cancel_on_signals())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Operator(a) => klio_operator::run(a.into_options(), cancel_on_signals())
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Pki(PkiCommand::Revoke { dir, certs }) => {
+            let crl = klio_tls::revoke_dev_certs(&dir, &certs)
+                .with_context(|| format!("revoke certificates of \"{}\"", dir.display()))?;
+            println!("{}", crl.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(PkiCommand::Init { dir, clusters, dns }) => {
+            let layout = klio_tls::init_dev_pki(&dir, &clusters, &dns)
+                .with_context(|| format!("initialize certificates in \"{}\"", dir.display()))?;
+            println!("certificates written to {}", dir.display());
+            let _ = layout;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
