@@ -98,6 +98,31 @@ enum Command {
     /// The CloudNativePG plugin's sidecars (klio-plugin, klio-restore) and their probe
     #[command(subcommand)]
     CnpgSidecar(SidecarCommand),
+    /// Serve the catalog as KlioBackup resources to Kubernetes' API aggregation layer
+    /// (`kubectl get kliobackups`); also `klio server api-server`, as the seed runs it
+    ApiServer(ApiServerCmd),
+}
+
+#[derive(Args, Debug)]
+struct ApiServerCmd {
+    #[command(flatten)]
+    args: klio_api_service::ApiServiceArgs,
+    #[command(flatten)]
+    metrics: klio_telemetry::MetricsArgs,
+}
+
+/// `klio [global flags] server api-server ...` (the seed's Deployment) is `klio api-server
+/// ...`: the API service is a role of its own, not a flag of the server.
+fn rewrite_server_api_server(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    // Only global flags (and their values) may come before the subcommand, and none of
+    // them takes "server" as a value: the first "server api-server" pair is the command.
+    if let Some(i) = args
+        .windows(2)
+        .position(|w| w[0] == "server" && w[1] == "api-server")
+    {
+        args.remove(i);
+    }
+    args
 }
 
 #[derive(Args, Debug)]
@@ -466,6 +491,7 @@ impl Command {
             Command::CnpgSidecar(SidecarCommand::Restore(_)) => "klio-restore",
             Command::Operator(_) => "klio-operator",
             Command::CnpgPlugin(_) => "klio-cnpg-plugin",
+            Command::ApiServer(_) => "klio-api-server",
             _ => "klio",
         }
     }
@@ -475,6 +501,7 @@ impl Command {
         match self {
             Command::Server(a) => Some(&a.metrics),
             Command::WalStream(a) => Some(&a.metrics),
+            Command::ApiServer(a) => Some(&a.metrics),
             Command::CnpgSidecar(SidecarCommand::Instance(a) | SidecarCommand::Restore(a)) => {
                 Some(&a.metrics)
             }
@@ -561,7 +588,7 @@ fn quiet_on_closed_stdout() {
 
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(rewrite_server_api_server(std::env::args_os().collect()));
     klio_tls::install_crypto_provider();
     // Clients (the sidecars above all) mostly wait on sockets: one thread avoids the
     // cross-thread wake-ups that dominated their CPU profile, and leaves the cores to
@@ -571,6 +598,7 @@ fn main() -> ExitCode {
         | Command::Backup(_)
         | Command::Restore(_)
         | Command::Operator(_)
+        | Command::ApiServer(_)
         | Command::CnpgPlugin(_)
         | Command::CnpgSidecar(SidecarCommand::Instance(_) | SidecarCommand::Restore(_)) => {
             tokio::runtime::Builder::new_multi_thread()
@@ -633,6 +661,9 @@ async fn run(
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
+        Command::ApiServer(a) => klio_api_service::run(a.args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::WalStream(a) => wal_stream::run(a.args, cancel_on_signals())
             .await
             .map(|()| ExitCode::SUCCESS),

@@ -78,6 +78,12 @@ impl K8sTestEnv {
 
     /// Starts a control plane of its own.
     pub fn start() -> K8sTestEnv {
+        K8sTestEnv::start_with_env(&[])
+    }
+
+    /// [`K8sTestEnv::start`] with settings of `scripts/k8s-testenv.sh up` in its environment
+    /// (e.g. `KLIO_K8S_AGGREGATOR_ROUTING=false`).
+    pub fn start_with_env(vars: &[(&str, &str)]) -> K8sTestEnv {
         let script = k8s_testenv_script();
         let bindir = testenv_bindir();
         check_binaries(&bindir);
@@ -88,6 +94,7 @@ impl K8sTestEnv {
             .arg(&script)
             .arg("up")
             .arg(&dir)
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -72,8 +72,8 @@ pub use principal::{
 pub use reload::FileReloader;
 pub use server::{
     ALPN_H2, ConfigProvider, FIRST_BYTE_TIMEOUT, HANDSHAKE_TIMEOUT, ServerTlsStream, TlsIncoming,
-    load_server_config, load_server_config_with_crl, server_config, server_config_without_ca_hints,
-    tls_incoming, tls_incoming_reloading,
+    https_server_config, load_server_config, load_server_config_with_crl, server_config,
+    server_config_without_ca_hints, tls_incoming, tls_incoming_reloading,
 };
 
 /// Installs aws-lc-rs as the process-wide rustls crypto provider. Idempotent: when a

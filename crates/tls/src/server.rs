@@ -128,6 +128,47 @@ pub fn load_server_config_with_crl(
     )
 }
 
+/// The TLS configuration of an HTTPS endpoint that Kubernetes' API aggregation layer calls
+/// (the aggregated API service): TLS 1.2 or 1.3, ALPN `http/1.1`. A client certificate is
+/// asked for and, when one is presented, it must chain to `client_ca_pem` (the front-proxy
+/// CA) or the handshake fails; a connection without one is accepted, for the caller to
+/// refuse its requests (health probes need none).
+pub fn https_server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: &[u8],
+) -> Result<Arc<ServerConfig>, Error> {
+    const CA: &str = "front-proxy client CA certificate";
+    let provider = crypto_provider();
+    let mut roots = RootCertStore::empty();
+    for ca in parse_certs(client_ca_pem, CA, None)? {
+        roots
+            .add(ca)
+            .map_err(|e| Error::load(CA, None, format!("not usable as a trust anchor: {e}")))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|source| Error::ClientVerifier { source })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|source| Error::TlsConfig {
+            side: "server",
+            source,
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            parse_certs(cert_pem, "server certificate", None)?,
+            parse_key(key_pem, "server private key", None)?,
+        )
+        .map_err(|source| Error::TlsConfig {
+            side: "server",
+            source,
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 fn build_server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,

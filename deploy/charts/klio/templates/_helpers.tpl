@@ -119,3 +119,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: cnpg-plugin
 app.kubernetes.io/part-of: klio
 {{- end }}
+
+{{/*
+Labels of the aggregated API service's objects; its pods are selected by a name of their
+own, like the plugin's.
+*/}}
+{{- define "klio.apiServiceSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "klio.name" . }}-api-service
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "klio.apiServiceLabels" -}}
+helm.sh/chart: {{ include "klio.chart" . }}
+{{ include "klio.apiServiceSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: api-service
+app.kubernetes.io/part-of: klio
+{{- end }}
