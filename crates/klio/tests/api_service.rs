@@ -176,12 +176,31 @@ fn yaml_docs(text: &str) -> Vec<Value> {
 #[test]
 fn kubectl_reads_the_catalog_through_the_aggregation_layer() -> anyhow::Result<()> {
     let env = K8sTestEnv::start_with_env(&[("KLIO_K8S_AGGREGATOR_ROUTING", "false")]);
-    let mut k = Klio::start(&[CLUSTER])?;
+    let mut k = Klio::start(&[CLUSTER, "other"])?;
     let pg = PgCluster::start(PgOptions::default())?;
     let mut streamer = k.spawn_streamer(CLUSTER, &pg, "streamer", &[])?;
     k.wait_archived(CLUSTER, 1, klio_pg::Lsn(1), Duration::from_secs(60))
         .map_err(|e| with_logs(e, &k, "streamer"))?;
     k.backup(CLUSTER, &pg, &[])?;
+
+    // The clusters a certificate may read: all for the snapshot reader, its own for a
+    // cluster's certificate (another cluster's certificate sees none here).
+    let rt = tokio::runtime::Runtime::new()?;
+    for (stem, want) in [
+        ("snapshot-reader", vec![CLUSTER.to_string()]),
+        ("client-apisvc", vec![CLUSTER.to_string()]),
+        ("client-other", vec![]),
+    ] {
+        let clusters = rt.block_on(async {
+            let ch = k.grpc_channel(k.base_port, stem).await;
+            klio_proto::backup::v1::backup_client::BackupClient::new(ch)
+                .list_clusters(klio_proto::backup::v1::ListClustersRequest::default())
+                .await
+                .map(|r| r.into_inner().clusters)
+        })?;
+        ensure!(clusters == want, "{stem} lists {clusters:?}, not {want:?}");
+    }
+    drop(rt);
 
     // The chart's objects for the API service, in a namespace of this test.
     let ns = env.create_namespace("klio-api");
