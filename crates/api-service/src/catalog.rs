@@ -255,9 +255,20 @@ impl Catalog {
         interval: Duration,
         stop: tokio_util::sync::CancellationToken,
     ) {
+        let mut failing = String::new();
         loop {
-            if let Err(e) = self.refresh(Instant::now()).await {
-                tracing::warn!(error = %e, "cannot read the Klio server's catalog; watches see no change until it answers");
+            match self.refresh(Instant::now()).await {
+                // Said once per distinct failure, not at every poll.
+                Err(e) if e != failing => {
+                    tracing::warn!(error = %e, "cannot read the Klio server's catalog; watches see no change until it answers");
+                    failing = e;
+                }
+                Err(_) => {}
+                Ok(()) if !failing.is_empty() => {
+                    tracing::info!("the Klio server's catalog can be read again");
+                    failing.clear();
+                }
+                Ok(()) => {}
             }
             tokio::select! {
                 () = stop.cancelled() => return,

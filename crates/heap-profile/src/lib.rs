@@ -4,12 +4,15 @@
 //! reads it). One allocation is sampled per 512 KiB allocated on average
 //! (`lg_prof_sample:19`), which costs little.
 
-/// Read by jemalloc when it starts: profiling available, not active.
+/// Read by jemalloc when it starts: profiling available, not active; at most 4 arenas
+/// (jemalloc's default is 4 per core: memory spread over many arenas is memory held), and
+/// freed pages returned to the system within a second by a background thread instead of
+/// kept for ten, so the resident size follows what is in use.
 // The symbol name is jemalloc's (with tikv-jemalloc-sys's `_rjem_` prefix); exporting it
 // is the one unsafe attribute of the project.
 #[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false,lg_prof_sample:19\0";
+pub static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false,lg_prof_sample:19,narenas:4,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 /// The allocator's type; the binary installs [`ALLOCATOR`] with `#[global_allocator]`.
 pub type Allocator = tikv_jemallocator::Jemalloc;

@@ -21,7 +21,7 @@ pub const MAX_BLOCK_SIZE: usize = 1 << 20;
 /// The most block ids in one blocklist.
 pub const MAX_BLOCKLIST_LEN: usize = 1 << 20;
 /// Default size at which a pack is closed.
-pub const DEFAULT_PACK_TARGET_SIZE: usize = 32 << 20;
+pub const DEFAULT_PACK_TARGET_SIZE: usize = 16 << 20;
 /// Default zstd level for blocks and metadata.
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
 

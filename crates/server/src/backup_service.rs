@@ -191,6 +191,9 @@ struct Session {
     pins_repository: AtomicBool,
     /// Idle writers; a `PutBlocks` call takes one (or makes one) and puts it back.
     writers: Mutex<Vec<PackWriter>>,
+    /// One permit per pack writer a call may use at once: each writer fills a pack in
+    /// memory, so they bound the session's memory (and more than the cores buys nothing).
+    writer_slots: tokio::sync::Semaphore,
     last_used: Mutex<Instant>,
     /// Blocks this backup relies on before its manifest exists: those `Missing` reported
     /// stored and those uploaded. Garbage collection keeps them.
@@ -996,6 +999,12 @@ fn file_to_pb(f: &FileEntry) -> pb::FileEntry {
     e
 }
 
+/// Pack writers a backup session uses at once: the cores, at most 4 (each holds a pack of
+/// up to the pack target size in memory).
+fn writers_per_session() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
+}
+
 fn finish_all(writers: Vec<PackWriter>) -> Result<PackStats, klio_repository::Error> {
     let mut total = PackStats::default();
     let finished: Vec<_> = std::thread::scope(|s| {
@@ -1082,6 +1091,7 @@ impl Backup for BackupService {
                 uploaded: AtomicU64::new(0),
                 pins_repository: AtomicBool::new(false),
                 writers: Mutex::new(Vec::new()),
+                writer_slots: tokio::sync::Semaphore::new(writers_per_session()),
                 last_used: Mutex::new(Instant::now()),
                 protected: Mutex::new(HashSet::new()),
                 tier2,
@@ -1149,6 +1159,12 @@ impl Backup for BackupService {
             )));
         }
         session.uploaded.fetch_add(bytes, Ordering::Relaxed);
+        // Calls beyond the writers wait here, before holding anything else.
+        let _slot = session
+            .writer_slots
+            .acquire()
+            .await
+            .map_err(|_| Status::aborted("the backup session was closed"))?;
         let _shared = self.gc_lock.read().await;
         let mut writer = lock(&session.writers)
             .pop()

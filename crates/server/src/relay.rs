@@ -505,7 +505,7 @@ impl Tasks {
 
 /// Blocks read from Tier 1 per call.
 const RELAY_BATCH: usize = 2048;
-/// The fewest blocks a backup relay gives one job (a 32 MiB pack of 8 KiB pages).
+/// The fewest blocks a backup relay gives one job (32 MiB of 8 KiB pages).
 const MIN_BLOCKS_PER_JOB: usize = 4096;
 
 /// The backup copy (blocking). `None` when Tier 2 already had it, else (blocks copied,
