@@ -16,7 +16,6 @@ use k8s_openapi::api::authorization::v1::{
     NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use kube::api::{Api, PostParams};
-use serde_json::Value;
 
 /// The ConfigMap kube-apiserver publishes its front-proxy settings in.
 pub const AUTH_CONFIGMAP: (&str, &str) = ("kube-system", "extension-apiserver-authentication");
@@ -81,23 +80,7 @@ pub struct User {
 
 /// Decodes `%XX` escapes (extra keys are escaped by the front proxy).
 fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::percent_decode(s)
 }
 
 /// The most header values a request may carry as groups or extra (hostile-input bound).
@@ -338,18 +321,6 @@ pub fn common_name(der: &[u8]) -> Option<String> {
         .ok()?
         .to_string();
     Some(cn)
-}
-
-/// The configmap's data as a map (binary data is not used).
-pub fn configmap_data(value: &Value) -> BTreeMap<String, String> {
-    value["data"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -183,26 +183,7 @@ fn route(path: &str, group: &str) -> Route {
 
 /// Decodes a query string (`a=b&c=d`, `%XX` and `+`); the last value of a key wins.
 fn query(q: Option<&str>) -> HashMap<String, String> {
-    let decode = |s: &str| {
-        let s = s.replace('+', " ");
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        let hex = |c: u8| (c as char).to_digit(16);
-        while i < b.len() {
-            if b[i] == b'%'
-                && i + 2 < b.len()
-                && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-            {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-            out.push(b[i]);
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
+    let decode = |s: &str| crate::percent_decode(&s.replace('+', " "));
     q.unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())

@@ -56,7 +56,7 @@ pub struct ApiServiceArgs {
     /// Its private key [else CLIENT_BASE_CLIENT_KEY_PATH]
     #[arg(long, env = "KLIO_CLIENT_KEY")]
     pub client_key: Option<PathBuf>,
-    /// This service's HTTPS certificate (PEM; its names must include <service>.<namespace>.svc)
+    /// This service's HTTPS certificate (PEM; its names must include SERVICE.NAMESPACE.svc)
     /// [else CLIENT_BASE_API_SERVER_CERTFILE]
     #[arg(long, env = "KLIO_API_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -80,6 +80,27 @@ pub struct ApiServiceArgs {
     /// each (one object-storage listing per cluster per read)
     #[arg(long, env = "KLIO_API_TIER2")]
     pub tier2: bool,
+}
+
+/// Decodes `%XX` escapes; an incomplete or invalid escape stays as it is.
+pub(crate) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What the service runs with, every setting resolved.

@@ -480,7 +480,8 @@ const FIELDS: [(&str, &str, &str); 4] = [
 pub struct FieldSelector(Vec<(&'static str, &'static str, bool, String)>);
 
 impl FieldSelector {
-    /// Parses a field selector over [`FIELDS`]; other fields are refused by name.
+    /// Parses a field selector over the fields it supports (metadata.name, metadata.namespace,
+    /// spec.clusterName, spec.backupID); others are refused by name.
     pub fn parse(text: &str) -> Result<FieldSelector, String> {
         let mut reqs = Vec::new();
         if text.trim().is_empty() {

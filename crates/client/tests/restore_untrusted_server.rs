@@ -241,6 +241,12 @@ impl Backup for FakeServer {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         unimplemented()
     }
+    async fn list_clusters(
+        &self,
+        _: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        unimplemented()
+    }
 }
 
 /// A scratch directory holding the certificates, the data directory to restore (`pgdata`,

@@ -22,7 +22,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use common::*;
@@ -32,26 +32,6 @@ use serde_json::Value;
 const CLUSTER: &str = "apisvc";
 const GROUP: &str = "kliocatalog.enterprisedb.io";
 const APISERVICE: &str = "v1alpha1.kliocatalog.enterprisedb.io";
-
-fn eventually<T>(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?} (last: {last})");
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
 
 /// `kubectl args...`: (success, stdout, stderr).
 fn kubectl(env: &K8sTestEnv, args: &[&str]) -> (bool, String, String) {

@@ -18,9 +18,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use common::*;
 use klio_test_support::{
     Moto, PgCluster, PgOptions, Prometheus, free_port, go_peer, http_get, scratch_dir,
@@ -29,27 +29,6 @@ use serde_json::Value;
 
 const CLUSTER: &str = "obs";
 const BUCKET: &str = "klio-obs";
-
-/// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
-fn eventually<T>(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?} (last error: {last})");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 /// The value of the single series `promql` returns, if any.
 fn one_value(p: &Prometheus, promql: &str) -> anyhow::Result<Option<f64>> {

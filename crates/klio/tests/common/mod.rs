@@ -537,3 +537,24 @@ pub fn configure_recovery(
     let _ = std::fs::remove_file(data_dir.join("standby.signal"));
     Ok(())
 }
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
+pub fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?} (last error: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
