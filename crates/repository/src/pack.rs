@@ -44,7 +44,6 @@ struct OpenPack {
     buf: Vec<u8>,
     blocks: Vec<(BlockId, BlockLocation)>,
     ids: HashSet<BlockId>,
-    hasher: blake3::Hasher,
     plain_len: u64,
 }
 
@@ -62,7 +61,6 @@ impl OpenPack {
             buf,
             blocks: Vec::new(),
             ids: HashSet::new(),
-            hasher: blake3::Hasher::new(),
             plain_len: 0,
         }
     }
@@ -121,6 +119,75 @@ impl PackWriter {
         self.add(id, plaintext, Some(compressed))
     }
 
+    /// Adds block `id` as another repository stored it: `payload` is its stored form
+    /// (zstd-compressed when `compressed`) of `plain_len` bytes, read from a frame that was
+    /// authenticated and that the index binds to `id` (a relay from Tier 1). It is sealed
+    /// again as it is, without being decompressed or hashed: the repository it comes from
+    /// checked the id when it stored the block, and every read checks it again. Returns
+    /// `true` if the block is new here.
+    pub fn add_authenticated_payload(
+        &mut self,
+        id: &BlockId,
+        plain_len: u32,
+        payload: Vec<u8>,
+        compressed: bool,
+    ) -> Result<bool, Error> {
+        if plain_len as usize > MAX_BLOCK_SIZE {
+            return Err(Error::BlockTooLarge {
+                block: *id,
+                size: plain_len as usize,
+                max: MAX_BLOCK_SIZE,
+            });
+        }
+        if self.is_stored(id)? {
+            return Ok(false);
+        }
+        self.seal(id, plain_len, |cipher, offset, out| {
+            cipher.seal_payload(offset, plain_len, payload, compressed, out)
+        })
+    }
+
+    /// Whether the block is stored already (counted as deduplicated).
+    fn is_stored(&mut self, id: &BlockId) -> Result<bool, Error> {
+        let pending = self.open.as_ref().is_some_and(|p| p.ids.contains(id));
+        if pending || (!self.relocate && self.repo.has_block(id)?) {
+            self.stats.blocks_deduplicated += 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Appends block `id`'s frame, which `frame` seals at the given plaintext offset, to the
+    /// open pack (opened if needed); writes the pack once it reaches the target size.
+    fn seal(
+        &mut self,
+        id: &BlockId,
+        plain_len: u32,
+        frame: impl FnOnce(&FrameCipher, u64, &mut Vec<u8>),
+    ) -> Result<bool, Error> {
+        let target = self.repo.options().pack_target_size;
+        let master = self.repo.master();
+        let pack = self
+            .open
+            .get_or_insert_with(|| OpenPack::new(master, target));
+        let start = pack.buf.len();
+        frame(&pack.cipher, pack.plain_len, &mut pack.buf);
+        let loc = BlockLocation {
+            offset: start as u32,
+            len: (pack.buf.len() - start) as u32,
+            plain_len,
+        };
+        pack.blocks.push((*id, loc));
+        pack.ids.insert(*id);
+        pack.plain_len += u64::from(plain_len);
+        self.stats.blocks_added += 1;
+        self.stats.plain_bytes_added += u64::from(plain_len);
+        if pack.buf.len() >= target {
+            self.flush()?;
+        }
+        Ok(true)
+    }
+
     /// Whether the unfinished pack holds the block.
     pub fn contains(&self, id: &BlockId) -> bool {
         self.open.as_ref().is_some_and(|p| p.ids.contains(id))
@@ -146,52 +213,16 @@ impl PackWriter {
                 actual,
             });
         }
-        let pending = self.open.as_ref().is_some_and(|p| p.ids.contains(id));
-        if pending || (!self.relocate && self.repo.has_block(id)?) {
-            self.stats.blocks_deduplicated += 1;
+        if self.is_stored(id)? {
             return Ok(false);
         }
-        let target = self.repo.options().pack_target_size;
         let level = self.repo.options().compression_level;
-        let master = self.repo.master();
-        let pack = self
-            .open
-            .get_or_insert_with(|| OpenPack::new(master, target));
-        let start = pack.buf.len();
-        match encoded {
-            Some(Some(c)) => pack.cipher.seal_payload(
-                pack.plain_len,
-                plaintext.len() as u32,
-                c,
-                true,
-                &mut pack.buf,
-            ),
-            Some(None) => pack.cipher.seal_payload(
-                pack.plain_len,
-                plaintext.len() as u32,
-                plaintext.to_vec(),
-                false,
-                &mut pack.buf,
-            ),
-            None => pack
-                .cipher
-                .seal_frame(pack.plain_len, plaintext, level, &mut pack.buf),
-        }
-        let loc = BlockLocation {
-            offset: start as u32,
-            len: (pack.buf.len() - start) as u32,
-            plain_len: plaintext.len() as u32,
-        };
-        pack.blocks.push((*id, loc));
-        pack.ids.insert(*id);
-        pack.hasher.update(plaintext);
-        pack.plain_len += plaintext.len() as u64;
-        self.stats.blocks_added += 1;
-        self.stats.plain_bytes_added += plaintext.len() as u64;
-        if pack.buf.len() >= target {
-            self.flush()?;
-        }
-        Ok(true)
+        let plain_len = plaintext.len() as u32;
+        self.seal(id, plain_len, |cipher, offset, out| match encoded {
+            Some(Some(c)) => cipher.seal_payload(offset, plain_len, c, true, out),
+            Some(None) => cipher.seal_payload(offset, plain_len, plaintext.to_vec(), false, out),
+            None => cipher.seal_frame(offset, plaintext, level, out),
+        })
     }
 
     /// Blocks added but not yet written (in the unfinished pack).
@@ -210,9 +241,12 @@ impl PackWriter {
         let Some(mut pack) = self.open.take() else {
             return Ok(());
         };
+        // No hash of the plaintexts: every block frame is authenticated and bound to its
+        // position on its own, and no reader opens a pack as a whole (docs/formats/
+        // repository.md, "Packs").
         let summary = SealedSummary {
             total_len: pack.plain_len,
-            blake3: *pack.hasher.finalize().as_bytes(),
+            blake3: [0; 32],
         };
         pack.cipher.seal_final(&summary, &mut pack.buf);
         let store = self.repo.store();

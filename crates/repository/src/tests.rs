@@ -207,8 +207,20 @@ fn pack_is_a_complete_sealed_object() {
     let id = packs[0].rsplit('/').next().unwrap();
     assert_eq!(&packs[0][6..8], &id[..2], "fan-out directory");
     let sealed = store.get(&packs[0]).unwrap().unwrap();
-    let (_, plain) = klio_crypto::open_object(&master, &format!("pack/{id}"), &sealed).unwrap();
+    // Every frame authenticates, in order, and the final frame has the total length; the
+    // final hash is not computed (zeros): blocks are checked frame by frame.
+    let name = format!("pack/{id}");
+    let (header, hlen) = klio_crypto::ObjectHeader::decode(&sealed, &name).unwrap();
+    assert_eq!(header.kind, klio_crypto::ObjectKind::Blob);
+    let cipher = klio_crypto::FrameCipher::new(&master, &header);
+    let (frames, summary) = cipher.open_all(&sealed[hlen..]).unwrap();
+    let plain: Vec<u8> = frames
+        .iter()
+        .flat_map(|f| f.plaintext(&name).unwrap())
+        .collect();
     assert_eq!(plain, blocks.concat());
+    assert_eq!(summary.total_len, plain.len() as u64);
+    assert_eq!(summary.blake3, [0; 32]);
 }
 
 #[test]
@@ -1424,4 +1436,61 @@ fn repository_written_before_domains_still_restores() {
     if let FileKind::Whole { block } = &f.kind {
         assert!(!own.has_block(block).unwrap());
     }
+}
+
+#[test]
+fn authenticated_payloads_move_between_repositories_as_stored() {
+    // A relay: blocks read from one repository's frames are sealed into another with the
+    // same id key, without being decompressed; they read back intact there.
+    let (_, _, t1) = mem_repo(small_packs());
+    let blocks = vec![page(1, 8192), page(2, 8192), vec![9u8; 100]];
+    let (ids, _) = add_all(&t1, &blocks);
+    let t2 = Repository::open_or_init_with_id_key(
+        Arc::new(MemStore::new()),
+        MasterKey::generate(),
+        small_packs(),
+        Some(t1.id_key()),
+    )
+    .unwrap();
+    let payloads = t1.read_block_payloads(&ids).unwrap();
+    assert!(payloads.iter().any(|p| p.compressed), "a page compresses");
+    let mut w = t2.pack_writer();
+    for p in payloads.clone() {
+        assert!(
+            w.add_authenticated_payload(&p.id, p.plain_len, p.payload, p.compressed)
+                .unwrap()
+        );
+    }
+    // Offered again: deduplicated.
+    let p = &payloads[0];
+    assert!(
+        !w.add_authenticated_payload(&p.id, p.plain_len, p.payload.clone(), p.compressed)
+            .unwrap()
+    );
+    let stats = w.finish().unwrap();
+    assert_eq!(stats.blocks_added, 3);
+    assert_eq!(stats.blocks_deduplicated, 1);
+    for (id, b) in ids.iter().zip(&blocks) {
+        assert_eq!(&t2.read_block(id).unwrap(), b);
+    }
+
+    // A payload under another block's id is not checked when sealed, but every read finds
+    // that it does not match the id.
+    let t3 = Repository::open_or_init_with_id_key(
+        Arc::new(MemStore::new()),
+        MasterKey::generate(),
+        small_packs(),
+        Some(t1.id_key()),
+    )
+    .unwrap();
+    let mut w = t3.pack_writer();
+    let lie = &payloads[1];
+    w.add_authenticated_payload(&ids[0], lie.plain_len, lie.payload.clone(), lie.compressed)
+        .unwrap();
+    w.finish().unwrap();
+    let err = t3.read_block(&ids[0]).unwrap_err();
+    assert!(
+        err.to_string().contains("does not match the block id"),
+        "{err}"
+    );
 }

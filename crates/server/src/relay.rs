@@ -663,21 +663,17 @@ fn copy_blocks(
     ids: &[BlockId],
 ) -> anyhow::Result<(u64, u64)> {
     let mut writer = t2.pack_writer();
-    let mut dctx = zstd::bulk::Decompressor::new()?;
     for batch in ids.chunks(RELAY_BATCH) {
         let payloads = {
             let _shared = t1_gc.blocking_read();
             t1.read_block_payloads(batch)?
         };
+        // Each payload comes from a Tier 1 frame that was just authenticated and that Tier
+        // 1's index binds to its id (checked when the block was stored, and again by every
+        // restore from Tier 2): it is sealed for Tier 2 as it is, not decompressed and
+        // hashed again.
         for p in payloads {
-            if p.compressed {
-                let plain = dctx
-                    .decompress(&p.payload, p.plain_len as usize)
-                    .with_context(|| format!("block {} of Tier 1 does not decompress", p.id))?;
-                writer.add_encoded_block(&p.id, &plain, Some(p.payload))?;
-            } else {
-                writer.add_encoded_block(&p.id, &p.payload, None)?;
-            }
+            writer.add_authenticated_payload(&p.id, p.plain_len, p.payload, p.compressed)?;
         }
     }
     let stats = writer.finish()?;

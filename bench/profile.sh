@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Where the CPU goes: a full `klio backup --jobs 2` and a `klio restore --jobs 2` of a pgbench
+# database, with `perf record` on the client and on the Klio server at once; prints the
+# hottest functions of each side (self time, all threads) and the CPU seconds each side
+# used, then leaves the perf data in $OUT (default /var/tmp/klio-profile).
+#
+#   bash bench/profile.sh              # scale 50
+#   SCALE=200 bash bench/profile.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/klio-target}"
+PG_BIN="${KLIO_PG_BIN:-/usr/lib/postgresql/15/bin}"
+SCALE="${SCALE:-50}"
+TOP="${TOP:-25}"
+OUT="${OUT:-/var/tmp/klio-profile}"
+WORK="$(mktemp -d /var/tmp/klio-bench-profile-XXXXXX)"
+chown postgres:postgres "$WORK"
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
+
+cargo build --release --locked --bin klio >&2
+KLIO="$CARGO_TARGET_DIR/release/klio"
+mkdir -p "$OUT"
+
+PIDS=()
+cleanup() {
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  [ -f "$WORK/pg/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" stop -m immediate >/dev/null 2>&1
+  wait 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$KLIO" pki init "$WORK/pki" --cluster bench >/dev/null
+head -c 32 /dev/urandom | base64 > "$WORK/key"
+WAL_PORT=$(free_port); BASE_PORT=$(free_port); PG_PORT=$(free_port)
+"$KLIO" server --data-dir "$WORK/klio" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
+  --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$WAL_PORT" \
+  --base-listen "127.0.0.1:$BASE_PORT" 2> "$WORK/server.log" &
+SERVER=$!; PIDS+=($SERVER)
+CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --base-port "$BASE_PORT" --cluster bench
+  --client-cert "$WORK/pki/client-bench.crt" --client-key "$WORK/pki/client-bench.key" --server-ca "$WORK/pki/ca.crt")
+init_pg "$WORK/pg" "$PG_PORT"
+echo "shared_buffers = 512MB" >> "$WORK/pg/postgresql.conf"
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w start >/dev/null
+DSN="host=127.0.0.1 port=$PG_PORT user=postgres dbname=postgres"
+"$KLIO" wal-stream "${CLIENT[@]}" --pg-dsn "$DSN" 2> "$WORK/wal-stream.log" &
+PIDS+=($!)
+as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -i -q -s "$SCALE" postgres >&2
+"$PG_BIN/psql" -X -At -h "$WORK" -p "$PG_PORT" -U postgres -d postgres -c "VACUUM (FREEZE)" -c "CHECKPOINT" >/dev/null
+
+cpu_s() { awk '{printf "%.1f", ($14 + $15) / 100}' "/proc/$1/stat"; } # utime + stime, 100 Hz ticks
+report() { # $1 = perf data, $2 = title
+  echo
+  echo "== $2: hottest functions (self time, % of its samples)"
+  perf report -i "$1" --no-children --sort symbol --stdio --percent-limit 0.7 2>/dev/null \
+    | grep -E '^ +[0-9]' | head -n "$TOP" || true
+}
+
+# profile NAME CMD...: runs CMD under perf while perf also samples the server.
+profile() {
+  local name=$1; shift
+  local s0 t0
+  s0=$(cpu_s "$SERVER")
+  perf record -q -F 999 -g -p "$SERVER" -o "$OUT/$name-server.data" 2>/dev/null &
+  local rec=$!
+  sleep 0.5
+  t0=$(now)
+  perf record -q -F 999 -g -o "$OUT/$name-client.data" -- "$@" > "$WORK/$name.out" 2> "$WORK/$name.err" \
+    || { cat "$WORK/$name.err" >&2; exit 1; }
+  local wall; wall=$(elapsed "$t0")
+  kill -INT "$rec"; wait "$rec" 2>/dev/null || true
+  local s1; s1=$(cpu_s "$SERVER")
+  local client_cpu
+  client_cpu=$(perf report -i "$OUT/$name-client.data" --stdio --sort comm 2>/dev/null | awk '/^# Samples/ && !d {print $3; d = 1}' || true)
+  echo
+  echo "##### $name: ${wall}s wall; server CPU $(python3 -c "print(f'{$s1 - $s0:.1f}')")s; client samples ${client_cpu} at 999 Hz"
+  report "$OUT/$name-client.data" "$name, client"
+  report "$OUT/$name-server.data" "$name, server"
+}
+
+profile backup "$KLIO" backup "${CLIENT[@]}" --pg-dsn "$DSN" --pgdata "$WORK/pg" --jobs 2 --json --no-retention
+profile restore "$KLIO" restore "${CLIENT[@]}" --pgdata "$WORK/restored" --jobs 2
+echo
+echo "perf data in $OUT (perf report -i $OUT/backup-server.data)"
