@@ -32,14 +32,11 @@ done
 cargo build --release --locked --bin klio >&2
 KLIO="$CARGO_TARGET_DIR/release/klio"
 
-as_pg() { runuser -u postgres -- "$@"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-peak_rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-du_b() { du -sb "$1" | cut -f1; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+# Whole megabytes in this script's tables.
 mb() { python3 -c "print(f'{$1/1e6:,.0f} MB')"; }
 ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
-now() { date +%s.%N; }
-elapsed() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
 # Runs a command, prints its wall time in seconds; the client's peak RSS goes to $WORK/rss.
 timed() {
   local t0; t0=$(now)
@@ -59,15 +56,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== setup: PostgreSQL 15, pgbench scale $SCALE, Klio server and streamer, pgBackRest stanza, restic repository" >&2
-"$KLIO" pki init "$WORK/pki" --cluster bench >/dev/null
-head -c 32 /dev/urandom | base64 > "$WORK/key"
-WAL_PORT=$(free_port); BASE_PORT=$(free_port)
-"$KLIO" server --data-dir "$WORK/klio" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
-  --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$WAL_PORT" \
-  --base-listen "127.0.0.1:$BASE_PORT" 2> "$WORK/server.log" &
-SERVER=$!; PIDS+=($SERVER)
-CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --base-port "$BASE_PORT" --cluster bench
-  --client-cert "$WORK/pki/client-bench.crt" --client-key "$WORK/pki/client-bench.key" --server-ca "$WORK/pki/ca.crt")
+start_klio_server
 
 mkdir -p "$WORK/pgbackrest/repo" "$WORK/pgbackrest/log" "$WORK/pgbackrest/spool"
 PG_PORT=$(free_port)

@@ -31,3 +31,26 @@ wal_level = replica
 max_wal_senders = 10
 CONF
 }
+
+# stop_all: kills the processes in PIDS and the PostgreSQL in $WORK/pg, waits for them.
+stop_all() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  [ -f "$WORK/pg/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" stop -m immediate >/dev/null 2>&1
+  wait 2>/dev/null
+}
+
+# start_klio_server: development certificates in $WORK/pki (cluster "bench"), an encryption
+# key, and a Klio server ($KLIO) on free loopback ports with its data in $WORK/klio and its
+# log in $WORK/server.log; sets SERVER (its pid, also added to PIDS), WAL_PORT, BASE_PORT
+# and CLIENT (the client flags for cluster bench).
+start_klio_server() {
+  "$KLIO" pki init "$WORK/pki" --cluster bench >/dev/null
+  head -c 32 /dev/urandom | base64 > "$WORK/key"
+  WAL_PORT=$(free_port); BASE_PORT=$(free_port)
+  "$KLIO" server --data-dir "$WORK/klio" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
+    --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$WAL_PORT" \
+    --base-listen "127.0.0.1:$BASE_PORT" 2> "$WORK/server.log" &
+  SERVER=$!; PIDS+=("$SERVER")
+  CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --base-port "$BASE_PORT" --cluster bench
+    --client-cert "$WORK/pki/client-bench.crt" --client-key "$WORK/pki/client-bench.key" --server-ca "$WORK/pki/ca.crt")
+}

@@ -26,22 +26,13 @@ mkdir -p "$OUT"
 PIDS=()
 cleanup() {
   set +e
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  [ -f "$WORK/pg/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" stop -m immediate >/dev/null 2>&1
-  wait 2>/dev/null
+  stop_all
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-"$KLIO" pki init "$WORK/pki" --cluster bench >/dev/null
-head -c 32 /dev/urandom | base64 > "$WORK/key"
-WAL_PORT=$(free_port); BASE_PORT=$(free_port); PG_PORT=$(free_port)
-"$KLIO" server --data-dir "$WORK/klio" --encryption-key-file "$WORK/key" --tls-cert "$WORK/pki/server.crt" \
-  --tls-key "$WORK/pki/server.key" --client-ca "$WORK/pki/ca.crt" --wal-listen "127.0.0.1:$WAL_PORT" \
-  --base-listen "127.0.0.1:$BASE_PORT" 2> "$WORK/server.log" &
-SERVER=$!; PIDS+=($SERVER)
-CLIENT=(--server-address 127.0.0.1 --wal-port "$WAL_PORT" --base-port "$BASE_PORT" --cluster bench
-  --client-cert "$WORK/pki/client-bench.crt" --client-key "$WORK/pki/client-bench.key" --server-ca "$WORK/pki/ca.crt")
+start_klio_server
+PG_PORT=$(free_port)
 init_pg "$WORK/pg" "$PG_PORT"
 echo "shared_buffers = 512MB" >> "$WORK/pg/postgresql.conf"
 as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w start >/dev/null
