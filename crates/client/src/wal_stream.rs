@@ -623,6 +623,13 @@ struct StreamerState {
     last_ack: Option<std::time::SystemTime>,
 }
 
+impl StreamerState {
+    /// WAL bytes PostgreSQL has written that the server has not acknowledged.
+    fn lag_bytes(&self) -> u64 {
+        self.primary.0.saturating_sub(self.acked.0)
+    }
+}
+
 impl StreamerMetrics {
     fn with<R>(&self, f: impl FnOnce(&mut StreamerState) -> R) -> R {
         f(&mut self
@@ -726,19 +733,14 @@ fn register_streamer_gauges() {
         "klio_streamer_archive_lag_bytes",
         "WAL bytes PostgreSQL has written that the server has not acknowledged yet",
         "By",
-        |s, _| s.primary.0.saturating_sub(s.acked.0) as f64,
+        |s, _| s.lag_bytes() as f64,
     );
     gauge(
         "klio_streamer_archive_lag_seconds",
         "Seconds since the server last held all of PostgreSQL's WAL (0 while it does)",
         "s",
         |s, now| {
-            if s.connected && s.acked >= s.primary {
-                return 0.0;
-            }
-            s.complete_at.map_or(0.0, |t| {
-                now.duration_since(t).unwrap_or_default().as_secs_f64()
-            })
+            klio_telemetry::archive_lag_seconds(s.connected, s.lag_bytes(), s.complete_at, now)
         },
     );
     gauge(

@@ -58,12 +58,7 @@ impl WalState {
 
     /// Seconds since the archive was last known complete (0 while it is).
     pub fn lag_seconds(&self, now: SystemTime) -> f64 {
-        match self.complete_at {
-            Some(t) if !(self.connected && self.lag_bytes() == 0) => {
-                now.duration_since(t).unwrap_or_default().as_secs_f64()
-            }
-            _ => 0.0,
-        }
+        klio_telemetry::archive_lag_seconds(self.connected, self.lag_bytes(), self.complete_at, now)
     }
 }
 

@@ -56,6 +56,23 @@ pub struct MetricsArgs {
     pub pprof: bool,
 }
 
+/// The archive lag in seconds, as both ends of a WAL stream report it: the time since the
+/// archive was last known to hold everything the primary had written (`complete_at`), and
+/// 0 while it does (a connected stream with `lag_bytes` 0) or before it ever did.
+pub fn archive_lag_seconds(
+    connected: bool,
+    lag_bytes: u64,
+    complete_at: Option<std::time::SystemTime>,
+    now: std::time::SystemTime,
+) -> f64 {
+    match complete_at {
+        Some(t) if !(connected && lag_bytes == 0) => {
+            now.duration_since(t).unwrap_or_default().as_secs_f64()
+        }
+        _ => 0.0,
+    }
+}
+
 /// Registers an observable gauge on `meter`; `observe` reports its values (with their
 /// labels) at each collection. `unit` is the UCUM unit OTLP carries ("" for none); the
 /// Prometheus names already end with it.
