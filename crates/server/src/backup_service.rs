@@ -227,16 +227,7 @@ pub struct BackupService {
     /// (cluster, domain) pairs known to be readable by the cluster: the domains of its
     /// manifests.
     readable_domains: Arc<Mutex<HashSet<(String, Domain)>>>,
-    /// Metadata of committed backups by (tier, cluster, id), read once: a manifest never
-    /// changes after its commit. Entries of backups no longer listed are dropped.
-    metadata_cache: Arc<Mutex<MetadataCache>>,
 }
-
-/// Backup metadata by (Tier 1?, cluster, backup id).
-type MetadataCache = HashMap<(bool, String, String), serde_json::Value>;
-
-/// Most backup metadata the List cache holds (about 2 KiB each, without the file lists).
-const MAX_CACHED_METADATA: usize = 20_000;
 
 use klio_repository::is_disk_full;
 
@@ -340,7 +331,6 @@ impl BackupService {
             gc_lock,
             settings: Arc::new(settings),
             readable_domains: Arc::default(),
-            metadata_cache: Arc::default(),
         }
     }
 
@@ -1323,35 +1313,20 @@ impl Backup for BackupService {
         if with_tier2 {
             sources.push((self.ctx.tier2().await?.repo.clone(), false));
         }
-        let cache = self.metadata_cache.clone();
+        // Read once per backup, shared with the metrics refresh.
+        let cache = self.ctx.metrics.metadata_cache();
         let backups = tokio::task::spawn_blocking(move || -> Result<_, Status> {
             // By id: (metadata, in Tier 1, in Tier 2); Tier 1's metadata wins.
             let mut found: std::collections::BTreeMap<String, (serde_json::Value, bool, bool)> =
                 std::collections::BTreeMap::new();
             for (repo, is_tier1) in sources {
+                let tier = if is_tier1 { 1 } else { 2 };
                 let ids = repo.list_manifests(&cluster).map_err(repo_status)?;
-                {
-                    let listed: HashSet<String> = ids.iter().map(|id| id.to_string()).collect();
-                    lock(&cache).retain(|(t, c, id), _| {
-                        *t != is_tier1 || *c != cluster || listed.contains(id)
-                    });
-                }
+                cache.retain_listed(tier, &cluster, &ids);
                 for id in ids {
                     let entry = found.entry(id.to_string()).or_insert_with(|| {
-                        let key = (is_tier1, cluster.clone(), id.to_string());
-                        if let Some(m) = lock(&cache).get(&key) {
-                            return (m.clone(), false, false);
-                        }
-                        let metadata = match repo.get_manifest(&cluster, &id) {
-                            Ok(m) => {
-                                let mut cache = lock(&cache);
-                                if cache.len() >= MAX_CACHED_METADATA {
-                                    cache.clear();
-                                }
-                                cache.insert(key, m.metadata.clone());
-                                m.metadata
-                            }
-                            // Not cached: a damaged manifest is reported until repaired.
+                        let metadata = match cache.get(tier, &repo, &cluster, &id) {
+                            Ok(m) => m,
                             Err(e) => serde_json::json!({ "backup_id": id.to_string(), "error": e.to_string() }),
                         };
                         (metadata, false, false)

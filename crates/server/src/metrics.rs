@@ -128,8 +128,7 @@ struct Inner {
     wal: Mutex<BTreeMap<String, WalState>>,
     relay: Mutex<BTreeMap<String, RelayState>>,
     snapshot: Mutex<Snapshot>,
-    /// Backup metadata by (tier, cluster, id): manifests never change once committed.
-    metadata: Mutex<HashMap<(u32, String, String), Value>>,
+    metadata: Arc<MetadataCache>,
     in_flight: AtomicI64,
     wal_received: Counter<u64>,
     relay_errors: Counter<u64>,
@@ -181,7 +180,7 @@ impl Metrics {
             wal: Mutex::default(),
             relay: Mutex::default(),
             snapshot: Mutex::default(),
-            metadata: Mutex::default(),
+            metadata: Arc::default(),
             in_flight: AtomicI64::new(0),
             wal_received: meter
                 .u64_counter("klio_wal_received_bytes")
@@ -430,18 +429,16 @@ impl Metrics {
         *current = snap;
     }
 
+    /// The cache of backup metadata, shared with the catalog (`List`).
+    pub fn metadata_cache(&self) -> Arc<MetadataCache> {
+        self.inner.metadata.clone()
+    }
+
     fn metadata(&self, tier: u32, repo: &Repository, cluster: &str, id: &BackupId) -> Value {
-        let key = (tier, cluster.to_string(), id.to_string());
-        if let Some(v) = lock(&self.inner.metadata).get(&key) {
-            return v.clone();
-        }
-        match repo.get_manifest(cluster, id) {
-            Ok(m) => {
-                lock(&self.inner.metadata).insert(key, m.metadata.clone());
-                m.metadata
-            }
-            Err(_) => Value::Null,
-        }
+        self.inner
+            .metadata
+            .get(tier, repo, cluster, id)
+            .unwrap_or(Value::Null)
     }
 
     /// The backups `repo` holds of `cluster` (metadata read once per backup).
@@ -474,10 +471,49 @@ impl Metrics {
                 .map_or(0, |a| a.len() as u64);
         }
         // Backups that left the store leave the metadata cache too.
-        let live: std::collections::HashSet<String> = ids.iter().map(|i| i.to_string()).collect();
-        lock(&self.inner.metadata)
-            .retain(|(t, c, id), _| *t != tier || c != cluster || live.contains(id));
+        self.inner.metadata.retain_listed(tier, cluster, &ids);
         out
+    }
+}
+
+/// Most backup metadata a [`MetadataCache`] holds (about 2 KiB each, without file lists).
+const MAX_CACHED_METADATA: usize = 20_000;
+
+/// Metadata of committed backups by (tier, cluster, id), each read from the store once: a
+/// manifest never changes after its commit. Shared by the metrics refresh and the
+/// catalog's `List`; entries of backups a listing no longer shows are dropped, and all of
+/// them when the cache is full.
+#[derive(Default)]
+pub struct MetadataCache(Mutex<HashMap<(u32, String, String), Value>>);
+
+impl MetadataCache {
+    /// Backup `id`'s metadata from `repo` (tier `tier`); a read that fails is not cached
+    /// (a damaged manifest is reported until repaired).
+    pub fn get(
+        &self,
+        tier: u32,
+        repo: &Repository,
+        cluster: &str,
+        id: &BackupId,
+    ) -> Result<Value, klio_repository::Error> {
+        let key = (tier, cluster.to_string(), id.to_string());
+        if let Some(v) = lock(&self.0).get(&key) {
+            return Ok(v.clone());
+        }
+        let metadata = repo.get_manifest(cluster, id)?.metadata;
+        let mut cache = lock(&self.0);
+        if cache.len() >= MAX_CACHED_METADATA {
+            cache.clear();
+        }
+        cache.insert(key, metadata.clone());
+        Ok(metadata)
+    }
+
+    /// Forgets tier `tier`'s backups of `cluster` that `listed` does not hold.
+    pub fn retain_listed(&self, tier: u32, cluster: &str, listed: &[BackupId]) {
+        let live: std::collections::HashSet<String> =
+            listed.iter().map(|i| i.to_string()).collect();
+        lock(&self.0).retain(|(t, c, id), _| *t != tier || c != cluster || live.contains(id));
     }
 }
 
