@@ -254,15 +254,24 @@ impl Moto {
     /// Creates a bucket (moto accepts unsigned requests for it).
     pub fn create_bucket(&self, bucket: &str) {
         use std::io::Write;
-        let mut tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            tcp,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .unwrap();
+        // A connection moto closes without an answer (it happens right after its start) is
+        // tried again; any answer is judged.
         let mut response = String::new();
-        let _ = tcp.read_to_string(&mut response);
+        for _ in 0..50 {
+            let mut tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+            write!(
+                tcp,
+                "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.port
+            )
+            .unwrap();
+            response.clear();
+            let _ = tcp.read_to_string(&mut response);
+            if !response.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         assert!(
             response.starts_with("HTTP/1.1 200"),
             "create bucket {bucket}: {response}"
