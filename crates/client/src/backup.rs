@@ -21,6 +21,7 @@ use clap::Args;
 use klio_pg::{Lsn, SegmentSize, TimeLineId, WalFileName};
 use klio_pgdata::{EntryKind, PAGE_SIZE, PageCheck};
 use klio_proto::backup::v1::{self as pb, backup_client::BackupClient};
+use klio_proto::limits::{MAX_RUN_BLOCKS, RUN_BYTES};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -77,6 +78,8 @@ struct Shared {
     session: String,
     key: [u8; 32],
     level: i32,
+    /// The server stores runs: consecutive new blocks are sent as one compressed run.
+    runs: bool,
     start_lsn: u64,
     verify_checksums: bool,
     rt: tokio::runtime::Handle,
@@ -117,6 +120,52 @@ impl Batch {
             files: Vec::new(),
             file_ids: 0,
         })
+    }
+}
+
+/// Blocks gathered into one upload: a single block, or a run of several.
+#[derive(Default)]
+struct Run {
+    ids: Vec<u8>,
+    lens: Vec<u32>,
+    plain: Vec<u8>,
+}
+
+impl Run {
+    fn push(&mut self, id: &[u8; 32], data: Vec<u8>) {
+        self.ids.extend_from_slice(id);
+        self.lens.push(data.len() as u32);
+        if self.plain.is_empty() {
+            self.plain = data;
+        } else {
+            self.plain.extend_from_slice(&data);
+        }
+    }
+
+    /// The upload of what the run holds (compressed when that saves at least 64 bytes);
+    /// leaves the run empty.
+    fn block(&mut self, cctx: &mut zstd::bulk::Compressor<'static>) -> pb::Block {
+        let plain = std::mem::take(&mut self.plain);
+        let plain_len = plain.len() as u32;
+        let (compressed, data) = match cctx.compress(&plain) {
+            Ok(c) if c.len() + 64 < plain.len() => (true, c),
+            _ => (false, plain),
+        };
+        let ids = std::mem::take(&mut self.ids);
+        let lens = std::mem::take(&mut self.lens);
+        let mut block = pb::Block {
+            plain_len,
+            compressed,
+            data: data.into(),
+            ..Default::default()
+        };
+        if lens.len() == 1 {
+            block.id = ids.into();
+        } else {
+            block.run_ids = ids.into();
+            block.run_lens = lens;
+        }
+        block
     }
 }
 
@@ -163,7 +212,12 @@ impl Shared {
                 batch.ids.len()
             );
         }
+        // The missing blocks, in the order read (a file's pages one after the other), go
+        // in runs of up to RUN_BYTES compressed together: one zstd frame per run costs far
+        // less time and space than one per 8 KiB page, and each block keeps its own id.
+        let max_run = if self.runs { RUN_BYTES } else { 0 };
         let mut blocks = Vec::new();
+        let mut run = Run::default();
         for ((id, data), m) in batch
             .ids
             .iter()
@@ -173,21 +227,28 @@ impl Shared {
             if *m == 0 {
                 continue;
             }
-            let plain_len = data.len() as u32;
-            let (compressed, data) = match batch.cctx.compress(&data) {
-                Ok(c) if c.len() + 64 < data.len() => (true, c),
-                _ => (false, data),
-            };
-            blocks.push(pb::Block {
-                id: id.to_vec().into(),
-                plain_len,
-                compressed,
-                data: data.into(),
-            });
+            if data.is_empty() {
+                // An empty block (an empty file) has no place in a run.
+                let mut alone = Run::default();
+                alone.push(id, data);
+                blocks.push(alone.block(&mut batch.cctx));
+                continue;
+            }
+            if !run.lens.is_empty()
+                && (run.plain.len() + data.len() > max_run || run.lens.len() >= MAX_RUN_BLOCKS)
+            {
+                blocks.push(run.block(&mut batch.cctx));
+            }
+            run.push(id, data);
         }
+        if !run.lens.is_empty() {
+            blocks.push(run.block(&mut batch.cctx));
+        }
+        self.blocks_sent.fetch_add(
+            blocks.iter().map(|b| b.run_lens.len().max(1) as u64).sum(),
+            Ordering::Relaxed,
+        );
         if !blocks.is_empty() {
-            self.blocks_sent
-                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
             let request = pb::PutBlocksRequest {
                 session_id: self.session.clone(),
                 blocks,
@@ -656,6 +717,7 @@ async fn take_backup(
         session: begin.session_id.clone(),
         key,
         level: args.compression_level,
+        runs: begin.accepts_runs,
         start_lsn: start_lsn.0,
         verify_checksums: data_checksums,
         rt: tokio::runtime::Handle::current(),

@@ -689,6 +689,7 @@ impl Fetcher {
                 ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
                 tier: self.tier,
                 domain: self.domain.clone(),
+                runs: true,
             }))
             .map_err(|s| status_error(&format!("fetch the blocks of \"{path}\""), s))?
             .into_inner();
@@ -706,6 +707,7 @@ impl Fetcher {
         buf.resize(total, 0);
         let mut pos = 0;
         let mut dctx = zstd::bulk::Decompressor::new().context("zstd decompressor")?;
+        let mut frame: Vec<u8> = Vec::new();
         for ((b, id), &len) in r.blocks.iter().zip(ids).zip(lens) {
             let corrupt = |why: &str| {
                 anyhow::anyhow!(
@@ -720,17 +722,48 @@ impl Fetcher {
                 )));
             }
             let out = &mut buf[pos..pos + len];
-            if b.compressed {
-                let n = dctx
-                    .decompress_to_buffer(&b.data[..], out)
-                    .map_err(|_| corrupt("it does not decompress"))?;
-                if n != len {
+            if b.frame_len == 0 {
+                if b.same_frame {
+                    return Err(corrupt("the server sent no frame for it"));
+                }
+                if b.compressed {
+                    let n = dctx
+                        .decompress_to_buffer(&b.data[..], out)
+                        .map_err(|_| corrupt("it does not decompress"))?;
+                    if n != len {
+                        return Err(corrupt("it has the wrong length"));
+                    }
+                } else if b.data.len() == len {
+                    out.copy_from_slice(&b.data);
+                } else {
                     return Err(corrupt("it has the wrong length"));
                 }
-            } else if b.data.len() == len {
-                out.copy_from_slice(&b.data);
             } else {
-                return Err(corrupt("it has the wrong length"));
+                // Inside a run: the frame's plaintext, decompressed once for its blocks.
+                let frame_len = b.frame_len as usize;
+                let start = b.frame_offset as usize;
+                if frame_len > MAX_BLOCK_SIZE || start + len > frame_len {
+                    return Err(corrupt("it lies beyond the frame that holds it"));
+                }
+                if !b.same_frame {
+                    frame.clear();
+                    if b.compressed {
+                        frame.resize(frame_len, 0);
+                        let n = dctx
+                            .decompress_to_buffer(&b.data[..], &mut frame[..])
+                            .map_err(|_| corrupt("its frame does not decompress"))?;
+                        if n != frame_len {
+                            return Err(corrupt("its frame has the wrong length"));
+                        }
+                    } else if b.data.len() == frame_len {
+                        frame.extend_from_slice(&b.data);
+                    } else {
+                        return Err(corrupt("its frame has the wrong length"));
+                    }
+                } else if frame.len() != frame_len {
+                    return Err(corrupt("the server sent no frame for it"));
+                }
+                out.copy_from_slice(&frame[start..start + len]);
             }
             if blake3::keyed_hash(&self.key, out).as_bytes() != id {
                 return Err(corrupt("its content does not match its id"));

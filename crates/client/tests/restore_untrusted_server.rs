@@ -25,12 +25,28 @@ const BACKUP_ID: &str = "backup-20260101000000";
 const KEY: [u8; 32] = [7; 32];
 const CLUSTER: &str = "evil";
 
+/// How the fake server answers `GetBlocks`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Frames {
+    /// Each block on its own (frame_len 0).
+    Own,
+    /// The blocks asked for as one run frame, sent once (honest).
+    Run,
+    /// As `Run`, but the first block points to a previous frame that was never sent.
+    SameFrameFirst,
+    /// As `Run`, but the last block lies past the end of the frame.
+    BeyondFrame,
+    /// As `Run`, but the frame holds the first two blocks in the wrong order.
+    Swapped,
+}
+
 /// A server that lists one backup with the manifest it was given, and serves its blocks.
 #[derive(Clone)]
 struct FakeServer {
     metadata: serde_json::Value,
     files: Vec<pb::FileEntry>,
     blocks: Arc<HashMap<[u8; 32], Vec<u8>>>,
+    frames: Frames,
 }
 
 impl FakeServer {
@@ -47,7 +63,28 @@ impl FakeServer {
             }),
             files: Vec::new(),
             blocks: Arc::default(),
+            frames: Frames::Own,
         }
+    }
+
+    /// A file cut into 8 KiB blocks.
+    fn paged_file(mut self, path: &str, content: &[u8]) -> FakeServer {
+        let mut ids = Vec::new();
+        for page in content.chunks(8192) {
+            let id = *blake3::keyed_hash(&KEY, page).as_bytes();
+            Arc::make_mut(&mut self.blocks).insert(id, page.to_vec());
+            ids.extend_from_slice(&id);
+        }
+        self.files.push(pb::FileEntry {
+            path: path.into(),
+            size: content.len() as u64,
+            mode: 0o600,
+            kind: pb::file_entry::Kind::File as i32,
+            block_size: 8192,
+            block_ids: ids.into(),
+            ..Default::default()
+        });
+        self
     }
 
     fn tablespace(mut self, oid: u32, name: &str, location: &str) -> FakeServer {
@@ -186,18 +223,58 @@ impl Backup for FakeServer {
         &self,
         request: Request<pb::GetBlocksRequest>,
     ) -> Result<Response<pb::GetBlocksResponse>, Status> {
-        let mut blocks = Vec::new();
+        let mut found = Vec::new();
         for id in request.get_ref().ids.chunks(32) {
             let data = self
                 .blocks
                 .get(id)
                 .ok_or_else(|| Status::not_found("no such block"))?;
+            found.push((id.to_vec(), data.clone()));
+        }
+        if self.frames == Frames::Own {
+            let blocks = found
+                .into_iter()
+                .map(|(id, data)| pb::Block {
+                    id: id.into(),
+                    plain_len: data.len() as u32,
+                    compressed: false,
+                    data: data.into(),
+                    ..Default::default()
+                })
+                .collect();
+            return Ok(Response::new(pb::GetBlocksResponse { blocks }));
+        }
+        let mut frame: Vec<u8> = found.iter().flat_map(|(_, d)| d.clone()).collect();
+        if self.frames == Frames::Swapped && found.len() > 1 {
+            let (a, b) = (found[0].1.len(), found[1].1.len());
+            frame = [&found[1].1[..], &found[0].1[..], &frame[a + b..]].concat();
+        }
+        let payload = zstd::bulk::compress(&frame, 1).unwrap();
+        let mut blocks = Vec::new();
+        let mut offset = 0u32;
+        let last = found.len() - 1;
+        for (i, (id, data)) in found.into_iter().enumerate() {
+            let len = data.len() as u32;
+            let first = i == 0 && self.frames != Frames::SameFrameFirst;
             blocks.push(pb::Block {
-                id: id.to_vec().into(),
-                plain_len: data.len() as u32,
-                compressed: false,
-                data: data.clone().into(),
+                id: id.into(),
+                plain_len: len,
+                compressed: true,
+                data: if first {
+                    payload.clone().into()
+                } else {
+                    Default::default()
+                },
+                frame_offset: if i == last && self.frames == Frames::BeyondFrame {
+                    frame.len() as u32 - len / 2
+                } else {
+                    offset
+                },
+                frame_len: frame.len() as u32,
+                same_frame: !first,
+                ..Default::default()
             });
+            offset += len;
         }
         Ok(Response::new(pb::GetBlocksResponse { blocks }))
     }
@@ -662,4 +739,33 @@ async fn restore_file_over_a_nested_tablespace_location_is_refused() {
         ),
     );
     assert!(!scene.pgdata().exists(), "nothing may be written");
+}
+
+/// A file of 20 pages in runs: honest run frames restore it byte for byte; a block that
+/// points to a frame never sent, lies past its frame's end, or whose frame holds other
+/// content is refused as corrupt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_reads_blocks_out_of_run_frames_and_refuses_lying_ones() {
+    let content: Vec<u8> = (0..20 * 8192 + 77).map(|i| (i / 100 % 251) as u8).collect();
+    let mut scene = Scene::new();
+    let mut fake = FakeServer::new().paged_file("base/1/16384", &content);
+    fake.frames = Frames::Run;
+    scene.serve(fake).await;
+    restore_data(&scene.args(false, Vec::new())).await.unwrap();
+    assert!(std::fs::read(scene.pgdata().join("base/1/16384")).unwrap() == content);
+
+    for (frames, why) in [
+        (Frames::SameFrameFirst, "the server sent no frame for it"),
+        (Frames::BeyondFrame, "beyond the frame"),
+        (Frames::Swapped, "does not match its id"),
+    ] {
+        let mut scene = Scene::new();
+        let mut fake = FakeServer::new().paged_file("base/1/16384", &content);
+        fake.frames = frames;
+        scene.serve(fake).await;
+        let err = scene.refused(false).await;
+        assert_contains(&err, "is corrupt");
+        assert_contains(&err, why);
+        scene.assert_outside_untouched();
+    }
 }

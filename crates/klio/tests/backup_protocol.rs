@@ -70,6 +70,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
                 plain_len: 8192,
                 compressed: false,
                 data: other.clone().into(),
+                ..Default::default()
             }],
         })
         .await
@@ -91,6 +92,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
                 plain_len: 8192,
                 compressed: true,
                 data: lie.into(),
+                ..Default::default()
             }],
         })
         .await
@@ -123,6 +125,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
                 plain_len: 8192,
                 compressed: true,
                 data: zstd::bulk::compress(&page, 1).unwrap().into(),
+                ..Default::default()
             }],
         })
         .await
@@ -262,6 +265,7 @@ fn raw_block(id: [u8; 32], data: &[u8]) -> pb::Block {
         plain_len: data.len() as u32,
         compressed: false,
         data: data.to_vec().into(),
+        ..Default::default()
     }
 }
 
@@ -592,4 +596,117 @@ async fn commit_of_unsafe_manifest_is_refused_with_invalid_argument() {
     }
     assert_eq!(modes["PG_VERSION"], 0o755, "{modes:?}");
     assert_eq!(modes["base"], 0o777, "{modes:?}");
+}
+
+/// A run: several blocks uploaded as one compressed frame. The server checks every id in
+/// it and the lengths; an honest run is stored, read back by a client that reads frames
+/// (one frame payload for the run's blocks) and by one that does not (each block alone),
+/// and committed.
+#[tokio::test]
+async fn runs_are_checked_block_by_block_and_read_back_either_way() {
+    let k = Klio::start(&["a"]).unwrap();
+    let mut c = connect(&k, "a", "client-a").await;
+    let b = c
+        .begin(pb::BeginRequest {
+            cluster: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(b.accepts_runs);
+    let session = b.session_id.clone();
+    let key: [u8; 32] = b.block_id_key.as_ref().try_into().unwrap();
+    let pages: Vec<Vec<u8>> = (0..8u8)
+        .map(|i| (0..8192).map(|j| (j / 64) as u8 ^ i).collect())
+        .collect();
+    let ids: Vec<[u8; 32]> = pages
+        .iter()
+        .map(|p| *blake3::keyed_hash(&key, p).as_bytes())
+        .collect();
+    let plain = pages.concat();
+    let run = |ids: &[[u8; 32]], lens: Vec<u32>, plain: &[u8]| pb::Block {
+        plain_len: plain.len() as u32,
+        compressed: true,
+        data: zstd::bulk::compress(plain, 1).unwrap().into(),
+        run_ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
+        run_lens: lens,
+        ..Default::default()
+    };
+    let put = |blocks| pb::PutBlocksRequest {
+        session_id: session.clone(),
+        blocks,
+    };
+
+    // One id in the middle of the run does not match its page.
+    let mut lying = ids.clone();
+    lying[5] = ids[4];
+    let err = c
+        .put_blocks(put(vec![run(&lying, vec![8192; 8], &plain)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("does not match"),
+        "{}",
+        err.message()
+    );
+    // Lengths that do not add up to the run, an empty block, ids without lengths.
+    for (lens, ids_given) in [
+        (vec![8192; 7], ids.clone()),
+        (vec![8192, 0, 8192 * 7], ids.clone()),
+        (vec![8192; 8], ids[..7].to_vec()),
+    ] {
+        let err = c
+            .put_blocks(put(vec![run(&ids_given, lens, &plain)]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("run"), "{}", err.message());
+    }
+
+    // The honest run: all eight blocks are new.
+    let put_ok = c
+        .put_blocks(put(vec![run(&ids, vec![8192; 8], &plain)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(put_ok.blocks_new, 8);
+    c.commit(pb::CommitRequest {
+        session_id: session.clone(),
+        metadata_json: b"{}".to_vec().into(),
+        files: vec![file("base/1/2", plain.len() as u64, &ids, 8192)],
+    })
+    .await
+    .unwrap();
+
+    for runs in [true, false] {
+        let got = c
+            .get_blocks(pb::GetBlocksRequest {
+                cluster: "a".into(),
+                ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
+                runs,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.blocks.len(), 8);
+        let mut frame = Vec::new();
+        for (i, b) in got.blocks.iter().enumerate() {
+            let block = if runs {
+                assert_eq!(b.same_frame, i > 0, "one frame for the run");
+                if !b.same_frame {
+                    frame = zstd::bulk::decompress(&b.data, b.frame_len as usize).unwrap();
+                }
+                let at = b.frame_offset as usize;
+                frame[at..at + b.plain_len as usize].to_vec()
+            } else {
+                assert_eq!(b.frame_len, 0);
+                assert!(!b.compressed);
+                b.data.to_vec()
+            };
+            assert!(block == pages[i], "block {i} with runs={runs}");
+        }
+    }
 }

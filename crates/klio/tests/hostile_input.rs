@@ -137,6 +137,7 @@ async fn get_blocks_repeating_an_id_is_read_once_or_refused_within_budget() -> a
             plain_len: data.len() as u32,
             compressed: false,
             data: data.clone().into(),
+            ..Default::default()
         }],
     })
     .await?;

@@ -626,6 +626,7 @@ mod read_only {
                     plain_len: 1,
                     compressed: false,
                     data: vec![0u8].into(),
+                    ..Default::default()
                 }],
             })
             .await;

@@ -34,6 +34,12 @@ pub mod limits {
     /// Largest block of a backup (plaintext bytes): a file's `block_size`, and the size of a
     /// file stored whole, are at most this. The repository refuses larger blocks.
     pub const MAX_BLOCK_SIZE: usize = 1 << 20;
+    /// Plaintext bytes a backup client puts in one run at most: consecutive new blocks
+    /// sent (and stored) as one compressed frame. A run is at most [`MAX_BLOCK_SIZE`]
+    /// bytes and [`MAX_RUN_BLOCKS`] blocks for the server.
+    pub const RUN_BYTES: usize = 128 << 10;
+    /// Blocks in one run at most.
+    pub const MAX_RUN_BLOCKS: usize = 4096;
     /// Largest archived WAL file: a segment of the largest size PostgreSQL allows (1 GiB);
     /// history and backup history files are far smaller.
     pub const MAX_WAL_FILE: u64 = 1 << 30;

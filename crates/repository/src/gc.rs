@@ -230,7 +230,14 @@ impl Repository {
                         indexes: vec![key.clone()],
                         blocks: ids.len(),
                         live: alive,
-                        bytes: s.blocks.iter().map(|(_, l)| u64::from(l.len)).sum(),
+                        // Each frame once: the blocks of a run share theirs.
+                        bytes: s
+                            .blocks
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, (_, l))| *i == 0 || s.blocks[i - 1].1.offset != l.offset)
+                            .map(|(_, (_, l))| u64::from(l.len))
+                            .sum(),
                     },
                 );
             }
@@ -329,13 +336,12 @@ impl Repository {
                         break;
                     }
                 }
-                for (id, alive) in ids.iter().zip(live.contains_many(&ids)?) {
-                    if alive {
-                        let plain = repo.read_block(id)?;
-                        writer.add_block(id, &plain)?;
-                        report.blocks_moved += 1;
-                    }
-                }
+                let alive: Vec<BlockId> = ids
+                    .iter()
+                    .zip(live.contains_many(&ids)?)
+                    .filter_map(|(id, alive)| alive.then_some(*id))
+                    .collect();
+                report.blocks_moved += move_blocks(&repo, writer, &alive)? as usize;
             }
             // The new packs are durable and the index points to them before anything goes.
             for writer in writers.into_values() {
@@ -369,4 +375,65 @@ impl Repository {
         );
         Ok(report)
     }
+}
+
+/// Plaintext bytes of the runs a collection writes when it moves blocks.
+const MOVE_RUN_BYTES: usize = 128 << 10;
+
+/// Copies blocks `ids` into `writer` (a relocating writer): each frame read and decompressed
+/// once, each block checked against its id, and the blocks written again as runs of up to
+/// [`MOVE_RUN_BYTES`]. Returns how many were moved.
+fn move_blocks(
+    repo: &Repository,
+    writer: &mut crate::PackWriter,
+    ids: &[BlockId],
+) -> Result<u64, Error> {
+    let mut moved = 0u64;
+    let mut run: Vec<(BlockId, u32)> = Vec::new();
+    let mut plain: Vec<u8> = Vec::new();
+    let mut flush = |run: &mut Vec<(BlockId, u32)>, plain: &mut Vec<u8>| -> Result<(), Error> {
+        if !run.is_empty() {
+            moved += writer.add_run(run, plain, None)?;
+            run.clear();
+            plain.clear();
+        }
+        Ok(())
+    };
+    for chunk in ids.chunks(4096) {
+        let payloads = repo.read_block_payloads(chunk)?;
+        let mut frame: Option<((crate::PackId, u32), Vec<u8>)> = None;
+        for p in payloads {
+            if frame.as_ref().is_none_or(|(f, _)| *f != p.frame) {
+                let bytes = crate::pack::frame_plaintext(p.compressed, &p.payload, p.frame_len)
+                    .map_err(|reason| Error::BlockCorrupt {
+                        block: p.id,
+                        pack: pack_key(&p.frame.0),
+                        reason,
+                    })?;
+                frame = Some((p.frame, bytes));
+            }
+            let Some((_, bytes)) = &frame else { continue };
+            let loc = crate::index::BlockLocation {
+                offset: p.frame.1,
+                len: 0,
+                plain_len: p.plain_len,
+                inner: p.inner,
+            };
+            let block =
+                crate::pack::block_in_frame(repo, bytes, &p.id, &loc).map_err(|reason| {
+                    Error::BlockCorrupt {
+                        block: p.id,
+                        pack: pack_key(&p.frame.0),
+                        reason,
+                    }
+                })?;
+            if !run.is_empty() && plain.len() + block.len() > MOVE_RUN_BYTES {
+                flush(&mut run, &mut plain)?;
+            }
+            run.push((p.id, p.plain_len));
+            plain.extend_from_slice(block);
+        }
+    }
+    flush(&mut run, &mut plain)?;
+    Ok(moved)
 }

@@ -21,21 +21,37 @@ use redb::{
     WriteTransaction,
 };
 
-use crate::{BlockId, Domain, Error, ObjectStore, PackId, sealed_error};
+use crate::{BlockId, Domain, Error, MAX_BLOCK_SIZE, ObjectStore, PackId, sealed_error};
 
 const MAGIC_V1: &[u8; 8] = b"KLIOIDX1";
 const MAGIC_V2: &[u8; 8] = b"KLIOIDX2";
+const MAGIC_V3: &[u8; 8] = b"KLIOIDX3";
 /// Bytes of one block entry in an index object.
 pub(crate) const ENTRY_LEN: usize = 32 + 4 + 4 + 4;
+/// Bytes of one block entry in a version 3 index object (with the offset inside the frame).
+const ENTRY_LEN_V3: usize = ENTRY_LEN + 4;
 /// The longest domain name in an index object.
 const MAX_DOMAIN_LEN: usize = 128;
 
-/// Where a block's frame is inside a pack.
+/// Where a block is inside a pack: the frame that holds it, and where it lies in that
+/// frame's plaintext (a frame holds one block, or a run of several).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct BlockLocation {
+    /// Byte offset of the frame in the pack object.
     pub offset: u32,
+    /// Byte length of the frame (header, ciphertext, tag).
     pub len: u32,
+    /// Plaintext length of the block.
     pub plain_len: u32,
+    /// Offset of the block in the frame's plaintext (0 for a frame of one block).
+    pub inner: u32,
+}
+
+impl BlockLocation {
+    /// The frame that holds the block, as a key for reading each frame once.
+    pub fn frame(&self) -> (u32, u32) {
+        (self.offset, self.len)
+    }
 }
 
 /// One pack's section of an index object.
@@ -49,13 +65,21 @@ pub(crate) struct PackSection {
     pub blocks: Vec<(BlockId, BlockLocation)>,
 }
 
-/// Encodes sections: version 1 when every pack is in the legacy domain (what older readers
+/// Encodes sections: version 3 when a block lies inside a run (not at the start of its
+/// frame), else version 1 when every pack is in the legacy domain (what older readers
 /// expect), else version 2.
 pub(crate) fn encode(sections: &[PackSection]) -> Vec<u8> {
-    let v2 = sections.iter().any(|s| !s.domain.is_legacy());
+    let v3 = sections
+        .iter()
+        .any(|s| s.blocks.iter().any(|(_, l)| l.inner != 0));
+    let v2 = v3 || sections.iter().any(|s| !s.domain.is_legacy());
     let entries: usize = sections.iter().map(|s| s.blocks.len()).sum();
-    let mut out = Vec::with_capacity(12 + sections.len() * 200 + entries * ENTRY_LEN);
-    out.extend_from_slice(if v2 { MAGIC_V2 } else { MAGIC_V1 });
+    let mut out = Vec::with_capacity(12 + sections.len() * 200 + entries * ENTRY_LEN_V3);
+    out.extend_from_slice(match (v3, v2) {
+        (true, _) => MAGIC_V3,
+        (false, true) => MAGIC_V2,
+        (false, false) => MAGIC_V1,
+    });
     out.extend_from_slice(&(sections.len() as u32).to_be_bytes());
     for s in sections {
         if v2 {
@@ -71,6 +95,9 @@ pub(crate) fn encode(sections: &[PackSection]) -> Vec<u8> {
             out.extend_from_slice(&loc.offset.to_be_bytes());
             out.extend_from_slice(&loc.len.to_be_bytes());
             out.extend_from_slice(&loc.plain_len.to_be_bytes());
+            if v3 {
+                out.extend_from_slice(&loc.inner.to_be_bytes());
+            }
         }
     }
     out
@@ -111,14 +138,16 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes an index object's plaintext (version 1 or 2); `object` names it in errors.
+/// Decodes an index object's plaintext (version 1, 2 or 3); `object` names it in errors.
 pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error> {
     let mut r = Reader { buf, object };
-    let v2 = match r.take(8)? {
-        m if m == MAGIC_V1 => false,
-        m if m == MAGIC_V2 => true,
+    let (v2, v3) = match r.take(8)? {
+        m if m == MAGIC_V1 => (false, false),
+        m if m == MAGIC_V2 => (true, false),
+        m if m == MAGIC_V3 => (true, true),
         _ => return Err(Error::corrupt(object, "not an index (bad magic)")),
     };
+    let entry_len = if v3 { ENTRY_LEN_V3 } else { ENTRY_LEN };
     let packs = r.u32()?;
     let mut sections = Vec::new();
     for _ in 0..packs {
@@ -137,10 +166,10 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error
         let pack = PackId(r.array32()?);
         let salt = r.array32()?;
         let count = r.u32()? as usize;
-        if r.buf.len() < count.saturating_mul(ENTRY_LEN) {
+        if r.buf.len() < count.saturating_mul(entry_len) {
             return Err(Error::corrupt(object, "index is truncated"));
         }
-        let mut blocks = Vec::with_capacity(count);
+        let mut blocks: Vec<(BlockId, BlockLocation)> = Vec::with_capacity(count);
         let mut next_free = 0u64;
         for _ in 0..count {
             let id = BlockId(r.array32()?);
@@ -148,8 +177,31 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error
                 offset: r.u32()?,
                 len: r.u32()?,
                 plain_len: r.u32()?,
+                inner: if v3 { r.u32()? } else { 0 },
             };
-            if u64::from(loc.offset) < next_free {
+            let end_in_frame = u64::from(loc.inner) + u64::from(loc.plain_len);
+            if end_in_frame > MAX_BLOCK_SIZE as u64 {
+                return Err(Error::corrupt(
+                    object,
+                    format!("an entry of pack {pack} lies beyond the largest frame"),
+                ));
+            }
+            // Blocks of the same frame follow each other, in order and without overlap;
+            // frames follow each other without overlap.
+            let same_frame = blocks
+                .last()
+                .is_some_and(|(_, prev)| prev.offset == loc.offset);
+            if same_frame {
+                let prev = blocks[blocks.len() - 1].1;
+                if prev.len != loc.len
+                    || u64::from(loc.inner) < u64::from(prev.inner) + u64::from(prev.plain_len)
+                {
+                    return Err(Error::corrupt(
+                        object,
+                        format!("entries of pack {pack} overlap or are not sorted"),
+                    ));
+                }
+            } else if u64::from(loc.offset) < next_free {
                 return Err(Error::corrupt(
                     object,
                     format!("entries of pack {pack} overlap or are not sorted"),
@@ -200,7 +252,7 @@ pub(crate) struct Located {
 }
 
 /// block id → domain number | pack number | offset | len | plain_len (u32 each, big-endian)
-const BLOCKS: TableDefinition<[u8; 32], [u8; 20]> = TableDefinition::new("blocks");
+const BLOCKS: TableDefinition<[u8; 32], [u8; 24]> = TableDefinition::new("blocks");
 /// pack number → pack id | salt | domain number
 const PACKS: TableDefinition<u32, [u8; 68]> = TableDefinition::new("packs");
 const PACK_NUMBERS: TableDefinition<[u8; 32], u32> = TableDefinition::new("pack_numbers");
@@ -219,7 +271,7 @@ const INDEX_OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("index_
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const NEXT_PACK: TableDefinition<(), u32> = TableDefinition::new("next_pack");
 
-const CACHE_FORMAT: &str = "klio-index-cache/2";
+const CACHE_FORMAT: &str = "klio-index-cache/3";
 /// redb's page cache: what the block index may keep in memory, whatever its size on disk.
 const CACHE_BYTES: usize = 32 << 20;
 
@@ -233,13 +285,14 @@ fn db_err(path: &Path, e: impl Into<redb::Error>) -> Error {
     }
 }
 
-fn entry_bytes(domain: u32, pack: u32, loc: &BlockLocation) -> [u8; 20] {
-    let mut v = [0u8; 20];
+fn entry_bytes(domain: u32, pack: u32, loc: &BlockLocation) -> [u8; 24] {
+    let mut v = [0u8; 24];
     v[0..4].copy_from_slice(&domain.to_be_bytes());
     v[4..8].copy_from_slice(&pack.to_be_bytes());
     v[8..12].copy_from_slice(&loc.offset.to_be_bytes());
     v[12..16].copy_from_slice(&loc.len.to_be_bytes());
     v[16..20].copy_from_slice(&loc.plain_len.to_be_bytes());
+    v[20..24].copy_from_slice(&loc.inner.to_be_bytes());
     v
 }
 
@@ -250,7 +303,7 @@ fn be32(b: &[u8]) -> u32 {
 }
 
 /// (domain number, pack number, location) of a stored entry.
-fn parse_entry(v: &[u8; 20]) -> (u32, u32, BlockLocation) {
+fn parse_entry(v: &[u8; 24]) -> (u32, u32, BlockLocation) {
     (
         be32(&v[0..4]),
         be32(&v[4..8]),
@@ -258,6 +311,7 @@ fn parse_entry(v: &[u8; 20]) -> (u32, u32, BlockLocation) {
             offset: be32(&v[8..12]),
             len: be32(&v[12..16]),
             plain_len: be32(&v[16..20]),
+            inner: be32(&v[20..24]),
         },
     )
 }
@@ -879,6 +933,7 @@ mod tests {
                             offset: 100 + u32::from(i) * 50,
                             len: 50,
                             plain_len: 8192,
+                            inner: 0,
                         },
                     )
                 })
@@ -979,6 +1034,7 @@ mod tests {
                     offset: i as u32 * 60,
                     len: 60,
                     plain_len: 8,
+                    inner: 0,
                 };
                 (BlockId(id), loc)
             })

@@ -54,7 +54,7 @@ pub mod fuzzing {
 pub use gc::{DeadPack, GcPlan, GcReport, REPACK_DEAD_SHARE, Repack};
 pub use ids::{BackupId, BlockId, BlocklistId, Domain, PackId, validate_cluster_name};
 pub use manifest::{FileEntry, FileKind, Manifest};
-pub use pack::{BlockPayload, PackStats, PackWriter};
+pub use pack::{BlockPayload, FramedBlock, PackStats, PackWriter};
 pub use repository::{
     DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN,
     Repository, RepositoryOptions,
@@ -123,6 +123,8 @@ pub enum Error {
         "the blocks asked for hold {bytes} bytes, more than the {budget} bytes one answer may carry\nHINT: ask for fewer blocks per call"
     )]
     ReadTooLarge { bytes: u64, budget: u64 },
+    #[error("invalid run of blocks: {0}")]
+    InvalidRun(String),
     #[error("block {block} has {size} bytes, more than the largest block size of {max} bytes")]
     BlockTooLarge {
         block: BlockId,

@@ -13,6 +13,9 @@ use crate::index::{BlockLocation, PackInfo, PackSection};
 use crate::repository::{index_key, pack_key, pack_name};
 use crate::{BlockId, Error, MAX_BLOCK_SIZE, PackId, Repository};
 
+/// A block inside a frame: its id, its offset in the frame's plaintext and its length.
+pub type FramedBlock = (BlockId, u32, u32);
+
 /// What a [`PackWriter`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PackStats {
@@ -103,7 +106,8 @@ impl PackWriter {
     /// Adds one block whose id is `id`. Returns `true` if the block is new, `false` if it was
     /// already stored. The id is recomputed from `plaintext`: a wrong id is an error.
     pub fn add_block(&mut self, id: &BlockId, plaintext: &[u8]) -> Result<bool, Error> {
-        self.add(id, plaintext, None)
+        let len = plaintext.len() as u32;
+        Ok(self.add(&[(*id, len)], plaintext, None)? > 0)
     }
 
     /// Like [`add_block`](Self::add_block), with the compression already decided (by a
@@ -116,55 +120,93 @@ impl PackWriter {
         plaintext: &[u8],
         compressed: Option<Vec<u8>>,
     ) -> Result<bool, Error> {
-        self.add(id, plaintext, Some(compressed))
+        let len = plaintext.len() as u32;
+        Ok(self.add(&[(*id, len)], plaintext, Some(compressed))? > 0)
     }
 
-    /// Adds block `id` as another repository stored it: `payload` is its stored form
-    /// (zstd-compressed when `compressed`) of `plain_len` bytes, read from a frame that was
-    /// authenticated and that the index binds to `id` (a relay from Tier 1). It is sealed
-    /// again as it is, without being decompressed or hashed: the repository it comes from
-    /// checked the id when it stored the block, and every read checks it again. Returns
-    /// `true` if the block is new here.
-    pub fn add_authenticated_payload(
+    /// Adds a run: several blocks (`pages`: id and length, in order) whose plaintexts,
+    /// concatenated, are `plaintext`, sealed as **one frame** so they are compressed
+    /// together. Each id is recomputed from its bytes: a wrong one is an error. The blocks
+    /// already stored (or named twice) are not indexed again; the frame is written when at
+    /// least one block is new. `compressed` as for
+    /// [`add_encoded_block`](Self::add_encoded_block), or `None` to let the writer
+    /// compress. Returns how many blocks are new.
+    pub fn add_run(
         &mut self,
-        id: &BlockId,
-        plain_len: u32,
+        pages: &[(BlockId, u32)],
+        plaintext: &[u8],
+        compressed: Option<Option<Vec<u8>>>,
+    ) -> Result<u64, Error> {
+        self.add(pages, plaintext, compressed)
+    }
+
+    /// Adds a frame as another repository stored it: `payload` is its stored form
+    /// (zstd-compressed when `compressed`) of `frame_len` plaintext bytes, read from a frame
+    /// that was authenticated, and `pages` (id, offset in the frame, length) are blocks
+    /// that the other repository's index places in that frame (a relay from Tier 1). It is
+    /// sealed again as it is, without being decompressed or hashed: the repository it
+    /// comes from checked the ids when it stored the blocks, and every read checks them
+    /// again. Returns how many of the blocks are new here.
+    pub fn add_authenticated_run(
+        &mut self,
+        pages: &[FramedBlock],
+        frame_len: u32,
         payload: Vec<u8>,
         compressed: bool,
-    ) -> Result<bool, Error> {
-        if plain_len as usize > MAX_BLOCK_SIZE {
-            return Err(Error::BlockTooLarge {
-                block: *id,
-                size: plain_len as usize,
-                max: MAX_BLOCK_SIZE,
-            });
+    ) -> Result<u64, Error> {
+        if frame_len as usize > MAX_BLOCK_SIZE {
+            return Err(Error::InvalidRun(format!(
+                "a frame of {frame_len} bytes is larger than the largest block size of {MAX_BLOCK_SIZE} bytes"
+            )));
         }
-        if self.is_stored(id)? {
-            return Ok(false);
+        let mut end = 0u64;
+        for (id, inner, len) in pages {
+            if u64::from(*inner) < end || u64::from(*inner) + u64::from(*len) > u64::from(frame_len)
+            {
+                return Err(Error::InvalidRun(format!(
+                    "block {id} at {inner}+{len} does not follow the previous block inside a frame of {frame_len} bytes"
+                )));
+            }
+            end = u64::from(*inner) + u64::from(*len);
         }
-        self.seal(id, plain_len, |cipher, offset, out| {
-            cipher.seal_payload(offset, plain_len, payload, compressed, out)
+        let new = self.new_pages(pages.iter().copied())?;
+        if new.is_empty() {
+            return Ok(0);
+        }
+        self.seal(&new, frame_len, |cipher, offset, out| {
+            cipher.seal_payload(offset, frame_len, payload, compressed, out)
         })
     }
 
-    /// Whether the block is stored already (counted as deduplicated).
-    fn is_stored(&mut self, id: &BlockId) -> Result<bool, Error> {
-        let pending = self.open.as_ref().is_some_and(|p| p.ids.contains(id));
-        if pending || (!self.relocate && self.repo.has_block(id)?) {
-            self.stats.blocks_deduplicated += 1;
-            return Ok(true);
+    /// The blocks of a frame that are not stored yet (each id once): (id, offset in the
+    /// frame, length). Those already stored count as deduplicated.
+    fn new_pages(
+        &mut self,
+        pages: impl Iterator<Item = FramedBlock>,
+    ) -> Result<Vec<FramedBlock>, Error> {
+        let mut new: Vec<FramedBlock> = Vec::new();
+        for (id, inner, len) in pages {
+            let pending = self.open.as_ref().is_some_and(|p| p.ids.contains(&id))
+                || new.iter().any(|(n, _, _)| *n == id);
+            if pending || (!self.relocate && self.repo.has_block(&id)?) {
+                self.stats.blocks_deduplicated += 1;
+            } else {
+                new.push((id, inner, len));
+            }
         }
-        Ok(false)
+        Ok(new)
     }
 
-    /// Appends block `id`'s frame, which `frame` seals at the given plaintext offset, to the
-    /// open pack (opened if needed); writes the pack once it reaches the target size.
+    /// Appends a frame of `frame_len` plaintext bytes, which `frame` seals at the given
+    /// plaintext offset, to the open pack (opened if needed), and indexes the blocks
+    /// `pages` (id, offset in the frame, length) in it; writes the pack once it reaches the
+    /// target size. Returns how many blocks were indexed.
     fn seal(
         &mut self,
-        id: &BlockId,
-        plain_len: u32,
+        pages: &[FramedBlock],
+        frame_len: u32,
         frame: impl FnOnce(&FrameCipher, u64, &mut Vec<u8>),
-    ) -> Result<bool, Error> {
+    ) -> Result<u64, Error> {
         let target = self.repo.options().pack_target_size;
         let master = self.repo.master();
         let pack = self
@@ -172,20 +214,26 @@ impl PackWriter {
             .get_or_insert_with(|| OpenPack::new(master, target));
         let start = pack.buf.len();
         frame(&pack.cipher, pack.plain_len, &mut pack.buf);
-        let loc = BlockLocation {
-            offset: start as u32,
-            len: (pack.buf.len() - start) as u32,
-            plain_len,
-        };
-        pack.blocks.push((*id, loc));
-        pack.ids.insert(*id);
-        pack.plain_len += u64::from(plain_len);
-        self.stats.blocks_added += 1;
-        self.stats.plain_bytes_added += u64::from(plain_len);
+        let len = (pack.buf.len() - start) as u32;
+        for (id, inner, plain_len) in pages {
+            pack.blocks.push((
+                *id,
+                BlockLocation {
+                    offset: start as u32,
+                    len,
+                    plain_len: *plain_len,
+                    inner: *inner,
+                },
+            ));
+            pack.ids.insert(*id);
+            self.stats.blocks_added += 1;
+            self.stats.plain_bytes_added += u64::from(*plain_len);
+        }
+        pack.plain_len += u64::from(frame_len);
         if pack.buf.len() >= target {
             self.flush()?;
         }
-        Ok(true)
+        Ok(pages.len() as u64)
     }
 
     /// Whether the unfinished pack holds the block.
@@ -195,32 +243,49 @@ impl PackWriter {
 
     fn add(
         &mut self,
-        id: &BlockId,
+        pages: &[(BlockId, u32)],
         plaintext: &[u8],
         encoded: Option<Option<Vec<u8>>>,
-    ) -> Result<bool, Error> {
+    ) -> Result<u64, Error> {
+        let first = pages.first().map_or(BlockId([0; 32]), |(id, _)| *id);
         if plaintext.len() > MAX_BLOCK_SIZE {
             return Err(Error::BlockTooLarge {
-                block: *id,
+                block: first,
                 size: plaintext.len(),
                 max: MAX_BLOCK_SIZE,
             });
         }
-        let actual = self.repo.block_id(plaintext);
-        if actual != *id {
-            return Err(Error::BlockIdMismatch {
-                claimed: *id,
-                actual,
-            });
+        let total: u64 = pages.iter().map(|(_, len)| u64::from(*len)).sum();
+        if pages.is_empty() || total != plaintext.len() as u64 {
+            return Err(Error::InvalidRun(format!(
+                "{} blocks of {total} bytes in all for {} bytes of content",
+                pages.len(),
+                plaintext.len()
+            )));
         }
-        if self.is_stored(id)? {
-            return Ok(false);
+        let mut placed = Vec::with_capacity(pages.len());
+        let mut inner = 0usize;
+        for (id, len) in pages {
+            let end = inner + *len as usize;
+            let actual = self.repo.block_id(&plaintext[inner..end]);
+            if actual != *id {
+                return Err(Error::BlockIdMismatch {
+                    claimed: *id,
+                    actual,
+                });
+            }
+            placed.push((*id, inner as u32, *len));
+            inner = end;
+        }
+        let new = self.new_pages(placed.into_iter())?;
+        if new.is_empty() {
+            return Ok(0);
         }
         let level = self.repo.options().compression_level;
-        let plain_len = plaintext.len() as u32;
-        self.seal(id, plain_len, |cipher, offset, out| match encoded {
-            Some(Some(c)) => cipher.seal_payload(offset, plain_len, c, true, out),
-            Some(None) => cipher.seal_payload(offset, plain_len, plaintext.to_vec(), false, out),
+        let frame_len = plaintext.len() as u32;
+        self.seal(&new, frame_len, |cipher, offset, out| match encoded {
+            Some(Some(c)) => cipher.seal_payload(offset, frame_len, c, true, out),
+            Some(None) => cipher.seal_payload(offset, frame_len, plaintext.to_vec(), false, out),
             None => cipher.seal_frame(offset, plaintext, level, out),
         })
     }
@@ -305,25 +370,26 @@ pub(crate) fn pack_cipher(master: &MasterKey, pack: &PackInfo) -> FrameCipher {
     FrameCipher::new(master, &header)
 }
 
-/// Authenticates the frame `frame` (exactly the bytes the index points to) and returns
-/// its payload as stored: (compressed, payload). Errors are reasons.
+/// Authenticates the frame `frame` (exactly the bytes the index points to) and returns its
+/// payload as stored and its plaintext length: (compressed, payload, frame length), after
+/// checking that the block `loc` describes lies inside it. Errors are reasons.
 pub(crate) fn open_block_payload(
     cipher: &FrameCipher,
     frame: &[u8],
     loc: &BlockLocation,
-) -> Result<(bool, Vec<u8>), String> {
+) -> Result<(bool, Vec<u8>, u32), String> {
     let raw = match FrameIter::new(frame).next_frame() {
         FrameRead::Frame(raw) if raw.end == frame.len() && !raw.is_final() => raw,
         _ => return Err("the index does not point to a complete block frame".to_string()),
     };
-    if raw.plain_len != loc.plain_len {
+    if u64::from(raw.plain_len) < u64::from(loc.inner) + u64::from(loc.plain_len) {
         return Err(format!(
-            "the frame holds {} bytes, the index says {}",
-            raw.plain_len, loc.plain_len
+            "the frame holds {} bytes, the index places the block at {} bytes of {}",
+            raw.plain_len, loc.inner, loc.plain_len
         ));
     }
     let opened = cipher.open_frame(&raw).map_err(crypto_reason)?;
-    Ok((opened.compressed, opened.payload))
+    Ok((opened.compressed, opened.payload, raw.plain_len))
 }
 
 /// The reason of a crypto error, for messages that name the block and the pack themselves.
@@ -334,31 +400,98 @@ fn crypto_reason(e: klio_crypto::Error) -> String {
     }
 }
 
-/// A block as stored, authenticated but not yet decompressed.
+/// A block as stored, authenticated but not yet decompressed: the payload of the frame that
+/// holds it (shared by the blocks of a run) and where the block lies in that frame.
 #[derive(Clone, Debug)]
 pub struct BlockPayload {
     pub id: BlockId,
     pub plain_len: u32,
     /// `payload` is zstd-compressed.
     pub compressed: bool,
-    pub payload: Vec<u8>,
+    /// The frame's payload as stored.
+    pub payload: bytes::Bytes,
+    /// Offset of the block in the frame's plaintext (0 for a frame of one block).
+    pub inner: u32,
+    /// Plaintext length of the frame (`plain_len` for a frame of one block).
+    pub frame_len: u32,
+    /// The frame (pack and offset in it): blocks with the same one share `payload`.
+    pub frame: (PackId, u32),
 }
 
-/// Opens the frame `frame` (exactly the bytes the index points to) as block `id`: decrypts,
-/// decompresses, and checks the length and the keyed hash. Errors are reasons, to be
-/// reported with the block and the pack.
-pub(crate) fn open_block_frame(
+impl BlockPayload {
+    /// Whether the frame holds exactly this block.
+    pub fn is_single(&self) -> bool {
+        self.inner == 0 && self.frame_len == self.plain_len
+    }
+}
+
+/// Decompresses a frame's payload into its plaintext of `frame_len` bytes. Errors are
+/// reasons.
+pub(crate) fn frame_plaintext(
+    compressed: bool,
+    payload: &[u8],
+    frame_len: u32,
+) -> Result<Vec<u8>, String> {
+    klio_crypto::decompress_payload(payload, compressed, frame_len, "block").map_err(crypto_reason)
+}
+
+/// The block `loc` describes in its frame's plaintext, checked against its id.
+pub(crate) fn block_in_frame<'a>(
     repo: &Repository,
-    cipher: &FrameCipher,
-    frame: &[u8],
+    plaintext: &'a [u8],
     id: &BlockId,
     loc: &BlockLocation,
-) -> Result<Vec<u8>, String> {
-    let (compressed, payload) = open_block_payload(cipher, frame, loc)?;
-    let plaintext = klio_crypto::decompress_payload(&payload, compressed, loc.plain_len, "block")
-        .map_err(crypto_reason)?;
-    if repo.block_id(&plaintext) != *id {
+) -> Result<&'a [u8], String> {
+    let start = loc.inner as usize;
+    let block = start
+        .checked_add(loc.plain_len as usize)
+        .and_then(|end| plaintext.get(start..end))
+        .ok_or_else(|| "the block lies beyond its frame".to_string())?;
+    if repo.block_id(block) != *id {
         return Err("its content does not match the block id".to_string());
     }
-    Ok(plaintext)
+    Ok(block)
+}
+
+/// A frame (offset and length in its pack) and its plaintext, or why it did not open.
+type OpenedFrame = ((u32, u32), Result<Vec<u8>, String>);
+
+/// Opens the frames of one pack for the blocks they hold, keeping the last frame's
+/// plaintext: the blocks of a run, read one after the other, cost one decryption and one
+/// decompression.
+pub(crate) struct FrameReader<'r> {
+    repo: &'r Repository,
+    cipher: FrameCipher,
+    last: Option<OpenedFrame>,
+}
+
+impl<'r> FrameReader<'r> {
+    pub(crate) fn new(repo: &'r Repository, pack: &PackInfo) -> FrameReader<'r> {
+        FrameReader {
+            repo,
+            cipher: pack_cipher(repo.master(), pack),
+            last: None,
+        }
+    }
+
+    /// Block `id` at `loc`, from `frame` (exactly the bytes `loc` points to): decrypted,
+    /// decompressed and checked against its id. Errors are reasons.
+    pub(crate) fn block(
+        &mut self,
+        frame: &[u8],
+        id: &BlockId,
+        loc: &BlockLocation,
+    ) -> Result<&[u8], String> {
+        if self.last.as_ref().is_none_or(|(k, _)| *k != loc.frame()) {
+            let plain = open_block_payload(&self.cipher, frame, loc).and_then(
+                |(compressed, payload, frame_len)| frame_plaintext(compressed, &payload, frame_len),
+            );
+            self.last = Some((loc.frame(), plain));
+        }
+        match &self.last {
+            Some((_, Ok(plain))) => block_in_frame(self.repo, plain, id, loc),
+            Some((_, Err(reason))) => Err(reason.clone()),
+            None => Err("no frame".to_string()),
+        }
+    }
 }

@@ -40,11 +40,17 @@ fn sections(rng: &mut Rng) -> Vec<PackSection> {
             let blocks = (0..rng.below(6))
                 .map(|_| {
                     offset += rng.below(100) as u32;
-                    let len = rng.below(9000) as u32;
+                    let len = 1 + rng.below(9000) as u32;
                     let loc = BlockLocation {
                         offset,
                         len,
                         plain_len: rng.below(9000) as u32,
+                        // Some blocks inside runs (a version 3 index).
+                        inner: if rng.below(3) == 0 {
+                            rng.below(9000) as u32
+                        } else {
+                            0
+                        },
                     };
                     offset += len;
                     (BlockId(id32(rng)), loc)

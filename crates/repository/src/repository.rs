@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::Domain;
 use crate::index::{self, BlockIndex, PackSection};
-use crate::pack::{BlockPayload, open_block_frame, open_block_payload, pack_cipher};
+use crate::pack::{BlockPayload, FrameReader, open_block_payload, pack_cipher};
 use crate::{
     BackupId, BlockId, BlocklistId, Error, Manifest, ObjectStore, PackId, PackWriter, blocklist,
     sealed_error, validate_cluster_name,
@@ -457,14 +457,15 @@ impl Repository {
             }
             Err(e) => return Err(e),
         };
-        let cipher = pack_cipher(self.master(), &located.pack);
-        open_block_frame(self, &cipher, &frame, id, &located.loc).map_err(|reason| {
-            Error::BlockCorrupt {
+        let mut reader = FrameReader::new(self, &located.pack);
+        match reader.block(&frame, id, &located.loc) {
+            Ok(block) => Ok(block.to_vec()),
+            Err(reason) => Err(Error::BlockCorrupt {
                 block: *id,
                 pack: key,
                 reason,
-            }
-        })
+            }),
+        }
     }
 
     /// The key of block ids (keyed BLAKE3) of this handle's domain, handed to authenticated
@@ -477,12 +478,15 @@ impl Repository {
     /// Reads many blocks, authenticated but still compressed as stored, one payload per id in
     /// the order of `ids`, for an answer that must stay within `budget` bytes: a block named
     /// several times (a file's repeated pages) is read and decrypted once, and the request is
-    /// refused ([`Error::ReadTooLarge`]) before anything is read when its payloads, counted as
-    /// many times as named, exceed the budget.
+    /// refused ([`Error::ReadTooLarge`]) before anything is read when the answer would exceed
+    /// the budget. With `shared_frames`, the answer carries a frame once for the blocks of
+    /// it that follow each other in `ids`; without, it carries each block on its own (a
+    /// frame's stored size, or the block's plaintext if larger, per id named).
     pub fn read_block_payloads_within(
         &self,
         ids: &[BlockId],
         budget: u64,
+        shared_frames: bool,
     ) -> Result<Vec<BlockPayload>, Error> {
         let mut distinct: Vec<BlockId> = Vec::new();
         let mut slot_of: std::collections::HashMap<BlockId, usize> =
@@ -501,11 +505,21 @@ impl Repository {
             .index
             .locate_many(self.domain.number, &distinct)?;
         let mut bytes = 0u64;
+        let mut previous: Option<(PackId, u32)> = None;
         for &s in &slots {
-            match &located[s] {
-                Some(l) => bytes = bytes.saturating_add(u64::from(l.loc.len)),
-                None => return Err(self.not_found(&distinct[s])),
-            }
+            let Some(l) = &located[s] else {
+                return Err(self.not_found(&distinct[s]));
+            };
+            let frame = (l.pack.id, l.loc.offset);
+            let cost = if !shared_frames {
+                l.loc.len.max(l.loc.plain_len)
+            } else if previous == Some(frame) {
+                0
+            } else {
+                l.loc.len
+            };
+            previous = Some(frame);
+            bytes = bytes.saturating_add(u64::from(cost));
         }
         if bytes > budget {
             return Err(Error::ReadTooLarge { bytes, budget });
@@ -516,8 +530,9 @@ impl Repository {
 
     /// Reads, decrypts and authenticates the stored payloads (still compressed) of the blocks
     /// `ids`. Blocks of the same pack are read with as few ranged reads as possible (runs
-    /// closer than 256 KiB are read together). The caller decompresses each payload and
-    /// checks it against its id (a restore client does so with [`block_id_key`]).
+    /// closer than 256 KiB are read together); the blocks of one frame share its payload,
+    /// decrypted once. The caller decompresses each payload and checks the block in it
+    /// against its id (a restore client does so with [`block_id_key`]).
     ///
     /// [`block_id_key`]: Self::block_id_key
     pub fn read_block_payloads(&self, ids: &[BlockId]) -> Result<Vec<BlockPayload>, Error> {
@@ -573,22 +588,39 @@ impl Repository {
                 Err(e) => return Err(e),
             };
             let cipher = pack_cipher(self.master(), &first.pack);
+            let mut last: Option<((u32, u32), bool, bytes::Bytes, u32)> = None;
             for &k in &order[i..j] {
                 let l = &located[k];
                 let from = (u64::from(l.loc.offset) - start) as usize;
                 let frame = &span[from..from + l.loc.len as usize];
-                let payload = open_block_payload(&cipher, frame, &l.loc).map_err(|reason| {
-                    Error::BlockCorrupt {
-                        block: ids[k],
-                        pack: key.clone(),
-                        reason,
+                let corrupt = |reason| Error::BlockCorrupt {
+                    block: ids[k],
+                    pack: key.clone(),
+                    reason,
+                };
+                let (compressed, payload, frame_len) = match &last {
+                    Some((f, c, p, n)) if *f == l.loc.frame() => {
+                        if u64::from(l.loc.inner) + u64::from(l.loc.plain_len) > u64::from(*n) {
+                            return Err(corrupt("the block lies beyond its frame".to_string()));
+                        }
+                        (*c, p.clone(), *n)
                     }
-                })?;
+                    _ => {
+                        let (c, p, n) =
+                            open_block_payload(&cipher, frame, &l.loc).map_err(corrupt)?;
+                        let p = bytes::Bytes::from(p);
+                        last = Some((l.loc.frame(), c, p.clone(), n));
+                        (c, p, n)
+                    }
+                };
                 out[k] = Some(BlockPayload {
                     id: ids[k],
                     plain_len: l.loc.plain_len,
-                    compressed: payload.0,
-                    payload: payload.1,
+                    compressed,
+                    payload,
+                    inner: l.loc.inner,
+                    frame_len,
+                    frame: (first.pack.id, l.loc.offset),
                 });
             }
             i = j;

@@ -1456,16 +1456,20 @@ fn authenticated_payloads_move_between_repositories_as_stored() {
     assert!(payloads.iter().any(|p| p.compressed), "a page compresses");
     let mut w = t2.pack_writer();
     for p in payloads.clone() {
-        assert!(
-            w.add_authenticated_payload(&p.id, p.plain_len, p.payload, p.compressed)
-                .unwrap()
+        let pages = [(p.id, p.inner, p.plain_len)];
+        assert_eq!(
+            w.add_authenticated_run(&pages, p.frame_len, p.payload.to_vec(), p.compressed)
+                .unwrap(),
+            1
         );
     }
     // Offered again: deduplicated.
     let p = &payloads[0];
-    assert!(
-        !w.add_authenticated_payload(&p.id, p.plain_len, p.payload.clone(), p.compressed)
-            .unwrap()
+    let pages = [(p.id, p.inner, p.plain_len)];
+    assert_eq!(
+        w.add_authenticated_run(&pages, p.frame_len, p.payload.to_vec(), p.compressed)
+            .unwrap(),
+        0
     );
     let stats = w.finish().unwrap();
     assert_eq!(stats.blocks_added, 3);
@@ -1485,12 +1489,209 @@ fn authenticated_payloads_move_between_repositories_as_stored() {
     .unwrap();
     let mut w = t3.pack_writer();
     let lie = &payloads[1];
-    w.add_authenticated_payload(&ids[0], lie.plain_len, lie.payload.clone(), lie.compressed)
+    let pages = [(ids[0], lie.inner, lie.plain_len)];
+    w.add_authenticated_run(&pages, lie.frame_len, lie.payload.to_vec(), lie.compressed)
         .unwrap();
     w.finish().unwrap();
     let err = t3.read_block(&ids[0]).unwrap_err();
     assert!(
         err.to_string().contains("does not match the block id"),
         "{err}"
+    );
+}
+
+/// Adds `pages` as runs of `per_run` blocks; returns the ids.
+fn add_runs(repo: &Repository, pages: &[Vec<u8>], per_run: usize) -> Vec<BlockId> {
+    let ids: Vec<BlockId> = pages.iter().map(|p| repo.block_id(p)).collect();
+    let mut w = repo.pack_writer();
+    for (n, chunk) in pages.chunks(per_run).enumerate() {
+        let run: Vec<(BlockId, u32)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (ids[n * per_run + i], p.len() as u32))
+            .collect();
+        w.add_run(&run, &chunk.concat(), None).unwrap();
+    }
+    w.finish().unwrap();
+    ids
+}
+
+#[test]
+fn runs_store_blocks_in_shared_frames_readable_one_by_one() {
+    let (store, master, repo) = mem_repo(small_packs());
+    let pages: Vec<Vec<u8>> = (0..40).map(|i| page(i, 8192)).collect();
+    // One frame per 16 pages: far smaller than one frame per page.
+    let ids = add_runs(&repo, &pages, 16);
+    let run_bytes: usize = keys(&*store, "packs/")
+        .iter()
+        .map(|k| store.get(k).unwrap().unwrap().len())
+        .sum();
+    let (_, _, single) = mem_repo(small_packs());
+    add_all(&single, &pages);
+    let single_bytes: usize = keys(single.store(), "packs/")
+        .iter()
+        .map(|k| single.store().get(k).unwrap().unwrap().len())
+        .sum();
+    assert!(run_bytes < single_bytes, "{run_bytes} vs {single_bytes}");
+
+    for (id, p) in ids.iter().zip(&pages) {
+        assert_eq!(&repo.read_block(id).unwrap(), p);
+    }
+    // Payloads: the blocks of one frame share it; each lies at its offset.
+    let payloads = repo.read_block_payloads(&ids).unwrap();
+    let frames: std::collections::HashSet<_> = payloads.iter().map(|p| p.frame).collect();
+    assert_eq!(frames.len(), 3);
+    for (p, page) in payloads.iter().zip(&pages) {
+        assert!(!p.is_single());
+        let plain = crate::pack::frame_plaintext(p.compressed, &p.payload, p.frame_len).unwrap();
+        let at = p.inner as usize;
+        assert_eq!(&plain[at..at + p.plain_len as usize], &page[..]);
+    }
+    // A repeated block in the same answer is counted and read once.
+    let twice = [ids[0], ids[1], ids[0]];
+    assert_eq!(
+        repo.read_block_payloads_within(&twice, 1 << 20, true)
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // After a reopen (index objects of version 3), the same.
+    let again = reopen(&store, &master);
+    for (id, p) in ids.iter().zip(&pages) {
+        assert_eq!(&again.read_block(id).unwrap(), p);
+    }
+}
+
+#[test]
+fn a_run_indexes_only_its_new_blocks_and_checks_every_id() {
+    let (_, _, repo) = mem_repo(small_packs());
+    let pages: Vec<Vec<u8>> = (0..8).map(|i| page(i, 8192)).collect();
+    let ids = add_runs(&repo, &pages[..4], 4);
+    // Pages 0..4 are stored; a run of 0..8 with page 5 named twice stores 4..8 once each.
+    let mut run: Vec<(BlockId, u32)> = pages.iter().map(|p| (repo.block_id(p), 8192)).collect();
+    let mut plain = pages.concat();
+    run.push(run[5]);
+    plain.extend_from_slice(&pages[5]);
+    let mut w = repo.pack_writer();
+    assert_eq!(w.add_run(&run, &plain, None).unwrap(), 4);
+    // Nothing new: no frame written.
+    assert_eq!(w.add_run(&run, &plain, None).unwrap(), 0);
+    let stats = w.finish().unwrap();
+    assert_eq!(stats.blocks_added, 4);
+    for (id, p) in run.iter().zip(pages.iter()) {
+        assert_eq!(&repo.read_block(&id.0).unwrap(), p);
+    }
+    assert_eq!(ids[0], run[0].0);
+
+    // A wrong id anywhere in the run, or lengths that do not add up, are refused.
+    let mut w = repo.pack_writer();
+    let mut lie = run[..2].to_vec();
+    lie[1].0 = lie[0].0;
+    let err = w.add_run(&lie, &pages[..2].concat(), None).unwrap_err();
+    assert!(matches!(err, Error::BlockIdMismatch { .. }), "{err}");
+    let err = w
+        .add_run(&[(ids[0], 8192), (ids[1], 100)], &pages[..2].concat(), None)
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidRun(_)), "{err}");
+    assert_eq!(w.finish().unwrap().blocks_added, 0);
+}
+
+#[test]
+fn a_flipped_byte_in_a_run_frame_is_detected_for_each_of_its_blocks() {
+    let (store, _, repo) = mem_repo(small_packs());
+    let pages: Vec<Vec<u8>> = (0..4).map(|i| page(i, 8192)).collect();
+    let ids = add_runs(&repo, &pages, 4);
+    let pack = keys(&*store, "packs/").pop().unwrap();
+    flip(&store, &pack, 300);
+    for id in &ids {
+        let err = repo.read_block(id).unwrap_err();
+        assert!(matches!(err, Error::BlockCorrupt { .. }), "{err}");
+    }
+    let files = vec![FileEntry {
+        path: "base/1/1".into(),
+        size: 4 * 8192,
+        mode: 0o600,
+        mtime: 0,
+        kind: FileKind::Blocks {
+            block_size: 8192,
+            blocklists: vec![repo.put_blocklist(&ids).unwrap()],
+        },
+    }];
+    let id = backup_id(1);
+    repo.put_manifest(&Manifest {
+        cluster: "c".into(),
+        backup_id: id.clone(),
+        metadata: json!({}),
+        domain: Domain::legacy(),
+        files,
+    })
+    .unwrap();
+    let report = repo.verify("c", &id).unwrap();
+    assert_eq!(report.problems.len(), 4, "{:?}", report.problems);
+}
+
+#[test]
+fn collection_moves_the_live_blocks_of_partly_dead_runs() {
+    let (_, _, repo) = mem_repo(small_packs());
+    let pages: Vec<Vec<u8>> = (0..32).map(|i| page(i, 8192)).collect();
+    let ids = add_runs(&repo, &pages, 16);
+    // Only every fourth page stays alive (a protected set stands for a backup).
+    let live: std::collections::HashSet<BlockId> = ids.iter().step_by(4).copied().collect();
+    let plan = repo.gc_plan(&live).unwrap();
+    assert_eq!(plan.live_blocks, 8);
+    let report = repo.gc_execute(&plan).unwrap();
+    assert_eq!(report.blocks_moved, 8, "{report:?}");
+    for (i, (id, p)) in ids.iter().zip(&pages).enumerate() {
+        if i % 4 == 0 {
+            assert_eq!(&repo.read_block(id).unwrap(), p);
+        } else {
+            assert!(!repo.has_block(id).unwrap());
+        }
+    }
+}
+
+#[test]
+fn authenticated_runs_move_between_repositories_as_stored() {
+    let (_, _, t1) = mem_repo(small_packs());
+    let pages: Vec<Vec<u8>> = (0..10).map(|i| page(i, 8192)).collect();
+    let ids = add_runs(&t1, &pages, 10);
+    let t2 = Repository::open_or_init_with_id_key(
+        Arc::new(MemStore::new()),
+        MasterKey::generate(),
+        small_packs(),
+        Some(t1.id_key()),
+    )
+    .unwrap();
+    // Only some blocks of the frame are wanted in t2: only those are indexed there.
+    let want = [ids[2], ids[3], ids[7]];
+    let payloads = t1.read_block_payloads(&want).unwrap();
+    let p = &payloads[0];
+    let pages_in: Vec<(BlockId, u32, u32)> = payloads
+        .iter()
+        .map(|p| (p.id, p.inner, p.plain_len))
+        .collect();
+    let mut w = t2.pack_writer();
+    let n = w
+        .add_authenticated_run(&pages_in, p.frame_len, p.payload.to_vec(), p.compressed)
+        .unwrap();
+    assert_eq!(n, 3);
+    w.finish().unwrap();
+    for id in &want {
+        let i = ids.iter().position(|x| x == id).unwrap();
+        assert_eq!(t2.read_block(id).unwrap(), pages[i]);
+    }
+    assert!(!t2.has_block(&ids[0]).unwrap());
+    // Blocks out of order or beyond the frame are refused.
+    let mut w = t2.pack_writer();
+    let bad = [(ids[3], pages_in[1].1, 8192), (ids[2], pages_in[0].1, 8192)];
+    assert!(
+        w.add_authenticated_run(&bad, p.frame_len, p.payload.to_vec(), p.compressed)
+            .is_err()
+    );
+    let beyond = [(ids[2], p.frame_len - 100, 8192)];
+    assert!(
+        w.add_authenticated_run(&beyond, p.frame_len, p.payload.to_vec(), p.compressed)
+            .is_err()
     );
 }

@@ -7,7 +7,7 @@ use std::fmt;
 use klio_crypto::ObjectHeader;
 
 use crate::index::{BlockLocation, PackInfo};
-use crate::pack::{open_block_frame, pack_cipher};
+use crate::pack::FrameReader;
 use crate::repository::{blocklist_key, pack_key, pack_name};
 use crate::{BackupId, BlockId, BlocklistId, Error, FileKind, PackId, Repository};
 
@@ -276,8 +276,8 @@ impl Repository {
                 "the pack header does not match its index".to_string(),
             ),
         }
-        let cipher = pack_cipher(self.master(), pack);
-        blocks.sort_by_key(|(_, loc)| loc.offset);
+        let mut reader = FrameReader::new(self, pack);
+        blocks.sort_by_key(|(_, loc)| (loc.offset, loc.inner));
         let mut verified = 0u64;
         for (id, loc) in blocks.iter() {
             let start = loc.offset as usize;
@@ -285,7 +285,7 @@ impl Repository {
                 .checked_add(loc.len as usize)
                 .and_then(|end| bytes.get(start..end));
             let result = match frame {
-                Some(frame) => open_block_frame(self, &cipher, frame, id, loc),
+                Some(frame) => reader.block(frame, id, loc).map(|_| ()),
                 None => Err(format!("the pack is truncated to {} bytes", bytes.len())),
             };
             match result {

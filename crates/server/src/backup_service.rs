@@ -22,10 +22,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use klio_proto::backup::v1::{self as pb, backup_server::Backup};
+use klio_proto::limits::MAX_RUN_BLOCKS;
 use klio_proto::manifest_rules;
 use klio_repository::{
-    BackupId, BlockId, BlocklistId, Domain, FileEntry, FileKind, MAX_BLOCK_SIZE, Manifest,
-    PackStats, PackWriter, ProblemKind, Repository,
+    BackupId, BlockId, BlockPayload, BlocklistId, Domain, FileEntry, FileKind, MAX_BLOCK_SIZE,
+    Manifest, PackId, PackStats, PackWriter, ProblemKind, Repository,
 };
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -248,6 +249,7 @@ fn repo_status(e: klio_repository::Error) -> Status {
         E::BackupNotFound { .. } => Status::not_found(e.to_string()),
         E::BlockIdMismatch { .. }
         | E::BlockTooLarge { .. }
+        | E::InvalidRun(_)
         | E::InvalidManifest { .. }
         | E::InvalidBackupId(_)
         | E::InvalidKey { .. } => Status::invalid_argument(e.to_string()),
@@ -1093,6 +1095,7 @@ impl Backup for BackupService {
             backup_id: backup_id.to_string(),
             block_id_key: block_id_key.to_vec().into(),
             max_block_size: MAX_BLOCK_SIZE as u32,
+            accepts_runs: true,
         }))
     }
 
@@ -1469,6 +1472,7 @@ impl Backup for BackupService {
         let cluster = request.get_ref().cluster.clone();
         Self::authorize(&request, &cluster)?;
         let ids = parse_ids(&request.get_ref().ids)?;
+        let runs = request.get_ref().runs;
         let (repo, gc_lock, _) = self.tier_repo(request.get_ref().tier).await?;
         let repo = self
             .readable(&repo, &cluster, &request.get_ref().domain)
@@ -1477,20 +1481,13 @@ impl Backup for BackupService {
         let _shared = gc_lock.read().await;
         // Within the answer's size limit, less room for the framing of each block.
         let budget = (klio_proto::limits::MAX_BACKUP_MESSAGE - ids.len() * 64 - 4096) as u64;
-        let payloads =
-            tokio::task::spawn_blocking(move || repo.read_block_payloads_within(&ids, budget))
-                .await
-                .map_err(join_error)?
-                .map_err(repo_status)?;
-        let blocks = payloads
-            .into_iter()
-            .map(|p| pb::Block {
-                id: p.id.0.to_vec().into(),
-                plain_len: p.plain_len,
-                compressed: p.compressed,
-                data: p.payload.into(),
-            })
-            .collect();
+        let payloads = tokio::task::spawn_blocking(move || {
+            repo.read_block_payloads_within(&ids, budget, runs)
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(repo_status)?;
+        let blocks = blocks_answer(payloads, runs)?;
         Ok(Response::new(pb::GetBlocksResponse { blocks }))
     }
 
@@ -1984,7 +1981,62 @@ fn first_segment(name: &str, segment_size: u64) -> Result<klio_pg::SegmentNo, St
         .ok_or_else(|| Status::internal(format!("invalid start WAL \"{name}\"")))
 }
 
-/// Checks and stores uploaded blocks; returns how many were new.
+/// The blocks of a `GetBlocks` answer. With `runs`, a frame's payload is sent once for the
+/// blocks of it that follow each other in the answer; without, each block of a run is
+/// decompressed and sent on its own, as a client that does not know runs expects.
+fn blocks_answer(payloads: Vec<BlockPayload>, runs: bool) -> Result<Vec<pb::Block>, Status> {
+    let mut out = Vec::with_capacity(payloads.len());
+    let mut previous: Option<(PackId, u32)> = None;
+    let mut plain: Option<((PackId, u32), Vec<u8>)> = None;
+    for p in payloads {
+        let mut b = pb::Block {
+            id: p.id.0.to_vec().into(),
+            plain_len: p.plain_len,
+            compressed: p.compressed,
+            ..Default::default()
+        };
+        if runs {
+            // Every block in the frame form: a frame is sent once for the blocks of it
+            // that follow each other.
+            b.frame_offset = p.inner;
+            b.frame_len = p.frame_len;
+            if previous == Some(p.frame) && p.frame_len != 0 {
+                b.same_frame = true;
+            } else {
+                b.data = p.payload;
+            }
+        } else if p.is_single() {
+            b.data = p.payload;
+        } else {
+            if plain.as_ref().is_none_or(|(f, _)| *f != p.frame) {
+                let bytes =
+                    klio_crypto::decompress_payload(&p.payload, p.compressed, p.frame_len, "block")
+                        .map_err(|e| {
+                            Status::data_loss(format!("block {}: the frame holding it: {e}", p.id))
+                        })?;
+                plain = Some((p.frame, bytes));
+            }
+            let Some((_, bytes)) = &plain else {
+                continue;
+            };
+            let start = p.inner as usize;
+            let Some(block) = bytes.get(start..start + p.plain_len as usize) else {
+                return Err(Status::data_loss(format!(
+                    "block {} lies beyond the frame holding it",
+                    p.id
+                )));
+            };
+            b.compressed = false;
+            b.data = bytes::Bytes::copy_from_slice(block);
+        }
+        previous = Some(p.frame);
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// Checks and stores uploaded blocks and runs; returns how many blocks were new and the
+/// ids of every block checked and stored.
 fn store_blocks(
     writer: &mut PackWriter,
     blocks: Vec<pb::Block>,
@@ -1996,47 +2048,82 @@ fn store_blocks(
     let mut dctx = zstd::bulk::Decompressor::new()
         .map_err(|e| Status::internal(format!("zstd decompressor: {e}")))?;
     for b in blocks {
-        if b.id.len() != 32 {
-            return Err(Status::invalid_argument("a block id has 32 bytes"));
-        }
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&b.id);
-        let id = BlockId(id);
+        let (pages, what) = if b.run_ids.is_empty() {
+            if b.id.len() != 32 || !b.run_lens.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a block id has 32 bytes (or a run has run_ids and run_lens)",
+                ));
+            }
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&b.id);
+            let id = BlockId(id);
+            (vec![(id, b.plain_len)], format!("block {id}"))
+        } else {
+            (run_pages(&b)?, "a run of blocks".to_string())
+        };
         if b.plain_len as usize > MAX_BLOCK_SIZE {
             return Err(Status::invalid_argument(format!(
-                "block {id} claims {} bytes; the limit is {MAX_BLOCK_SIZE}",
+                "{what} claims {} bytes; the limit is {MAX_BLOCK_SIZE}",
                 b.plain_len
             )));
         }
-        let added = if b.compressed {
+        let (plain, compressed) = if b.compressed {
             let plain = dctx
                 .decompress(&b.data, b.plain_len as usize)
                 .map_err(|e| {
-                    Status::invalid_argument(format!("block {id} does not decompress: {e}"))
+                    Status::invalid_argument(format!("{what} does not decompress: {e}"))
                 })?;
             if plain.len() != b.plain_len as usize {
                 return Err(Status::invalid_argument(format!(
-                    "block {id} decompresses to {} bytes, not {}",
+                    "{what} decompresses to {} bytes, not {}",
                     plain.len(),
                     b.plain_len
                 )));
             }
-            writer.add_encoded_block(&id, &plain, Some(b.data.to_vec()))
+            (plain, Some(b.data.to_vec()))
         } else {
             if b.data.len() != b.plain_len as usize {
                 return Err(Status::invalid_argument(format!(
-                    "block {id} has {} bytes, not {}",
+                    "{what} has {} bytes, not {}",
                     b.data.len(),
                     b.plain_len
                 )));
             }
-            writer.add_encoded_block(&id, &b.data, None)
-        }
-        .map_err(repo_status)?;
-        new += u64::from(added);
-        stored.push(id);
+            (b.data.to_vec(), None)
+        };
+        new += writer
+            .add_run(&pages, &plain, Some(compressed))
+            .map_err(repo_status)?;
+        stored.extend(pages.into_iter().map(|(id, _)| id));
     }
     Ok((new, stored))
+}
+
+/// The blocks of an uploaded run (id and length), checked against the limits.
+fn run_pages(b: &pb::Block) -> Result<Vec<(BlockId, u32)>, Status> {
+    let count = b.run_lens.len();
+    if !b.id.is_empty() || b.run_ids.len() != count * 32 {
+        return Err(Status::invalid_argument(format!(
+            "a run names {} bytes of block ids for {count} lengths; it has 32 bytes of id per length and no id of its own",
+            b.run_ids.len()
+        )));
+    }
+    if count > MAX_RUN_BLOCKS {
+        return Err(Status::invalid_argument(format!(
+            "a run of {count} blocks; the limit is {MAX_RUN_BLOCKS}"
+        )));
+    }
+    let total: u64 = b.run_lens.iter().map(|l| u64::from(*l)).sum();
+    if total != u64::from(b.plain_len) || b.run_lens.contains(&0) {
+        return Err(Status::invalid_argument(format!(
+            "a run's block lengths add up to {total} bytes, not its {} (and none is empty)",
+            b.plain_len
+        )));
+    }
+    Ok(BlockId::list_from_bytes(&b.run_ids)
+        .into_iter()
+        .zip(b.run_lens.iter().copied())
+        .collect())
 }
 
 /// Adds a block to a session's protected set, or pins the repository once the set is full.

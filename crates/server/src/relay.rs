@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use klio_proto::backup::v1 as pb;
 use klio_queue::{BoxFuture, Handler, Task, kinds};
-use klio_repository::{BackupId, BlockId, FileKind, Repository};
+use klio_repository::{BackupId, BlockId, BlockPayload, FileKind, FramedBlock, PackId, Repository};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -672,8 +672,25 @@ fn copy_blocks(
         // 1's index binds to its id (checked when the block was stored, and again by every
         // restore from Tier 2): it is sealed for Tier 2 as it is, not decompressed and
         // hashed again.
+        // The blocks of one frame (a run) are sealed together, as one frame again.
+        let mut frames: Vec<(BlockPayload, Vec<FramedBlock>)> = Vec::new();
+        let mut slot: std::collections::HashMap<(PackId, u32), usize> =
+            std::collections::HashMap::new();
         for p in payloads {
-            writer.add_authenticated_payload(&p.id, p.plain_len, p.payload, p.compressed)?;
+            let page = (p.id, p.inner, p.plain_len);
+            match slot.get(&p.frame) {
+                Some(&i) => frames[i].1.push(page),
+                None => {
+                    slot.insert(p.frame, frames.len());
+                    frames.push((p, vec![page]));
+                }
+            }
+        }
+        for (p, mut pages) in frames {
+            pages.sort_by_key(|(_, inner, _)| *inner);
+            pages.dedup_by_key(|(_, inner, _)| *inner);
+            let payload = Vec::<u8>::from(p.payload);
+            writer.add_authenticated_run(&pages, p.frame_len, payload, p.compressed)?;
         }
     }
     let stats = writer.finish()?;

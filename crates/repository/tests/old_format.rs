@@ -1,0 +1,202 @@
+//! Repositories written before runs (one block per frame, index objects of versions 1 and
+//! 2) stay readable, verifiable and collectable, and take new backups whose runs
+//! deduplicate against their blocks.
+//!
+//! `tests/fixtures/format-2026-11` was written by Klio at commit cd18393 (the last one
+//! before runs) and is never rewritten: two backups of cluster `fixture-db`, one in the
+//! domain `cluster/fixture-db` (index version 2), one in the legacy domain (version 1),
+//! packs of 16 KiB, zstd level 3. `content` below is the generator's content function.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use klio_crypto::{KeyEnvelope, Passphrase};
+use klio_repository::{
+    BackupId, BlockId, Domain, FileEntry, FileKind, LocalStore, Manifest, Repository,
+    RepositoryOptions,
+};
+
+/// The fixture's file content: 3/4 of each 64 bytes compressible, the rest pseudo-random.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|i| {
+            if i % 64 < 48 {
+                ((i / 16) as u64 ^ seed.wrapping_mul(31)) as u8
+            } else {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        })
+        .collect()
+}
+
+const RELATION_SIZE: usize = 40 * 8192 + 100;
+
+/// What `base/1/1234` holds in the fixture: 41 blocks, pages 10..14 equal to page 3.
+fn relation() -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0u64;
+    while out.len() < RELATION_SIZE {
+        let len = (RELATION_SIZE - out.len()).min(8192);
+        let seed = if (10..14).contains(&i) { 3 } else { i + 100 };
+        out.extend(content(seed, len));
+        i += 1;
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+fn open(root: &Path, cache: &Path) -> Repository {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-2026-11");
+    let passphrase = Passphrase::from_file(&fixture.join("passphrase")).unwrap();
+    let master = KeyEnvelope::load_or_create(&root.join("keys.json"), &passphrase).unwrap();
+    Repository::open(
+        Arc::new(LocalStore::open(root).unwrap()),
+        master,
+        RepositoryOptions {
+            index_cache: Some(cache.to_path_buf()),
+            pack_target_size: 64 << 10,
+            ..RepositoryOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// A file's content, read block by block.
+fn read_file(repo: &Repository, f: &FileEntry) -> Vec<u8> {
+    match &f.kind {
+        FileKind::Whole { block } => repo.read_block(block).unwrap(),
+        FileKind::Blocks { blocklists, .. } => {
+            let mut out = Vec::new();
+            for l in blocklists {
+                for id in repo.get_blocklist(l).unwrap() {
+                    out.extend(repo.read_block(&id).unwrap());
+                }
+            }
+            assert_eq!(out.len() as u64, f.size, "{}", f.path);
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn check_backup(base: &Repository, backup: &str, expected: &[(&str, Vec<u8>)]) {
+    let id: BackupId = backup.parse().unwrap();
+    let m = base.get_manifest("fixture-db", &id).unwrap();
+    let repo = base.in_domain(&m.domain).unwrap();
+    for (path, want) in expected {
+        let f = m.files.iter().find(|f| f.path == *path).unwrap();
+        assert!(read_file(&repo, f) == *want, "{backup}: {path} differs");
+    }
+    let report = repo.verify("fixture-db", &id).unwrap();
+    assert!(report.is_ok(), "{backup}: {:?}", report.problems);
+}
+
+fn old_files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("base/1/1234", relation()),
+        ("global/pg_control", content(7, 8192)),
+        ("PG_VERSION", b"15\n".to_vec()),
+    ]
+}
+
+#[test]
+fn a_repository_written_before_runs_restores_verifies_collects_and_takes_runs() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-2026-11");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repository");
+    copy_dir(&fixture.join("repository"), &root);
+    let base = open(&root, &tmp.path().join("cache-1.redb"));
+
+    // Both old backups read back byte for byte and verify.
+    check_backup(&base, "backup-20261201000000", &old_files());
+    check_backup(&base, "backup-20261201010000", &old_files());
+
+    // A new backup in the cluster's domain, written in runs of 16 pages: its first 20 pages
+    // are the old relation's (deduplicated against the old one-block frames), the other 20
+    // are new.
+    let domain = Domain::cluster("fixture-db").unwrap();
+    let repo = base.in_domain(&domain).unwrap();
+    let old = relation();
+    let mut new_file = old[..20 * 8192].to_vec();
+    for i in 0..20u64 {
+        new_file.extend(content(1000 + i, 8192));
+    }
+    let ids: Vec<BlockId> = new_file.chunks(8192).map(|p| repo.block_id(p)).collect();
+    let mut w = repo.pack_writer();
+    let mut new = 0;
+    for (n, run) in new_file.chunks(16 * 8192).enumerate() {
+        let pages: Vec<(BlockId, u32)> = ids[n * 16..n * 16 + run.len() / 8192]
+            .iter()
+            .map(|id| (*id, 8192))
+            .collect();
+        new += w.add_run(&pages, run, None).unwrap();
+    }
+    let stats = w.finish().unwrap();
+    assert_eq!(new, 20, "only the 20 new pages are stored");
+    assert_eq!(stats.blocks_deduplicated, 20);
+    let list = repo.put_blocklist(&ids).unwrap();
+    let backup: BackupId = "backup-20261202000000".parse().unwrap();
+    repo.put_manifest(&Manifest {
+        cluster: "fixture-db".into(),
+        backup_id: backup.clone(),
+        metadata: serde_json::json!({}),
+        domain: domain.clone(),
+        files: vec![FileEntry {
+            path: "base/1/1234".into(),
+            size: new_file.len() as u64,
+            mode: 0o600,
+            mtime: 1764633600,
+            kind: FileKind::Blocks {
+                block_size: 8192,
+                blocklists: vec![list],
+            },
+        }],
+    })
+    .unwrap();
+    check_backup(
+        &base,
+        "backup-20261202000000",
+        &[("base/1/1234", new_file.clone())],
+    );
+
+    // Collecting after the first old backup is deleted keeps the other two intact: the
+    // second old one is in the legacy domain, the new one shares 20 old pages.
+    base.delete_backup("fixture-db", &"backup-20261201000000".parse().unwrap())
+        .unwrap();
+    let plan = base.gc_plan(&HashSet::new()).unwrap();
+    let report = base.gc_execute(&plan).unwrap();
+    assert!(
+        report.packs_deleted + report.packs_rewritten > 0,
+        "the old backup's own pages go: {report:?}"
+    );
+    check_backup(&base, "backup-20261201010000", &old_files());
+    check_backup(
+        &base,
+        "backup-20261202000000",
+        &[("base/1/1234", new_file.clone())],
+    );
+
+    // A fresh cache reads every index object again (versions 1, 2 and 3).
+    drop(base);
+    let base = open(&root, &tmp.path().join("cache-2.redb"));
+    check_backup(&base, "backup-20261201010000", &old_files());
+    check_backup(&base, "backup-20261202000000", &[("base/1/1234", new_file)]);
+}
