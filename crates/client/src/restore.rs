@@ -705,70 +705,90 @@ impl Fetcher {
         let total: usize = lens.iter().sum();
         buf.clear();
         buf.resize(total, 0);
-        let mut pos = 0;
+        let corrupt = |id: &[u8; 32], why: &str| {
+            anyhow::anyhow!(
+                "block {} of \"{path}\" is corrupt: {why}\nHINT: run `klio verify` to find the damaged objects",
+                hex::encode(id)
+            )
+        };
         let mut dctx = zstd::bulk::Decompressor::new().context("zstd decompressor")?;
-        let mut frame: Vec<u8> = Vec::new();
-        for ((b, id), &len) in r.blocks.iter().zip(ids).zip(lens) {
-            let corrupt = |why: &str| {
-                anyhow::anyhow!(
-                    "block {} of \"{path}\" is corrupt: {why}\nHINT: run `klio verify` to find the damaged objects",
-                    hex::encode(id)
-                )
-            };
+        // Blocks inside frames, by the block that carries their frame: each frame is
+        // decompressed once, for all its blocks, wherever they are in the answer.
+        let mut in_frame: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        let mut pos = 0;
+        let mut starts = Vec::with_capacity(ids.len());
+        for (i, ((b, id), &len)) in r.blocks.iter().zip(ids).zip(lens).enumerate() {
+            starts.push(pos);
             if b.plain_len as usize != len {
-                return Err(corrupt(&format!(
-                    "it has {} bytes where the file has {len}",
-                    b.plain_len
-                )));
+                return Err(corrupt(
+                    id,
+                    &format!("it has {} bytes where the file has {len}", b.plain_len),
+                ));
             }
             let out = &mut buf[pos..pos + len];
+            pos += len;
             if b.frame_len == 0 {
-                if b.same_frame {
-                    return Err(corrupt("the server sent no frame for it"));
+                if b.frame_block != 0 {
+                    return Err(corrupt(id, "the server sent no frame for it"));
                 }
                 if b.compressed {
                     let n = dctx
                         .decompress_to_buffer(&b.data[..], out)
-                        .map_err(|_| corrupt("it does not decompress"))?;
+                        .map_err(|_| corrupt(id, "it does not decompress"))?;
                     if n != len {
-                        return Err(corrupt("it has the wrong length"));
+                        return Err(corrupt(id, "it has the wrong length"));
                     }
                 } else if b.data.len() == len {
                     out.copy_from_slice(&b.data);
                 } else {
-                    return Err(corrupt("it has the wrong length"));
+                    return Err(corrupt(id, "it has the wrong length"));
                 }
+                if blake3::keyed_hash(&self.key, out).as_bytes() != id {
+                    return Err(corrupt(id, "its content does not match its id"));
+                }
+                continue;
+            }
+            let carrier = match b.frame_block as usize {
+                0 => i,
+                k if k <= i && r.blocks[k - 1].frame_block == 0 => k - 1,
+                _ => return Err(corrupt(id, "the server sent no frame for it")),
+            };
+            in_frame.entry(carrier).or_default().push(i);
+        }
+        let mut frame: Vec<u8> = Vec::new();
+        for (carrier, members) in in_frame {
+            let c = &r.blocks[carrier];
+            let frame_len = c.frame_len as usize;
+            let first = &ids[carrier];
+            if frame_len == 0 || frame_len > MAX_BLOCK_SIZE {
+                return Err(corrupt(first, "its frame has an impossible length"));
+            }
+            frame.clear();
+            if c.compressed {
+                frame.resize(frame_len, 0);
+                let n = dctx
+                    .decompress_to_buffer(&c.data[..], &mut frame[..])
+                    .map_err(|_| corrupt(first, "its frame does not decompress"))?;
+                if n != frame_len {
+                    return Err(corrupt(first, "its frame has the wrong length"));
+                }
+            } else if c.data.len() == frame_len {
+                frame.extend_from_slice(&c.data);
             } else {
-                // Inside a run: the frame's plaintext, decompressed once for its blocks.
-                let frame_len = b.frame_len as usize;
+                return Err(corrupt(first, "its frame has the wrong length"));
+            }
+            for i in members {
+                let (b, id, len) = (&r.blocks[i], &ids[i], lens[i]);
                 let start = b.frame_offset as usize;
-                if frame_len > MAX_BLOCK_SIZE || start + len > frame_len {
-                    return Err(corrupt("it lies beyond the frame that holds it"));
+                if b.frame_len as usize != frame_len || start + len > frame_len {
+                    return Err(corrupt(id, "it lies beyond the frame that holds it"));
                 }
-                if !b.same_frame {
-                    frame.clear();
-                    if b.compressed {
-                        frame.resize(frame_len, 0);
-                        let n = dctx
-                            .decompress_to_buffer(&b.data[..], &mut frame[..])
-                            .map_err(|_| corrupt("its frame does not decompress"))?;
-                        if n != frame_len {
-                            return Err(corrupt("its frame has the wrong length"));
-                        }
-                    } else if b.data.len() == frame_len {
-                        frame.extend_from_slice(&b.data);
-                    } else {
-                        return Err(corrupt("its frame has the wrong length"));
-                    }
-                } else if frame.len() != frame_len {
-                    return Err(corrupt("the server sent no frame for it"));
-                }
+                let out = &mut buf[starts[i]..starts[i] + len];
                 out.copy_from_slice(&frame[start..start + len]);
+                if blake3::keyed_hash(&self.key, out).as_bytes() != id {
+                    return Err(corrupt(id, "its content does not match its id"));
+                }
             }
-            if blake3::keyed_hash(&self.key, out).as_bytes() != id {
-                return Err(corrupt("its content does not match its id"));
-            }
-            pos += len;
         }
         self.fetched_bytes
             .fetch_add(total as u64, Ordering::Relaxed);

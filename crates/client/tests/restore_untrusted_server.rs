@@ -271,7 +271,7 @@ impl Backup for FakeServer {
                     offset
                 },
                 frame_len: frame.len() as u32,
-                same_frame: !first,
+                frame_block: if first { 0 } else { 1 },
                 ..Default::default()
             });
             offset += len;

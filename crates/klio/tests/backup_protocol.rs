@@ -665,9 +665,12 @@ async fn runs_are_checked_block_by_block_and_read_back_either_way() {
         assert!(err.message().contains("run"), "{}", err.message());
     }
 
-    // The honest run: all eight blocks are new.
+    // The honest runs (pages 0..4 and 4..8): all eight blocks are new.
     let put_ok = c
-        .put_blocks(put(vec![run(&ids, vec![8192; 8], &plain)]))
+        .put_blocks(put(vec![
+            run(&ids[..4], vec![8192; 4], &plain[..4 * 8192]),
+            run(&ids[4..], vec![8192; 4], &plain[4 * 8192..]),
+        ]))
         .await
         .unwrap()
         .into_inner();
@@ -680,11 +683,18 @@ async fn runs_are_checked_block_by_block_and_read_back_either_way() {
     .await
     .unwrap();
 
+    // Asked for interleaved (as a restore asks for a file whose pages came from two
+    // backups): each frame is sent once, with the first block it holds.
+    let order = [0usize, 4, 1, 5, 2, 6, 3, 7];
     for runs in [true, false] {
         let got = c
             .get_blocks(pb::GetBlocksRequest {
                 cluster: "a".into(),
-                ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
+                ids: order
+                    .iter()
+                    .flat_map(|&i| ids[i])
+                    .collect::<Vec<u8>>()
+                    .into(),
                 runs,
                 ..Default::default()
             })
@@ -692,13 +702,11 @@ async fn runs_are_checked_block_by_block_and_read_back_either_way() {
             .unwrap()
             .into_inner();
         assert_eq!(got.blocks.len(), 8);
-        let mut frame = Vec::new();
-        for (i, b) in got.blocks.iter().enumerate() {
+        for (n, (b, &i)) in got.blocks.iter().zip(&order).enumerate() {
             let block = if runs {
-                assert_eq!(b.same_frame, i > 0, "one frame for the run");
-                if !b.same_frame {
-                    frame = zstd::bulk::decompress(&b.data, b.frame_len as usize).unwrap();
-                }
+                assert_eq!(b.frame_block, if n < 2 { 0 } else { (n % 2 + 1) as u32 });
+                let carrier = if n < 2 { b } else { &got.blocks[n % 2] };
+                let frame = zstd::bulk::decompress(&carrier.data, b.frame_len as usize).unwrap();
                 let at = b.frame_offset as usize;
                 frame[at..at + b.plain_len as usize].to_vec()
             } else {

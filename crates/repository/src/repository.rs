@@ -479,9 +479,9 @@ impl Repository {
     /// the order of `ids`, for an answer that must stay within `budget` bytes: a block named
     /// several times (a file's repeated pages) is read and decrypted once, and the request is
     /// refused ([`Error::ReadTooLarge`]) before anything is read when the answer would exceed
-    /// the budget. With `shared_frames`, the answer carries a frame once for the blocks of
-    /// it that follow each other in `ids`; without, it carries each block on its own (a
-    /// frame's stored size, or the block's plaintext if larger, per id named).
+    /// the budget. With `shared_frames`, the answer carries each frame once; without, it
+    /// carries each block on its own (a frame's stored size, or the block's plaintext if
+    /// larger, per id named).
     pub fn read_block_payloads_within(
         &self,
         ids: &[BlockId],
@@ -505,20 +505,18 @@ impl Repository {
             .index
             .locate_many(self.domain.number, &distinct)?;
         let mut bytes = 0u64;
-        let mut previous: Option<(PackId, u32)> = None;
+        let mut frames: HashSet<(PackId, u32)> = HashSet::new();
         for &s in &slots {
             let Some(l) = &located[s] else {
                 return Err(self.not_found(&distinct[s]));
             };
-            let frame = (l.pack.id, l.loc.offset);
             let cost = if !shared_frames {
                 l.loc.len.max(l.loc.plain_len)
-            } else if previous == Some(frame) {
-                0
-            } else {
+            } else if frames.insert((l.pack.id, l.loc.offset)) {
                 l.loc.len
+            } else {
+                0
             };
-            previous = Some(frame);
             bytes = bytes.saturating_add(u64::from(cost));
         }
         if bytes > budget {

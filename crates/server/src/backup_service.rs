@@ -1981,12 +1981,12 @@ fn first_segment(name: &str, segment_size: u64) -> Result<klio_pg::SegmentNo, St
         .ok_or_else(|| Status::internal(format!("invalid start WAL \"{name}\"")))
 }
 
-/// The blocks of a `GetBlocks` answer. With `runs`, a frame's payload is sent once for the
-/// blocks of it that follow each other in the answer; without, each block of a run is
-/// decompressed and sent on its own, as a client that does not know runs expects.
+/// The blocks of a `GetBlocks` answer. With `runs`, each frame's payload is sent once, with
+/// the first block of the answer it holds; without, each block of a run is decompressed
+/// and sent on its own, as a client that does not know runs expects.
 fn blocks_answer(payloads: Vec<BlockPayload>, runs: bool) -> Result<Vec<pb::Block>, Status> {
     let mut out = Vec::with_capacity(payloads.len());
-    let mut previous: Option<(PackId, u32)> = None;
+    let mut sent: HashMap<(PackId, u32), u32> = HashMap::new();
     let mut plain: Option<((PackId, u32), Vec<u8>)> = None;
     for p in payloads {
         let mut b = pb::Block {
@@ -1996,14 +1996,14 @@ fn blocks_answer(payloads: Vec<BlockPayload>, runs: bool) -> Result<Vec<pb::Bloc
             ..Default::default()
         };
         if runs {
-            // Every block in the frame form: a frame is sent once for the blocks of it
-            // that follow each other.
             b.frame_offset = p.inner;
             b.frame_len = p.frame_len;
-            if previous == Some(p.frame) && p.frame_len != 0 {
-                b.same_frame = true;
-            } else {
-                b.data = p.payload;
+            match sent.get(&p.frame) {
+                Some(&k) if p.frame_len != 0 => b.frame_block = k,
+                _ => {
+                    sent.insert(p.frame, out.len() as u32 + 1);
+                    b.data = p.payload;
+                }
             }
         } else if p.is_single() {
             b.data = p.payload;
@@ -2029,7 +2029,6 @@ fn blocks_answer(payloads: Vec<BlockPayload>, runs: bool) -> Result<Vec<pb::Bloc
             b.compressed = false;
             b.data = bytes::Bytes::copy_from_slice(block);
         }
-        previous = Some(p.frame);
         out.push(b);
     }
     Ok(out)
