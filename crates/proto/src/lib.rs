@@ -37,7 +37,7 @@ pub mod limits {
     /// Plaintext bytes a backup client puts in one run at most: consecutive new blocks
     /// sent (and stored) as one compressed frame. A run is at most [`MAX_BLOCK_SIZE`]
     /// bytes and [`MAX_RUN_BLOCKS`] blocks for the server.
-    pub const RUN_BYTES: usize = 128 << 10;
+    pub const RUN_BYTES: usize = 512 << 10;
     /// Blocks in one run at most.
     pub const MAX_RUN_BLOCKS: usize = 4096;
     /// Largest archived WAL file: a segment of the largest size PostgreSQL allows (1 GiB);

@@ -378,7 +378,7 @@ impl Repository {
 }
 
 /// Plaintext bytes of the runs a collection writes when it moves blocks.
-const MOVE_RUN_BYTES: usize = 128 << 10;
+const MOVE_RUN_BYTES: usize = 512 << 10;
 
 /// Copies blocks `ids` into `writer` (a relocating writer): each frame read and decompressed
 /// once, each block checked against its id, and the blocks written again as runs of up to
