@@ -2,7 +2,10 @@
 # Where the CPU goes: a full `klio backup --jobs 2` and a `klio restore --jobs 2` of a pgbench
 # database, with `perf record` on the client and on the Klio server at once; prints the
 # hottest functions of each side (self time, all threads) and the CPU seconds each side
-# used, then leaves the perf data in $OUT (default /var/tmp/klio-profile).
+# used, then leaves the perf data in $OUT (default /var/tmp/klio-profile). Then the
+# synchronous WAL acknowledgement path: pgbench with `klio wal-stream` as the only
+# synchronous standby, once under perf (streamer and server) and once counting, per
+# commit, the system calls (strace -c) and the context switches (wake-ups) of each.
 #
 #   bash bench/profile.sh              # scale 50
 #   SCALE=200 bash bench/profile.sh
@@ -74,5 +77,51 @@ profile() {
 
 profile backup "$KLIO" backup "${CLIENT[@]}" --pg-dsn "$DSN" --pgdata "$WORK/pg" --jobs 2 --json --no-retention
 profile restore "$KLIO" restore "${CLIENT[@]}" --pgdata "$WORK/restored" --jobs 2
+
+# The synchronous acknowledgement path: PostgreSQL -> wal-stream -> server (write, fsync)
+# -> ack -> wal-stream -> PostgreSQL.
+WAL_SECS="${WAL_SECS:-15}"
+PSQL=("$PG_BIN/psql" -X -At -h "$WORK" -p "$PG_PORT" -U postgres -d postgres)
+"${PSQL[@]}" -c "ALTER SYSTEM SET synchronous_standby_names = 'klio'" -c "SELECT pg_reload_conf()" >/dev/null
+STREAMER=$(pgrep -f "klio wal-stream" | head -1)
+commits() { # pgbench for WAL_SECS seconds; prints the transactions processed
+  as_pg "$PG_BIN/pgbench" -h "$WORK" -p "$PG_PORT" -U postgres -c 4 -j 2 -T "$WAL_SECS" postgres 2>/dev/null \
+    | awk '/number of transactions actually processed/ {split($NF, a, "/"); print a[1]}'
+}
+switches() { # voluntary + involuntary context switches of every thread of $1
+  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s}'
+}
+perf record -q -F 999 -g -p "$SERVER" -o "$OUT/walsync-server.data" 2>/dev/null &
+R1=$!
+perf record -q -F 999 -g -p "$STREAMER" -o "$OUT/walsync-streamer.data" 2>/dev/null &
+R2=$!
+sleep 0.5
+N=$(commits)
+kill -INT "$R1" "$R2"; wait "$R1" "$R2" 2>/dev/null || true
+echo
+echo "##### synchronous WAL: $N commits in ${WAL_SECS}s under perf ($(python3 -c "print(round($N / $WAL_SECS))") per second)"
+report "$OUT/walsync-streamer.data" "synchronous WAL, streamer"
+report "$OUT/walsync-server.data" "synchronous WAL, server"
+X0=$(switches "$STREAMER"); Y0=$(switches "$SERVER")
+strace -c -f -qq -p "$STREAMER" -o "$WORK/strace-streamer" &
+T1=$!
+strace -c -f -qq -p "$SERVER" -o "$WORK/strace-server" &
+T2=$!
+sleep 0.5
+N=$(commits)
+kill -INT "$T1" "$T2"; wait "$T1" "$T2" 2>/dev/null || true
+X1=$(switches "$STREAMER"); Y1=$(switches "$SERVER")
+per_commit() { # $1 = strace -c output, $2 = commits: the busiest system calls per commit
+  awk -v n="$2" '$1 ~ /^[0-9.]+$/ && NF >= 5 {name = $NF; calls = $4; if (calls + 0 > 0) printf "  %-18s %6.2f per commit\n", name, calls / n}' "$1" \
+    | sort -k2 -nr | head -8
+}
+echo
+echo "##### synchronous WAL: $N commits in ${WAL_SECS}s under strace (slower; counts per commit)"
+echo "streamer: $(python3 -c "print(round(($X1 - $X0) / $N, 2))") context switches per commit"
+per_commit "$WORK/strace-streamer" "$N"
+echo "server: $(python3 -c "print(round(($Y1 - $Y0) / $N, 2))") context switches per commit"
+per_commit "$WORK/strace-server" "$N"
+"${PSQL[@]}" -c "ALTER SYSTEM SET synchronous_standby_names = ''" -c "SELECT pg_reload_conf()" >/dev/null
+
 echo
 echo "perf data in $OUT (perf report -i $OUT/backup-server.data)"
