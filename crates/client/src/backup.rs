@@ -37,7 +37,7 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Bytes read from a file with one system call.
 const READ_CHUNK: usize = 1 << 20;
 /// Uploads a reading thread may have in flight while it reads on.
-const MAX_INFLIGHT: usize = 2;
+const MAX_INFLIGHT: usize = 3;
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
@@ -80,6 +80,7 @@ struct Shared {
     level: i32,
     /// The server stores runs: consecutive new blocks are sent as one compressed run.
     runs: bool,
+    compressors: Compressors,
     start_lsn: u64,
     verify_checksums: bool,
     rt: tokio::runtime::Handle,
@@ -97,10 +98,9 @@ struct Batch {
     data: Vec<Vec<u8>>,
     bytes: usize,
     seen: HashSet<[u8; 32]>,
-    /// The reading thread's compression context, reused for every block.
-    cctx: zstd::bulk::Compressor<'static>,
-    /// Uploads sent and not yet acknowledged: the thread reads on while they travel.
-    inflight: VecDeque<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
+    /// Uploads (missing check, compression, upload) not yet acknowledged, each returning
+    /// the blocks it sent: the thread reads on while they run.
+    inflight: VecDeque<tokio::task::JoinHandle<anyhow::Result<u64>>>,
     /// File entries (or pieces of files) whose blocks are in this batch or were uploaded by
     /// it; sent with `AddFiles` once those uploads are acknowledged.
     files: Vec<pb::FileEntry>,
@@ -109,18 +109,67 @@ struct Batch {
 }
 
 impl Batch {
-    fn new(level: i32) -> anyhow::Result<Batch> {
-        Ok(Batch {
+    fn new() -> Batch {
+        Batch {
             ids: Vec::new(),
             data: Vec::new(),
             bytes: 0,
             seen: HashSet::new(),
-            cctx: zstd::bulk::Compressor::new(level).context("zstd compressor")?,
             inflight: VecDeque::new(),
             files: Vec::new(),
             file_ids: 0,
-        })
+        }
     }
+}
+
+/// Compression contexts shared by the upload tasks (making one per batch costs its
+/// allocations every 4 MiB).
+type Compressors = Arc<Mutex<Vec<zstd::bulk::Compressor<'static>>>>;
+
+/// The uploads of the blocks of a batch that the server lacks (`missing[i] != 0`), in the
+/// order read (a file's pages one after the other), in runs of up to `max_run` bytes
+/// compressed together: one zstd frame per run costs far less time and space than one per
+/// 8 KiB page, and each block keeps its own id.
+fn runs_of_missing(
+    ids: &[[u8; 32]],
+    data: Vec<Vec<u8>>,
+    missing: &[u8],
+    max_run: usize,
+    pool: &Compressors,
+    level: i32,
+) -> anyhow::Result<Vec<pb::Block>> {
+    let taken = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    let mut cctx = match taken {
+        Some(c) => c,
+        None => zstd::bulk::Compressor::new(level).context("zstd compressor")?,
+    };
+    let mut blocks = Vec::new();
+    let mut run = Run::default();
+    for ((id, data), m) in ids.iter().zip(data).zip(missing) {
+        if *m == 0 {
+            continue;
+        }
+        if data.is_empty() {
+            // An empty block (an empty file) has no place in a run.
+            let mut alone = Run::default();
+            alone.push(id, data);
+            blocks.push(alone.block(&mut cctx));
+            continue;
+        }
+        if !run.lens.is_empty()
+            && (run.plain.len() + data.len() > max_run || run.lens.len() >= MAX_RUN_BLOCKS)
+        {
+            blocks.push(run.block(&mut cctx));
+        }
+        run.push(id, data);
+    }
+    if !run.lens.is_empty() {
+        blocks.push(run.block(&mut cctx));
+    }
+    pool.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(cctx);
+    Ok(blocks)
 }
 
 /// Blocks gathered into one upload: a single block, or a run of several.
@@ -189,92 +238,68 @@ impl Shared {
         Ok(id)
     }
 
-    /// Asks which blocks of the batch the server lacks and uploads them.
+    /// Hands the batch to an upload task, which asks the server which blocks it lacks,
+    /// compresses those and uploads them, while this thread reads on; waits for the oldest
+    /// task when [`MAX_INFLIGHT`] are in flight.
     fn flush(&self, batch: &mut Batch) -> anyhow::Result<()> {
         if batch.ids.is_empty() {
             return Ok(());
         }
-        let mut client = self.client.clone();
-        let ids: Vec<u8> = batch.ids.iter().flatten().copied().collect();
-        let missing = self
-            .rt
-            .block_on(client.missing(pb::MissingRequest {
-                session_id: self.session.clone(),
-                ids: ids.into(),
-            }))
-            .map_err(|s| status_error("ask the server which blocks it lacks", s))?
-            .into_inner()
-            .missing;
-        if missing.len() != batch.ids.len() {
-            bail!(
-                "the server answered for {} blocks, not {}",
-                missing.len(),
-                batch.ids.len()
-            );
-        }
-        // The missing blocks, in the order read (a file's pages one after the other), go
-        // in runs of up to RUN_BYTES compressed together: one zstd frame per run costs far
-        // less time and space than one per 8 KiB page, and each block keeps its own id.
-        let max_run = if self.runs { RUN_BYTES } else { 0 };
-        let mut blocks = Vec::new();
-        let mut run = Run::default();
-        for ((id, data), m) in batch
-            .ids
-            .iter()
-            .zip(batch.data.drain(..))
-            .zip(missing.iter())
-        {
-            if *m == 0 {
-                continue;
-            }
-            if data.is_empty() {
-                // An empty block (an empty file) has no place in a run.
-                let mut alone = Run::default();
-                alone.push(id, data);
-                blocks.push(alone.block(&mut batch.cctx));
-                continue;
-            }
-            if !run.lens.is_empty()
-                && (run.plain.len() + data.len() > max_run || run.lens.len() >= MAX_RUN_BLOCKS)
-            {
-                blocks.push(run.block(&mut batch.cctx));
-            }
-            run.push(id, data);
-        }
-        if !run.lens.is_empty() {
-            blocks.push(run.block(&mut batch.cctx));
-        }
-        self.blocks_sent.fetch_add(
-            blocks.iter().map(|b| b.run_lens.len().max(1) as u64).sum(),
-            Ordering::Relaxed,
-        );
-        if !blocks.is_empty() {
-            let request = pb::PutBlocksRequest {
-                session_id: self.session.clone(),
-                blocks,
-            };
-            batch.inflight.push_back(
-                self.rt
-                    .spawn(async move { client.put_blocks(request).await.map(|_| ()) }),
-            );
-            while batch.inflight.len() > MAX_INFLIGHT {
-                self.wait_upload(batch)?;
-            }
-        }
-        batch.ids.clear();
-        batch.data.clear();
+        let ids = std::mem::take(&mut batch.ids);
+        let data = std::mem::take(&mut batch.data);
         batch.seen.clear();
         batch.bytes = 0;
+        let mut client = self.client.clone();
+        let session = self.session.clone();
+        let max_run = if self.runs { RUN_BYTES } else { 0 };
+        let pool = self.compressors.clone();
+        let level = self.level;
+        batch.inflight.push_back(self.rt.spawn(async move {
+            let wire: Vec<u8> = ids.iter().flatten().copied().collect();
+            let missing = client
+                .missing(pb::MissingRequest {
+                    session_id: session.clone(),
+                    ids: wire.into(),
+                })
+                .await
+                .map_err(|s| status_error("ask the server which blocks it lacks", s))?
+                .into_inner()
+                .missing;
+            if missing.len() != ids.len() {
+                bail!(
+                    "the server answered for {} blocks, not {}",
+                    missing.len(),
+                    ids.len()
+                );
+            }
+            let blocks = tokio::task::spawn_blocking(move || {
+                runs_of_missing(&ids, data, &missing, max_run, &pool, level)
+            })
+            .await
+            .context("a compression task failed")??;
+            let sent = blocks.iter().map(|b| b.run_lens.len().max(1) as u64).sum();
+            if !blocks.is_empty() {
+                client
+                    .put_blocks(pb::PutBlocksRequest {
+                        session_id: session,
+                        blocks,
+                    })
+                    .await
+                    .map_err(|s| status_error("upload blocks", s))?;
+            }
+            Ok(sent)
+        }));
+        while batch.inflight.len() > MAX_INFLIGHT {
+            self.wait_upload(batch)?;
+        }
         Ok(())
     }
 
     /// Waits for the oldest upload in flight.
     fn wait_upload(&self, batch: &mut Batch) -> anyhow::Result<()> {
         if let Some(h) = batch.inflight.pop_front() {
-            self.rt
-                .block_on(h)
-                .context("an upload task failed")?
-                .map_err(|s| status_error("upload blocks", s))?;
+            let sent = self.rt.block_on(h).context("an upload task failed")??;
+            self.blocks_sent.fetch_add(sent, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -718,6 +743,7 @@ async fn take_backup(
         key,
         level: args.compression_level,
         runs: begin.accepts_runs,
+        compressors: Compressors::default(),
         start_lsn: start_lsn.0,
         verify_checksums: data_checksums,
         rt: tokio::runtime::Handle::current(),
@@ -743,7 +769,7 @@ async fn take_backup(
         let queue = queue.clone();
         workers.push(tokio::task::spawn_blocking(
             move || -> anyhow::Result<()> {
-                let mut batch = Batch::new(shared.level)?;
+                let mut batch = Batch::new();
                 loop {
                     let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
                     let Some(entry) = next else { break };

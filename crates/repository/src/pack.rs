@@ -184,11 +184,20 @@ impl PackWriter {
         &mut self,
         pages: impl Iterator<Item = FramedBlock>,
     ) -> Result<Vec<FramedBlock>, Error> {
+        let pages: Vec<FramedBlock> = pages.collect();
+        // One lookup of the whole run in the index (a read transaction per block cost more
+        // than the block's hash).
+        let stored = if self.relocate {
+            vec![false; pages.len()]
+        } else {
+            let ids: Vec<BlockId> = pages.iter().map(|(id, _, _)| *id).collect();
+            self.repo.has_blocks(&ids)?
+        };
         let mut new: Vec<FramedBlock> = Vec::new();
-        for (id, inner, len) in pages {
-            let pending = self.open.as_ref().is_some_and(|p| p.ids.contains(&id))
-                || new.iter().any(|(n, _, _)| *n == id);
-            if pending || (!self.relocate && self.repo.has_block(&id)?) {
+        let mut taken: HashSet<BlockId> = HashSet::new();
+        for ((id, inner, len), stored) in pages.into_iter().zip(stored) {
+            let pending = self.open.as_ref().is_some_and(|p| p.ids.contains(&id));
+            if pending || stored || !taken.insert(id) {
                 self.stats.blocks_deduplicated += 1;
             } else {
                 new.push((id, inner, len));
