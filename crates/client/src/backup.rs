@@ -37,7 +37,7 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Bytes read from a file with one system call.
 const READ_CHUNK: usize = 1 << 20;
 /// Uploads a reading thread may have in flight while it reads on.
-const MAX_INFLIGHT: usize = 3;
+const MAX_INFLIGHT: usize = 2;
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
