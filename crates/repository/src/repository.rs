@@ -655,17 +655,16 @@ impl Repository {
         if self.known_blocklists().contains(&id) {
             return Ok(id);
         }
-        let key = blocklist_key(&id);
-        if !self.store().exists(&key)? {
-            let sealed = seal_object(
-                self.master(),
-                ObjectKind::Blob,
-                &blocklist_name(&id),
-                &plaintext,
-                self.options().compression_level,
-            );
-            self.store().put(&key, &sealed)?;
-        }
+        // A create-only write keeps an existing blocklist (the same list): one request, where
+        // checking first would cost two for every new list.
+        let sealed = seal_object(
+            self.master(),
+            ObjectKind::Blob,
+            &blocklist_name(&id),
+            &plaintext,
+            self.options().compression_level,
+        );
+        self.store().put(&blocklist_key(&id), &sealed)?;
         self.known_blocklists().insert(id);
         Ok(id)
     }

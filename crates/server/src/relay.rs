@@ -604,6 +604,7 @@ impl RelayBatch {
         // Each job fills its own packs: at least a pack's worth of 8 KiB pages per job, so a
         // small backup is not spread over many small packs.
         let per_job = needed.len().div_ceil(jobs).max(MIN_BLOCKS_PER_JOB);
+        let started = std::time::Instant::now();
         let results: Vec<anyhow::Result<(u64, u64)>> = std::thread::scope(|s| {
             let handles: Vec<_> = needed
                 .chunks(per_job)
@@ -620,10 +621,18 @@ impl RelayBatch {
             blocks += b;
             bytes += n;
         }
-        // Blocklists are small objects: written `jobs` at a time.
+        let blocks_ms = started.elapsed().as_millis() as u64;
+        // Each distinct blocklist once (files with the same content share theirs).
+        let mut distinct = HashSet::new();
+        let lists: Vec<_> = lists
+            .into_iter()
+            .filter(|(l, _)| distinct.insert(*l))
+            .collect();
+        // Blocklists are small objects whose writes wait on the store's latency (an
+        // existence check, then the write): written 4 x `jobs` at a time.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failures: Vec<anyhow::Error> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..jobs.min(lists.len()))
+            let handles: Vec<_> = (0..(jobs * 4).min(lists.len()))
                 .map(|_| {
                     s.spawn(|| -> anyhow::Result<()> {
                         loop {
@@ -652,6 +661,14 @@ impl RelayBatch {
         if let Some(e) = failures.into_iter().next() {
             return Err(e);
         }
+        tracing::debug!(
+            blocks,
+            bytes,
+            blocklists = lists.len(),
+            blocks_ms,
+            blocklists_ms = started.elapsed().as_millis() as u64 - blocks_ms,
+            "relay batch copied"
+        );
         Ok((blocks, bytes))
     }
 }
