@@ -126,7 +126,11 @@ row "pgBackRest full (process-max 2, zstd-1)" "$T_ZST" "$(mb $((B2 - B1)))"
 T_RESTIC=$(timed restic backup -q "$WORK/pg")
 R1=$(du_b "$WORK/restic")
 row "restic (first snapshot)" "$T_RESTIC" "$(mb "$R1")"
+reset_peak() { echo 5 > "/proc/$1/clear_refs" 2>/dev/null || true; } # VmHWM := current RSS
+PEAK_START=$(peak_rss_mb "$SERVER")
+reset_peak "$SERVER"
 T_KLIO=$(timed "$KLIO" backup "${CLIENT[@]}" "${KB[@]}")
+PEAK_FULL=$(peak_rss_mb "$SERVER"); reset_peak "$SERVER"
 KLIO_RSS1=$(( $(cat "$WORK/rss") / 1024 ))
 K1=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_new"])' "$WORK/last.out")
 row "klio backup --jobs 2" "$T_KLIO" "$(mb "$K1")" "client peak RSS ${KLIO_RSS1} MB"
@@ -200,6 +204,7 @@ row "restic (third snapshot)" "$T" "$(mb $((R3 - R2)))"
 T=$(timed "$KLIO" backup "${CLIENT[@]}" "${KB[@]}")
 K3=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_new"])' "$WORK/last.out")
 row "klio backup (third)" "$T" "$(mb "$K3")" "$(kinfo)"
+PEAK_INCR=$(peak_rss_mb "$SERVER"); reset_peak "$SERVER"
 
 echo
 row "RESTORE (files only, no WAL replay)" "seconds" ""
@@ -209,9 +214,18 @@ rm -rf "$WORK/r-pgbackrest"
 T_KLIO_R=$(timed "$KLIO" restore "${CLIENT[@]}" --pgdata "$WORK/r-klio" --jobs 2)
 KLIO_RSS2=$(( $(cat "$WORK/rss") / 1024 ))
 row "klio restore --jobs 2" "$T_KLIO_R" "" "client peak RSS ${KLIO_RSS2} MB"
+PEAK_RESTORE=$(peak_rss_mb "$SERVER")
+# The full restore wrote with direct I/O, so nothing of it is in the page cache: the delta
+# restore reads the directory from disk (cold), then again from the page cache (warm).
+sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null && COLD="cold cache" || COLD="page cache not dropped"
 T=$(timed "$KLIO" restore "${CLIENT[@]}" --pgdata "$WORK/r-klio" --jobs 2 --delta)
-row "klio restore --delta (same directory)" "$T" ""
+row "klio restore --delta (same directory, $COLD)" "$T" ""
+T_DELTA=$(timed "$KLIO" restore "${CLIENT[@]}" --pgdata "$WORK/r-klio" --jobs 2 --delta)
+row "klio restore --delta (same directory, warm)" "$T_DELTA" ""
 echo "klio restore / pgBackRest restore: $(ratio "$T_KLIO_R" "$T_PGBR_R")  (target <= 0.67x)"
+echo "klio delta restore (warm) / klio full restore: $(ratio "$T_DELTA" "$T_KLIO_R")  (target <= 0.2x)"
 echo
-echo "peak RSS: klio server $(peak_rss_mb "$SERVER") MB (target <= 256), klio client backup ${KLIO_RSS1} MB / restore ${KLIO_RSS2} MB (target <= 128)"
+PEAK_DELTA=$(peak_rss_mb "$SERVER")
+PEAK_ALL=$(python3 -c "print(max(int(x) for x in '$PEAK_START $PEAK_FULL $PEAK_INCR $PEAK_RESTORE $PEAK_DELTA'.split() if x.isdigit()))")
+echo "peak RSS: klio server $PEAK_ALL MB over the run (target <= 256): setup $PEAK_START, full backup $PEAK_FULL, incrementals $PEAK_INCR, restore $PEAK_RESTORE, delta restores $PEAK_DELTA; klio client backup ${KLIO_RSS1} MB / restore ${KLIO_RSS2} MB (target <= 128)"
 echo "klio repository on disk: $(mb "$(du_b "$WORK/klio/repository")")"
