@@ -75,12 +75,7 @@ async fn server_recomputes_ids_and_refuses_lies() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(
-        err.message().contains("does not match"),
-        "{}",
-        err.message()
-    );
+    refused_with(&err, "does not match");
 
     // Compressed data that decompresses to something else is refused too.
     let lie = zstd::bulk::compress(&other, 1).unwrap();
@@ -246,16 +241,26 @@ async fn commit_is_refused_and_nothing_listed(
     assert!(list.backups.is_empty(), "{:?}", list.backups);
 }
 
+/// `err` is an INVALID_ARGUMENT whose message contains `want`.
+fn refused_with(err: &tonic::Status, want: &str) {
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains(want), "{}", err.message());
+}
+
+/// Begins a backup of `cluster`; returns the server's answer.
+async fn begin_response(c: &mut BackupClient<Channel>, cluster: &str) -> pb::BeginResponse {
+    c.begin(pb::BeginRequest {
+        cluster: cluster.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// Begins a backup of `cluster`; returns the session id and the block id key.
 async fn begin(c: &mut BackupClient<Channel>, cluster: &str) -> (String, [u8; 32]) {
-    let b = c
-        .begin(pb::BeginRequest {
-            cluster: cluster.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let b = begin_response(c, cluster).await;
     (b.session_id, b.block_id_key.as_ref().try_into().unwrap())
 }
 
@@ -606,14 +611,7 @@ async fn commit_of_unsafe_manifest_is_refused_with_invalid_argument() {
 async fn runs_are_checked_block_by_block_and_read_back_either_way() {
     let k = Klio::start(&["a"]).unwrap();
     let mut c = connect(&k, "a", "client-a").await;
-    let b = c
-        .begin(pb::BeginRequest {
-            cluster: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let b = begin_response(&mut c, "a").await;
     assert!(b.accepts_runs);
     let session = b.session_id.clone();
     let key: [u8; 32] = b.block_id_key.as_ref().try_into().unwrap();
@@ -645,12 +643,7 @@ async fn runs_are_checked_block_by_block_and_read_back_either_way() {
         .put_blocks(put(vec![run(&lying, vec![8192; 8], &plain)]))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(
-        err.message().contains("does not match"),
-        "{}",
-        err.message()
-    );
+    refused_with(&err, "does not match");
     // Lengths that do not add up to the run, an empty block, ids without lengths.
     for (lens, ids_given) in [
         (vec![8192; 7], ids.clone()),
@@ -661,8 +654,7 @@ async fn runs_are_checked_block_by_block_and_read_back_either_way() {
             .put_blocks(put(vec![run(&ids_given, lens, &plain)]))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains("run"), "{}", err.message());
+        refused_with(&err, "run");
     }
 
     // The honest runs (pages 0..4 and 4..8): all eight blocks are new.

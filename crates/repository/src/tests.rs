@@ -1445,13 +1445,7 @@ fn authenticated_payloads_move_between_repositories_as_stored() {
     let (_, _, t1) = mem_repo(small_packs());
     let blocks = vec![page(1, 8192), page(2, 8192), vec![9u8; 100]];
     let (ids, _) = add_all(&t1, &blocks);
-    let t2 = Repository::open_or_init_with_id_key(
-        Arc::new(MemStore::new()),
-        MasterKey::generate(),
-        small_packs(),
-        Some(t1.id_key()),
-    )
-    .unwrap();
+    let t2 = with_same_ids(&t1);
     let payloads = t1.read_block_payloads(&ids).unwrap();
     assert!(payloads.iter().any(|p| p.compressed), "a page compresses");
     let mut w = t2.pack_writer();
@@ -1480,13 +1474,7 @@ fn authenticated_payloads_move_between_repositories_as_stored() {
 
     // A payload under another block's id is not checked when sealed, but every read finds
     // that it does not match the id.
-    let t3 = Repository::open_or_init_with_id_key(
-        Arc::new(MemStore::new()),
-        MasterKey::generate(),
-        small_packs(),
-        Some(t1.id_key()),
-    )
-    .unwrap();
+    let t3 = with_same_ids(&t1);
     let mut w = t3.pack_writer();
     let lie = &payloads[1];
     let pages = [(ids[0], lie.inner, lie.plain_len)];
@@ -1498,6 +1486,17 @@ fn authenticated_payloads_move_between_repositories_as_stored() {
         err.to_string().contains("does not match the block id"),
         "{err}"
     );
+}
+
+/// A new repository (other store, other master key) whose block ids are `t1`'s: a Tier 2.
+fn with_same_ids(t1: &Repository) -> Repository {
+    Repository::open_or_init_with_id_key(
+        Arc::new(MemStore::new()),
+        MasterKey::generate(),
+        small_packs(),
+        Some(t1.id_key()),
+    )
+    .unwrap()
 }
 
 /// Adds `pages` as runs of `per_run` blocks; returns the ids.
@@ -1656,13 +1655,7 @@ fn authenticated_runs_move_between_repositories_as_stored() {
     let (_, _, t1) = mem_repo(small_packs());
     let pages: Vec<Vec<u8>> = (0..10).map(|i| page(i, 8192)).collect();
     let ids = add_runs(&t1, &pages, 10);
-    let t2 = Repository::open_or_init_with_id_key(
-        Arc::new(MemStore::new()),
-        MasterKey::generate(),
-        small_packs(),
-        Some(t1.id_key()),
-    )
-    .unwrap();
+    let t2 = with_same_ids(&t1);
     // Only some blocks of the frame are wanted in t2: only those are indexed there.
     let want = [ids[2], ids[3], ids[7]];
     let payloads = t1.read_block_payloads(&want).unwrap();
