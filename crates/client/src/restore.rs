@@ -679,26 +679,36 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    /// Fetches blocks, checks each against its id and its expected length (`lens`, known
-    /// from the manifest before the server says anything) and puts their plaintexts one
-    /// after the other into `buf`.
+    /// Asks the server for blocks `ids`; [`fetch`](Self::fetch) takes the answer, so the
+    /// next answer travels while the current one is written.
+    fn request(&self, ids: &[[u8; 32]]) -> PendingBlocks {
+        let mut client = self.client.clone();
+        let request = pb::GetBlocksRequest {
+            cluster: self.cluster.clone(),
+            ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
+            tier: self.tier,
+            domain: self.domain.clone(),
+            runs: true,
+        };
+        self.rt
+            .spawn(async move { client.get_blocks(request).await })
+    }
+
+    /// Takes the answer of a [`request`](Self::request) for blocks `ids`, checks each block
+    /// against its id and its expected length (`lens`, known from the manifest before the
+    /// server says anything) and puts their plaintexts one after the other into `buf`.
     fn fetch(
         &self,
+        pending: PendingBlocks,
         ids: &[[u8; 32]],
         lens: &[usize],
         path: &str,
         buf: &mut AlignedBuf,
     ) -> anyhow::Result<()> {
-        let mut client = self.client.clone();
         let r = self
             .rt
-            .block_on(client.get_blocks(pb::GetBlocksRequest {
-                cluster: self.cluster.clone(),
-                ids: ids.iter().flatten().copied().collect::<Vec<u8>>().into(),
-                tier: self.tier,
-                domain: self.domain.clone(),
-                runs: true,
-            }))
+            .block_on(pending)
+            .context("a fetch task failed")?
             .map_err(|s| status_error(&format!("fetch the blocks of \"{path}\""), s))?
             .into_inner();
         if r.blocks.len() != ids.len() {
@@ -958,10 +968,20 @@ impl Fetcher {
         }
         let per_call = (FETCH_BYTES as u64 / block_size).max(1) as usize;
         let mut aligned = AlignedBuf::default();
-        for chunk in needed.chunks(per_call) {
-            let ids: Vec<[u8; 32]> = chunk.iter().map(|(_, id)| *id).collect();
+        let chunks: Vec<&[(u64, [u8; 32])]> = needed.chunks(per_call).collect();
+        let chunk_ids =
+            |c: &[(u64, [u8; 32])]| -> Vec<[u8; 32]> { c.iter().map(|(_, id)| *id).collect() };
+        // One answer ahead: the next blocks travel while these are checked and written.
+        let mut next = chunks.first().map(|c| self.request(&chunk_ids(c)));
+        for (k, chunk) in chunks.iter().enumerate() {
+            let ids = chunk_ids(chunk);
             let lens: Vec<usize> = chunk.iter().map(|(off, _)| len_at(*off)).collect();
-            self.fetch(&ids, &lens, &f.path, &mut aligned)?;
+            let pending = match next.take() {
+                Some(p) => p,
+                None => self.request(&ids),
+            };
+            next = chunks.get(k + 1).map(|c| self.request(&chunk_ids(c)));
+            self.fetch(pending, &ids, &lens, &f.path, &mut aligned)?;
             let data = aligned.filled();
             // Blocks that follow each other in the file are written with one call.
             let mut run: Option<(u64, usize, usize)> = None; // (file offset, start in data, len)
@@ -986,6 +1006,10 @@ impl Fetcher {
         Ok(())
     }
 }
+
+/// An answer of `GetBlocks` on its way.
+type PendingBlocks =
+    tokio::task::JoinHandle<Result<tonic::Response<pb::GetBlocksResponse>, tonic::Status>>;
 
 /// Alignment of the buffers and offsets of direct writes (O_DIRECT): a page, a multiple of
 /// every logical block size a file system uses.
