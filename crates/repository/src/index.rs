@@ -68,10 +68,19 @@ pub(crate) struct PackSection {
 /// Encodes sections: version 3 when a block lies inside a run (not at the start of its
 /// frame), else version 1 when every pack is in the legacy domain (what older readers
 /// expect), else version 2.
+#[cfg(test)]
 pub(crate) fn encode(sections: &[PackSection]) -> Vec<u8> {
-    let v3 = sections
-        .iter()
-        .any(|s| s.blocks.iter().any(|(_, l)| l.inner != 0));
+    encode_with_runs(sections, false)
+}
+
+/// [`encode`], in version 3 also when `runs` says that a frame holds more than the block
+/// indexed at its start (a run whose other blocks were stored already): a reader of
+/// version 1 or 2 would take that frame for a damaged one.
+pub(crate) fn encode_with_runs(sections: &[PackSection], runs: bool) -> Vec<u8> {
+    let v3 = runs
+        || sections
+            .iter()
+            .any(|s| s.blocks.iter().any(|(_, l)| l.inner != 0));
     let v2 = v3 || sections.iter().any(|s| !s.domain.is_legacy());
     let entries: usize = sections.iter().map(|s| s.blocks.len()).sum();
     let mut out = Vec::with_capacity(12 + sections.len() * 200 + entries * ENTRY_LEN_V3);

@@ -48,6 +48,8 @@ struct OpenPack {
     blocks: Vec<(BlockId, BlockLocation)>,
     ids: HashSet<BlockId>,
     plain_len: u64,
+    /// A frame holds more than one indexed block at its start: index version 3.
+    runs: bool,
 }
 
 impl OpenPack {
@@ -65,6 +67,7 @@ impl OpenPack {
             blocks: Vec::new(),
             ids: HashSet::new(),
             plain_len: 0,
+            runs: false,
         }
     }
 }
@@ -224,6 +227,7 @@ impl PackWriter {
         let start = pack.buf.len();
         frame(&pack.cipher, pack.plain_len, &mut pack.buf);
         let len = (pack.buf.len() - start) as u32;
+        pack.runs |= !matches!(pages, [(_, 0, n)] if *n == frame_len);
         for (id, inner, plain_len) in pages {
             pack.blocks.push((
                 *id,
@@ -337,7 +341,7 @@ impl PackWriter {
             self.repo.master(),
             ObjectKind::Blob,
             &key,
-            &crate::index::encode(std::slice::from_ref(&section)),
+            &crate::index::encode_with_runs(std::slice::from_ref(&section), pack.runs),
             self.repo.options().compression_level,
         );
         store.put(&key, &sealed)?;

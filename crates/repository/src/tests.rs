@@ -1688,3 +1688,35 @@ fn authenticated_runs_move_between_repositories_as_stored() {
             .is_err()
     );
 }
+
+#[test]
+fn a_frame_holding_more_than_its_indexed_block_is_indexed_in_version_3() {
+    // Pages 1..4 are stored one per frame; a run of 0..4 then indexes only page 0, at the
+    // start of a frame that holds four pages: a version 1 or 2 reader would take that frame
+    // for a damaged one, so the index object is version 3.
+    let (store, master, repo) = mem_repo(small_packs());
+    let pages: Vec<Vec<u8>> = (0..4).map(|i| page(i, 8192)).collect();
+    add_all(&repo, &pages[1..]);
+    let before = keys(&*store, "index/");
+    for key in &before {
+        let (_, plain) =
+            klio_crypto::open_object(&master, key, &store.get(key).unwrap().unwrap()).unwrap();
+        assert_eq!(&plain[..8], b"KLIOIDX1", "one block per frame: version 1");
+    }
+    let run: Vec<(BlockId, u32)> = pages.iter().map(|p| (repo.block_id(p), 8192)).collect();
+    let mut w = repo.pack_writer();
+    assert_eq!(w.add_run(&run, &pages.concat(), None).unwrap(), 1);
+    w.finish().unwrap();
+    let new: Vec<String> = keys(&*store, "index/")
+        .into_iter()
+        .filter(|k| !before.contains(k))
+        .collect();
+    assert_eq!(new.len(), 1);
+    let (_, plain) =
+        klio_crypto::open_object(&master, &new[0], &store.get(&new[0]).unwrap().unwrap()).unwrap();
+    assert_eq!(&plain[..8], b"KLIOIDX3");
+    assert_eq!(
+        reopen(&store, &master).read_block(&run[0].0).unwrap(),
+        pages[0]
+    );
+}
