@@ -748,18 +748,8 @@ impl Fetcher {
                 if b.frame_block != 0 {
                     return Err(corrupt(id, "the server sent no frame for it"));
                 }
-                if b.compressed {
-                    let n = dctx
-                        .decompress_to_buffer(&b.data[..], out)
-                        .map_err(|_| corrupt(id, "it does not decompress"))?;
-                    if n != len {
-                        return Err(corrupt(id, "it has the wrong length"));
-                    }
-                } else if b.data.len() == len {
-                    out.copy_from_slice(&b.data);
-                } else {
-                    return Err(corrupt(id, "it has the wrong length"));
-                }
+                decode_payload(&mut dctx, b.compressed, &b.data, out)
+                    .map_err(|why| corrupt(id, &format!("it {why}")))?;
                 if blake3::keyed_hash(&self.key, out).as_bytes() != id {
                     return Err(corrupt(id, "its content does not match its id"));
                 }
@@ -780,20 +770,9 @@ impl Fetcher {
             if frame_len == 0 || frame_len > MAX_BLOCK_SIZE {
                 return Err(corrupt(first, "its frame has an impossible length"));
             }
-            frame.clear();
-            if c.compressed {
-                frame.resize(frame_len, 0);
-                let n = dctx
-                    .decompress_to_buffer(&c.data[..], &mut frame[..])
-                    .map_err(|_| corrupt(first, "its frame does not decompress"))?;
-                if n != frame_len {
-                    return Err(corrupt(first, "its frame has the wrong length"));
-                }
-            } else if c.data.len() == frame_len {
-                frame.extend_from_slice(&c.data);
-            } else {
-                return Err(corrupt(first, "its frame has the wrong length"));
-            }
+            frame.resize(frame_len, 0);
+            decode_payload(&mut dctx, c.compressed, &c.data, &mut frame)
+                .map_err(|why| corrupt(first, &format!("its frame {why}")))?;
             for i in members {
                 let (b, id, len) = (&r.blocks[i], &ids[i], lens[i]);
                 let start = b.frame_offset as usize;
@@ -1005,6 +984,29 @@ impl Fetcher {
         }
         Ok(())
     }
+}
+
+/// Puts a block's or frame's payload as sent (`data`, zstd-compressed when `compressed`)
+/// into `out`, which it must fill exactly; the error says what is wrong with it.
+fn decode_payload(
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    compressed: bool,
+    data: &[u8],
+    out: &mut [u8],
+) -> Result<(), &'static str> {
+    if compressed {
+        let n = dctx
+            .decompress_to_buffer(data, out)
+            .map_err(|_| "does not decompress")?;
+        if n != out.len() {
+            return Err("has the wrong length");
+        }
+    } else if data.len() == out.len() {
+        out.copy_from_slice(data);
+    } else {
+        return Err("has the wrong length");
+    }
+    Ok(())
 }
 
 /// An answer of `GetBlocks` on its way.

@@ -403,30 +403,17 @@ fn move_blocks(
         let payloads = repo.read_block_payloads(chunk)?;
         let mut frame: Option<((crate::PackId, u32), Vec<u8>)> = None;
         for p in payloads {
+            let corrupt = |reason| Error::BlockCorrupt {
+                block: p.id,
+                pack: pack_key(&p.frame.0),
+                reason,
+            };
             if frame.as_ref().is_none_or(|(f, _)| *f != p.frame) {
-                let bytes = crate::pack::frame_plaintext(p.compressed, &p.payload, p.frame_len)
-                    .map_err(|reason| Error::BlockCorrupt {
-                        block: p.id,
-                        pack: pack_key(&p.frame.0),
-                        reason,
-                    })?;
-                frame = Some((p.frame, bytes));
+                frame = Some((p.frame, p.frame_plaintext().map_err(corrupt)?));
             }
             let Some((_, bytes)) = &frame else { continue };
-            let loc = crate::index::BlockLocation {
-                offset: p.frame.1,
-                len: 0,
-                plain_len: p.plain_len,
-                inner: p.inner,
-            };
-            let block =
-                crate::pack::block_in_frame(repo, bytes, &p.id, &loc).map_err(|reason| {
-                    Error::BlockCorrupt {
-                        block: p.id,
-                        pack: pack_key(&p.frame.0),
-                        reason,
-                    }
-                })?;
+            let block = crate::pack::block_in_frame(repo, bytes, &p.id, p.inner, p.plain_len)
+                .map_err(corrupt)?;
             if !run.is_empty() && plain.len() + block.len() > MOVE_RUN_BYTES {
                 flush(&mut run, &mut plain)?;
             }

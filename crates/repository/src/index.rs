@@ -197,20 +197,14 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error
             }
             // Blocks of the same frame follow each other, in order and without overlap;
             // frames follow each other without overlap.
-            let same_frame = blocks
-                .last()
-                .is_some_and(|(_, prev)| prev.offset == loc.offset);
-            if same_frame {
-                let prev = blocks[blocks.len() - 1].1;
-                if prev.len != loc.len
-                    || u64::from(loc.inner) < u64::from(prev.inner) + u64::from(prev.plain_len)
-                {
-                    return Err(Error::corrupt(
-                        object,
-                        format!("entries of pack {pack} overlap or are not sorted"),
-                    ));
+            let ordered = match blocks.last() {
+                Some((_, prev)) if prev.offset == loc.offset => {
+                    prev.len == loc.len
+                        && u64::from(loc.inner) >= u64::from(prev.inner) + u64::from(prev.plain_len)
                 }
-            } else if u64::from(loc.offset) < next_free {
+                _ => u64::from(loc.offset) >= next_free,
+            };
+            if !ordered {
                 return Err(Error::corrupt(
                     object,
                     format!("entries of pack {pack} overlap or are not sorted"),

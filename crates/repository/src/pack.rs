@@ -395,14 +395,20 @@ pub(crate) fn open_block_payload(
         FrameRead::Frame(raw) if raw.end == frame.len() && !raw.is_final() => raw,
         _ => return Err("the index does not point to a complete block frame".to_string()),
     };
-    if u64::from(raw.plain_len) < u64::from(loc.inner) + u64::from(loc.plain_len) {
-        return Err(format!(
-            "the frame holds {} bytes, the index places the block at {} bytes of {}",
-            raw.plain_len, loc.inner, loc.plain_len
-        ));
-    }
+    check_inside(raw.plain_len, loc)?;
     let opened = cipher.open_frame(&raw).map_err(crypto_reason)?;
     Ok((opened.compressed, opened.payload, raw.plain_len))
+}
+
+/// The block `loc` describes lies inside a frame of `frame_len` plaintext bytes.
+pub(crate) fn check_inside(frame_len: u32, loc: &BlockLocation) -> Result<(), String> {
+    if u64::from(frame_len) < u64::from(loc.inner) + u64::from(loc.plain_len) {
+        return Err(format!(
+            "the frame holds {frame_len} bytes, the index places the block at {} bytes of {}",
+            loc.inner, loc.plain_len
+        ));
+    }
+    Ok(())
 }
 
 /// The reason of a crypto error, for messages that name the block and the pack themselves.
@@ -436,29 +442,39 @@ impl BlockPayload {
     pub fn is_single(&self) -> bool {
         self.inner == 0 && self.frame_len == self.plain_len
     }
+
+    /// The plaintext of the frame that holds the block (decompressed). Errors are reasons.
+    pub fn frame_plaintext(&self) -> Result<Vec<u8>, String> {
+        frame_plaintext(self.compressed, &self.payload, self.frame_len)
+    }
+
+    /// The block's bytes in `frame`, the plaintext of its frame; `None` if they lie beyond it.
+    pub fn block_in<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
+        slice_block(frame, self.inner, self.plain_len)
+    }
 }
 
 /// Decompresses a frame's payload into its plaintext of `frame_len` bytes. Errors are
 /// reasons.
-pub(crate) fn frame_plaintext(
-    compressed: bool,
-    payload: &[u8],
-    frame_len: u32,
-) -> Result<Vec<u8>, String> {
+fn frame_plaintext(compressed: bool, payload: &[u8], frame_len: u32) -> Result<Vec<u8>, String> {
     klio_crypto::decompress_payload(payload, compressed, frame_len, "block").map_err(crypto_reason)
 }
 
-/// The block `loc` describes in its frame's plaintext, checked against its id.
+/// The `len` bytes at `inner` of a frame's plaintext, if they lie inside it.
+fn slice_block(plaintext: &[u8], inner: u32, len: u32) -> Option<&[u8]> {
+    let start = inner as usize;
+    plaintext.get(start..start.checked_add(len as usize)?)
+}
+
+/// The block at `inner` (`len` bytes) of its frame's plaintext, checked against its id.
 pub(crate) fn block_in_frame<'a>(
     repo: &Repository,
     plaintext: &'a [u8],
     id: &BlockId,
-    loc: &BlockLocation,
+    inner: u32,
+    len: u32,
 ) -> Result<&'a [u8], String> {
-    let start = loc.inner as usize;
-    let block = start
-        .checked_add(loc.plain_len as usize)
-        .and_then(|end| plaintext.get(start..end))
+    let block = slice_block(plaintext, inner, len)
         .ok_or_else(|| "the block lies beyond its frame".to_string())?;
     if repo.block_id(block) != *id {
         return Err("its content does not match the block id".to_string());
@@ -502,7 +518,7 @@ impl<'r> FrameReader<'r> {
             self.last = Some((loc.frame(), plain));
         }
         match &self.last {
-            Some((_, Ok(plain))) => block_in_frame(self.repo, plain, id, loc),
+            Some((_, Ok(plain))) => block_in_frame(self.repo, plain, id, loc.inner, loc.plain_len),
             Some((_, Err(reason))) => Err(reason.clone()),
             None => Err("no frame".to_string()),
         }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::Domain;
 use crate::index::{self, BlockIndex, PackSection};
-use crate::pack::{BlockPayload, FrameReader, open_block_payload, pack_cipher};
+use crate::pack::{BlockPayload, FrameReader, check_inside, open_block_payload, pack_cipher};
 use crate::{
     BackupId, BlockId, BlocklistId, Error, Manifest, ObjectStore, PackId, PackWriter, blocklist,
     sealed_error, validate_cluster_name,
@@ -598,9 +598,7 @@ impl Repository {
                 };
                 let (compressed, payload, frame_len) = match &last {
                     Some((f, c, p, n)) if *f == l.loc.frame() => {
-                        if u64::from(l.loc.inner) + u64::from(l.loc.plain_len) > u64::from(*n) {
-                            return Err(corrupt("the block lies beyond its frame".to_string()));
-                        }
+                        check_inside(*n, &l.loc).map_err(corrupt)?;
                         (*c, p.clone(), *n)
                     }
                     _ => {

@@ -1542,7 +1542,7 @@ fn runs_store_blocks_in_shared_frames_readable_one_by_one() {
     assert_eq!(frames.len(), 3);
     for (p, page) in payloads.iter().zip(&pages) {
         assert!(!p.is_single());
-        let plain = crate::pack::frame_plaintext(p.compressed, &p.payload, p.frame_len).unwrap();
+        let plain = p.frame_plaintext().unwrap();
         let at = p.inner as usize;
         assert_eq!(&plain[at..at + p.plain_len as usize], &page[..]);
     }

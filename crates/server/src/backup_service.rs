@@ -2009,18 +2009,15 @@ fn blocks_answer(payloads: Vec<BlockPayload>, runs: bool) -> Result<Vec<pb::Bloc
             b.data = p.payload;
         } else {
             if plain.as_ref().is_none_or(|(f, _)| *f != p.frame) {
-                let bytes =
-                    klio_crypto::decompress_payload(&p.payload, p.compressed, p.frame_len, "block")
-                        .map_err(|e| {
-                            Status::data_loss(format!("block {}: the frame holding it: {e}", p.id))
-                        })?;
+                let bytes = p.frame_plaintext().map_err(|e| {
+                    Status::data_loss(format!("block {}: the frame holding it: {e}", p.id))
+                })?;
                 plain = Some((p.frame, bytes));
             }
             let Some((_, bytes)) = &plain else {
                 continue;
             };
-            let start = p.inner as usize;
-            let Some(block) = bytes.get(start..start + p.plain_len as usize) else {
+            let Some(block) = p.block_in(bytes) else {
                 return Err(Status::data_loss(format!(
                     "block {} lies beyond the frame holding it",
                     p.id

@@ -628,8 +628,8 @@ impl RelayBatch {
             .into_iter()
             .filter(|(l, _)| distinct.insert(*l))
             .collect();
-        // Blocklists are small objects whose writes wait on the store's latency (an
-        // existence check, then the write): written 4 x `jobs` at a time.
+        // Blocklists are small objects whose writes wait on the store's latency (one
+        // create-only write each): written 4 x `jobs` at a time.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failures: Vec<anyhow::Error> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..(jobs * 4).min(lists.len()))
