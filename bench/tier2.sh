@@ -433,13 +433,13 @@ cat <<OUT
 
 Tier 2 relay benchmark (moto on loopback, 2 cores; scale $SCALE, $SEGMENTS segments of ~$SEG_KB KiB data, relay interval ${RELAY_INTERVAL}s)
 RESULT backup_relay: backup $BACKUP_ID, $(mb "$BYTES_NEW") stored (bytes_new; database $(mb "$DB_SIZE"), backup took ${T_BACKUP}s) seen in Tier 2 ${T_BRELAY}s after the commit = ${BRELAY_MBS} MB/s (${T_BRELAY_CLIENT}s after klio backup returned; server log, commit to "relayed": ${T_BRELAY_LOG}s); Tier 2 objects: $T2_OBJECTS
-RESULT backup_relay_vs_raw: boto3 put_object of the same bytes as $NPACKS objects of up to 32 MiB into moto: 1 thread ${RAW1}s = ${RAW1_MBS} MB/s, 8 threads ${RAW8}s = ${RAW8_MBS} MB/s; klio relay / raw = $(ratio "$BRELAY_MBS" "$RAW1_MBS")x (1 thread), $(ratio "$BRELAY_MBS" "$RAW8_MBS")x (8 threads)
+RESULT backup_relay_vs_raw: boto3 put_object of the same bytes as $NPACKS objects of up to 32 MiB into moto: 1 thread ${RAW1}s = ${RAW1_MBS} MB/s, 8 threads ${RAW8}s = ${RAW8_MBS} MB/s; klio relay / raw = $(ratio "$BRELAY_MBS" "$RAW1_MBS")x (1 thread), $(ratio "$BRELAY_MBS" "$RAW8_MBS")x (8 threads) (target >= 0.8x of the parallel upload)
 RESULT wal_backlog: $SEGMENTS segments generated ($FIRST_SEG..$LAST_SEG) in ${T_GEN}s, archived by both servers after ${T_INGEST}s; Tier 1 at relay start: $T1_FILES_J1 segments up to $T1_LAST_J1, $(mb "$T1_BYTES_J1") (jobs 8 server: $T1_FILES segments up to $T1_LAST, $(mb "$T1_BYTES"))
 RESULT wal_relay_jobs1: $FILES_J1 files, $(mb "$BYTES_J1") in ${T_J1}s = $(per "$T_J1" "$FILES_J1") s/segment, $(mbs "$BYTES_J1" "$T_J1") MB/s (progress record written at +${REC_J1}s)
 RESULT wal_relay_jobs8: $FILES_J8 files, $(mb "$BYTES_J8") in ${T_J8}s = $(per "$T_J8" "$FILES_J8") s/segment, $(mbs "$BYTES_J8" "$T_J8") MB/s (progress record written at +${REC_J8}s)
 RESULT wal_relay_jobs1_over_jobs8: $(ratio "$T_J1" "$T_J8")x (time with 1 job / time with 8 jobs)
 RESULT wal_raw_put: boto3 put_object of $FILES_J8 x $OBJ bytes into moto: 1 thread ${RAWW1}s = $(per "$RAWW1" "$FILES_J8") s/object, 8 threads ${RAWW8}s = $(per "$RAWW8" "$FILES_J8") s/object; klio jobs 1 / boto3 1 thread = $(ratio "$T_J1" "$RAWW1")x, klio jobs 8 / boto3 8 threads = $(ratio "$T_J8" "$RAWW8")x
 RESULT gc: 6 backups (new bytes: $(python3 -c "import sys; print(', '.join(f'{int(b)/1e6:.1f}' for b in sys.argv[1:]) + ' MB')" "${GC_BACKUPS[@]}")), retention run --keep-latest 3: ${T_RET}s wall, $EXPIRED backups expired, $WAL_REMOVED WAL files removed, gc.bytes_reclaimed $(mb "$RECLAIMED"); Tier 1 repository $(mb "$REPO_BEFORE") -> $(mb "$REPO_AFTER") (gc plan afterwards: $(mb "$LEFT") reclaimable)
-RESULT peak_rss_server: backup relay ${RSS_A} MB, WAL relay jobs 1 ${RSS_J1} MB, jobs 8 ${RSS_J8} MB, retention+GC ${RSS_GC} MB (RSS when each started: ${RSS0_A}, ${RSS0_J1}, ${RSS0_J8}, ${RSS0_GC} MB)
+RESULT peak_rss_server: backup relay ${RSS_A} MB, WAL relay jobs 1 ${RSS_J1} MB, jobs 8 ${RSS_J8} MB, retention+GC ${RSS_GC} MB (RSS when each started: ${RSS0_A}, ${RSS0_J1}, ${RSS0_J8}, ${RSS0_GC} MB) (target <= 256 MB)
 RESULT runtime: ${T_TOTAL}s
 OUT
