@@ -530,6 +530,8 @@ async fn wait_for_wal(
             .list(klio_proto::wal::v1::ListRequest {
                 cluster: args.client.cluster.clone(),
                 tier2_recovery: false,
+                // The stream's next periodic fsync may be half a second away.
+                flush: true,
             })
             .await
             .map_err(|s| status_error("list the WAL archive", s))?

@@ -345,6 +345,7 @@ pub struct GcArgs {
 fn gc_json(g: &pb::GcResponse) -> Value {
     serde_json::json!({
         "executed": g.executed,
+        "skipped": g.skipped,
         "live_blocks": g.live_blocks,
         "dead_packs": g.dead_packs,
         "packs_rewritten": g.packs_rewritten,
@@ -358,6 +359,12 @@ fn gc_json(g: &pb::GcResponse) -> Value {
 }
 
 fn print_gc(g: &pb::GcResponse) {
+    if g.skipped {
+        println!(
+            "garbage collection: not needed (nothing became garbage since the last collection)"
+        );
+        return;
+    }
     println!(
         "garbage collection{}: {} live blocks; {} packs to delete, {} to rewrite, {} without index; {} unused blocklists; {:.1} MB {}",
         if g.executed { "" } else { " (plan)" },

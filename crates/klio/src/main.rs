@@ -536,6 +536,7 @@ async fn wal_list(args: WalListArgs) -> anyhow::Result<()> {
         .list(klio_proto::wal::v1::ListRequest {
             cluster: args.client.cluster.clone(),
             tier2_recovery: args.client.tier2_recovery,
+            flush: false,
         })
         .await
         .map_err(|s| client::status_error("list the WAL archive", s))?

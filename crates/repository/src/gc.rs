@@ -18,6 +18,9 @@
 //! must protect the blocks of every backup in progress.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::repository::pack_key;
 use crate::{BlockId, BlocklistId, Error, FileKind, PackId, Repository, index};
@@ -124,6 +127,8 @@ pub struct GcPlan {
     pub reclaimable_bytes: u64,
     /// The live blocks, for rewriting mixed packs.
     live: Option<std::sync::Arc<LiveSet>>,
+    /// The handle's garbage events when the plan began.
+    events: u64,
 }
 
 /// A pack whose blocks are all dead.
@@ -160,19 +165,63 @@ pub struct GcReport {
     pub bytes_reclaimed: u64,
 }
 
+/// What a repository handle knows about its garbage: how many times something may have
+/// become garbage since it was opened (a backup deleted, a write abandoned), and how many of
+/// those the last complete collection had seen, and when it ran.
+#[derive(Debug)]
+pub(crate) struct GarbageWatch {
+    /// Starts at 1: what happened before the handle was opened (a crash in the middle of a
+    /// write) is unknown, so the first collection is always due.
+    events: AtomicU64,
+    collected: Mutex<(u64, Option<Instant>)>,
+}
+
+impl Default for GarbageWatch {
+    fn default() -> GarbageWatch {
+        GarbageWatch {
+            events: AtomicU64::new(1),
+            collected: Mutex::new((0, None)),
+        }
+    }
+}
+
 impl Repository {
     /// Deletes one backup: its manifest, the single object that makes it exist. What it
     /// referenced becomes garbage for the next collection.
     pub fn delete_backup(&self, cluster: &str, backup_id: &crate::BackupId) -> Result<(), Error> {
         crate::validate_cluster_name(cluster)?;
-        self.store()
-            .delete(&crate::repository::manifest_key(cluster, backup_id))
+        let deleted = self
+            .store()
+            .delete(&crate::repository::manifest_key(cluster, backup_id));
+        // Even a failed delete may have happened.
+        self.note_garbage();
+        deleted
+    }
+
+    /// Records that something may have become garbage: a backup session that ended without
+    /// a manifest (its packs are referenced by nothing), a copy that failed half-way. A
+    /// pack writer dropped without [`finish`](crate::PackWriter::finish) and
+    /// [`delete_backup`](Self::delete_backup) record it themselves.
+    pub fn note_garbage(&self) {
+        self.inner_garbage().events.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether a collection is worth running: something may have become garbage since the
+    /// last complete collection by this handle, or that collection is older than `max_age`
+    /// (a client can upload blocks that its committed backup never names; only a
+    /// collection finds them), or none ran yet.
+    pub fn gc_due(&self, max_age: Duration) -> bool {
+        let w = self.inner_garbage();
+        let (seen, at) = *w.collected.lock().unwrap_or_else(PoisonError::into_inner);
+        seen != w.events.load(Ordering::SeqCst) || at.is_none_or(|t| t.elapsed() >= max_age)
     }
 
     /// Plans a collection. `protected` blocks are kept as if a manifest named them. Memory
     /// does not grow with the repository: the live blocks go to a temporary on-disk table,
     /// index objects are read one at a time.
     pub fn gc_plan(&self, protected: &HashSet<BlockId>) -> Result<GcPlan, Error> {
+        // Taken first: whatever becomes garbage while the plan is made counts for the next.
+        let events = self.inner_garbage().events.load(Ordering::SeqCst);
         let live = LiveSet::new()?;
         let protected: Vec<BlockId> = protected.iter().copied().collect();
         live.insert(&protected)?;
@@ -201,6 +250,7 @@ impl Repository {
         }
         let mut plan = GcPlan {
             live_blocks: live.len()? as usize,
+            events,
             ..GcPlan::default()
         };
 
@@ -373,6 +423,11 @@ impl Repository {
                 .iter()
                 .filter_map(|k| k.rsplit('/').next()?.parse::<BlocklistId>().ok()),
         );
+        *self
+            .inner_garbage()
+            .collected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (plan.events, Some(Instant::now()));
         Ok(report)
     }
 }

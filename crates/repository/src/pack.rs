@@ -87,6 +87,8 @@ pub struct PackWriter {
     /// Rewrites blocks that are already stored (garbage collection): no dedup against the
     /// repository, and the new pack takes over their locations.
     relocate: bool,
+    /// `finish` wrote everything.
+    finished: bool,
 }
 
 impl PackWriter {
@@ -96,6 +98,7 @@ impl PackWriter {
             open: None,
             stats: PackStats::default(),
             relocate: false,
+            finished: false,
         }
     }
 
@@ -311,6 +314,7 @@ impl PackWriter {
     /// Writes the unfinished pack and its index, and returns what this writer did.
     pub fn finish(mut self) -> Result<PackStats, Error> {
         self.flush()?;
+        self.finished = true;
         Ok(self.stats)
     }
 
@@ -361,6 +365,11 @@ impl PackWriter {
 
 impl Drop for PackWriter {
     fn drop(&mut self) {
+        if !self.finished && (self.stats.packs_written > 0 || self.open.is_some()) {
+            // Packs written (or half-written) by a writer that never finished: whatever
+            // was to name them will not.
+            self.repo.note_garbage();
+        }
         if let Some(p) = &self.open
             && !p.blocks.is_empty()
         {

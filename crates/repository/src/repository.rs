@@ -172,6 +172,8 @@ struct Inner {
     damaged_indexes: Vec<(String, String)>,
     /// Blocklists known to exist (written or read by this handle).
     known_blocklists: Mutex<HashSet<BlocklistId>>,
+    /// Whether a garbage collection could reclaim anything (see [`Repository::gc_due`]).
+    garbage: crate::gc::GarbageWatch,
 }
 
 /// An open repository, working in one dedup [`Domain`]: blocks are named, found, read,
@@ -230,6 +232,7 @@ impl Repository {
                 index,
                 damaged_indexes,
                 known_blocklists: Mutex::new(HashSet::new()),
+                garbage: crate::gc::GarbageWatch::default(),
             }),
             domain,
         })
@@ -309,6 +312,10 @@ impl Repository {
             tracing::info!(location = %store.location(), "created repository");
         }
         Repository::open(store, master, options)
+    }
+
+    pub(crate) fn inner_garbage(&self) -> &crate::gc::GarbageWatch {
+        &self.inner.garbage
     }
 
     pub(crate) fn store(&self) -> &dyn ObjectStore {

@@ -1286,6 +1286,56 @@ fn gc_deletes_what_only_deleted_backups_needed_and_keeps_the_rest() {
 }
 
 #[test]
+fn gc_is_due_only_when_something_may_have_become_garbage() {
+    let hour = std::time::Duration::from_secs(3600);
+    let (_store, _master, repo) = mem_repo(small_packs());
+    let collect = |repo: &Repository| {
+        let plan = repo.gc_plan(&Default::default()).unwrap();
+        repo.gc_execute(&plan).unwrap();
+    };
+    // What happened before the handle was opened is unknown.
+    assert!(repo.gc_due(hour));
+    let first = backup(&repo, "c1", &backup_id(1), &sample_files(1), 8192);
+    collect(&repo);
+    assert!(!repo.gc_due(hour));
+    // A committed backup leaves no garbage; the age limit still applies.
+    backup(&repo, "c1", &backup_id(2), &sample_files(2), 8192);
+    assert!(!repo.gc_due(hour));
+    assert!(repo.gc_due(std::time::Duration::ZERO));
+    // A writer dropped after writing packs, without finishing: those packs are garbage.
+    let mut w = repo.pack_writer();
+    for n in 0..64 {
+        let b = page(5000 + n, 8192);
+        w.add_block(&repo.block_id(&b), &b).unwrap();
+    }
+    assert!(!repo.gc_due(hour), "nothing is lost while the writer lives");
+    drop(w);
+    assert!(repo.gc_due(hour));
+    collect(&repo);
+    assert!(!repo.gc_due(hour));
+    // A writer that finishes, or never wrote anything, leaves none.
+    add_all(&repo, &[page(6000, 8192)]);
+    drop(repo.pack_writer());
+    assert!(!repo.gc_due(hour));
+    // A deleted backup; another handle on the same repository shares the knowledge.
+    repo.in_domain(&Domain::legacy())
+        .unwrap()
+        .delete_backup("c1", &first.backup_id)
+        .unwrap();
+    assert!(repo.gc_due(hour));
+    collect(&repo);
+    assert!(!repo.gc_due(hour));
+    // What the caller reports (a session that ended without its manifest).
+    repo.note_garbage();
+    assert!(repo.gc_due(hour));
+    // Whatever happens while a plan is made counts for the next collection.
+    let plan = repo.gc_plan(&Default::default()).unwrap();
+    repo.note_garbage();
+    repo.gc_execute(&plan).unwrap();
+    assert!(repo.gc_due(hour));
+}
+
+#[test]
 fn gc_stops_on_an_unreadable_manifest() {
     let (store, _master, repo) = mem_repo(small_packs());
     let m = backup(&repo, "c1", &backup_id(1), &sample_files(1), 8192);

@@ -35,6 +35,11 @@ use crate::Context;
 
 /// A session nobody used for this long is dropped with its unfinished packs.
 pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// A retention run collects garbage when something may have become garbage since the last
+/// collection (a backup expired or deleted, a session or a relay that stopped half-way, a
+/// server start), and at least this often otherwise: blocks a client uploaded but never
+/// named, and temporary files of failed writes, are found only by a collection.
+pub const GC_MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Most block ids one `Missing` or `GetBlocks` call may name.
 pub const MAX_IDS_PER_CALL: usize = 65_536;
 // The block size clients are told (`Begin`) and check manifests against is the one the
@@ -201,11 +206,22 @@ struct Session {
     protected: Mutex<HashSet<BlockId>>,
     /// Copy the backup to Tier 2 once committed.
     tier2: bool,
+    /// Its manifest is written.
+    committed: AtomicBool,
 }
 
 impl Session {
     fn touch(&self) {
         *lock(&self.last_used) = Instant::now();
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.committed.load(Ordering::Relaxed) && self.uploaded.load(Ordering::Relaxed) > 0 {
+            // Aborted, idle too long or failed: what it uploaded is named by no manifest.
+            self.repo.note_garbage();
+        }
     }
 }
 
@@ -505,6 +521,7 @@ impl BackupService {
                 bytes_reclaimed: 0,
                 mixed_packs_kept: plan.mixed_packs as u64,
                 temp_files_removed: 0,
+                skipped: false,
             };
             if let Some(dir) = sweep_dir {
                 // No write takes an hour: older temporary files belong to no writer.
@@ -1087,6 +1104,7 @@ impl Backup for BackupService {
                 last_used: Mutex::new(Instant::now()),
                 protected: Mutex::new(HashSet::new()),
                 tier2,
+                committed: AtomicBool::new(false),
             }),
         );
         tracing::info!(%cluster, backup = %backup_id, session = %session_id, tier2, "backup started");
@@ -1277,6 +1295,7 @@ impl Backup for BackupService {
                 files,
             };
             repo.put_manifest(&manifest).map_err(repo_status)?;
+            s.committed.store(true, Ordering::Relaxed);
             Ok(metadata)
         })
         .await
@@ -1901,7 +1920,16 @@ impl BackupService {
                 .remove_old_wal(&cluster, &response.first_wal_kept, tier1, tier2)
                 .await?;
         }
-        response.gc = Some(self.collect_garbage(tier, false).await?);
+        response.gc = Some(if repo.gc_due(GC_MAX_INTERVAL) {
+            self.collect_garbage(tier, false).await?
+        } else {
+            // Nothing became garbage since the last collection: marking every live block
+            // again (and holding off every other backup meanwhile) would reclaim nothing.
+            pb::GcResponse {
+                skipped: true,
+                ..Default::default()
+            }
+        });
         Ok(response)
     }
 

@@ -486,7 +486,13 @@ impl Tasks {
         let t2c = t2.clone();
         let copied =
             tokio::task::spawn_blocking(move || copy_backup(&t1, &t1_gc, &t2c, &c, &id2, jobs))
-                .await??;
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+                .inspect_err(|_| {
+                    // Packs of a copy that stopped half-way are named by no manifest.
+                    t2.repo.note_garbage();
+                })?;
         if let Some(stats) = copied {
             tracing::info!(%cluster, backup = %id, blocks = stats.0, bytes = stats.1, location = %t2.location(), "backup relayed to Tier 2");
             if let Some(p) = &self.ctx.progress {

@@ -58,7 +58,23 @@ impl Default for WalLimits {
 struct ClusterSlot {
     lock: Arc<tokio::sync::Mutex<()>>,
     current: CancellationToken,
+    flush: Arc<FlushRequests>,
 }
+
+/// Requests to make a cluster's received WAL durable now (`ListRequest.flush`), shared by
+/// the cluster's successive streams.
+#[derive(Default)]
+struct FlushRequests {
+    /// A request is waiting (a permit when no stream listens at that moment).
+    wanted: tokio::sync::Notify,
+    /// Told after every fsync and every request found nothing to do.
+    done: tokio::sync::Notify,
+    /// Streams of the cluster being served (0 or 1, briefly 2 during a takeover).
+    streams: std::sync::atomic::AtomicUsize,
+}
+
+/// The longest a `List` with `flush` waits for the stream's fsync.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// The WAL service; cheap to clone.
 #[derive(Clone)]
@@ -135,9 +151,16 @@ impl WalService {
         self.ctx.tier2.is_some() && (asked || self.ctx.read_only)
     }
 
-    /// Preempts the current writer of `cluster` and returns the lock and the token of the
-    /// new writer.
-    fn take_over(&self, cluster: &str) -> (Arc<tokio::sync::Mutex<()>>, CancellationToken) {
+    /// Preempts the current writer of `cluster` and returns the lock, the token of the
+    /// new writer and the cluster's flush requests.
+    fn take_over(
+        &self,
+        cluster: &str,
+    ) -> (
+        Arc<tokio::sync::Mutex<()>>,
+        CancellationToken,
+        Arc<FlushRequests>,
+    ) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let token = self.shutdown.child_token();
         let slot = slots
@@ -145,10 +168,31 @@ impl WalService {
             .or_insert_with(|| ClusterSlot {
                 lock: Arc::default(),
                 current: CancellationToken::new(),
+                flush: Arc::default(),
             });
         slot.current.cancel();
         slot.current = token.clone();
-        (slot.lock.clone(), token)
+        (slot.lock.clone(), token, slot.flush.clone())
+    }
+
+    /// Asks the stream of `cluster`, if one is being served, to fsync what it received,
+    /// and waits for that (at most [`FLUSH_WAIT`]).
+    async fn flush_stream(&self, cluster: &str) {
+        let flush = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            match slots.get(cluster) {
+                Some(slot) => slot.flush.clone(),
+                None => return,
+            }
+        };
+        if flush.streams.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return;
+        }
+        let done = flush.done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        flush.wanted.notify_one();
+        let _ = tokio::time::timeout(FLUSH_WAIT, done).await;
     }
 }
 
@@ -245,7 +289,7 @@ impl Wal for WalService {
         }
         let timeline = TimeLineId(open.timeline);
         let start = Lsn(open.start_lsn);
-        let (lock, token) = self.take_over(&open.cluster);
+        let (lock, token, flush) = self.take_over(&open.cluster);
         let metrics = self.ctx.metrics.clone();
         let (ack_tx, ack_rx) = mpsc::channel::<Result<pb::StreamResponse, Status>>(64);
         tracing::info!(cluster = %open.cluster, %timeline, %start, "WAL stream opened");
@@ -256,10 +300,16 @@ impl Wal for WalService {
                 _ = token.cancelled() => return,
             };
             let name = cluster.name().to_string();
+            flush
+                .streams
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let served = serve_stream(
-                cluster, timeline, start, incoming, &token, &ack_tx, &metrics,
+                cluster, timeline, start, incoming, &token, &ack_tx, &metrics, &flush,
             )
             .await;
+            flush
+                .streams
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             metrics.stream_closed(&name);
             if let Err(status) = served {
                 tracing::warn!(cluster = %name, error = %status.message(), "WAL stream failed");
@@ -385,6 +435,9 @@ impl Wal for WalService {
     ) -> Result<Response<pb::ListResponse>, Status> {
         Self::authorize(&req, &req.get_ref().cluster)?;
         let r = req.into_inner();
+        if r.flush && self.ctx.wal.is_some() {
+            self.flush_stream(&r.cluster).await;
+        }
         let mut resp = None;
         if let Some(store) = &self.ctx.wal {
             let cluster = store.cluster(&r.cluster).map_err(store_status)?;
@@ -504,6 +557,7 @@ fn tier2_status(e: anyhow::Error) -> Status {
 /// (when someone waits, or the flush is due) fsynced, then acknowledged. The blocking file
 /// work runs in `block_in_place`, on the task's own thread, so a synchronous commit costs
 /// no extra thread hand-offs.
+#[allow(clippy::too_many_arguments)]
 async fn serve_stream(
     cluster: ClusterWal,
     timeline: TimeLineId,
@@ -512,6 +566,7 @@ async fn serve_stream(
     token: &CancellationToken,
     ack_tx: &mpsc::Sender<Result<pb::StreamResponse, Status>>,
     metrics: &crate::metrics::Metrics,
+    flush: &FlushRequests,
 ) -> Result<(), Status> {
     let ack = |flush: Lsn, closed: bool| pb::StreamResponse {
         flush_lsn: flush.0,
@@ -535,16 +590,23 @@ async fn serve_stream(
                 tracing::info!(cluster = cluster.name(), "WAL stream preempted by a newer stream");
                 break;
             }
-            _ = tokio::time::sleep_until(due), if pending => {
-                let durable = tokio::task::block_in_place(|| writer.sync()).map_err(store_status)?;
+            // The periodic flush is due, or someone waits for the archive.
+            _ = tokio::time::sleep_until(due), if pending => None,
+            _ = flush.wanted.notified() => None,
+            m = incoming.message() => Some(m),
+        };
+        let Some(msg) = msg else {
+            if pending {
+                let durable =
+                    tokio::task::block_in_place(|| writer.sync()).map_err(store_status)?;
                 metrics.wal_durable(&name, durable);
                 last_sync = Instant::now();
                 if ack_tx.send(Ok(ack(durable, false))).await.is_err() {
                     break;
                 }
-                continue;
             }
-            m = incoming.message() => m,
+            flush.done.notify_waiters();
+            continue;
         };
         let first = match msg {
             Ok(Some(m)) => m,
@@ -618,6 +680,7 @@ async fn serve_stream(
             if ack_tx.send(Ok(ack(durable, false))).await.is_err() {
                 break;
             }
+            flush.done.notify_waiters();
         }
     }
     // The client went away or was preempted: make what was received durable (it was not

@@ -489,6 +489,7 @@ impl Sidecar {
             .list(klio_proto::wal::v1::ListRequest {
                 cluster: own.clone(),
                 tier2_recovery: false,
+                flush: false,
             })
             .await;
         match r {
