@@ -18,7 +18,7 @@
 //! must protect the blocks of every backup in progress.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -168,19 +168,30 @@ pub struct GcReport {
 /// What a repository handle knows about its garbage: how many times something may have
 /// become garbage since it was opened (a backup deleted, a write abandoned), and how many of
 /// those the last complete collection had seen, and when it ran.
+///
+/// The index cache also records, durably, that the repository holds no garbage: set by a
+/// complete collection when no writer is half-way, removed before the next write of a
+/// pack, blocklist or manifest and before a backup is deleted. A handle opened on a
+/// repository so recorded (or just created) starts with no collection due; any other
+/// starts with one due, since a crash may have left garbage.
 #[derive(Debug)]
 pub(crate) struct GarbageWatch {
-    /// Starts at 1: what happened before the handle was opened (a crash in the middle of a
-    /// write) is unknown, so the first collection is always due.
     events: AtomicU64,
     collected: Mutex<(u64, Option<Instant>)>,
+    /// Pack writers that wrote a pack and have not finished.
+    active_writers: AtomicUsize,
+    /// The index cache records the repository as holding no garbage.
+    clean_on_disk: AtomicBool,
 }
 
-impl Default for GarbageWatch {
-    fn default() -> GarbageWatch {
+impl GarbageWatch {
+    /// `clean`: the repository is known to hold no garbage.
+    pub(crate) fn new(clean: bool) -> GarbageWatch {
         GarbageWatch {
-            events: AtomicU64::new(1),
-            collected: Mutex::new((0, None)),
+            events: AtomicU64::new(u64::from(!clean)),
+            collected: Mutex::new((0, clean.then(Instant::now))),
+            active_writers: AtomicUsize::new(0),
+            clean_on_disk: AtomicBool::new(clean),
         }
     }
 }
@@ -190,12 +201,46 @@ impl Repository {
     /// referenced becomes garbage for the next collection.
     pub fn delete_backup(&self, cluster: &str, backup_id: &crate::BackupId) -> Result<(), Error> {
         crate::validate_cluster_name(cluster)?;
+        self.before_write()?;
         let deleted = self
             .store()
             .delete(&crate::repository::manifest_key(cluster, backup_id));
         // Even a failed delete may have happened.
         self.note_garbage();
         deleted
+    }
+
+    /// Called before anything is written that could end up unreferenced (a pack, a
+    /// blocklist, a manifest) or before a backup is deleted: the index cache stops
+    /// recording the repository as free of garbage, so that a crash in between leaves a
+    /// collection due.
+    pub(crate) fn before_write(&self) -> Result<(), Error> {
+        let w = self.inner_garbage();
+        if w.clean_on_disk.load(Ordering::SeqCst) {
+            self.index().set_gc_clean(false)?;
+            w.clean_on_disk.store(false, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// A pack writer wrote its first pack (`true`), or finished or was dropped after that.
+    pub(crate) fn writer_active(&self, active: bool) {
+        let w = &self.inner_garbage().active_writers;
+        if active {
+            w.fetch_add(1, Ordering::SeqCst);
+        } else {
+            w.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Records a repository just created as holding no garbage.
+    pub(crate) fn record_clean(&self) -> Result<(), Error> {
+        self.index().set_gc_clean(true)?;
+        let w = self.inner_garbage();
+        w.clean_on_disk.store(true, Ordering::SeqCst);
+        *w.collected.lock().unwrap_or_else(PoisonError::into_inner) =
+            (w.events.load(Ordering::SeqCst), Some(Instant::now()));
+        Ok(())
     }
 
     /// Records that something may have become garbage: a backup session that ended without
@@ -423,11 +468,16 @@ impl Repository {
                 .iter()
                 .filter_map(|k| k.rsplit('/').next()?.parse::<BlocklistId>().ok()),
         );
-        *self
-            .inner_garbage()
-            .collected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (plan.events, Some(Instant::now()));
+        let w = self.inner_garbage();
+        *w.collected.lock().unwrap_or_else(PoisonError::into_inner) =
+            (plan.events, Some(Instant::now()));
+        if w.events.load(Ordering::SeqCst) == plan.events
+            && w.active_writers.load(Ordering::SeqCst) == 0
+        {
+            // Nothing is half-way: a restart needs no collection until something is written.
+            self.index().set_gc_clean(true)?;
+            w.clean_on_disk.store(true, Ordering::SeqCst);
+        }
         Ok(report)
     }
 }

@@ -272,6 +272,8 @@ const DOMAINS: TableDefinition<&str, u32> = TableDefinition::new("domains");
 /// key of an index object held → the numbers of its packs (u32 big-endian, concatenated)
 const INDEX_OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("index_objects");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Key in [`META`], present ("yes") while the repository is known to hold no garbage.
+const GC_CLEAN: &str = "gc_clean";
 const NEXT_PACK: TableDefinition<(), u32> = TableDefinition::new("next_pack");
 
 const CACHE_FORMAT: &str = "klio-index-cache/3";
@@ -638,16 +640,24 @@ impl BlockIndex {
                 {
                     let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
                     let mut ids = Vec::with_capacity(chunk.len() * 32);
-                    for (id, loc) in chunk {
+                    for (id, _) in chunk {
                         ids.extend_from_slice(id.as_bytes());
-                        let keep = !relocate
-                            && blocks
-                                .get(id.as_bytes())
-                                .map_err(|e| self.err(e))?
-                                .is_some();
-                        if !keep {
+                    }
+                    // In key order, the B-tree's pages are visited once each, not at random;
+                    // one insert per block, the previous entry put back when there was one
+                    // (rare: another writer stored the block meanwhile).
+                    let mut sorted: Vec<&(BlockId, BlockLocation)> = chunk.iter().collect();
+                    sorted.sort_unstable_by_key(|a| a.0);
+                    for (id, loc) in sorted {
+                        let previous = blocks
+                            .insert(id.as_bytes(), entry_bytes(domain, number, loc))
+                            .map_err(|e| self.err(e))?
+                            .map(|v| v.value());
+                        if let Some(previous) = previous
+                            && !relocate
+                        {
                             blocks
-                                .insert(id.as_bytes(), entry_bytes(domain, number, loc))
+                                .insert(id.as_bytes(), previous)
                                 .map_err(|e| self.err(e))?;
                         }
                     }
@@ -831,22 +841,22 @@ impl BlockIndex {
         let packs = txn.open_table(PACKS).map_err(|e| self.err(e))?;
         let mut pack_cache: std::collections::HashMap<u32, PackInfo> =
             std::collections::HashMap::new();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let Some(v) = blocks.get(id.as_bytes()).map_err(|e| self.err(e))? else {
-                out.push(None);
+        let mut out = vec![None; ids.len()];
+        // Looked up in key order: neighbouring ids share the B-tree's pages.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by(|a, b| ids[*a].cmp(&ids[*b]));
+        for i in order {
+            let Some(v) = blocks.get(ids[i].as_bytes()).map_err(|e| self.err(e))? else {
                 continue;
             };
             let (d, n, loc) = parse_entry(&v.value());
             if d != domain {
-                out.push(None);
                 continue;
             }
             let pack = match pack_cache.get(&n) {
                 Some(p) => p.clone(),
                 None => {
                     let Some(p) = packs.get(n).map_err(|e| self.err(e))? else {
-                        out.push(None);
                         continue;
                     };
                     let (info, _) = parse_pack(&p.value());
@@ -854,7 +864,7 @@ impl BlockIndex {
                     info
                 }
             };
-            out.push(Some(Located { pack, loc }));
+            out[i] = Some(Located { pack, loc });
         }
         Ok(out)
     }
@@ -863,14 +873,17 @@ impl BlockIndex {
     pub fn contains_many(&self, domain: u32, ids: &[BlockId]) -> Result<Vec<bool>, Error> {
         let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
         let blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
-        ids.iter()
-            .map(|id| {
-                Ok(blocks
-                    .get(id.as_bytes())
-                    .map_err(|e| self.err(e))?
-                    .is_some_and(|v| parse_entry(&v.value()).0 == domain))
-            })
-            .collect()
+        // Looked up in key order: neighbouring ids share the B-tree's pages.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by(|a, b| ids[*a].cmp(&ids[*b]));
+        let mut found = vec![false; ids.len()];
+        for i in order {
+            found[i] = blocks
+                .get(ids[i].as_bytes())
+                .map_err(|e| self.err(e))?
+                .is_some_and(|v| parse_entry(&v.value()).0 == domain);
+        }
+        Ok(found)
     }
 
     /// The keys of the index objects naming pack `id`.
@@ -902,6 +915,31 @@ impl BlockIndex {
             parse_pack(&p.value()).1
         };
         self.domain_name(number)
+    }
+
+    /// Whether the repository held no garbage when this cache last recorded it (a complete
+    /// collection with no write since; see [`Repository::gc_due`](crate::Repository::gc_due)).
+    pub fn gc_clean(&self) -> Result<bool, Error> {
+        let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        Ok(meta
+            .get(GC_CLEAN)
+            .map_err(|e| self.err(e))?
+            .is_some_and(|v| v.value() == "yes"))
+    }
+
+    /// Records (durably) whether the repository holds no garbage.
+    pub fn set_gc_clean(&self, clean: bool) -> Result<(), Error> {
+        let txn = self.db()?.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            if clean {
+                meta.insert(GC_CLEAN, "yes").map_err(|e| self.err(e))?;
+            } else {
+                meta.remove(GC_CLEAN).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
     }
 
     /// How many distinct blocks are stored.

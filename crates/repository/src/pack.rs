@@ -89,6 +89,8 @@ pub struct PackWriter {
     relocate: bool,
     /// `finish` wrote everything.
     finished: bool,
+    /// It wrote a pack and counts among the repository's active writers.
+    active: bool,
 }
 
 impl PackWriter {
@@ -99,6 +101,7 @@ impl PackWriter {
             stats: PackStats::default(),
             relocate: false,
             finished: false,
+            active: false,
         }
     }
 
@@ -315,6 +318,9 @@ impl PackWriter {
     pub fn finish(mut self) -> Result<PackStats, Error> {
         self.flush()?;
         self.finished = true;
+        if std::mem::take(&mut self.active) {
+            self.repo.writer_active(false);
+        }
         Ok(self.stats)
     }
 
@@ -331,6 +337,13 @@ impl PackWriter {
             blake3: [0; 32],
         };
         pack.cipher.seal_final(&summary, &mut pack.buf);
+        if !self.active {
+            // Counted before anything is written: a collection meanwhile must not record
+            // the repository as free of garbage while this pack may end up unreferenced.
+            self.repo.writer_active(true);
+            self.active = true;
+        }
+        self.repo.before_write()?;
         let store = self.repo.store();
         store.put(&pack_key(&pack.id), &pack.buf)?;
         let section = PackSection {
@@ -365,10 +378,13 @@ impl PackWriter {
 
 impl Drop for PackWriter {
     fn drop(&mut self) {
-        if !self.finished && (self.stats.packs_written > 0 || self.open.is_some()) {
+        if !self.finished && (self.active || self.open.is_some()) {
             // Packs written (or half-written) by a writer that never finished: whatever
             // was to name them will not.
             self.repo.note_garbage();
+        }
+        if self.active {
+            self.repo.writer_active(false);
         }
         if let Some(p) = &self.open
             && !p.blocks.is_empty()

@@ -223,6 +223,7 @@ impl Repository {
             "opened repository"
         );
         let domain = Arc::new(DomainKeys::new(&keys.id, Domain::legacy(), 0));
+        let clean = index.gc_clean()?;
         Ok(Repository {
             inner: Arc::new(Inner {
                 store,
@@ -232,7 +233,7 @@ impl Repository {
                 index,
                 damaged_indexes,
                 known_blocklists: Mutex::new(HashSet::new()),
-                garbage: crate::gc::GarbageWatch::default(),
+                garbage: crate::gc::GarbageWatch::new(clean),
             }),
             domain,
         })
@@ -301,6 +302,7 @@ impl Repository {
         id_key: Option<[u8; 32]>,
     ) -> Result<Repository, Error> {
         options.validate()?;
+        let mut created = false;
         if !store.exists(CONFIG_KEY)? {
             let foreign = store.list("")?.into_iter().any(|k| k != KEY_ENVELOPE_KEY);
             if foreign {
@@ -310,12 +312,22 @@ impl Repository {
             }
             store.put(CONFIG_KEY, &new_config(&master, id_key))?;
             tracing::info!(location = %store.location(), "created repository");
+            created = true;
         }
-        Repository::open(store, master, options)
+        let repo = Repository::open(store, master, options)?;
+        if created {
+            // Empty: nothing to collect until something is written.
+            repo.record_clean()?;
+        }
+        Ok(repo)
     }
 
     pub(crate) fn inner_garbage(&self) -> &crate::gc::GarbageWatch {
         &self.inner.garbage
+    }
+
+    pub(crate) fn index(&self) -> &crate::index::BlockIndex {
+        &self.inner.index
     }
 
     pub(crate) fn store(&self) -> &dyn ObjectStore {
@@ -662,12 +674,14 @@ impl Repository {
         }
         // A create-only write keeps an existing blocklist (the same list): one request, where
         // checking first would cost two for every new list.
+        self.before_write()?;
+        // Not compressed: a blocklist is random ids, which zstd only spends time on.
         let sealed = seal_object(
             self.master(),
             ObjectKind::Blob,
             &blocklist_name(&id),
             &plaintext,
-            self.options().compression_level,
+            None,
         );
         self.store().put(&blocklist_key(&id), &sealed)?;
         self.known_blocklists().insert(id);
@@ -748,6 +762,7 @@ impl Repository {
                 backup_id: manifest.backup_id.clone(),
             });
         }
+        self.before_write()?;
         let sealed = seal_object(
             self.master(),
             ObjectKind::Blob,

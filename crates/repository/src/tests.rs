@@ -1288,20 +1288,40 @@ fn gc_deletes_what_only_deleted_backups_needed_and_keeps_the_rest() {
 #[test]
 fn gc_is_due_only_when_something_may_have_become_garbage() {
     let hour = std::time::Duration::from_secs(3600);
-    let (_store, _master, repo) = mem_repo(small_packs());
+    let dir = tempfile::tempdir().unwrap();
+    let options = RepositoryOptions {
+        index_cache: Some(dir.path().join("index.redb")),
+        ..small_packs()
+    };
+    let store = Arc::new(MemStore::new());
+    let master = MasterKey::generate();
+    let open = || Repository::open(store.clone(), master.clone(), options.clone()).unwrap();
     let collect = |repo: &Repository| {
         let plan = repo.gc_plan(&Default::default()).unwrap();
         repo.gc_execute(&plan).unwrap();
     };
-    // What happened before the handle was opened is unknown.
-    assert!(repo.gc_due(hour));
-    let first = backup(&repo, "c1", &backup_id(1), &sample_files(1), 8192);
-    collect(&repo);
+    // A new repository holds nothing to collect, also when opened again.
+    let repo = Repository::open_or_init(store.clone(), master.clone(), options.clone()).unwrap();
+    assert!(!repo.gc_due(hour));
+    drop(repo);
+    let repo = open();
     assert!(!repo.gc_due(hour));
     // A committed backup leaves no garbage; the age limit still applies.
-    backup(&repo, "c1", &backup_id(2), &sample_files(2), 8192);
+    let first = backup(&repo, "c1", &backup_id(1), &sample_files(1), 8192);
     assert!(!repo.gc_due(hour));
     assert!(repo.gc_due(std::time::Duration::ZERO));
+    // But a restart cannot know whether a write was interrupted: due until collected.
+    drop(repo);
+    let repo = open();
+    assert!(repo.gc_due(hour));
+    collect(&repo);
+    assert!(!repo.gc_due(hour));
+    drop(repo);
+    let repo = open();
+    assert!(
+        !repo.gc_due(hour),
+        "a collection with nothing half-way is recorded"
+    );
     // A writer dropped after writing packs, without finishing: those packs are garbage.
     let mut w = repo.pack_writer();
     for n in 0..64 {
@@ -1309,8 +1329,13 @@ fn gc_is_due_only_when_something_may_have_become_garbage() {
         w.add_block(&repo.block_id(&b), &b).unwrap();
     }
     assert!(!repo.gc_due(hour), "nothing is lost while the writer lives");
+    // A collection while it is half-way is not recorded as leaving no garbage.
+    collect(&repo);
     drop(w);
     assert!(repo.gc_due(hour));
+    let other = open();
+    assert!(other.gc_due(hour));
+    drop(other);
     collect(&repo);
     assert!(!repo.gc_due(hour));
     // A writer that finishes, or never wrote anything, leaves none.
@@ -1333,6 +1358,14 @@ fn gc_is_due_only_when_something_may_have_become_garbage() {
     repo.note_garbage();
     repo.gc_execute(&plan).unwrap();
     assert!(repo.gc_due(hour));
+    drop(repo);
+    assert!(open().gc_due(hour));
+    // A cache that never saw a collection (lost, rebuilt) knows nothing either.
+    let (_store, _master, fresh) = mem_repo(small_packs());
+    backup(&fresh, "c1", &backup_id(1), &sample_files(1), 8192);
+    collect(&fresh);
+    drop(fresh);
+    assert!(reopen(&_store, &_master).gc_due(hour));
 }
 
 #[test]
