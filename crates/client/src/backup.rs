@@ -95,8 +95,11 @@ struct Shared {
 /// Blocks gathered by one reading thread, waiting to be checked against the server.
 struct Batch {
     ids: Vec<[u8; 32]>,
-    data: Vec<Vec<u8>>,
-    bytes: usize,
+    /// The blocks' plaintexts, one after the other in the order read (consecutive new
+    /// blocks are compressed straight from here, without another copy).
+    plain: Vec<u8>,
+    /// Each block's length in `plain`.
+    lens: Vec<u32>,
     seen: HashSet<[u8; 32]>,
     /// Uploads (missing check, compression, upload) not yet acknowledged, each returning
     /// the blocks it sent: the thread reads on while they run.
@@ -112,8 +115,8 @@ impl Batch {
     fn new() -> Batch {
         Batch {
             ids: Vec::new(),
-            data: Vec::new(),
-            bytes: 0,
+            plain: Vec::new(),
+            lens: Vec::new(),
             seen: HashSet::new(),
             inflight: VecDeque::new(),
             files: Vec::new(),
@@ -129,10 +132,12 @@ type Compressors = Arc<Mutex<Vec<zstd::bulk::Compressor<'static>>>>;
 /// The uploads of the blocks of a batch that the server lacks (`missing[i] != 0`), in the
 /// order read (a file's pages one after the other), in runs of up to `max_run` bytes
 /// compressed together: one zstd frame per run costs far less time and space than one per
-/// 8 KiB page, and each block keeps its own id.
+/// 8 KiB page, and each block keeps its own id. `plain` holds the blocks' plaintexts one
+/// after the other, `lens` their lengths.
 fn runs_of_missing(
     ids: &[[u8; 32]],
-    data: Vec<Vec<u8>>,
+    plain: &[u8],
+    lens: &[u32],
     missing: &[u8],
     max_run: usize,
     pool: &Compressors,
@@ -145,26 +150,30 @@ fn runs_of_missing(
     };
     let mut blocks = Vec::new();
     let mut run = Run::default();
-    for ((id, data), m) in ids.iter().zip(data).zip(missing) {
+    let mut scratch = Vec::new();
+    let mut at = 0usize;
+    for ((id, len), m) in ids.iter().zip(lens).zip(missing) {
+        let span = (at, at + *len as usize);
+        at = span.1;
         if *m == 0 {
             continue;
         }
-        if data.is_empty() {
+        if span.0 == span.1 {
             // An empty block (an empty file) has no place in a run.
             let mut alone = Run::default();
-            alone.push(id, data);
-            blocks.push(alone.block(&mut cctx));
+            alone.push(id, span);
+            blocks.push(alone.block(plain, &mut scratch, &mut cctx));
             continue;
         }
         if !run.lens.is_empty()
-            && (run.plain.len() + data.len() > max_run || run.lens.len() >= MAX_RUN_BLOCKS)
+            && (run.len + (span.1 - span.0) > max_run || run.lens.len() >= MAX_RUN_BLOCKS)
         {
-            blocks.push(run.block(&mut cctx));
+            blocks.push(run.block(plain, &mut scratch, &mut cctx));
         }
-        run.push(id, data);
+        run.push(id, span);
     }
     if !run.lens.is_empty() {
-        blocks.push(run.block(&mut cctx));
+        blocks.push(run.block(plain, &mut scratch, &mut cctx));
     }
     pool.lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -172,36 +181,55 @@ fn runs_of_missing(
     Ok(blocks)
 }
 
-/// Blocks gathered into one upload: a single block, or a run of several.
+/// Blocks gathered into one upload: a single block, or a run of several, as ranges of the
+/// batch's plaintext (one range when the blocks follow each other there).
 #[derive(Default)]
 struct Run {
     ids: Vec<u8>,
     lens: Vec<u32>,
-    plain: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+    len: usize,
 }
 
 impl Run {
-    fn push(&mut self, id: &[u8; 32], data: Vec<u8>) {
+    fn push(&mut self, id: &[u8; 32], span: (usize, usize)) {
         self.ids.extend_from_slice(id);
-        self.lens.push(data.len() as u32);
-        if self.plain.is_empty() {
-            self.plain = data;
-        } else {
-            self.plain.extend_from_slice(&data);
+        self.lens.push((span.1 - span.0) as u32);
+        self.len += span.1 - span.0;
+        match self.spans.last_mut() {
+            Some(last) if last.1 == span.0 => last.1 = span.1,
+            _ => self.spans.push(span),
         }
     }
 
     /// The upload of what the run holds (compressed when that saves at least 64 bytes);
-    /// leaves the run empty.
-    fn block(&mut self, cctx: &mut zstd::bulk::Compressor<'static>) -> pb::Block {
-        let plain = std::mem::take(&mut self.plain);
-        let plain_len = plain.len() as u32;
-        let (compressed, data) = match cctx.compress(&plain) {
-            Ok(c) if c.len() + 64 < plain.len() => (true, c),
-            _ => (false, plain),
+    /// leaves the run empty. `scratch` joins the ranges of a run with gaps.
+    fn block(
+        &mut self,
+        plain: &[u8],
+        scratch: &mut Vec<u8>,
+        cctx: &mut zstd::bulk::Compressor<'static>,
+    ) -> pb::Block {
+        let bytes: &[u8] = match self.spans.as_slice() {
+            [] => &[],
+            [(a, b)] => &plain[*a..*b],
+            spans => {
+                scratch.clear();
+                for (a, b) in spans {
+                    scratch.extend_from_slice(&plain[*a..*b]);
+                }
+                scratch
+            }
+        };
+        let plain_len = bytes.len() as u32;
+        let (compressed, data) = match cctx.compress(bytes) {
+            Ok(c) if c.len() + 64 < bytes.len() => (true, c),
+            _ => (false, bytes.to_vec()),
         };
         let ids = std::mem::take(&mut self.ids);
         let lens = std::mem::take(&mut self.lens);
+        self.spans.clear();
+        self.len = 0;
         let mut block = pb::Block {
             plain_len,
             compressed,
@@ -224,14 +252,17 @@ impl Shared {
     }
 
     /// Adds a block to the batch (once per batch) and returns its id; flushes a full batch.
-    fn add(&self, batch: &mut Batch, data: Vec<u8>) -> anyhow::Result<[u8; 32]> {
-        let id = self.block_id(&data);
+    fn add(&self, batch: &mut Batch, data: &[u8]) -> anyhow::Result<[u8; 32]> {
+        let id = self.block_id(data);
         self.blocks_total.fetch_add(1, Ordering::Relaxed);
         if batch.seen.insert(id) {
-            batch.bytes += data.len();
             batch.ids.push(id);
-            batch.data.push(data);
-            if batch.bytes >= BATCH_BYTES {
+            batch.lens.push(data.len() as u32);
+            if batch.plain.capacity() == 0 {
+                batch.plain.reserve(BATCH_BYTES + WHOLE_FILE_MAX);
+            }
+            batch.plain.extend_from_slice(data);
+            if batch.plain.len() >= BATCH_BYTES {
                 self.flush(batch)?;
             }
         }
@@ -246,9 +277,9 @@ impl Shared {
             return Ok(());
         }
         let ids = std::mem::take(&mut batch.ids);
-        let data = std::mem::take(&mut batch.data);
+        let plain = std::mem::take(&mut batch.plain);
+        let lens = std::mem::take(&mut batch.lens);
         batch.seen.clear();
-        batch.bytes = 0;
         let mut client = self.client.clone();
         let session = self.session.clone();
         let max_run = if self.runs { RUN_BYTES } else { 0 };
@@ -273,7 +304,7 @@ impl Shared {
                 );
             }
             let blocks = tokio::task::spawn_blocking(move || {
-                runs_of_missing(&ids, data, &missing, max_run, &pool, level)
+                runs_of_missing(&ids, &plain, &lens, &missing, max_run, &pool, level)
             })
             .await
             .context("a compression task failed")??;
@@ -429,7 +460,7 @@ impl Shared {
                 .with_context(|| format!("read \"{}\"", entry.abs_path.display()))?;
             if n == 0 && size == 0 && relation.is_none() {
                 // An empty file stored whole is one empty block.
-                let id = self.add(batch, Vec::new())?;
+                let id = self.add(batch, &[])?;
                 ids.extend_from_slice(&id);
                 break;
             }
@@ -441,7 +472,7 @@ impl Shared {
                     let blkno = rel.first_blkno() + (size / PAGE_SIZE as u64) as u32;
                     self.check_page(entry, &file, block, blkno, size);
                 }
-                let id = self.add(batch, block.to_vec())?;
+                let id = self.add(batch, block)?;
                 ids.extend_from_slice(&id);
                 size += block.len() as u64;
                 if ids.len() / 32 >= klio_proto::limits::MAX_PIECE_IDS {
@@ -891,5 +922,69 @@ impl Progress {
         if let Some(tx) = self.stop {
             let _ = tx.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The blocks the uploads carry, in order: (id, plaintext).
+    fn carried(blocks: &[pb::Block]) -> Vec<([u8; 32], Vec<u8>)> {
+        let mut out = Vec::new();
+        for b in blocks {
+            let plain = if b.compressed {
+                zstd::bulk::decompress(&b.data, b.plain_len as usize).unwrap()
+            } else {
+                b.data.to_vec()
+            };
+            assert_eq!(plain.len(), b.plain_len as usize);
+            if b.run_lens.is_empty() {
+                out.push((b.id.as_ref().try_into().unwrap(), plain));
+                continue;
+            }
+            let mut at = 0;
+            for (id, len) in b.run_ids.chunks(32).zip(&b.run_lens) {
+                let end = at + *len as usize;
+                out.push((id.try_into().unwrap(), plain[at..end].to_vec()));
+                at = end;
+            }
+            assert_eq!(at, plain.len());
+        }
+        out
+    }
+
+    #[test]
+    fn runs_carry_the_missing_blocks_with_or_without_gaps() {
+        // Ten blocks; an empty one (an empty file) in the middle; two that the server holds.
+        let blocks: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| {
+                if i == 5 {
+                    Vec::new()
+                } else {
+                    (0..8192u32).map(|j| (j % 251) as u8 ^ i).collect()
+                }
+            })
+            .collect();
+        let ids: Vec<[u8; 32]> = (0..10u8).map(|i| [i; 32]).collect();
+        let plain: Vec<u8> = blocks.concat();
+        let lens: Vec<u32> = blocks.iter().map(|b| b.len() as u32).collect();
+        let missing = [1u8, 1, 0, 1, 1, 1, 1, 0, 1, 1];
+        let pool = Compressors::default();
+        let runs = runs_of_missing(&ids, &plain, &lens, &missing, 3 * 8192, &pool, 1).unwrap();
+        let want: Vec<([u8; 32], Vec<u8>)> = (0..10)
+            .filter(|i| missing[*i] != 0)
+            .map(|i| (ids[i], blocks[i].clone()))
+            .collect();
+        let mut got = carried(&runs);
+        got.sort();
+        assert_eq!(got, want);
+        // Runs of at most three pages, across the gaps; the empty block alone.
+        let sizes: Vec<usize> = runs.iter().map(|b| b.run_lens.len().max(1)).collect();
+        assert_eq!(sizes, vec![3, 1, 3, 1], "{sizes:?}");
+        assert_eq!(runs[1].plain_len, 0);
+        assert!(runs.iter().all(|b| b.compressed || b.plain_len == 0));
+        // The compression context went back to the pool.
+        assert_eq!(pool.lock().unwrap().len(), 1);
     }
 }
