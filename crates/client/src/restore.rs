@@ -39,6 +39,8 @@ use crate::client::{ClientArgs, status_error};
 
 /// Plaintext bytes asked for in one `GetBlocks` call.
 const FETCH_BYTES: usize = 8 << 20;
+/// Bytes of an existing file a delta restore reads with one system call.
+const DELTA_READ_BYTES: usize = 1 << 20;
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("target").multiple(false).args(["target_time", "target_lsn", "target_xid", "target_name", "target_immediate"])))]
@@ -874,7 +876,12 @@ impl Fetcher {
             options.open(path)
         };
         let file = opened.with_context(|| format!("create \"{}\"", path.display()))?;
-        let mut buf = vec![0u8; block_size as usize];
+        // Only a delta restore reads what the file holds.
+        let mut buf = if delta {
+            vec![0u8; DELTA_READ_BYTES.max(block_size as usize)]
+        } else {
+            Vec::new()
+        };
         let mut first = 0u64;
         let lists: Vec<Option<&[u8]>> = if f.blocklists.is_empty() {
             vec![None]
@@ -904,13 +911,24 @@ impl Fetcher {
                 f.size
             );
         }
-        file.set_len(f.size)
-            .with_context(|| format!("write \"{}\"", path.display()))?;
+        // What already matches is not set again: a delta restore of an unchanged file then
+        // dirties nothing, and its sync costs no journal commit.
+        let current = file
+            .metadata()
+            .with_context(|| format!("read the metadata of \"{}\"", path.display()))?;
+        if current.len() != f.size {
+            file.set_len(f.size)
+                .with_context(|| format!("write \"{}\"", path.display()))?;
+        }
         let mode = manifest_rules::permission_bits(f.mode);
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("set the mode of \"{}\"", path.display()))?;
+        if current.permissions().mode() & 0o7777 != mode {
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("set the mode of \"{}\"", path.display()))?;
+        }
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
-        let _ = file.set_modified(mtime);
+        if current.modified().ok() != Some(mtime) {
+            let _ = file.set_modified(mtime);
+        }
         file.sync_all()
             .with_context(|| format!("sync \"{}\"", path.display()))?;
         Ok(())
@@ -932,18 +950,33 @@ impl Fetcher {
         let mut needed: Vec<(u64, [u8; 32])> = Vec::new();
         // Every block is `block_size` bytes but the last, which has the rest.
         let len_at = |off: u64| block_size.min(f.size - off.min(f.size)) as usize;
-        for (i, id) in ids.iter().enumerate() {
-            let off = (first + i as u64) * block_size;
-            if delta {
-                let len = len_at(off);
-                let n = read_at_full(file, &mut buf[..len], off)
+        if delta {
+            // What the file holds, read in chunks of whole blocks (a system call per block
+            // cost more than hashing it); blocks it holds already are not fetched.
+            let per_read = (buf.len() as u64 / block_size).max(1) as usize;
+            for (c, chunk) in ids.chunks(per_read).enumerate() {
+                let start = (first + (c * per_read) as u64) * block_size;
+                let end = (start + chunk.len() as u64 * block_size).min(f.size);
+                let n = read_at_full(file, &mut buf[..end.saturating_sub(start) as usize], start)
                     .with_context(|| format!("read \"{}\"", dest.display()))?;
-                if n == len && blake3::keyed_hash(&self.key, &buf[..n]).as_bytes() == id {
-                    self.reused_blocks.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                for (k, id) in chunk.iter().enumerate() {
+                    let off = start + k as u64 * block_size;
+                    let (at, len) = ((off - start) as usize, len_at(off));
+                    if at + len <= n
+                        && blake3::keyed_hash(&self.key, &buf[at..at + len]).as_bytes() == id
+                    {
+                        self.reused_blocks.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        needed.push((off, *id));
+                    }
                 }
             }
-            needed.push((off, *id));
+        } else {
+            needed = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| ((first + i as u64) * block_size, *id))
+                .collect();
         }
         let per_call = (FETCH_BYTES as u64 / block_size).max(1) as usize;
         let mut aligned = AlignedBuf::default();
