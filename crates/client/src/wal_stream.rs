@@ -305,9 +305,20 @@ async fn stream_timeline(
     let mut tick = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ended = false;
+    // Asynchronously, WAL received within ASYNC_HOLD goes to the server as one message:
+    // thousands of small messages a second cost both processes a wake-up each, while the
+    // server fsyncs only every half second anyway.
+    let mut held: Option<Batch> = None;
+    let mut held_until = tokio::time::Instant::now();
 
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(held_until), if held.is_some() => {
+                if let Some(h) = held.take() {
+                    written = h.end();
+                    send_data(&req_tx, h.start, h.into_bytes(), sync_now(sync), primary).await?;
+                }
+            }
             msg = repl.next_message(), if !ended => {
                 let msg = msg.map_err(classify_pg)?;
                 match msg {
@@ -322,6 +333,9 @@ async fn stream_timeline(
                                     if s2 != batch.end() {
                                         let full = std::mem::replace(&mut batch, Batch::new(s2, d2));
                                         let flush_now = sync_now(sync);
+                                        if let Some(h) = held.take() {
+                                            send_data(&req_tx, h.start, h.into_bytes(), flush_now, primary).await?;
+                                        }
                                         send_data(&req_tx, full.start, full.into_bytes(), flush_now, primary).await?;
                                     } else {
                                         batch.push(d2);
@@ -336,11 +350,31 @@ async fn stream_timeline(
                             }
                         }
                         if batch.len > 0 {
-                            written = batch.end();
                             let flush_now = sync_now(sync);
-                            primary = primary.max(written);
-                            streamer_metrics().sent(primary, flush_now);
-                            send_data(&req_tx, batch.start, batch.into_bytes(), flush_now, primary).await?;
+                            let batch = match held.take() {
+                                Some(mut h) if h.end() == batch.start => {
+                                    h.append(batch);
+                                    h
+                                }
+                                Some(h) => {
+                                    send_data(&req_tx, h.start, h.into_bytes(), flush_now, primary).await?;
+                                    held_until = tokio::time::Instant::now() + ASYNC_HOLD;
+                                    batch
+                                }
+                                None => {
+                                    held_until = tokio::time::Instant::now() + ASYNC_HOLD;
+                                    batch
+                                }
+                            };
+                            primary = primary.max(batch.end());
+                            if flush_now || ended || batch.len >= max_batch as u64 {
+                                written = batch.end();
+                                streamer_metrics().sent(primary, flush_now);
+                                send_data(&req_tx, batch.start, batch.into_bytes(), flush_now, primary).await?;
+                            } else {
+                                streamer_metrics().sent(primary, flush_now);
+                                held = Some(batch);
+                            }
                         }
                         if ended {
                             return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
@@ -354,6 +388,10 @@ async fn stream_timeline(
                         }
                     }
                     StreamMessage::EndOfStream => {
+                        if let Some(h) = held.take() {
+                            written = h.end();
+                            send_data(&req_tx, h.start, h.into_bytes(), true, primary).await?;
+                        }
                         return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
                     }
                 }
@@ -377,6 +415,10 @@ async fn stream_timeline(
     }
 }
 
+/// The longest received WAL waits for more before it goes to the server, when no
+/// synchronous standby waits for it (a synchronous commit is sent at once).
+const ASYNC_HOLD: Duration = Duration::from_millis(10);
+
 /// Contiguous WAL received from PostgreSQL, kept as the received buffers (no copy unless
 /// several are joined).
 struct Batch {
@@ -397,6 +439,12 @@ impl Batch {
     fn push(&mut self, data: Bytes) {
         self.len += data.len() as u64;
         self.parts.push(data);
+    }
+
+    /// Appends `next`, which starts where this batch ends.
+    fn append(&mut self, next: Batch) {
+        self.len += next.len;
+        self.parts.extend(next.parts);
     }
 
     fn end(&self) -> Lsn {
