@@ -367,7 +367,7 @@ async fn stream_timeline(
                                 }
                             };
                             primary = primary.max(batch.end());
-                            if flush_now || ended || batch.len >= max_batch as u64 {
+                            if flush_now || ended || batch.len >= ASYNC_HOLD_BYTES.min(max_batch) as u64 {
                                 written = batch.end();
                                 streamer_metrics().sent(primary, flush_now);
                                 send_data(&req_tx, batch.start, batch.into_bytes(), flush_now, primary).await?;
@@ -418,6 +418,10 @@ async fn stream_timeline(
 /// The longest received WAL waits for more before it goes to the server, when no
 /// synchronous standby waits for it (a synchronous commit is sent at once).
 const ASYNC_HOLD: Duration = Duration::from_millis(10);
+/// Held WAL goes out once it reaches this size: a streamer catching up on a backlog sends
+/// messages of this size, not of the largest one, so that the messages queued towards the
+/// server (and the receive buffers they pin) stay small.
+const ASYNC_HOLD_BYTES: usize = 256 << 10;
 
 /// Contiguous WAL received from PostgreSQL, kept as the received buffers (no copy unless
 /// several are joined).
