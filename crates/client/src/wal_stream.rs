@@ -315,8 +315,7 @@ async fn stream_timeline(
         tokio::select! {
             _ = tokio::time::sleep_until(held_until), if held.is_some() => {
                 if let Some(h) = held.take() {
-                    written = h.end();
-                    send_data(&req_tx, h.start, h.into_bytes(), sync_now(sync), primary).await?;
+                    written = send_batch(&req_tx, h, sync_now(sync), primary).await?;
                 }
             }
             msg = repl.next_message(), if !ended => {
@@ -334,9 +333,9 @@ async fn stream_timeline(
                                         let full = std::mem::replace(&mut batch, Batch::new(s2, d2));
                                         let flush_now = sync_now(sync);
                                         if let Some(h) = held.take() {
-                                            send_data(&req_tx, h.start, h.into_bytes(), flush_now, primary).await?;
+                                            send_batch(&req_tx, h, flush_now, primary).await?;
                                         }
-                                        send_data(&req_tx, full.start, full.into_bytes(), flush_now, primary).await?;
+                                        send_batch(&req_tx, full, flush_now, primary).await?;
                                     } else {
                                         batch.push(d2);
                                     }
@@ -357,7 +356,7 @@ async fn stream_timeline(
                                     h
                                 }
                                 Some(h) => {
-                                    send_data(&req_tx, h.start, h.into_bytes(), flush_now, primary).await?;
+                                    written = send_batch(&req_tx, h, flush_now, primary).await?;
                                     held_until = tokio::time::Instant::now() + ASYNC_HOLD;
                                     batch
                                 }
@@ -367,12 +366,10 @@ async fn stream_timeline(
                                 }
                             };
                             primary = primary.max(batch.end());
+                            streamer_metrics().sent(primary, flush_now);
                             if flush_now || ended || batch.len >= ASYNC_HOLD_BYTES.min(max_batch) as u64 {
-                                written = batch.end();
-                                streamer_metrics().sent(primary, flush_now);
-                                send_data(&req_tx, batch.start, batch.into_bytes(), flush_now, primary).await?;
+                                written = send_batch(&req_tx, batch, flush_now, primary).await?;
                             } else {
-                                streamer_metrics().sent(primary, flush_now);
                                 held = Some(batch);
                             }
                         }
@@ -389,8 +386,7 @@ async fn stream_timeline(
                     }
                     StreamMessage::EndOfStream => {
                         if let Some(h) = held.take() {
-                            written = h.end();
-                            send_data(&req_tx, h.start, h.into_bytes(), true, primary).await?;
+                            written = send_batch(&req_tx, h, true, primary).await?;
                         }
                         return finish(repl, &req_tx, &mut acks, timeline, written, flushed).await;
                     }
@@ -467,24 +463,27 @@ impl Batch {
     }
 }
 
-async fn send_data(
+/// Sends `batch` to the server (`flush_now`: a synchronous standby waits for it) and
+/// returns where it ends.
+async fn send_batch(
     tx: &mpsc::Sender<pb::StreamRequest>,
-    start: Lsn,
-    data: Bytes,
+    batch: Batch,
     flush_now: bool,
     primary: Lsn,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Lsn> {
+    let end = batch.end();
     let msg = pb::StreamRequest {
         msg: Some(pb::stream_request::Msg::Data(pb::WalData {
-            start_lsn: start.0,
-            data,
+            start_lsn: batch.start.0,
+            data: batch.into_bytes(),
             flush_now,
             primary_end_lsn: primary.0,
         })),
     };
     tx.send(msg)
         .await
-        .map_err(|_| anyhow::anyhow!("the WAL stream to the server closed"))
+        .map_err(|_| anyhow::anyhow!("the WAL stream to the server closed"))?;
+    Ok(end)
 }
 
 /// PostgreSQL ended the timeline: close it on the server (its last segment becomes a

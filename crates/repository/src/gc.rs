@@ -235,11 +235,21 @@ impl Repository {
 
     /// Records a repository just created as holding no garbage.
     pub(crate) fn record_clean(&self) -> Result<(), Error> {
-        self.index().set_gc_clean(true)?;
+        let events = self.inner_garbage().events.load(Ordering::SeqCst);
+        self.record_collected(events, true)
+    }
+
+    /// Records a complete collection, or a new repository, that accounted for the first
+    /// `events` garbage events; `clean`: nothing was half-way, so the repository holds no
+    /// garbage and the index cache records it (a restart then needs no collection).
+    fn record_collected(&self, events: u64, clean: bool) -> Result<(), Error> {
         let w = self.inner_garbage();
-        w.clean_on_disk.store(true, Ordering::SeqCst);
         *w.collected.lock().unwrap_or_else(PoisonError::into_inner) =
-            (w.events.load(Ordering::SeqCst), Some(Instant::now()));
+            (events, Some(Instant::now()));
+        if clean {
+            self.index().set_gc_clean(true)?;
+            w.clean_on_disk.store(true, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -469,15 +479,9 @@ impl Repository {
                 .filter_map(|k| k.rsplit('/').next()?.parse::<BlocklistId>().ok()),
         );
         let w = self.inner_garbage();
-        *w.collected.lock().unwrap_or_else(PoisonError::into_inner) =
-            (plan.events, Some(Instant::now()));
-        if w.events.load(Ordering::SeqCst) == plan.events
-            && w.active_writers.load(Ordering::SeqCst) == 0
-        {
-            // Nothing is half-way: a restart needs no collection until something is written.
-            self.index().set_gc_clean(true)?;
-            w.clean_on_disk.store(true, Ordering::SeqCst);
-        }
+        let nothing_half_way = w.events.load(Ordering::SeqCst) == plan.events
+            && w.active_writers.load(Ordering::SeqCst) == 0;
+        self.record_collected(plan.events, nothing_half_way)?;
         Ok(report)
     }
 }

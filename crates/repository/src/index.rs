@@ -277,6 +277,14 @@ const GC_CLEAN: &str = "gc_clean";
 const NEXT_PACK: TableDefinition<(), u32> = TableDefinition::new("next_pack");
 
 const CACHE_FORMAT: &str = "klio-index-cache/3";
+
+/// The positions of `ids` in key order: looked up in that order, neighbouring ids share the
+/// B-tree's pages instead of visiting them at random.
+fn key_order(ids: &[BlockId]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_unstable_by_key(|i| ids[*i]);
+    order
+}
 /// redb's page cache: what the block index may keep in memory, whatever its size on disk.
 const CACHE_BYTES: usize = 32 << 20;
 
@@ -842,10 +850,7 @@ impl BlockIndex {
         let mut pack_cache: std::collections::HashMap<u32, PackInfo> =
             std::collections::HashMap::new();
         let mut out = vec![None; ids.len()];
-        // Looked up in key order: neighbouring ids share the B-tree's pages.
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_unstable_by(|a, b| ids[*a].cmp(&ids[*b]));
-        for i in order {
+        for i in key_order(ids) {
             let Some(v) = blocks.get(ids[i].as_bytes()).map_err(|e| self.err(e))? else {
                 continue;
             };
@@ -873,11 +878,8 @@ impl BlockIndex {
     pub fn contains_many(&self, domain: u32, ids: &[BlockId]) -> Result<Vec<bool>, Error> {
         let txn = self.db()?.begin_read().map_err(|e| self.err(e))?;
         let blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
-        // Looked up in key order: neighbouring ids share the B-tree's pages.
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_unstable_by(|a, b| ids[*a].cmp(&ids[*b]));
         let mut found = vec![false; ids.len()];
-        for i in order {
+        for i in key_order(ids) {
             found[i] = blocks
                 .get(ids[i].as_bytes())
                 .map_err(|e| self.err(e))?
