@@ -211,6 +211,40 @@ impl ChildGuard {
     pub fn is_running(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
     }
+
+    /// Whether this child itself listens on 127.0.0.1:`port` (TCP). A connection that
+    /// succeeds proves only that some process listens there: another test's server may hold a
+    /// port [`crate::free_port`] handed out a moment before.
+    pub fn listens_on(&self, port: u16) -> bool {
+        let Some(inode) = loopback_listener_inode(port) else {
+            return false;
+        };
+        let wanted = format!("socket:[{inode}]");
+        let Ok(fds) = fs::read_dir(format!("/proc/{}/fd", self.id())) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str())
+        })
+    }
+}
+
+/// The socket inode of the TCP listener bound to 127.0.0.1:`port` (or to any address) in this
+/// network namespace, from `/proc/net/tcp`.
+fn loopback_listener_inode(port: u16) -> Option<u64> {
+    const LISTEN: &str = "0A";
+    let table = fs::read_to_string("/proc/net/tcp").ok()?;
+    let wanted = [
+        format!("0100007F:{port:04X}"),
+        format!("00000000:{port:04X}"),
+    ];
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+        (state == &LISTEN && wanted.iter().any(|w| w == local))
+            .then(|| inode.parse().ok())
+            .flatten()
+    })
 }
 
 impl std::ops::Deref for ChildGuard {

@@ -219,7 +219,7 @@ impl Moto {
                 .unwrap_or_else(|e| panic!("cannot start moto: {e:#}\n{MOTO_HINT}"));
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if child.listens_on(port) && TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return Moto {
                         child: Some(child),
                         port,
@@ -330,7 +330,7 @@ impl VersityGw {
                 .unwrap_or_else(|e| panic!("cannot start versitygw: {e:#}\n{VERSITYGW_HINT}"));
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if child.listens_on(port) && TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return VersityGw {
                         child: Some(child),
                         port,
