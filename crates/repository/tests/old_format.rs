@@ -1,11 +1,17 @@
-//! Repositories written before runs (one block per frame, index objects of versions 1 and
-//! 2) stay readable, verifiable and collectable, and take new backups whose runs
-//! deduplicate against their blocks.
+//! Repositories written by earlier versions stay readable, verifiable and collectable, and
+//! take new backups that deduplicate against their blocks. The fixtures are never
+//! rewritten:
 //!
-//! `tests/fixtures/format-2026-11` was written by Klio at commit cd18393 (the last one
-//! before runs) and is never rewritten: two backups of cluster `fixture-db`, one in the
-//! domain `cluster/fixture-db` (index version 2), one in the legacy domain (version 1),
-//! packs of 16 KiB, zstd level 3. `content` below is the generator's content function.
+//! - `tests/fixtures/format-2026-11` was written by Klio at commit cd18393 (the last one
+//!   before runs): two backups of cluster `fixture-db`, one in the domain
+//!   `cluster/fixture-db` (index version 2), one in the legacy domain (version 1), packs of
+//!   16 KiB, zstd level 3, one block per frame.
+//! - `tests/fixtures/format-2026-12` was written at commit 9009004 (the last one with
+//!   32-byte block ids in blocklists and index objects): two backups in the domain
+//!   `cluster/fixture-db`, the relation in runs of 16 pages (index version 3), the second
+//!   backup with pages 20..30 changed, packs of 64 KiB.
+//!
+//! `content` below is the generators' content function.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
@@ -63,9 +69,15 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Opens the copy at `root` of a fixture (every fixture has the same passphrase).
 fn open(root: &Path, cache: &Path) -> Repository {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-2026-11");
-    let passphrase = Passphrase::from_file(&fixture.join("passphrase")).unwrap();
+    let passphrase = Passphrase::from_file(&fixture("format-2026-11").join("passphrase")).unwrap();
     let master = KeyEnvelope::load_or_create(&root.join("keys.json"), &passphrase).unwrap();
     Repository::open(
         Arc::new(LocalStore::open(root).unwrap()),
@@ -119,10 +131,9 @@ fn old_files() -> Vec<(&'static str, Vec<u8>)> {
 
 #[test]
 fn a_repository_written_before_runs_restores_verifies_collects_and_takes_runs() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-2026-11");
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("repository");
-    copy_dir(&fixture.join("repository"), &root);
+    copy_dir(&fixture("format-2026-11").join("repository"), &root);
     let base = open(&root, &tmp.path().join("cache-1.redb"));
 
     // Both old backups read back byte for byte and verify.
@@ -199,4 +210,86 @@ fn a_repository_written_before_runs_restores_verifies_collects_and_takes_runs() 
     let base = open(&root, &tmp.path().join("cache-2.redb"));
     check_backup(&base, "backup-20261201010000", &old_files());
     check_backup(&base, "backup-20261202000000", &[("base/1/1234", new_file)]);
+}
+
+/// What `base/1/1234` holds in the second backup of `format-2026-12`.
+fn relation_changed() -> Vec<u8> {
+    let mut out = relation();
+    for i in 20..30 {
+        out[i * 8192..(i + 1) * 8192].copy_from_slice(&content(5000 + i as u64, 8192));
+    }
+    out
+}
+
+#[test]
+fn a_repository_with_runs_and_long_block_ids_restores_verifies_collects_and_deduplicates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repository");
+    copy_dir(&fixture("format-2026-12").join("repository"), &root);
+    let base = open(&root, &tmp.path().join("cache-1.redb"));
+    let first = old_files();
+    let mut second = old_files();
+    second[0].1 = relation_changed();
+    check_backup(&base, "backup-20261203000000", &first);
+    check_backup(&base, "backup-20261203010000", &second);
+
+    // A new backup of the second backup's relation with 10 more pages changed stores only
+    // those 10: the other 31 deduplicate against the blocks the fixture indexed.
+    let domain = Domain::cluster("fixture-db").unwrap();
+    let repo = base.in_domain(&domain).unwrap();
+    let mut new_file = relation_changed();
+    for i in 0..10 {
+        new_file[i * 8192..(i + 1) * 8192].copy_from_slice(&content(9000 + i as u64, 8192));
+    }
+    let ids: Vec<BlockId> = new_file.chunks(8192).map(|p| repo.block_id(p)).collect();
+    let mut w = repo.pack_writer();
+    let mut new = 0;
+    for (n, run) in new_file.chunks(16 * 8192).enumerate() {
+        let pages: Vec<(BlockId, u32)> = run
+            .chunks(8192)
+            .zip(&ids[n * 16..])
+            .map(|(p, id)| (*id, p.len() as u32))
+            .collect();
+        new += w.add_run(&pages, run, None).unwrap();
+    }
+    w.finish().unwrap();
+    assert_eq!(new, 10, "only the 10 changed pages are stored");
+    let list = repo.put_blocklist(&ids).unwrap();
+    repo.put_manifest(&Manifest {
+        cluster: "fixture-db".into(),
+        backup_id: "backup-20261204000000".parse().unwrap(),
+        metadata: serde_json::json!({}),
+        domain: domain.clone(),
+        files: vec![FileEntry {
+            path: "base/1/1234".into(),
+            size: new_file.len() as u64,
+            mode: 0o600,
+            mtime: 1764806400,
+            kind: FileKind::Blocks {
+                block_size: 8192,
+                blocklists: vec![list],
+            },
+        }],
+    })
+    .unwrap();
+    let newest = [("base/1/1234", new_file)];
+    check_backup(&base, "backup-20261204000000", &newest);
+
+    // Collecting after the first backup is deleted keeps the others intact.
+    base.delete_backup("fixture-db", &"backup-20261203000000".parse().unwrap())
+        .unwrap();
+    let plan = base.gc_plan(&HashSet::new()).unwrap();
+    let report = base.gc_execute(&plan).unwrap();
+    assert!(
+        report.packs_deleted + report.packs_rewritten > 0,
+        "the first backup's own pages go: {report:?}"
+    );
+    check_backup(&base, "backup-20261203010000", &second);
+    check_backup(&base, "backup-20261204000000", &newest);
+
+    // A fresh cache reads the old and the new index objects again.
+    drop(base);
+    let base = open(&root, &tmp.path().join("cache-2.redb"));
+    check_backup(&base, "backup-20261203010000", &second);
+    check_backup(&base, "backup-20261204000000", &newest);
 }
