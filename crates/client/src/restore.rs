@@ -752,7 +752,7 @@ impl Fetcher {
                 }
                 decode_payload(&mut dctx, b.compressed, &b.data, out)
                     .map_err(|why| corrupt(id, &format!("it {why}")))?;
-                if blake3::keyed_hash(&self.key, out).as_bytes() != id {
+                if !matches_id(&self.key, out, id) {
                     return Err(corrupt(id, "its content does not match its id"));
                 }
                 continue;
@@ -783,7 +783,7 @@ impl Fetcher {
                 }
                 let out = &mut buf[starts[i]..starts[i] + len];
                 out.copy_from_slice(&frame[start..start + len]);
-                if blake3::keyed_hash(&self.key, out).as_bytes() != id {
+                if !matches_id(&self.key, out, id) {
                     return Err(corrupt(id, "its content does not match its id"));
                 }
             }
@@ -962,9 +962,7 @@ impl Fetcher {
                 for (k, id) in chunk.iter().enumerate() {
                     let off = start + k as u64 * block_size;
                     let (at, len) = ((off - start) as usize, len_at(off));
-                    if at + len <= n
-                        && blake3::keyed_hash(&self.key, &buf[at..at + len]).as_bytes() == id
-                    {
+                    if at + len <= n && matches_id(&self.key, &buf[at..at + len], id) {
                         self.reused_blocks.fetch_add(1, Ordering::Relaxed);
                     } else {
                         needed.push((off, *id));
@@ -1327,6 +1325,13 @@ pub async fn restore_data(args: &RestoreArgs) -> anyhow::Result<Restored> {
     })
 }
 
+/// Whether `data` is the block named `id` (as the server sends it: 32 bytes, of which the
+/// block is named by the first 16, the keyed hash's first 16; the rest is zeros from a
+/// current server, the rest of the hash from an older one).
+fn matches_id(key: &[u8; 32], data: &[u8], id: &[u8; 32]) -> bool {
+    blake3::keyed_hash(key, data).as_bytes()[..16] == id[..16]
+}
+
 /// Reads a manifest: its first message (metadata, key, tier, domain) and every file.
 async fn read_manifest(
     client: &mut BackupClient<Channel>,
@@ -1339,6 +1344,7 @@ async fn read_manifest(
             cluster: cluster.to_string(),
             backup_id: backup_id.to_string(),
             tier2_recovery,
+            short_ids: true,
         })
         .await?
         .into_inner();

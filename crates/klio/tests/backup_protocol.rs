@@ -584,10 +584,26 @@ async fn commit_of_unsafe_manifest_is_refused_with_invalid_argument() {
         .unwrap()
         .into_inner();
     assert_eq!(list.backups.len(), 1);
+    // A client that compares whole 32-byte ids (older than 16-byte ids) is refused.
+    let refused = c
+        .get_manifest(pb::GetManifestRequest {
+            cluster: "a".into(),
+            backup_id: list.backups[0].backup_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("16-byte ids"), "{refused:?}");
     let mut stream = c
         .get_manifest(pb::GetManifestRequest {
             cluster: "a".into(),
             backup_id: list.backups[0].backup_id.clone(),
+            short_ids: true,
             ..Default::default()
         })
         .await

@@ -33,7 +33,7 @@ pub(crate) struct LiveSet {
     _dir: tempfile::TempDir,
 }
 
-const LIVE: redb::TableDefinition<[u8; 32], ()> = redb::TableDefinition::new("live");
+const LIVE: redb::TableDefinition<[u8; BlockId::LEN], ()> = redb::TableDefinition::new("live");
 
 impl LiveSet {
     fn new() -> Result<LiveSet, Error> {
@@ -290,6 +290,7 @@ impl Repository {
                 for f in &m.files {
                     match &f.kind {
                         FileKind::Whole { block } => wholes.push(*block),
+                        FileKind::Listed { blocks, .. } => wholes.extend(blocks.iter()),
                         FileKind::Blocks { blocklists, .. } => {
                             for l in blocklists {
                                 if live_lists.insert(*l) {
@@ -297,7 +298,7 @@ impl Repository {
                                 }
                             }
                         }
-                        _ => {}
+                        FileKind::Symlink { .. } | FileKind::Directory => {}
                     }
                 }
                 live.insert(&wholes)?;

@@ -1,4 +1,5 @@
-//! Names of stored things: 32-byte ids shown as 64 hex digits, backup ids, cluster names.
+//! Names of stored things: ids shown as hex digits (32 bytes, or 16 for a block id), backup
+//! ids, cluster names.
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,13 +10,16 @@ use crate::Error;
 
 macro_rules! hex_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        hex_id!($(#[$doc])* $name, $what, 32, "64");
+    };
+    ($(#[$doc:meta])* $name:ident, $what:literal, $len:literal, $digits:literal) => {
         $(#[$doc])*
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(pub [u8; 32]);
+        pub struct $name(pub [u8; $len]);
 
         impl $name {
-            pub fn as_bytes(&self) -> &[u8; 32] {
+            pub fn as_bytes(&self) -> &[u8; $len] {
                 &self.0
             }
 
@@ -41,16 +45,12 @@ macro_rules! hex_id {
             type Err = String;
 
             fn from_str(s: &str) -> Result<Self, String> {
-                let lower = s.len() == 64
-                    && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-                let bytes = hex::decode(s).ok().filter(|_| lower);
-                match bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
-                    Some(b) => Ok($name(b)),
-                    None => Err(format!(
-                        concat!("invalid ", $what, " \"{}\": expected 64 lowercase hex digits"),
+                $name::parse_hex(s).ok_or_else(|| {
+                    format!(
+                        concat!("invalid ", $what, " \"{}\": expected ", $digits, " lowercase hex digits"),
                         s
-                    )),
-                }
+                    )
+                })
             }
         }
 
@@ -70,10 +70,22 @@ macro_rules! hex_id {
     };
 }
 
+/// `s` as bytes if it is exactly `2 * out.len()` lowercase hex digits.
+fn decode_lower_hex(s: &str, out: &mut [u8]) -> bool {
+    s.len() == 2 * out.len()
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && hex::decode_to_slice(s, out).is_ok()
+}
+
 hex_id!(
-    /// The keyed BLAKE3 hash of a block's plaintext (see [`Repository::block_id`](crate::Repository::block_id)).
+    /// A block's name: the first 16 bytes of the keyed BLAKE3 hash of its plaintext (see
+    /// [`Repository::block_id`](crate::Repository::block_id)). Repositories written before
+    /// December 2026 store the whole 32-byte hash; readers keep its first 16 bytes.
     BlockId,
-    "block id"
+    "block id",
+    16,
+    "32 (or 64)"
 );
 hex_id!(
     /// The keyed BLAKE3 hash of a blocklist's encoded plaintext.
@@ -85,6 +97,52 @@ hex_id!(
     PackId,
     "pack id"
 );
+
+impl BlockId {
+    /// Bytes of a block id.
+    pub const LEN: usize = 16;
+    /// Bytes of a block id in the backup protocol's messages (a client sends the whole
+    /// keyed hash; the server sends the id followed by zeros).
+    pub const WIRE_LEN: usize = 32;
+
+    /// The id of a block whose keyed hash is `hash` (its first 16 bytes), also the id an
+    /// older repository stored as the whole hash.
+    pub fn from_hash(hash: &[u8; 32]) -> BlockId {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&hash[..16]);
+        BlockId(id)
+    }
+
+    /// The id in the backup protocol's form: its 16 bytes, then 16 zeros.
+    pub fn to_wire(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[..16].copy_from_slice(&self.0);
+        out
+    }
+
+    /// 32 hex digits, or the 64 of a whole 32-byte hash (a manifest written before
+    /// December 2026), whose first 16 bytes are the id.
+    fn parse_hex(s: &str) -> Option<BlockId> {
+        let mut id = [0u8; 16];
+        if decode_lower_hex(s, &mut id) {
+            return Some(BlockId(id));
+        }
+        let mut hash = [0u8; 32];
+        decode_lower_hex(s, &mut hash).then(|| BlockId::from_hash(&hash))
+    }
+}
+
+macro_rules! parse_hex_32 {
+    ($($name:ident),*) => {
+        $(impl $name {
+            fn parse_hex(s: &str) -> Option<$name> {
+                let mut id = [0u8; 32];
+                decode_lower_hex(s, &mut id).then_some($name(id))
+            }
+        })*
+    };
+}
+parse_hex_32!(BlocklistId, PackId);
 
 impl PackId {
     pub(crate) fn random() -> PackId {
@@ -105,13 +163,26 @@ impl BlocklistId {
 }
 
 impl BlockId {
-    /// The ids packed one after the other in `bytes` (32 bytes each, as in blocklists and
-    /// the gRPC messages); a trailing partial id is ignored, so callers check the length.
+    /// The ids in `bytes` in the protocol's form ([`WIRE_LEN`](Self::WIRE_LEN) bytes each,
+    /// as in the gRPC messages and in version 1 blocklists): the first 16 bytes of each. A
+    /// trailing partial id is ignored, so callers check the length.
     pub fn list_from_bytes(bytes: &[u8]) -> Vec<BlockId> {
         bytes
-            .chunks_exact(32)
+            .chunks_exact(Self::WIRE_LEN)
             .map(|c| {
-                let mut id = [0u8; 32];
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&c[..16]);
+                BlockId(id)
+            })
+            .collect()
+    }
+
+    /// The ids packed one after the other in `bytes`, [`LEN`](Self::LEN) bytes each.
+    pub(crate) fn list_from_short_bytes(bytes: &[u8]) -> Vec<BlockId> {
+        bytes
+            .chunks_exact(Self::LEN)
+            .map(|c| {
+                let mut id = [0u8; 16];
                 id.copy_from_slice(c);
                 BlockId(id)
             })

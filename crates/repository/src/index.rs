@@ -6,6 +6,11 @@
 //! count u32 | per block: block_id [32] | offset u32 | length u32 | plain_len u32`.
 //! Version 2 adds each pack's dedup domain: `"KLIOIDX2" | pack_count u32 | per pack:
 //! domain_len u16 | domain | pack_id [32] | salt [32] | count u32 | per block: as in 1`.
+//! Version 3 adds `inner u32` (the block's offset in its frame) to each block. Version 4,
+//! the one written: 16-byte block ids, each frame once: `"KLIOIDX4" | pack_count u32 |
+//! per pack: domain_len u16 | domain | pack_id [32] | salt [32] | count u32 | frame_count
+//! u32 | per frame: offset u32 | length u32 | blocks u32 | per block: block_id [16] | inner
+//! u32 | plain_len u32`. Readers keep the first 16 bytes of the ids of versions 1 to 3.
 //!
 //! The cache ([`BlockIndex`]) is a redb database: block id → (domain, pack, location), the
 //! packs, and which index objects it holds. It is only a cache: the index objects are the
@@ -26,10 +31,15 @@ use crate::{BlockId, Domain, Error, MAX_BLOCK_SIZE, ObjectStore, PackId, sealed_
 const MAGIC_V1: &[u8; 8] = b"KLIOIDX1";
 const MAGIC_V2: &[u8; 8] = b"KLIOIDX2";
 const MAGIC_V3: &[u8; 8] = b"KLIOIDX3";
-/// Bytes of one block entry in an index object.
-pub(crate) const ENTRY_LEN: usize = 32 + 4 + 4 + 4;
+const MAGIC_V4: &[u8; 8] = b"KLIOIDX4";
+/// Bytes of one block entry in an index object of version 1 or 2.
+const ENTRY_LEN: usize = 32 + 4 + 4 + 4;
 /// Bytes of one block entry in a version 3 index object (with the offset inside the frame).
 const ENTRY_LEN_V3: usize = ENTRY_LEN + 4;
+/// Bytes of one block entry in a version 4 index object (besides its frame's 12 bytes).
+pub(crate) const ENTRY_LEN_V4: usize = BlockId::LEN + 4 + 4;
+/// Bytes of a frame's header in a version 4 index object.
+const FRAME_LEN_V4: usize = 4 + 4 + 4;
 /// The longest domain name in an index object.
 const MAX_DOMAIN_LEN: usize = 128;
 
@@ -65,33 +75,51 @@ pub(crate) struct PackSection {
     pub blocks: Vec<(BlockId, BlockLocation)>,
 }
 
-/// Encodes sections: version 3 when a block lies inside a run (not at the start of its
-/// frame), else version 1 when every pack is in the legacy domain (what older readers
-/// expect), else version 2.
-#[cfg(test)]
+/// Encodes sections as a version 4 index object. The blocks of each section are sorted by
+/// frame offset, then by offset in the frame (as [`PackWriter`](crate::PackWriter) and the
+/// collection's rewriting list them).
 pub(crate) fn encode(sections: &[PackSection]) -> Vec<u8> {
-    encode_with_runs(sections, false)
-}
-
-/// [`encode`], in version 3 also when `runs` says that a frame holds more than the block
-/// indexed at its start (a run whose other blocks were stored already): a reader of
-/// version 1 or 2 would take that frame for a damaged one.
-pub(crate) fn encode_with_runs(sections: &[PackSection], runs: bool) -> Vec<u8> {
-    let v3 = runs
-        || sections
-            .iter()
-            .any(|s| s.blocks.iter().any(|(_, l)| l.inner != 0));
-    let v2 = v3 || sections.iter().any(|s| !s.domain.is_legacy());
     let entries: usize = sections.iter().map(|s| s.blocks.len()).sum();
-    let mut out = Vec::with_capacity(12 + sections.len() * 200 + entries * ENTRY_LEN_V3);
-    out.extend_from_slice(match (v3, v2) {
-        (true, _) => MAGIC_V3,
-        (false, true) => MAGIC_V2,
-        (false, false) => MAGIC_V1,
-    });
+    let mut out = Vec::with_capacity(12 + sections.len() * 210 + entries * (ENTRY_LEN_V4 + 4));
+    out.extend_from_slice(MAGIC_V4);
     out.extend_from_slice(&(sections.len() as u32).to_be_bytes());
     for s in sections {
-        if v2 {
+        let d = s.domain.as_str().as_bytes();
+        out.extend_from_slice(&(d.len() as u16).to_be_bytes());
+        out.extend_from_slice(d);
+        out.extend_from_slice(s.pack.as_bytes());
+        out.extend_from_slice(&s.salt);
+        out.extend_from_slice(&(s.blocks.len() as u32).to_be_bytes());
+        let frames = s.blocks.chunk_by(|a, b| a.1.frame() == b.1.frame());
+        out.extend_from_slice(&(frames.clone().count() as u32).to_be_bytes());
+        for frame in frames {
+            let (offset, len) = frame[0].1.frame();
+            out.extend_from_slice(&offset.to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+            for (id, loc) in frame {
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(&loc.inner.to_be_bytes());
+                out.extend_from_slice(&loc.plain_len.to_be_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Encodes sections in the layout of version 1, 2 or 3 (what writers before December 2026
+/// wrote), each id as the 32-byte hash it was then: the id followed by `pad`.
+#[cfg(test)]
+pub(crate) fn encode_legacy(sections: &[PackSection], version: u8, pad: u8) -> Vec<u8> {
+    let mut out = match version {
+        1 => MAGIC_V1,
+        2 => MAGIC_V2,
+        _ => MAGIC_V3,
+    }
+    .to_vec();
+    out.extend_from_slice(&(sections.len() as u32).to_be_bytes());
+    for s in sections {
+        if version >= 2 {
             let d = s.domain.as_str().as_bytes();
             out.extend_from_slice(&(d.len() as u16).to_be_bytes());
             out.extend_from_slice(d);
@@ -101,10 +129,11 @@ pub(crate) fn encode_with_runs(sections: &[PackSection], runs: bool) -> Vec<u8> 
         out.extend_from_slice(&(s.blocks.len() as u32).to_be_bytes());
         for (id, loc) in &s.blocks {
             out.extend_from_slice(id.as_bytes());
-            out.extend_from_slice(&loc.offset.to_be_bytes());
-            out.extend_from_slice(&loc.len.to_be_bytes());
-            out.extend_from_slice(&loc.plain_len.to_be_bytes());
-            if v3 {
+            out.extend_from_slice(&[pad; 16]);
+            for n in [loc.offset, loc.len, loc.plain_len] {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            if version >= 3 {
                 out.extend_from_slice(&loc.inner.to_be_bytes());
             }
         }
@@ -147,20 +176,20 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes an index object's plaintext (version 1, 2 or 3); `object` names it in errors.
+/// Decodes an index object's plaintext (version 1 to 4); `object` names it in errors.
 pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error> {
     let mut r = Reader { buf, object };
-    let (v2, v3) = match r.take(8)? {
-        m if m == MAGIC_V1 => (false, false),
-        m if m == MAGIC_V2 => (true, false),
-        m if m == MAGIC_V3 => (true, true),
+    let version = match r.take(8)? {
+        m if m == MAGIC_V1 => 1,
+        m if m == MAGIC_V2 => 2,
+        m if m == MAGIC_V3 => 3,
+        m if m == MAGIC_V4 => 4,
         _ => return Err(Error::corrupt(object, "not an index (bad magic)")),
     };
-    let entry_len = if v3 { ENTRY_LEN_V3 } else { ENTRY_LEN };
     let packs = r.u32()?;
     let mut sections = Vec::new();
     for _ in 0..packs {
-        let domain = if v2 {
+        let domain = if version >= 2 {
             let len = r.u16()? as usize;
             if len > MAX_DOMAIN_LEN {
                 return Err(Error::corrupt(object, "a domain name is too long"));
@@ -175,44 +204,31 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error
         let pack = PackId(r.array32()?);
         let salt = r.array32()?;
         let count = r.u32()? as usize;
-        if r.buf.len() < count.saturating_mul(entry_len) {
-            return Err(Error::corrupt(object, "index is truncated"));
-        }
-        let mut blocks: Vec<(BlockId, BlockLocation)> = Vec::with_capacity(count);
-        let mut next_free = 0u64;
-        for _ in 0..count {
-            let id = BlockId(r.array32()?);
-            let loc = BlockLocation {
-                offset: r.u32()?,
-                len: r.u32()?,
-                plain_len: r.u32()?,
-                inner: if v3 { r.u32()? } else { 0 },
+        let blocks = if version == 4 {
+            decode_frames_v4(&mut r, count)?
+        } else {
+            let entry_len = if version == 3 {
+                ENTRY_LEN_V3
+            } else {
+                ENTRY_LEN
             };
-            let end_in_frame = u64::from(loc.inner) + u64::from(loc.plain_len);
-            if end_in_frame > MAX_BLOCK_SIZE as u64 {
-                return Err(Error::corrupt(
-                    object,
-                    format!("an entry of pack {pack} lies beyond the largest frame"),
-                ));
+            if r.buf.len() < count.saturating_mul(entry_len) {
+                return Err(Error::corrupt(object, "index is truncated"));
             }
-            // Blocks of the same frame follow each other, in order and without overlap;
-            // frames follow each other without overlap.
-            let ordered = match blocks.last() {
-                Some((_, prev)) if prev.offset == loc.offset => {
-                    prev.len == loc.len
-                        && u64::from(loc.inner) >= u64::from(prev.inner) + u64::from(prev.plain_len)
-                }
-                _ => u64::from(loc.offset) >= next_free,
-            };
-            if !ordered {
-                return Err(Error::corrupt(
-                    object,
-                    format!("entries of pack {pack} overlap or are not sorted"),
-                ));
+            let mut blocks = Vec::with_capacity(count);
+            for _ in 0..count {
+                let id = BlockId::from_hash(&r.array32()?);
+                let loc = BlockLocation {
+                    offset: r.u32()?,
+                    len: r.u32()?,
+                    plain_len: r.u32()?,
+                    inner: if version == 3 { r.u32()? } else { 0 },
+                };
+                blocks.push((id, loc));
             }
-            next_free = u64::from(loc.offset) + u64::from(loc.len);
-            blocks.push((id, loc));
-        }
+            blocks
+        };
+        check_layout(&blocks, &pack, object)?;
         sections.push(PackSection {
             pack,
             salt,
@@ -224,6 +240,94 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<PackSection>, Error
         return Err(Error::corrupt(object, "trailing bytes after the index"));
     }
     Ok(sections)
+}
+
+/// The `count` blocks of one pack in a version 4 index object, frame by frame.
+fn decode_frames_v4(
+    r: &mut Reader<'_>,
+    count: usize,
+) -> Result<Vec<(BlockId, BlockLocation)>, Error> {
+    let object = r.object;
+    let frames = r.u32()? as usize;
+    let least = frames
+        .saturating_mul(FRAME_LEN_V4)
+        .saturating_add(count.saturating_mul(ENTRY_LEN_V4));
+    if r.buf.len() < least {
+        return Err(Error::corrupt(object, "index is truncated"));
+    }
+    let mut blocks = Vec::with_capacity(count);
+    for _ in 0..frames {
+        let offset = r.u32()?;
+        let len = r.u32()?;
+        let in_frame = r.u32()? as usize;
+        if in_frame == 0 || in_frame > count - blocks.len() {
+            return Err(Error::corrupt(
+                object,
+                "a frame lists no blocks, or more than its pack's count",
+            ));
+        }
+        for _ in 0..in_frame {
+            let mut id = [0u8; BlockId::LEN];
+            id.copy_from_slice(r.take(BlockId::LEN)?);
+            let inner = r.u32()?;
+            let plain_len = r.u32()?;
+            blocks.push((
+                BlockId(id),
+                BlockLocation {
+                    offset,
+                    len,
+                    plain_len,
+                    inner,
+                },
+            ));
+        }
+    }
+    if blocks.len() != count {
+        return Err(Error::corrupt(
+            object,
+            format!(
+                "a pack claims {count} blocks but its frames list {}",
+                blocks.len()
+            ),
+        ));
+    }
+    Ok(blocks)
+}
+
+/// Checks where one pack's blocks lie: each within the largest frame, the blocks of a frame
+/// in order and without overlap, frames in order and without overlap.
+fn check_layout(
+    blocks: &[(BlockId, BlockLocation)],
+    pack: &PackId,
+    object: &str,
+) -> Result<(), Error> {
+    let mut next_free = 0u64;
+    let mut prev: Option<&BlockLocation> = None;
+    for (_, loc) in blocks {
+        let end_in_frame = u64::from(loc.inner) + u64::from(loc.plain_len);
+        if end_in_frame > MAX_BLOCK_SIZE as u64 {
+            return Err(Error::corrupt(
+                object,
+                format!("an entry of pack {pack} lies beyond the largest frame"),
+            ));
+        }
+        let ordered = match prev {
+            Some(prev) if prev.offset == loc.offset => {
+                prev.len == loc.len
+                    && u64::from(loc.inner) >= u64::from(prev.inner) + u64::from(prev.plain_len)
+            }
+            _ => u64::from(loc.offset) >= next_free,
+        };
+        if !ordered {
+            return Err(Error::corrupt(
+                object,
+                format!("entries of pack {pack} overlap or are not sorted"),
+            ));
+        }
+        next_free = u64::from(loc.offset) + u64::from(loc.len);
+        prev = Some(loc);
+    }
+    Ok(())
 }
 
 /// Reads and decodes index object `key`: `None` if it does not exist (any more); a damaged
@@ -255,7 +359,7 @@ pub(crate) struct Located {
 }
 
 /// block id → domain number | pack number | offset | len | plain_len (u32 each, big-endian)
-const BLOCKS: TableDefinition<[u8; 32], [u8; 24]> = TableDefinition::new("blocks");
+const BLOCKS: TableDefinition<[u8; BlockId::LEN], [u8; 24]> = TableDefinition::new("blocks");
 /// pack number → pack id | salt | domain number
 const PACKS: TableDefinition<u32, [u8; 68]> = TableDefinition::new("packs");
 const PACK_NUMBERS: TableDefinition<[u8; 32], u32> = TableDefinition::new("pack_numbers");
@@ -276,7 +380,7 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const GC_CLEAN: &str = "gc_clean";
 const NEXT_PACK: TableDefinition<(), u32> = TableDefinition::new("next_pack");
 
-const CACHE_FORMAT: &str = "klio-index-cache/3";
+const CACHE_FORMAT: &str = "klio-index-cache/4";
 
 /// The positions of `ids` in key order: looked up in that order, neighbouring ids share the
 /// B-tree's pages instead of visiting them at random.
@@ -647,7 +751,7 @@ impl BlockIndex {
                 n = Some(number);
                 {
                     let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
-                    let mut ids = Vec::with_capacity(chunk.len() * 32);
+                    let mut ids = Vec::with_capacity(chunk.len() * BlockId::LEN);
                     for (id, _) in chunk {
                         ids.extend_from_slice(id.as_bytes());
                     }
@@ -791,8 +895,8 @@ impl BlockIndex {
                     Some((chunk_key, ids)) => {
                         pack_blocks.remove(chunk_key).map_err(|e| self.err(e))?;
                         let mut blocks = txn.open_table(BLOCKS).map_err(|e| self.err(e))?;
-                        for id in ids.chunks_exact(32) {
-                            let mut a = [0u8; 32];
+                        for id in ids.chunks_exact(BlockId::LEN) {
+                            let mut a = [0u8; BlockId::LEN];
                             a.copy_from_slice(id);
                             let here = blocks
                                 .get(&a)
@@ -971,7 +1075,7 @@ mod tests {
             blocks: (0..n)
                 .map(|i| {
                     (
-                        BlockId([i; 32]),
+                        BlockId([i; 16]),
                         BlockLocation {
                             offset: 100 + u32::from(i) * 50,
                             len: 50,
@@ -991,18 +1095,33 @@ mod tests {
             section(2, 0, Domain::legacy()),
             section(3, 5, Domain::legacy()),
         ];
-        let bytes = encode(&legacy);
-        assert_eq!(&bytes[..8], MAGIC_V1);
+        let bytes = encode_legacy(&legacy, 1, 0xee);
         assert_eq!(bytes.len(), 12 + 3 * 68 + 8 * ENTRY_LEN);
-        assert_eq!(decode(&bytes, "i").unwrap(), legacy);
+        assert_eq!(
+            decode(&bytes, "i").unwrap(),
+            legacy,
+            "ids are the hashes' first 16 bytes"
+        );
         let mixed = vec![
             section(1, 3, Domain::cluster("a").unwrap()),
             section(2, 2, Domain::legacy()),
         ];
-        let v2 = encode(&mixed);
-        assert_eq!(&v2[..8], MAGIC_V2);
+        let v2 = encode_legacy(&mixed, 2, 0);
         assert_eq!(decode(&v2, "i").unwrap(), mixed);
-        for bytes in [bytes, v2] {
+        let mut runs = mixed.clone();
+        runs[0].blocks[1].1.offset = runs[0].blocks[0].1.offset;
+        runs[0].blocks[1].1.inner = 8192;
+        let v3 = encode_legacy(&runs, 3, 1);
+        assert_eq!(decode(&v3, "i").unwrap(), runs);
+        let v4 = encode(&runs);
+        assert_eq!(&v4[..8], MAGIC_V4);
+        assert_eq!(
+            v4.len(),
+            12 + 2 * 74 + "cluster/a".len() + 4 * FRAME_LEN_V4 + 5 * ENTRY_LEN_V4,
+            "the two blocks of one frame share its header"
+        );
+        assert_eq!(decode(&v4, "i").unwrap(), runs);
+        for bytes in [bytes, v2, v3, v4] {
             assert!(decode(&bytes[..bytes.len() - 1], "i").is_err());
             let mut longer = bytes.clone();
             longer.push(0);
@@ -1015,7 +1134,7 @@ mod tests {
 
     #[test]
     fn index_v2_refuses_an_invalid_domain() {
-        let mut bytes = encode(&[section(1, 1, Domain::cluster("a").unwrap())]);
+        let mut bytes = encode_legacy(&[section(1, 1, Domain::cluster("a").unwrap())], 2, 0);
         // "cluster/a" -> "cluster/A"
         let at = 8 + 4 + 2 + "cluster/".len();
         bytes[at] = b'A';
@@ -1046,7 +1165,7 @@ mod tests {
             .unwrap();
         assert_eq!(idx.len().unwrap(), 5);
         assert_eq!(idx.pack_count().unwrap(), 2);
-        let ids: Vec<BlockId> = (0..6).map(|i| BlockId([i; 32])).collect();
+        let ids: Vec<BlockId> = (0..6).map(|i| BlockId([i; 16])).collect();
         let found = idx.locate_many(da, &ids).unwrap();
         // block 2 was in pack 1 first: that location is kept
         assert_eq!(found[2].as_ref().unwrap().pack.id, PackId([1; 32]));
@@ -1071,7 +1190,7 @@ mod tests {
         let n = CHUNK * 2 + 5;
         let blocks: Vec<(BlockId, BlockLocation)> = (0..n)
             .map(|i| {
-                let mut id = [0u8; 32];
+                let mut id = [0u8; 16];
                 id[..8].copy_from_slice(&(i as u64).to_be_bytes());
                 let loc = BlockLocation {
                     offset: i as u32 * 60,

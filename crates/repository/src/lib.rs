@@ -53,7 +53,7 @@ pub mod fuzzing {
 
 pub use gc::{DeadPack, GcPlan, GcReport, REPACK_DEAD_SHARE, Repack};
 pub use ids::{BackupId, BlockId, BlocklistId, Domain, PackId, validate_cluster_name};
-pub use manifest::{FileEntry, FileKind, Manifest};
+pub use manifest::{FileEntry, FileKind, MAX_LISTED_BLOCKS, Manifest};
 pub use pack::{BlockPayload, FramedBlock, PackStats, PackWriter};
 pub use repository::{
     DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE, MAX_BLOCK_SIZE, MAX_BLOCKLIST_LEN,

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::{BackupId, BlockId, BlocklistId, Domain, Error, MAX_BLOCK_SIZE, validate_cluster_name};
 
 pub(crate) const FORMAT: &str = "klio-manifest/1";
+/// The most blocks a [`FileKind::Listed`] file has.
+pub const MAX_LISTED_BLOCKS: usize = 1024;
 
 /// One backup of one cluster.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +45,13 @@ pub enum FileKind {
     Blocks {
         block_size: u32,
         blocklists: Vec<BlocklistId>,
+    },
+    /// Cut into `block_size` blocks (the last one shorter), listed in order here: a small
+    /// file (at most [`MAX_LISTED_BLOCKS`]), which a blocklist object would cost more to
+    /// store, copy to Tier 2 and read than its ids in the manifest.
+    Listed {
+        block_size: u32,
+        blocks: Vec<BlockId>,
     },
     /// Stored whole as one block.
     Whole {
@@ -99,6 +108,23 @@ impl Manifest {
                         return Err(bad(format!(
                             "file \"{}\" has {} bytes but no blocklists",
                             f.path, f.size
+                        )));
+                    }
+                }
+                FileKind::Listed { block_size, blocks } => {
+                    if *block_size == 0 || *block_size as usize > MAX_BLOCK_SIZE {
+                        return Err(bad(format!(
+                            "file \"{}\" has block size {block_size}, not 1 to {MAX_BLOCK_SIZE}",
+                            f.path
+                        )));
+                    }
+                    let want = f.size.div_ceil(u64::from(*block_size));
+                    if blocks.len() as u64 != want || blocks.len() > MAX_LISTED_BLOCKS {
+                        return Err(bad(format!(
+                            "file \"{}\" of {} bytes lists {} blocks of {block_size} bytes, not {want} (at most {MAX_LISTED_BLOCKS})",
+                            f.path,
+                            f.size,
+                            blocks.len()
                         )));
                     }
                 }

@@ -48,8 +48,6 @@ struct OpenPack {
     blocks: Vec<(BlockId, BlockLocation)>,
     ids: HashSet<BlockId>,
     plain_len: u64,
-    /// A frame holds more than one indexed block at its start: index version 3.
-    runs: bool,
 }
 
 impl OpenPack {
@@ -67,7 +65,6 @@ impl OpenPack {
             blocks: Vec::new(),
             ids: HashSet::new(),
             plain_len: 0,
-            runs: false,
         }
     }
 }
@@ -233,7 +230,6 @@ impl PackWriter {
         let start = pack.buf.len();
         frame(&pack.cipher, pack.plain_len, &mut pack.buf);
         let len = (pack.buf.len() - start) as u32;
-        pack.runs |= !matches!(pages, [(_, 0, n)] if *n == frame_len);
         for (id, inner, plain_len) in pages {
             pack.blocks.push((
                 *id,
@@ -266,7 +262,7 @@ impl PackWriter {
         plaintext: &[u8],
         encoded: Option<Option<Vec<u8>>>,
     ) -> Result<u64, Error> {
-        let first = pages.first().map_or(BlockId([0; 32]), |(id, _)| *id);
+        let first = pages.first().map_or(BlockId([0; 16]), |(id, _)| *id);
         if plaintext.len() > MAX_BLOCK_SIZE {
             return Err(Error::BlockTooLarge {
                 block: first,
@@ -358,7 +354,7 @@ impl PackWriter {
             self.repo.master(),
             ObjectKind::Blob,
             &key,
-            &crate::index::encode_with_runs(std::slice::from_ref(&section), pack.runs),
+            &crate::index::encode(std::slice::from_ref(&section)),
             self.repo.options().compression_level,
         );
         store.put(&key, &sealed)?;

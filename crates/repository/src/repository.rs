@@ -426,7 +426,7 @@ impl Repository {
     /// The id of a block: keyed BLAKE3 of its plaintext under the block key of this
     /// handle's domain.
     pub fn block_id(&self, plaintext: &[u8]) -> BlockId {
-        BlockId(*blake3::keyed_hash(&self.domain.block, plaintext).as_bytes())
+        BlockId::from_hash(blake3::keyed_hash(&self.domain.block, plaintext).as_bytes())
     }
 
     /// Whether the block is stored in this handle's domain (listed by a readable index
@@ -739,6 +739,7 @@ impl Repository {
         for f in &manifest.files {
             match &f.kind {
                 crate::FileKind::Whole { block } => wholes.push(*block),
+                crate::FileKind::Listed { blocks, .. } => wholes.extend(blocks.iter()),
                 crate::FileKind::Blocks { blocklists: b, .. } => blocklists.extend(b.iter()),
                 _ => {}
             }

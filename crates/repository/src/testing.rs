@@ -49,6 +49,10 @@ pub fn exercise_store(s: &dyn ObjectStore) {
 pub fn read_file(repo: &Repository, f: &FileEntry) -> Vec<u8> {
     match &f.kind {
         FileKind::Whole { block } => repo.read_block(block).unwrap(),
+        FileKind::Listed { blocks, .. } => blocks
+            .iter()
+            .flat_map(|b| repo.read_block(b).unwrap())
+            .collect(),
         FileKind::Blocks { blocklists, .. } => blocklists
             .iter()
             .flat_map(|l| repo.get_blocklist(l).unwrap())

@@ -337,7 +337,7 @@ fn block_ids_are_keyed_per_repository() {
     let (_s2, _m2, r2) = mem_repo(small_packs());
     assert_eq!(r1.block_id(b"x"), r1.block_id(b"x"));
     assert_ne!(r1.block_id(b"x"), r2.block_id(b"x"));
-    assert_ne!(r1.block_id(b"x").0, *blake3::hash(b"x").as_bytes());
+    assert_ne!(r1.block_id(b"x").0[..], blake3::hash(b"x").as_bytes()[..16]);
 }
 
 #[test]
@@ -481,7 +481,7 @@ fn blocklists_and_manifests_refuse_unstored_references() {
     let err = repo.put_manifest(&m).unwrap_err();
     assert!(matches!(err, Error::BlocklistNotFound(_)), "{err}");
     m.files[0].kind = FileKind::Whole {
-        block: BlockId([8; 32]),
+        block: BlockId([8; 16]),
     };
     assert!(matches!(
         repo.put_manifest(&m).unwrap_err(),
@@ -1139,7 +1139,7 @@ fn manifest_json_has_the_documented_shape() {
                 mode: 0o600,
                 mtime: 7,
                 kind: FileKind::Whole {
-                    block: BlockId([0xcd; 32]),
+                    block: BlockId([0xcd; 16]),
                 },
             },
             FileEntry {
@@ -1166,7 +1166,7 @@ fn manifest_json_has_the_documented_shape() {
                 {"path": "base/5/16384", "type": "blocks", "size": 24576, "mode": 384,
                  "mtime": 6, "block_size": 8192, "blocklists": ["ab".repeat(32)]},
                 {"path": "PG_VERSION", "type": "whole", "size": 3, "mode": 384, "mtime": 7,
-                 "block": "cd".repeat(32)},
+                 "block": "cd".repeat(16)},
                 {"path": "pg_tblspc/16385", "type": "symlink", "size": 0, "mode": 511,
                  "mtime": 8, "target": "/mnt/ts1"}
             ]
@@ -1478,15 +1478,21 @@ fn domains_isolate_blocks_blocklists_and_manifests() {
 
 #[test]
 fn repository_written_before_domains_still_restores() {
-    // A repository of the previous format: legacy domain, version 1 index objects,
-    // manifests without a domain.
+    // A repository of the previous format: legacy domain, version 1 index objects (with
+    // 32-byte ids), manifests without a domain.
     let (store, master, legacy) = mem_repo(small_packs());
     let files = sample_files(4);
     backup(&legacy, "old", &backup_id(3), &files, 8192);
     for k in keys(store.as_ref(), "index/") {
         let (_, plain) =
             klio_crypto::open_object(&master, &k, &store.get(&k).unwrap().unwrap()).unwrap();
-        assert_eq!(&plain[..8], b"KLIOIDX1");
+        let sections = index::decode(&plain, &k).unwrap();
+        assert!(sections.iter().all(|s| s.domain.is_legacy()));
+        let v1 = index::encode_legacy(&sections, 1, 0x5a);
+        let sealed =
+            klio_crypto::seal_object(&master, klio_crypto::ObjectKind::Blob, &k, &v1, None);
+        store.delete(&k).unwrap();
+        store.put(&k, &sealed).unwrap();
     }
     let m = keys(store.as_ref(), "manifests/").remove(0);
     let (_, plain) = klio_crypto::open_object(
@@ -1773,19 +1779,13 @@ fn authenticated_runs_move_between_repositories_as_stored() {
 }
 
 #[test]
-fn a_frame_holding_more_than_its_indexed_block_is_indexed_in_version_3() {
+fn a_frame_holding_more_than_its_indexed_block_is_indexed_and_read_back() {
     // Pages 1..4 are stored one per frame; a run of 0..4 then indexes only page 0, at the
-    // start of a frame that holds four pages: a version 1 or 2 reader would take that frame
-    // for a damaged one, so the index object is version 3.
+    // start of a frame that holds four pages.
     let (store, master, repo) = mem_repo(small_packs());
     let pages: Vec<Vec<u8>> = (0..4).map(|i| page(i, 8192)).collect();
     add_all(&repo, &pages[1..]);
     let before = keys(&*store, "index/");
-    for key in &before {
-        let (_, plain) =
-            klio_crypto::open_object(&master, key, &store.get(key).unwrap().unwrap()).unwrap();
-        assert_eq!(&plain[..8], b"KLIOIDX1", "one block per frame: version 1");
-    }
     let run: Vec<(BlockId, u32)> = pages.iter().map(|p| (repo.block_id(p), 8192)).collect();
     let mut w = repo.pack_writer();
     assert_eq!(w.add_run(&run, &pages.concat(), None).unwrap(), 1);
@@ -1797,9 +1797,66 @@ fn a_frame_holding_more_than_its_indexed_block_is_indexed_in_version_3() {
     assert_eq!(new.len(), 1);
     let (_, plain) =
         klio_crypto::open_object(&master, &new[0], &store.get(&new[0]).unwrap().unwrap()).unwrap();
-    assert_eq!(&plain[..8], b"KLIOIDX3");
+    assert_eq!(&plain[..8], b"KLIOIDX4");
     assert_eq!(
         reopen(&store, &master).read_block(&run[0].0).unwrap(),
         pages[0]
     );
+}
+
+#[test]
+fn a_file_listed_in_its_manifest_restores_verifies_and_keeps_its_blocks_through_gc() {
+    let (store, master, repo) = mem_repo(small_packs());
+    // Two whole pages and a last one of 5000 bytes.
+    let pages: Vec<Vec<u8>> = (0..3u64)
+        .map(|i| page(700 + i, if i == 2 { 5000 } else { 8192 }))
+        .collect();
+    let (ids, _) = add_all(&repo, &pages);
+    let data: Vec<u8> = pages.concat();
+    let listed = |blocks: Vec<BlockId>, size: u64| Manifest {
+        domain: repo.domain().clone(),
+        cluster: "c".into(),
+        backup_id: backup_id(40),
+        metadata: json!({}),
+        files: vec![FileEntry {
+            path: "base/5/2619_fsm".into(),
+            size,
+            mode: 0o600,
+            mtime: 1,
+            kind: FileKind::Listed {
+                block_size: 8192,
+                blocks,
+            },
+        }],
+    };
+    // The count must match the size; every block must be stored.
+    let err = repo
+        .put_manifest(&listed(ids[..2].to_vec(), data.len() as u64))
+        .unwrap_err();
+    assert!(err.to_string().contains("lists 2 blocks"), "{err}");
+    let err = repo
+        .put_manifest(&listed(
+            vec![ids[0], ids[1], BlockId([9; 16])],
+            data.len() as u64,
+        ))
+        .unwrap_err();
+    assert!(matches!(err, Error::UnstoredBlock { .. }), "{err}");
+    let m = listed(ids.clone(), data.len() as u64);
+    repo.put_manifest(&m).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&m.encode().unwrap()).unwrap();
+    assert_eq!(json["files"][0]["type"], "listed");
+    assert_eq!(json["files"][0]["blocks"][0], ids[0].to_hex());
+
+    // Another backup's own pages go with it; the listed file's stay, verify and read back.
+    backup(&repo, "c", &backup_id(41), &sample_files(5), 8192);
+    repo.delete_backup("c", &backup_id(41)).unwrap();
+    let plan = repo.gc_plan(&std::collections::HashSet::new()).unwrap();
+    repo.gc_execute(&plan).unwrap();
+    let again = reopen(&store, &master);
+    let got = again.get_manifest("c", &backup_id(40)).unwrap();
+    assert_eq!(got, m);
+    assert_eq!(crate::testing::read_file(&again, &got.files[0]), data);
+    let report = again.verify("c", &backup_id(40)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.blocks, 3);
 }

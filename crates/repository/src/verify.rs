@@ -151,6 +151,14 @@ impl Repository {
         for f in &manifest.files {
             match &f.kind {
                 FileKind::Whole { block } => need(block, f.size, &f.path, &mut problems),
+                FileKind::Listed { block_size, blocks } => {
+                    // The manifest's validation checked the count against the size.
+                    let block_size = u64::from(*block_size);
+                    for (i, id) in blocks.iter().enumerate() {
+                        let len = block_size.min(f.size - i as u64 * block_size);
+                        need(id, len, &f.path, &mut problems);
+                    }
+                }
                 FileKind::Blocks {
                     block_size,
                     blocklists,

@@ -763,7 +763,15 @@ struct PartialFile {
     next_block: u64,
     /// Blocks the file has in all.
     blocks: u64,
+    /// The ids of a small file that came whole in its first piece: listed in the manifest
+    /// itself ([`FileKind::Listed`]) unless another piece follows.
+    held: Vec<BlockId>,
 }
+
+/// The most blocks of a file the manifest lists itself instead of a blocklist object: a
+/// PostgreSQL catalog, free space map or visibility map file is usually smaller than that,
+/// and each blocklist costs a durable write on Tier 1 and a request on Tier 2.
+const LISTED_BLOCKS: u64 = 16;
 
 /// Builds a manifest's files from `AddFiles` pieces (any order between files, in order
 /// within a file), storing blocklists a bounded batch at a time. Every entry is checked
@@ -834,6 +842,7 @@ impl<'r> ManifestBuilder<'r> {
                                 },
                                 next_block: 0,
                                 blocks,
+                                held: Vec::new(),
                             },
                         );
                         self.files
@@ -859,7 +868,18 @@ impl<'r> ManifestBuilder<'r> {
                     return Err(bad("the number of blocks does not match the size"));
                 }
                 partial.next_block += ids.len() as u64;
-                if !ids.is_empty() {
+                if !partial.held.is_empty() {
+                    // The file grew after a first piece that held it whole.
+                    let held = std::mem::take(&mut partial.held);
+                    self.batch_ids += held.len();
+                    self.batch.push((f.path.clone(), held));
+                }
+                if f.first_block == 0
+                    && partial.next_block == partial.blocks
+                    && partial.blocks <= LISTED_BLOCKS
+                {
+                    partial.held = ids;
+                } else if !ids.is_empty() {
                     self.batch_ids += ids.len();
                     self.batch.push((f.path.clone(), ids));
                     if self.batch_ids >= COMMIT_BATCH_IDS {
@@ -883,6 +903,7 @@ impl<'r> ManifestBuilder<'r> {
                 entry,
                 next_block: 0,
                 blocks: 0,
+                held: Vec::new(),
             },
         );
         if previous.is_some() {
@@ -919,7 +940,9 @@ impl<'r> ManifestBuilder<'r> {
             self.files.get(path).map(|p| match p.entry.kind {
                 FileKind::Directory => manifest_rules::Kind::Directory,
                 FileKind::Symlink { .. } => manifest_rules::Kind::Symlink,
-                FileKind::Blocks { .. } | FileKind::Whole { .. } => manifest_rules::Kind::File,
+                FileKind::Blocks { .. } | FileKind::Listed { .. } | FileKind::Whole { .. } => {
+                    manifest_rules::Kind::File
+                }
             })
         };
         for path in self.files.keys() {
@@ -928,12 +951,20 @@ impl<'r> ManifestBuilder<'r> {
         }
         self.store_batch()?;
         let mut out = Vec::with_capacity(self.files.len());
-        for (path, p) in self.files {
+        for (path, mut p) in self.files {
             if p.next_block != p.blocks {
                 return Err(Status::invalid_argument(format!(
                     "file \"{path}\" in the manifest: {} of its {} blocks were sent",
                     p.next_block, p.blocks
                 )));
+            }
+            if let FileKind::Blocks { block_size, .. } = p.entry.kind
+                && !p.held.is_empty()
+            {
+                p.entry.kind = FileKind::Listed {
+                    block_size,
+                    blocks: p.held,
+                };
             }
             out.push(p.entry);
         }
@@ -994,7 +1025,7 @@ fn file_to_pb(f: &FileEntry) -> pb::FileEntry {
         }
         FileKind::Whole { block } => {
             e.kind = pb::file_entry::Kind::File as i32;
-            e.block_ids = block.0.to_vec().into();
+            e.block_ids = block.to_wire().to_vec().into();
         }
         FileKind::Blocks {
             block_size,
@@ -1003,6 +1034,11 @@ fn file_to_pb(f: &FileEntry) -> pb::FileEntry {
             e.kind = pb::file_entry::Kind::File as i32;
             e.block_size = *block_size;
             e.blocklists = blocklists.iter().map(|l| l.0.to_vec().into()).collect();
+        }
+        FileKind::Listed { block_size, blocks } => {
+            e.kind = pb::file_entry::Kind::File as i32;
+            e.block_size = *block_size;
+            e.block_ids = blocks.iter().flat_map(|b| b.to_wire()).collect();
         }
     }
     e
@@ -1389,6 +1425,11 @@ impl Backup for BackupService {
     ) -> Result<Response<Self::GetManifestStream>, Status> {
         let cluster = request.get_ref().cluster.clone();
         Self::authorize(&request, &cluster)?;
+        if !request.get_ref().short_ids {
+            return Err(Status::failed_precondition(
+                "this server names blocks by 16-byte ids, which this client does not know: restore with a klio client of the same version as the server",
+            ));
+        }
         let backup_id = parse_backup_id(&request.get_ref().backup_id)?;
         let primary_tier = if self.ctx.read_only { 2 } else { 1 };
         let mut sources = vec![(self.repo.clone(), primary_tier)];
@@ -1477,9 +1518,9 @@ impl Backup for BackupService {
                 klio_repository::Error::Corrupt { .. } => Status::data_loss(e.to_string()),
                 other => repo_status(other),
             })?;
-        let mut out = Vec::with_capacity(ids.len() * 32);
+        let mut out = Vec::with_capacity(ids.len() * BlockId::WIRE_LEN);
         for id in ids {
-            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(&id.to_wire());
         }
         Ok(Response::new(pb::GetBlocklistResponse { ids: out.into() }))
     }
@@ -2018,7 +2059,7 @@ fn blocks_answer(payloads: Vec<BlockPayload>, runs: bool) -> Result<Vec<pb::Bloc
     let mut plain: Option<((PackId, u32), Vec<u8>)> = None;
     for p in payloads {
         let mut b = pb::Block {
-            id: p.id.0.to_vec().into(),
+            id: p.id.to_wire().to_vec().into(),
             plain_len: p.plain_len,
             compressed: p.compressed,
             ..Default::default()
@@ -2078,9 +2119,9 @@ fn store_blocks(
                     "a block id has 32 bytes (or a run has run_ids and run_lens)",
                 ));
             }
-            let mut id = [0u8; 32];
+            let mut id = [0u8; BlockId::WIRE_LEN];
             id.copy_from_slice(&b.id);
-            let id = BlockId(id);
+            let id = BlockId::from_hash(&id);
             (vec![(id, b.plain_len)], format!("block {id}"))
         } else {
             (run_pages(&b)?, "a run of blocks".to_string())
@@ -2162,4 +2203,72 @@ fn protect(session: &Session, protected: &mut HashSet<BlockId>, id: BlockId) {
         return;
     }
     protected.insert(id);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use klio_repository::{MemStore, Repository, RepositoryOptions};
+
+    use super::*;
+
+    fn piece(path: &str, size: u64, first_block: u64, ids: &[BlockId]) -> pb::FileEntry {
+        pb::FileEntry {
+            path: path.into(),
+            size,
+            mode: 0o600,
+            mtime: 1,
+            kind: pb::file_entry::Kind::File as i32,
+            block_size: 8192,
+            block_ids: ids.iter().flat_map(|i| i.to_wire()).collect(),
+            first_block,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn small_files_are_listed_in_the_manifest_and_larger_or_grown_ones_get_blocklists() {
+        let repo = Repository::open_or_init(
+            Arc::new(MemStore::new()),
+            klio_crypto::MasterKey::generate(),
+            RepositoryOptions::default(),
+        )
+        .unwrap();
+        let pages: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 8192]).collect();
+        let ids: Vec<BlockId> = pages.iter().map(|p| repo.block_id(p)).collect();
+        let mut w = repo.pack_writer();
+        for (id, p) in ids.iter().zip(&pages) {
+            w.add_block(id, p).unwrap();
+        }
+        w.finish().unwrap();
+        let mut b = ManifestBuilder::new(&repo, "backup x".into());
+        // 16 blocks in one piece: listed.
+        b.add(piece("small", 16 * 8192, 0, &ids[..16])).unwrap();
+        // 17 blocks: a blocklist.
+        b.add(piece("large", 17 * 8192, 0, &ids[..17])).unwrap();
+        // Whole in its first piece, then grown by a second: blocklists, in order.
+        b.add(piece("grown", 2 * 8192, 0, &ids[..2])).unwrap();
+        b.add(piece("grown", 3 * 8192, 2, &ids[2..3])).unwrap();
+        let files = b.finish().unwrap();
+        let kind = |path: &str| files.iter().find(|f| f.path == path).unwrap().kind.clone();
+        assert_eq!(
+            kind("small"),
+            FileKind::Listed {
+                block_size: 8192,
+                blocks: ids[..16].to_vec()
+            }
+        );
+        for (path, want) in [("large", &ids[..17]), ("grown", &ids[..3])] {
+            let FileKind::Blocks { blocklists, .. } = kind(path) else {
+                panic!("{path} has no blocklists");
+            };
+            let listed: Vec<BlockId> = blocklists
+                .iter()
+                .flat_map(|l| repo.get_blocklist(l).unwrap())
+                .collect();
+            assert_eq!(listed, want, "{path}");
+        }
+    }
 }

@@ -552,6 +552,7 @@ fn copy_backup(
     for f in &manifest.files {
         match &f.kind {
             FileKind::Whole { block } => batch.want(t2_repo, std::slice::from_ref(block))?,
+            FileKind::Listed { blocks, .. } => batch.want(t2_repo, blocks)?,
             FileKind::Blocks { blocklists, .. } => {
                 for l in blocklists {
                     let ids = t1.get_blocklist(l)?;
