@@ -129,10 +129,14 @@ row "restic (first snapshot)" "$T_RESTIC" "$(mb "$R1")"
 reset_peak() { echo 5 > "/proc/$1/clear_refs" 2>/dev/null || true; } # VmHWM := current RSS
 PEAK_START=$(peak_rss_mb "$SERVER")
 reset_peak "$SERVER"
+# What each backup adds to the repository, counted like the peers' (du -sb): packs, index
+# objects, blocklists and the manifest.
+KREPO="$WORK/klio/repository"
+K0=$(du_b "$KREPO")
 T_KLIO=$(timed "$KLIO" backup "${CLIENT[@]}" "${KB[@]}")
 PEAK_FULL=$(peak_rss_mb "$SERVER"); reset_peak "$SERVER"
 KLIO_RSS1=$(( $(cat "$WORK/rss") / 1024 ))
-K1=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_new"])' "$WORK/last.out")
+KR1=$(du_b "$KREPO"); K1=$((KR1 - K0))
 row "klio backup --jobs 2" "$T_KLIO" "$(mb "$K1")" "client peak RSS ${KLIO_RSS1} MB"
 BEST=$(python3 -c "print(min($T_LZ4, $T_ZST))")
 echo "klio full / pgBackRest best: $(ratio "$T_KLIO" "$BEST")  (target <= 0.67x)"
@@ -184,7 +188,7 @@ R2=$(du_b "$WORK/restic")
 RESTIC_INCR=$((R2 - R1))
 row "restic (second snapshot)" "$T" "$(mb "$RESTIC_INCR")"
 T=$(timed "$KLIO" backup "${CLIENT[@]}" "${KB[@]}")
-K2=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_new"])' "$WORK/last.out")
+KR2=$(du_b "$KREPO"); K2=$((KR2 - KR1))
 row "klio backup (second)" "$T" "$(mb "$K2")" "$(kinfo)"
 row "changed pages, zstd -1 as one stream" "" "$(mb "$CHANGED_Z")"
 row "changed pages, zstd -1 page by page" "" "$(mb "$CHANGED_PZ")"
@@ -202,7 +206,7 @@ T=$(timed restic backup -q "$WORK/pg")
 R3=$(du_b "$WORK/restic")
 row "restic (third snapshot)" "$T" "$(mb $((R3 - R2)))"
 T=$(timed "$KLIO" backup "${CLIENT[@]}" "${KB[@]}")
-K3=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes_new"])' "$WORK/last.out")
+KR3=$(du_b "$KREPO"); K3=$((KR3 - KR2))
 row "klio backup (third)" "$T" "$(mb "$K3")" "$(kinfo)"
 PEAK_INCR=$(peak_rss_mb "$SERVER"); reset_peak "$SERVER"
 
