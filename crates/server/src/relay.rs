@@ -687,11 +687,15 @@ fn copy_blocks(
     ids: &[BlockId],
 ) -> anyhow::Result<(u64, u64)> {
     let mut writer = t2.pack_writer();
+    let (mut read_t, mut seal_t) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     for batch in ids.chunks(RELAY_BATCH) {
+        let t0 = std::time::Instant::now();
         let payloads = {
             let _shared = t1_gc.blocking_read();
             t1.read_block_payloads(batch)?
         };
+        read_t += t0.elapsed();
+        let t0 = std::time::Instant::now();
         // Each payload comes from a Tier 1 frame that was just authenticated and that Tier
         // 1's index binds to its id (checked when the block was stored, and again by every
         // restore from Tier 2): it is sealed for Tier 2 as it is, not decompressed and
@@ -716,8 +720,17 @@ fn copy_blocks(
             let payload = Vec::<u8>::from(p.payload);
             writer.add_authenticated_run(&pages, p.frame_len, payload, p.compressed)?;
         }
+        seal_t += t0.elapsed();
     }
+    let t0 = std::time::Instant::now();
     let stats = writer.finish()?;
+    tracing::debug!(
+        read_ms = read_t.as_millis() as u64,
+        seal_ms = seal_t.as_millis() as u64,
+        finish_ms = t0.elapsed().as_millis() as u64,
+        blocks = ids.len(),
+        "relay job"
+    );
     Ok((stats.blocks_added, stats.stored_bytes()))
 }
 
