@@ -154,13 +154,20 @@ fn manifest(rng: &mut Rng) -> Manifest {
         kind: FileKind::Directory,
     }];
     for i in 0..rng.below(6) {
-        let kind = match rng.below(3) {
+        let size = rng.below(100_000);
+        let kind = match rng.below(4) {
             0 => FileKind::Blocks {
                 block_size: 8192,
                 blocklists: vec![BlocklistId(id32(rng))],
             },
             1 => FileKind::Whole {
                 block: BlockId::from_hash(&id32(rng)),
+            },
+            2 => FileKind::Listed {
+                block_size: 8192,
+                blocks: (0..size.div_ceil(8192))
+                    .map(|_| BlockId::from_hash(&id32(rng)))
+                    .collect(),
             },
             _ => FileKind::Symlink {
                 target: "/srv/ts".into(),
@@ -171,7 +178,7 @@ fn manifest(rng: &mut Rng) -> Manifest {
             size: if matches!(kind, FileKind::Symlink { .. }) {
                 0
             } else {
-                rng.below(100_000)
+                size
             },
             mode: 0o600,
             mtime: rng.next() as i64 >> 1,
