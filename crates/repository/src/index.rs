@@ -84,12 +84,7 @@ pub(crate) fn encode(sections: &[PackSection]) -> Vec<u8> {
     out.extend_from_slice(MAGIC_V4);
     out.extend_from_slice(&(sections.len() as u32).to_be_bytes());
     for s in sections {
-        let d = s.domain.as_str().as_bytes();
-        out.extend_from_slice(&(d.len() as u16).to_be_bytes());
-        out.extend_from_slice(d);
-        out.extend_from_slice(s.pack.as_bytes());
-        out.extend_from_slice(&s.salt);
-        out.extend_from_slice(&(s.blocks.len() as u32).to_be_bytes());
+        put_pack_header(&mut out, s, true);
         let frames = s.blocks.chunk_by(|a, b| a.1.frame() == b.1.frame());
         out.extend_from_slice(&(frames.clone().count() as u32).to_be_bytes());
         for frame in frames {
@@ -107,6 +102,19 @@ pub(crate) fn encode(sections: &[PackSection]) -> Vec<u8> {
     out
 }
 
+/// What every version writes before a pack's blocks: its domain (from version 2 on), id,
+/// salt and block count.
+fn put_pack_header(out: &mut Vec<u8>, s: &PackSection, with_domain: bool) {
+    if with_domain {
+        let d = s.domain.as_str().as_bytes();
+        out.extend_from_slice(&(d.len() as u16).to_be_bytes());
+        out.extend_from_slice(d);
+    }
+    out.extend_from_slice(s.pack.as_bytes());
+    out.extend_from_slice(&s.salt);
+    out.extend_from_slice(&(s.blocks.len() as u32).to_be_bytes());
+}
+
 /// Encodes sections in the layout of version 1, 2 or 3 (what writers before December 2026
 /// wrote), each id as the 32-byte hash it was then: the id followed by `pad`.
 #[cfg(test)]
@@ -119,14 +127,7 @@ pub(crate) fn encode_legacy(sections: &[PackSection], version: u8, pad: u8) -> V
     .to_vec();
     out.extend_from_slice(&(sections.len() as u32).to_be_bytes());
     for s in sections {
-        if version >= 2 {
-            let d = s.domain.as_str().as_bytes();
-            out.extend_from_slice(&(d.len() as u16).to_be_bytes());
-            out.extend_from_slice(d);
-        }
-        out.extend_from_slice(s.pack.as_bytes());
-        out.extend_from_slice(&s.salt);
-        out.extend_from_slice(&(s.blocks.len() as u32).to_be_bytes());
+        put_pack_header(&mut out, s, version >= 2);
         for (id, loc) in &s.blocks {
             out.extend_from_slice(id.as_bytes());
             out.extend_from_slice(&[pad; 16]);

@@ -121,6 +121,54 @@ fn check_backup(base: &Repository, backup: &str, expected: &[(&str, Vec<u8>)]) {
     assert!(report.is_ok(), "{backup}: {:?}", report.problems);
 }
 
+/// Backs up `file` as `base/1/1234` in `backup` of the domain of `repo`, in runs of 16
+/// pages; returns how many pages were new and how many deduplicated.
+fn back_up_relation(repo: &Repository, backup: &str, file: &[u8], mtime: i64) -> (u64, u64) {
+    let ids: Vec<BlockId> = file.chunks(8192).map(|p| repo.block_id(p)).collect();
+    let mut w = repo.pack_writer();
+    let mut new = 0;
+    for (n, run) in file.chunks(16 * 8192).enumerate() {
+        let pages: Vec<(BlockId, u32)> = run
+            .chunks(8192)
+            .zip(&ids[n * 16..])
+            .map(|(p, id)| (*id, p.len() as u32))
+            .collect();
+        new += w.add_run(&pages, run, None).unwrap();
+    }
+    let stats = w.finish().unwrap();
+    let list = repo.put_blocklist(&ids).unwrap();
+    repo.put_manifest(&Manifest {
+        cluster: "fixture-db".into(),
+        backup_id: backup.parse().unwrap(),
+        metadata: serde_json::json!({}),
+        domain: repo.domain().clone(),
+        files: vec![FileEntry {
+            path: "base/1/1234".into(),
+            size: file.len() as u64,
+            mode: 0o600,
+            mtime,
+            kind: FileKind::Blocks {
+                block_size: 8192,
+                blocklists: vec![list],
+            },
+        }],
+    })
+    .unwrap();
+    (new, stats.blocks_deduplicated)
+}
+
+/// Deletes `backup` and collects: something must go.
+fn delete_and_collect(base: &Repository, backup: &str) {
+    base.delete_backup("fixture-db", &backup.parse().unwrap())
+        .unwrap();
+    let plan = base.gc_plan(&HashSet::new()).unwrap();
+    let report = base.gc_execute(&plan).unwrap();
+    assert!(
+        report.packs_deleted + report.packs_rewritten > 0,
+        "{backup}'s own pages go: {report:?}"
+    );
+}
+
 fn old_files() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("base/1/1234", relation()),
@@ -150,38 +198,10 @@ fn a_repository_written_before_runs_restores_verifies_collects_and_takes_runs() 
     for i in 0..20u64 {
         new_file.extend(content(1000 + i, 8192));
     }
-    let ids: Vec<BlockId> = new_file.chunks(8192).map(|p| repo.block_id(p)).collect();
-    let mut w = repo.pack_writer();
-    let mut new = 0;
-    for (n, run) in new_file.chunks(16 * 8192).enumerate() {
-        let pages: Vec<(BlockId, u32)> = ids[n * 16..n * 16 + run.len() / 8192]
-            .iter()
-            .map(|id| (*id, 8192))
-            .collect();
-        new += w.add_run(&pages, run, None).unwrap();
-    }
-    let stats = w.finish().unwrap();
+    let (new, deduplicated) =
+        back_up_relation(&repo, "backup-20261202000000", &new_file, 1764633600);
     assert_eq!(new, 20, "only the 20 new pages are stored");
-    assert_eq!(stats.blocks_deduplicated, 20);
-    let list = repo.put_blocklist(&ids).unwrap();
-    let backup: BackupId = "backup-20261202000000".parse().unwrap();
-    repo.put_manifest(&Manifest {
-        cluster: "fixture-db".into(),
-        backup_id: backup.clone(),
-        metadata: serde_json::json!({}),
-        domain: domain.clone(),
-        files: vec![FileEntry {
-            path: "base/1/1234".into(),
-            size: new_file.len() as u64,
-            mode: 0o600,
-            mtime: 1764633600,
-            kind: FileKind::Blocks {
-                block_size: 8192,
-                blocklists: vec![list],
-            },
-        }],
-    })
-    .unwrap();
+    assert_eq!(deduplicated, 20);
     check_backup(
         &base,
         "backup-20261202000000",
@@ -190,14 +210,7 @@ fn a_repository_written_before_runs_restores_verifies_collects_and_takes_runs() 
 
     // Collecting after the first old backup is deleted keeps the other two intact: the
     // second old one is in the legacy domain, the new one shares 20 old pages.
-    base.delete_backup("fixture-db", &"backup-20261201000000".parse().unwrap())
-        .unwrap();
-    let plan = base.gc_plan(&HashSet::new()).unwrap();
-    let report = base.gc_execute(&plan).unwrap();
-    assert!(
-        report.packs_deleted + report.packs_rewritten > 0,
-        "the old backup's own pages go: {report:?}"
-    );
+    delete_and_collect(&base, "backup-20261201000000");
     check_backup(&base, "backup-20261201010000", &old_files());
     check_backup(
         &base,
@@ -241,49 +254,13 @@ fn a_repository_with_runs_and_long_block_ids_restores_verifies_collects_and_dedu
     for i in 0..10 {
         new_file[i * 8192..(i + 1) * 8192].copy_from_slice(&content(9000 + i as u64, 8192));
     }
-    let ids: Vec<BlockId> = new_file.chunks(8192).map(|p| repo.block_id(p)).collect();
-    let mut w = repo.pack_writer();
-    let mut new = 0;
-    for (n, run) in new_file.chunks(16 * 8192).enumerate() {
-        let pages: Vec<(BlockId, u32)> = run
-            .chunks(8192)
-            .zip(&ids[n * 16..])
-            .map(|(p, id)| (*id, p.len() as u32))
-            .collect();
-        new += w.add_run(&pages, run, None).unwrap();
-    }
-    w.finish().unwrap();
+    let (new, _) = back_up_relation(&repo, "backup-20261204000000", &new_file, 1764806400);
     assert_eq!(new, 10, "only the 10 changed pages are stored");
-    let list = repo.put_blocklist(&ids).unwrap();
-    repo.put_manifest(&Manifest {
-        cluster: "fixture-db".into(),
-        backup_id: "backup-20261204000000".parse().unwrap(),
-        metadata: serde_json::json!({}),
-        domain: domain.clone(),
-        files: vec![FileEntry {
-            path: "base/1/1234".into(),
-            size: new_file.len() as u64,
-            mode: 0o600,
-            mtime: 1764806400,
-            kind: FileKind::Blocks {
-                block_size: 8192,
-                blocklists: vec![list],
-            },
-        }],
-    })
-    .unwrap();
     let newest = [("base/1/1234", new_file)];
     check_backup(&base, "backup-20261204000000", &newest);
 
     // Collecting after the first backup is deleted keeps the others intact.
-    base.delete_backup("fixture-db", &"backup-20261203000000".parse().unwrap())
-        .unwrap();
-    let plan = base.gc_plan(&HashSet::new()).unwrap();
-    let report = base.gc_execute(&plan).unwrap();
-    assert!(
-        report.packs_deleted + report.packs_rewritten > 0,
-        "the first backup's own pages go: {report:?}"
-    );
+    delete_and_collect(&base, "backup-20261203000000");
     check_backup(&base, "backup-20261203010000", &second);
     check_backup(&base, "backup-20261204000000", &newest);
 
