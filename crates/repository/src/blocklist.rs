@@ -39,11 +39,7 @@ pub(crate) fn decode(buf: &[u8], object: &str) -> Result<Vec<BlockId>, Error> {
             ),
         ));
     }
-    Ok(if id_len == BlockId::LEN {
-        BlockId::list_from_short_bytes(ids)
-    } else {
-        BlockId::list_from_bytes(ids)
-    })
+    Ok(BlockId::list_with_stride(ids, id_len))
 }
 
 #[cfg(test)]

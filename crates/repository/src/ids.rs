@@ -11,6 +11,13 @@ use crate::Error;
 macro_rules! hex_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         hex_id!($(#[$doc])* $name, $what, 32, "64");
+
+        impl $name {
+            fn parse_hex(s: &str) -> Option<$name> {
+                let mut id = [0u8; 32];
+                decode_lower_hex(s, &mut id).then_some($name(id))
+            }
+        }
     };
     ($(#[$doc:meta])* $name:ident, $what:literal, $len:literal, $digits:literal) => {
         $(#[$doc])*
@@ -108,8 +115,13 @@ impl BlockId {
     /// The id of a block whose keyed hash is `hash` (its first 16 bytes), also the id an
     /// older repository stored as the whole hash.
     pub fn from_hash(hash: &[u8; 32]) -> BlockId {
+        BlockId::from_prefix(hash)
+    }
+
+    /// The id made of the first 16 bytes of `bytes`, which has at least 16.
+    pub(crate) fn from_prefix(bytes: &[u8]) -> BlockId {
         let mut id = [0u8; 16];
-        id.copy_from_slice(&hash[..16]);
+        id.copy_from_slice(&bytes[..16]);
         BlockId(id)
     }
 
@@ -131,18 +143,6 @@ impl BlockId {
         decode_lower_hex(s, &mut hash).then(|| BlockId::from_hash(&hash))
     }
 }
-
-macro_rules! parse_hex_32 {
-    ($($name:ident),*) => {
-        $(impl $name {
-            fn parse_hex(s: &str) -> Option<$name> {
-                let mut id = [0u8; 32];
-                decode_lower_hex(s, &mut id).then_some($name(id))
-            }
-        })*
-    };
-}
-parse_hex_32!(BlocklistId, PackId);
 
 impl PackId {
     pub(crate) fn random() -> PackId {
@@ -167,25 +167,15 @@ impl BlockId {
     /// as in the gRPC messages and in version 1 blocklists): the first 16 bytes of each. A
     /// trailing partial id is ignored, so callers check the length.
     pub fn list_from_bytes(bytes: &[u8]) -> Vec<BlockId> {
-        bytes
-            .chunks_exact(Self::WIRE_LEN)
-            .map(|c| {
-                let mut id = [0u8; 16];
-                id.copy_from_slice(&c[..16]);
-                BlockId(id)
-            })
-            .collect()
+        BlockId::list_with_stride(bytes, Self::WIRE_LEN)
     }
 
-    /// The ids packed one after the other in `bytes`, [`LEN`](Self::LEN) bytes each.
-    pub(crate) fn list_from_short_bytes(bytes: &[u8]) -> Vec<BlockId> {
+    /// The ids packed one after the other in `bytes`, `stride` bytes each (at least
+    /// [`LEN`](Self::LEN)): the first 16 bytes of each.
+    pub(crate) fn list_with_stride(bytes: &[u8], stride: usize) -> Vec<BlockId> {
         bytes
-            .chunks_exact(Self::LEN)
-            .map(|c| {
-                let mut id = [0u8; 16];
-                id.copy_from_slice(c);
-                BlockId(id)
-            })
+            .chunks_exact(stride)
+            .map(BlockId::from_prefix)
             .collect()
     }
 }

@@ -268,12 +268,11 @@ fn decode_frames_v4(
             ));
         }
         for _ in 0..in_frame {
-            let mut id = [0u8; BlockId::LEN];
-            id.copy_from_slice(r.take(BlockId::LEN)?);
+            let id = BlockId::from_prefix(r.take(BlockId::LEN)?);
             let inner = r.u32()?;
             let plain_len = r.u32()?;
             blocks.push((
-                BlockId(id),
+                id,
                 BlockLocation {
                     offset,
                     len,

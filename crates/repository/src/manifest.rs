@@ -93,17 +93,17 @@ impl Manifest {
             if !seen.insert(f.path.as_str()) {
                 return Err(bad(format!("path \"{}\" appears twice", f.path)));
             }
+            if let FileKind::Blocks { block_size, .. } | FileKind::Listed { block_size, .. } =
+                &f.kind
+                && (*block_size == 0 || *block_size as usize > MAX_BLOCK_SIZE)
+            {
+                return Err(bad(format!(
+                    "file \"{}\" has block size {block_size}, not 1 to {MAX_BLOCK_SIZE}",
+                    f.path
+                )));
+            }
             match &f.kind {
-                FileKind::Blocks {
-                    block_size,
-                    blocklists,
-                } => {
-                    if *block_size == 0 || *block_size as usize > MAX_BLOCK_SIZE {
-                        return Err(bad(format!(
-                            "file \"{}\" has block size {block_size}, not 1 to {MAX_BLOCK_SIZE}",
-                            f.path
-                        )));
-                    }
+                FileKind::Blocks { blocklists, .. } => {
                     if f.size > 0 && blocklists.is_empty() {
                         return Err(bad(format!(
                             "file \"{}\" has {} bytes but no blocklists",
@@ -112,12 +112,6 @@ impl Manifest {
                     }
                 }
                 FileKind::Listed { block_size, blocks } => {
-                    if *block_size == 0 || *block_size as usize > MAX_BLOCK_SIZE {
-                        return Err(bad(format!(
-                            "file \"{}\" has block size {block_size}, not 1 to {MAX_BLOCK_SIZE}",
-                            f.path
-                        )));
-                    }
                     let want = f.size.div_ceil(u64::from(*block_size));
                     if blocks.len() as u64 != want || blocks.len() > MAX_LISTED_BLOCKS {
                         return Err(bad(format!(

@@ -2114,14 +2114,15 @@ fn store_blocks(
         .map_err(|e| Status::internal(format!("zstd decompressor: {e}")))?;
     for b in blocks {
         let (pages, what) = if b.run_ids.is_empty() {
-            if b.id.len() != 32 || !b.run_lens.is_empty() {
-                return Err(Status::invalid_argument(
-                    "a block id has 32 bytes (or a run has run_ids and run_lens)",
-                ));
-            }
-            let mut id = [0u8; BlockId::WIRE_LEN];
-            id.copy_from_slice(&b.id);
-            let id = BlockId::from_hash(&id);
+            let hash = <&[u8; BlockId::WIRE_LEN]>::try_from(&b.id[..])
+                .ok()
+                .filter(|_| b.run_lens.is_empty())
+                .ok_or_else(|| {
+                    Status::invalid_argument(
+                        "a block id has 32 bytes (or a run has run_ids and run_lens)",
+                    )
+                })?;
+            let id = BlockId::from_hash(hash);
             (vec![(id, b.plain_len)], format!("block {id}"))
         } else {
             (run_pages(&b)?, "a run of blocks".to_string())
