@@ -103,7 +103,7 @@ impl Klio {
             read_only: false,
             server_env: Vec::new(),
         };
-        k.start_server()?;
+        k.start_on_free_ports()?;
         Ok(k)
     }
 
@@ -129,7 +129,7 @@ impl Klio {
             read_only,
             server_env: Vec::new(),
         };
-        k.start_server()?;
+        k.start_on_free_ports()?;
         Ok(k)
     }
 
@@ -185,16 +185,34 @@ impl Klio {
         self.server.as_mut().is_some_and(ChildGuard::is_running)
     }
 
+    /// The first start: when another process took a port [`free_port`] handed out before
+    /// the server bound it, the server starts again on other ports (nothing uses its ports
+    /// yet).
+    fn start_on_free_ports(&mut self) -> anyhow::Result<()> {
+        for _ in 0..3 {
+            match self.start_server() {
+                Err(_) if self.last_start_log().contains("Address already in use") => {
+                    self.port = free_port();
+                    self.base_port = free_port();
+                }
+                other => return other,
+            }
+        }
+        self.start_server()
+    }
+
     pub fn start_server(&mut self) -> anyhow::Result<()> {
         self.starts += 1;
-        let log =
-            std::fs::File::create(self.dir.path().join(format!("server-{}.log", self.starts)))?;
+        let log = std::fs::File::create(self.start_log_path(self.starts))?;
         let mut cmd = self.server_command();
         cmd.stdout(Stdio::null()).stderr(log);
         let mut child = ChildGuard::spawn(&mut cmd)?;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         for port in [self.port, self.base_port] {
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            // Our own server's socket: another test's server may hold a port it was handed.
+            while !(child.listens_on(port)
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+            {
                 if !child.is_running() {
                     bail!("klio server exited:\n{}", self.server_log());
                 }
@@ -219,10 +237,20 @@ impl Klio {
         Ok(())
     }
 
+    /// Where the server's `n`th start logs.
+    fn start_log_path(&self, n: u32) -> std::path::PathBuf {
+        self.dir.path().join(format!("server-{n}.log"))
+    }
+
+    /// The log of the latest start of the server.
+    fn last_start_log(&self) -> String {
+        std::fs::read_to_string(self.start_log_path(self.starts)).unwrap_or_default()
+    }
+
     pub fn server_log(&self) -> String {
         let mut out = String::new();
         for i in 1..=self.starts {
-            let p = self.dir.path().join(format!("server-{i}.log"));
+            let p = self.start_log_path(i);
             out.push_str(&format!("--- server start {i} ---\n"));
             out.push_str(&std::fs::read_to_string(p).unwrap_or_default());
         }
